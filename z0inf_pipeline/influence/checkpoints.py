@@ -1,0 +1,222 @@
+"""Checkpoints as safetensors files: writing, validating and streaming them slice by slice.
+
+Security: a checkpoint is only ever parsed as safetensors (a JSON header plus raw bytes).
+Pickle and ``torch.save`` archives are recognised by their magic bytes and refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_output
+from .errors import InfluenceInputError
+
+CHECKPOINT_SUFFIX = ".safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated safetensors checkpoint: where it is, when in training it was taken, what it holds."""
+
+    path: Path
+    step: int
+    epoch: float | None
+    learning_rate: float | None
+    tensors: Mapping[str, TensorInfo] = field(repr=False)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Floating-point tensors: integer buffers (counters, masks) are not parameters."""
+        return [n for n, info in self.tensors.items() if info.dtype in _FLOAT_DTYPES]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    *,
+    step: int,
+    epoch: float | None = None,
+    learning_rate: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``state`` as safetensors, atomically, with step / epoch / learning rate in the metadata."""
+    meta = {"step": str(int(step))}
+    if epoch is not None:
+        meta["epoch"] = repr(float(epoch))
+    if learning_rate is not None:
+        meta["learning_rate"] = repr(float(learning_rate))
+    meta.update(metadata or {})
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Parse and validate a checkpoint's header without reading its tensors.
+
+    Rejects, naming the file: pickle / ``torch.save`` files, files that are not safetensors,
+    truncated files, and files without a ``step`` in their metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InfluenceInputError(f"checkpoint {path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            raise InfluenceInputError(
+                f"checkpoint {path}: this is a pickle / torch.save file, not safetensors; it was not "
+                "loaded, because unpickling a file can run arbitrary code. Save checkpoints with "
+                "safetensors (z0inf_pipeline.influence.save_checkpoint)."
+            )
+        if len(head) < 8:
+            raise InfluenceInputError(f"checkpoint {path}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise InfluenceInputError(
+                f"checkpoint {path}: not a safetensors file, or truncated (header of {header_len} bytes "
+                f"announced in a file of {size} bytes)"
+            )
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InfluenceInputError(f"checkpoint {path}: not a safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise InfluenceInputError(f"checkpoint {path}: not a safetensors file (header is not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InfluenceInputError(f"checkpoint {path}: malformed header entry for tensor {name!r}") from None
+        if dtype not in _DTYPE_BYTES:
+            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
+        if end > data_bytes:
+            raise InfluenceInputError(
+                f"checkpoint {path}: truncated (tensor {name!r} ends at byte {end} of the data section, "
+                f"which holds only {data_bytes} bytes)"
+            )
+        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a size that does not match its shape")
+        tensors[name] = TensorInfo(dtype, shape)
+    if "step" not in meta:
+        raise InfluenceInputError(f"checkpoint {path}: metadata has no 'step' (checkpoints must record their step)")
+    try:
+        step = int(meta["step"])
+        epoch = float(meta["epoch"]) if "epoch" in meta else None
+        learning_rate = float(meta["learning_rate"]) if "learning_rate" in meta else None
+    except ValueError as exc:
+        raise InfluenceInputError(f"checkpoint {path}: malformed metadata ({exc})") from None
+    return Checkpoint(path, step, epoch, learning_rate, tensors)
+
+
+def open_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike | Checkpoint]) -> list[Checkpoint]:
+    """Validate checkpoints (a folder of ``*.safetensors`` or a list of paths) and sort them by step."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise InfluenceInputError(f"checkpoint folder {folder}: not a directory")
+        items: list = sorted(folder.glob(f"*{CHECKPOINT_SUFFIX}"))
+        if not items:
+            raise InfluenceInputError(f"checkpoint folder {folder}: holds no *{CHECKPOINT_SUFFIX} files")
+    else:
+        items = list(source)
+    checkpoints = [c if isinstance(c, Checkpoint) else read_checkpoint(c) for c in items]
+    checkpoints.sort(key=lambda c: c.step)
+    for before, after in zip(checkpoints, checkpoints[1:]):
+        if before.step == after.step:
+            raise InfluenceInputError(f"checkpoints {before.path} and {after.path} both claim step {after.step}")
+    return checkpoints
+
+
+def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str] | None = None) -> list[str]:
+    """Names of the parameters to use: all floating tensors, or those matching any glob in ``patterns``.
+
+    Every checkpoint must hold the selected tensors with the same shape: otherwise the weight
+    vectors would not be comparable, and the error names the first checkpoint that differs.
+    """
+    if not checkpoints:
+        raise InfluenceInputError("no checkpoints given")
+    first = checkpoints[0]
+    names = first.parameter_names
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if not names:
+            raise InfluenceInputError(
+                f"parameter patterns {list(patterns)} match no floating tensor of {first.path} "
+                f"(it holds {first.parameter_names})"
+            )
+    for ckpt in checkpoints[1:]:
+        for name in names:
+            info = ckpt.tensors.get(name)
+            if info is None:
+                raise InfluenceInputError(f"checkpoint {ckpt.path}: has no tensor {name!r} (present in {first.path})")
+            if info.shape != first.tensors[name].shape:
+                raise InfluenceInputError(
+                    f"checkpoint {ckpt.path}: tensor {name!r} has shape {list(info.shape)}, "
+                    f"but {first.path} has {list(first.tensors[name].shape)}"
+                )
+    return names
+
+
+def iter_weight_slices(
+    checkpoints: Sequence[Checkpoint], names: Sequence[str], max_elements: int = 1 << 22
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (tensor name, (T, n) float64 block) of the flattened weights, about ``max_elements`` per checkpoint.
+
+    Tensors are read through safetensors' memory map a slice of rows at a time, so peak memory
+    is T times one slice, never the whole weight matrix.
+    """
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(c.path), framework="pt")) for c in checkpoints]
+        info = checkpoints[0].tensors
+        for name in names:
+            shape = info[name].shape
+            if not shape:
+                yield name, torch.stack([h.get_tensor(name).reshape(1) for h in handles]).to(torch.float64)
+                continue
+            row = math.prod(shape[1:])
+            rows = max(1, max_elements // max(row, 1))
+            for start in range(0, shape[0], rows):
+                stop = min(start + rows, shape[0])
+                parts = [h.get_slice(name)[start:stop].reshape(-1) for h in handles]
+                yield name, torch.stack(parts).to(torch.float64)
+
+
+def load_state_dict(checkpoint: Checkpoint | str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load all tensors of a validated checkpoint (for rebuilding a model), never via pickle."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    with safe_open(str(ckpt.path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}

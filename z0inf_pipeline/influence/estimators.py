@@ -1,0 +1,254 @@
+"""Z0-Inf estimators in Gram form (see ../shared/z0inf-method.md).
+
+g_i(t) = 1/|J| sum_{j in J} dl_i(j) dw_j / ||dw_j||^2 is never materialised: every inner
+product of two such vectors reduces to a k x k kernel K_t built from the Gram matrix, so
+after G the cost is O(T k^2 N) for self-influence and one (N x Tk) @ (Tk x M) GEMM for
+train-test influence, independent of the model size D.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .errors import InfluenceInputError
+from .loss_tables import LossTable
+
+NeighborRule = Literal["order", "distance"]
+_DEGENERATE_RTOL = 1e-12
+_BLOCK_ELEMENTS = 1 << 24
+
+
+class DegenerateCheckpointWarning(UserWarning):
+    """Two checkpoints coincide (||w_j - w_t|| = 0): that pair carries no direction and is left out."""
+
+
+@dataclass(frozen=True)
+class TopKInfluence:
+    """Per test example, the k strongest proponents (largest INF) and opponents (smallest INF).
+
+    Indices are positions in the training loss table; each array is (M, k), strongest first.
+    """
+
+    proponents: torch.Tensor
+    proponent_scores: torch.Tensor
+    opponents: torch.Tensor
+    opponent_scores: torch.Tensor
+
+
+def neighbor_indices(gram: torch.Tensor, neighbors: int, rule: NeighborRule = "order") -> torch.Tensor:
+    """(T, k) neighbour sets: the k checkpoints nearest to t in training order, or in parameter distance.
+
+    Ties go to the earlier checkpoint in both rules.
+    """
+    T = gram.shape[0]
+    idx = torch.arange(T)
+    if rule == "order":
+        key = (idx[None, :] - idx[:, None]).abs().to(torch.float64)
+    elif rule == "distance":
+        diag = gram.diagonal()
+        key = diag[:, None] + diag[None, :] - 2 * gram
+    else:
+        raise InfluenceInputError(f"neighbor_rule must be 'order' or 'distance', not {rule!r}")
+    key = key.clone()
+    key.fill_diagonal_(float("inf"))
+    order = torch.sort(key, dim=1, stable=True).indices  # stable: equal keys keep index order
+    return order[:, :neighbors]
+
+
+def checkpoint_kernels(
+    gram: torch.Tensor,
+    neighbors: int = 2,
+    eta: torch.Tensor | np.ndarray | list[float] | None = None,
+    neighbor_rule: NeighborRule = "order",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbour sets (T, k) and kernels K (T, k, k) with <g_i(t), g_z(t)> = D_i(t)^T K_t D_z(t).
+
+    Degenerate neighbour pairs are left out (their rows and columns of K_t are zero and |J|
+    counts only the rest), with a DegenerateCheckpointWarning.
+    """
+    gram = _check_gram(gram)
+    T = gram.shape[0]
+    if not isinstance(neighbors, int) or not 1 <= neighbors < T:
+        raise InfluenceInputError(f"neighbors must be an integer in [1, T-1] = [1, {T - 1}], got {neighbors!r}")
+    weights = _check_eta(eta, T)
+    nbrs = neighbor_indices(gram, neighbors, neighbor_rule)
+    t = torch.arange(T)[:, None]
+    g_tt = gram.diagonal()[:, None]
+    g_ta = gram[t, nbrs]  # (T, k)
+    g_ab = gram[nbrs[:, :, None], nbrs[:, None, :]]  # (T, k, k)
+    inner = g_tt[:, :, None] - g_ta[:, :, None] - g_ta[:, None, :] + g_ab  # <dw_a, dw_b>
+    sq = inner.diagonal(dim1=1, dim2=2)  # ||dw_a||^2
+    valid = sq > _DEGENERATE_RTOL * gram.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    if not valid.all():
+        pairs = [(int(a), int(nbrs[a, b])) for a, b in (~valid).nonzero().tolist()]
+        warnings.warn(
+            f"{len(pairs)} neighbour pair(s) of identical checkpoints (t, j) = {pairs[:5]} left out",
+            DegenerateCheckpointWarning,
+            stacklevel=3,
+        )
+    inv = torch.where(valid, 1.0 / torch.where(valid, sq, 1.0), 0.0)
+    count = valid.sum(dim=1).clamp_min(1).to(torch.float64)
+    scale = weights / count**2
+    kernels = inner * inv[:, :, None] * inv[:, None, :] * scale[:, None, None]
+    return nbrs, kernels
+
+
+def self_influence(
+    gram: torch.Tensor,
+    train_losses,
+    neighbors: int = 2,
+    eta=None,
+    *,
+    neighbor_rule: NeighborRule = "order",
+) -> torch.Tensor:
+    """SI(i) = sum_t eta_t ||g_i(t)||^2 for every training example: (T, N) losses -> (N,)."""
+    losses = _check_losses(train_losses, gram, "train_losses")
+    nbrs, kernels = checkpoint_kernels(gram, neighbors, eta, neighbor_rule)
+    dtype = _compute_dtype(losses)
+    kernels = kernels.to(dtype)
+    N = losses.shape[1]
+    out = torch.empty(N, dtype=dtype)
+    step = max(1, _BLOCK_ELEMENTS // (losses.shape[0] * neighbors))
+    for start in range(0, N, step):
+        deltas = _deltas(losses[:, start : start + step], nbrs, dtype)  # (T, k, n)
+        out[start : start + step] = (torch.bmm(kernels, deltas) * deltas).sum(dim=(0, 1))
+    return out
+
+
+def train_test_influence(
+    gram: torch.Tensor,
+    train_losses,
+    test_losses,
+    neighbors: int = 2,
+    eta=None,
+    *,
+    neighbor_rule: NeighborRule = "order",
+) -> torch.Tensor:
+    """INF(i, z) = sum_t eta_t <g_i(t), g_z(t)>: the full (N, M) matrix, as one GEMM."""
+    train_features, test_features = _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule)
+    return train_features @ test_features.T
+
+
+def train_test_topk(
+    gram: torch.Tensor,
+    train_losses,
+    test_losses,
+    k: int = 10,
+    neighbors: int = 2,
+    eta=None,
+    *,
+    neighbor_rule: NeighborRule = "order",
+    block_size: int | None = None,
+) -> TopKInfluence:
+    """Top-k proponents and opponents of every test example, computed a block of test examples at a time.
+
+    Only an (N, block_size) slice of INF exists at once; the full N x M matrix never does.
+    """
+    train_features, test_features = _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule)
+    N, M = train_features.shape[0], test_features.shape[0]
+    if not isinstance(k, int) or not 1 <= k <= N:
+        raise InfluenceInputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
+    block = block_size or max(1, _BLOCK_ELEMENTS // max(N, 1))
+    if block < 1:
+        raise InfluenceInputError(f"block_size must be positive, got {block_size}")
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, M, block):
+        scores = test_features[start : start + block] @ train_features.T  # (b, N)
+        top = torch.topk(scores, k, dim=1)
+        bottom = torch.topk(scores, k, dim=1, largest=False)
+        parts.append((top.indices, top.values, bottom.indices, bottom.values))
+    if not parts:
+        empty_i, empty_v = torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=train_features.dtype)
+        return TopKInfluence(empty_i, empty_v, empty_i, empty_v)
+    return TopKInfluence(*(torch.cat(p) for p in zip(*parts)))
+
+
+def variance_self_influence(train_losses) -> torch.Tensor:
+    """SIvar(i): the variance of l_i(t) over checkpoints; needs no checkpoints at all."""
+    losses = _as_tensor(train_losses, "train_losses")
+    if losses.ndim != 2 or losses.shape[0] < 2:
+        raise InfluenceInputError(f"train_losses: expected a (T >= 2, N) table, got shape {tuple(losses.shape)}")
+    _check_finite(losses, "train_losses")
+    return losses.to(_compute_dtype(losses)).var(dim=0, correction=0)
+
+
+def _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule):
+    """A = [Dtr_1 K_1 | ... | Dtr_T K_T] (N, Tk) and B = [Dte_1 | ... | Dte_T] (M, Tk), so INF = A B^T."""
+    train = _check_losses(train_losses, gram, "train_losses")
+    test = _check_losses(test_losses, gram, "test_losses")
+    nbrs, kernels = checkpoint_kernels(gram, neighbors, eta, neighbor_rule)
+    dtype = torch.promote_types(_compute_dtype(train), _compute_dtype(test))
+    d_train = _deltas(train, nbrs, dtype)  # (T, k, N)
+    d_test = _deltas(test, nbrs, dtype)
+    weighted = torch.bmm(kernels.to(dtype), d_train)  # K symmetric: (D^T K)^T = K D
+    train_features = weighted.permute(2, 0, 1).reshape(train.shape[1], -1)
+    test_features = d_test.permute(2, 0, 1).reshape(test.shape[1], -1)
+    return train_features, test_features
+
+
+def _deltas(losses: torch.Tensor, nbrs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dl(j) = l(j) - l(t) for each checkpoint t and neighbour j: (T, k, n)."""
+    losses = losses.to(dtype)
+    return losses[nbrs] - losses[:, None, :]
+
+
+def _compute_dtype(losses: torch.Tensor) -> torch.dtype:
+    """float64 inputs stay float64; anything narrower is computed in float32."""
+    return torch.float64 if losses.dtype == torch.float64 else torch.float32
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, LossTable):
+        x = x.values
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise InfluenceInputError(f"{name}: expected a floating-point (T, N) tensor, array or LossTable, got {type(x).__name__}")
+    return x
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(x)
+    if not finite.all():
+        t, i = (~finite).nonzero()[0].tolist()
+        raise InfluenceInputError(
+            f"{name}: {int((~finite).sum())} NaN/inf value(s) (first at checkpoint row {t}, example column {i})"
+        )
+
+
+def _check_gram(gram) -> torch.Tensor:
+    if not isinstance(gram, torch.Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise InfluenceInputError(f"gram: expected a square (T, T) tensor, got {getattr(gram, 'shape', type(gram))}")
+    if gram.shape[0] < 2:
+        raise InfluenceInputError(f"gram: Z0-Inf needs at least 2 checkpoints, got {gram.shape[0]}")
+    if not torch.isfinite(gram).all():
+        raise InfluenceInputError("gram: holds NaN or inf values")
+    return gram.to(torch.float64)
+
+
+def _check_losses(losses, gram, name: str) -> torch.Tensor:
+    losses = _as_tensor(losses, name)
+    if losses.ndim != 2:
+        raise InfluenceInputError(f"{name}: expected a (T, N) table, got shape {tuple(losses.shape)}")
+    if losses.shape[0] != gram.shape[0]:
+        raise InfluenceInputError(
+            f"{name}: has {losses.shape[0]} checkpoint rows but the Gram matrix is for {gram.shape[0]} checkpoints"
+        )
+    _check_finite(losses, name)
+    return losses
+
+
+def _check_eta(eta, T: int) -> torch.Tensor:
+    if eta is None:
+        return torch.ones(T, dtype=torch.float64)
+    weights = torch.as_tensor(eta, dtype=torch.float64).reshape(-1)
+    if weights.shape != (T,):
+        raise InfluenceInputError(f"eta: expected {T} per-checkpoint weights, got {weights.numel()}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise InfluenceInputError(f"eta: weights must be finite and >= 0, got {weights.tolist()}")
+    return weights

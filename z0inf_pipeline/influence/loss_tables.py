@@ -1,0 +1,189 @@
+"""Per-example loss tables: l_i(t) for every example i at every checkpoint t.
+
+On disk a loss table is parquet: ``example_id`` plus one float32 column ``step_<s>`` per
+checkpoint in step order; the steps are also stored in the file's metadata (``z0inf.steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .atomic import atomic_output
+from .checkpoints import Checkpoint, load_state_dict, open_checkpoints
+from .errors import InfluenceInputError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ID_COLUMN = "example_id"
+_STEP_COLUMN = re.compile(r"^step_(\d+)$")
+_STEPS_KEY = b"z0inf.steps"
+
+
+def step_column(step: int) -> str:
+    return f"step_{int(step)}"
+
+
+@dataclass(frozen=True)
+class LossTable:
+    """Losses of N examples at T checkpoints: ``values`` is (T, N), rows in step order."""
+
+    example_ids: np.ndarray
+    steps: tuple[int, ...]
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.values.shape != (len(self.steps), len(self.example_ids)):
+            raise InfluenceInputError(
+                f"loss table: values have shape {tuple(self.values.shape)}, expected "
+                f"({len(self.steps)} checkpoints, {len(self.example_ids)} examples)"
+            )
+
+    def to_frame(self):
+        import pandas as pd
+
+        data = {ID_COLUMN: self.example_ids}
+        data.update({step_column(s): self.values[t].numpy() for t, s in enumerate(self.steps)})
+        return pd.DataFrame(data)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically as parquet (float32 columns, steps in the metadata)."""
+        columns = {ID_COLUMN: pa.array(np.asarray(self.example_ids, dtype=np.int64))}
+        values = self.values.to(torch.float32).numpy()
+        for t, s in enumerate(self.steps):
+            columns[step_column(s)] = pa.array(values[t])
+        table = pa.table(columns).replace_schema_metadata({_STEPS_KEY: json.dumps(list(self.steps)).encode()})
+        with atomic_output(path) as tmp:
+            pq.write_table(table, tmp)
+        return Path(path)
+
+
+def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | None = None) -> LossTable:
+    """Read and validate a loss-table parquet file; errors name the file and the offending column."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise InfluenceInputError(f"loss table {path}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InfluenceInputError(f"loss table {path}: not a readable parquet file ({exc})") from None
+    names = table.column_names
+    if ID_COLUMN not in names:
+        raise InfluenceInputError(f"loss table {path}: has no '{ID_COLUMN}' column (columns: {names})")
+    step_cols = [n for n in names if n != ID_COLUMN]
+    bad = [n for n in step_cols if not _STEP_COLUMN.match(n)]
+    if bad:
+        raise InfluenceInputError(f"loss table {path}: column(s) {bad} are not of the form 'step_<step>'")
+    steps = [int(_STEP_COLUMN.match(n).group(1)) for n in step_cols]
+    meta = table.schema.metadata or {}
+    if _STEPS_KEY in meta and json.loads(meta[_STEPS_KEY]) != steps:
+        raise InfluenceInputError(
+            f"loss table {path}: columns {step_cols} disagree with the steps in its metadata "
+            f"{json.loads(meta[_STEPS_KEY])}"
+        )
+    if steps != sorted(steps) or len(set(steps)) != len(steps):
+        raise InfluenceInputError(f"loss table {path}: step columns {step_cols} are not in increasing step order")
+    if expected_steps is not None and list(expected_steps) != steps:
+        missing = sorted(set(expected_steps) - set(steps))
+        extra = sorted(set(steps) - set(expected_steps))
+        raise InfluenceInputError(
+            f"loss table {path}: step columns do not match the checkpoints (checkpoint steps "
+            f"{list(expected_steps)}; missing columns {[step_column(s) for s in missing]}, "
+            f"extra columns {[step_column(s) for s in extra]})"
+        )
+    ids = table.column(ID_COLUMN).to_numpy()
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InfluenceInputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
+    if len(np.unique(ids)) != len(ids):
+        raise InfluenceInputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
+    values = np.empty((len(steps), len(ids)), dtype=np.float32)
+    for t, name in enumerate(step_cols):
+        column = table.column(name)
+        if column.null_count:
+            raise InfluenceInputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
+        if not pa.types.is_floating(column.type):
+            raise InfluenceInputError(f"loss table {path}: column '{name}' must be floating point, not {column.type}")
+        values[t] = column.to_numpy()
+        finite = np.isfinite(values[t])
+        if not finite.all():
+            first = int(ids[np.argmin(finite)])
+            raise InfluenceInputError(
+                f"loss table {path}: column '{name}' has {int((~finite).sum())} NaN/inf values "
+                f"(first at example_id {first})"
+            )
+    return LossTable(ids.astype(np.int64), tuple(steps), torch.from_numpy(values))
+
+
+def evaluate_losses(
+    model: torch.nn.Module,
+    dataset: Dataset | tuple[torch.Tensor, torch.Tensor],
+    loss_fn: LossFn,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Per-example losses of ``model`` on ``dataset`` under ``torch.no_grad``, as an (N,) float32 CPU tensor.
+
+    ``loss_fn(outputs, targets)`` must return one value per example; it need not be
+    differentiable (a 0-1 error works).
+    """
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for inputs, targets in _batches(dataset, batch_size, device):
+            losses = loss_fn(model(inputs), targets)
+            if losses.shape != (len(targets),):
+                raise InfluenceInputError(
+                    f"loss_fn returned shape {tuple(losses.shape)} for a batch of {len(targets)} examples; "
+                    "it must return one value per example (for example reduction='none')"
+                )
+            out.append(losses.to(torch.float32))
+    model.train(was_training)
+    return torch.cat(out).cpu()
+
+
+def compute_loss_table(
+    model_factory: Callable[[], torch.nn.Module],
+    checkpoints: str | os.PathLike | Sequence[str | os.PathLike | Checkpoint],
+    dataset: Dataset | tuple[torch.Tensor, torch.Tensor],
+    loss_fn: LossFn,
+    *,
+    example_ids: Sequence[int] | np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> LossTable:
+    """Evaluate every checkpoint on every example: the loss table Z0-Inf needs, in step order."""
+    ckpts = open_checkpoints(checkpoints)
+    model = model_factory().to(device)
+    rows = []
+    for ckpt in tqdm(ckpts, desc="loss table", unit="ckpt", disable=not progress):
+        model.load_state_dict(load_state_dict(ckpt))
+        rows.append(evaluate_losses(model, dataset, loss_fn, device=device, batch_size=batch_size))
+    values = torch.stack(rows)
+    ids = np.arange(values.shape[1], dtype=np.int64) if example_ids is None else np.asarray(example_ids, np.int64)
+    return LossTable(ids, tuple(c.step for c in ckpts), values)
+
+
+def _batches(dataset, batch_size: int, device):
+    """Batches of (inputs, targets); tensor data is sliced directly instead of going through a DataLoader."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        dataset = tuple(dataset.tensors)
+    if isinstance(dataset, tuple):
+        inputs, targets = (t.to(device) for t in dataset)
+        for start in range(0, len(targets), batch_size):
+            yield inputs[start : start + batch_size], targets[start : start + batch_size]
+        return
+    for inputs, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        yield inputs.to(device), targets.to(device)
