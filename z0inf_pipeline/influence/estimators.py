@@ -46,7 +46,7 @@ def neighbor_indices(gram: torch.Tensor, neighbors: int, rule: NeighborRule = "o
     Ties go to the earlier checkpoint in both rules.
     """
     T = gram.shape[0]
-    idx = torch.arange(T)
+    idx = torch.arange(T, device=gram.device)
     if rule == "order":
         key = (idx[None, :] - idx[:, None]).abs().to(torch.float64)
     elif rule == "distance":
@@ -75,9 +75,9 @@ def checkpoint_kernels(
     T = gram.shape[0]
     if not isinstance(neighbors, int) or not 1 <= neighbors < T:
         raise InfluenceInputError(f"neighbors must be an integer in [1, T-1] = [1, {T - 1}], got {neighbors!r}")
-    weights = _check_eta(eta, T)
+    weights = _check_eta(eta, T).to(gram.device)
     nbrs = neighbor_indices(gram, neighbors, neighbor_rule)
-    t = torch.arange(T)[:, None]
+    t = torch.arange(T, device=gram.device)[:, None]
     g_tt = gram.diagonal()[:, None]
     g_ta = gram[t, nbrs]  # (T, k)
     g_ab = gram[nbrs[:, :, None], nbrs[:, None, :]]  # (T, k, k)
@@ -108,11 +108,11 @@ def self_influence(
 ) -> torch.Tensor:
     """SI(i) = sum_t eta_t ||g_i(t)||^2 for every training example: (T, N) losses -> (N,)."""
     losses = _check_losses(train_losses, gram, "train_losses")
-    nbrs, kernels = checkpoint_kernels(gram, neighbors, eta, neighbor_rule)
+    nbrs, kernels = checkpoint_kernels(gram.to(losses.device), neighbors, eta, neighbor_rule)
     dtype = _compute_dtype(losses)
     kernels = kernels.to(dtype)
     N = losses.shape[1]
-    out = torch.empty(N, dtype=dtype)
+    out = torch.empty(N, dtype=dtype, device=losses.device)
     step = max(1, _BLOCK_ELEMENTS // (losses.shape[0] * neighbors))
     for start in range(0, N, step):
         deltas = _deltas(losses[:, start : start + step], nbrs, dtype)  # (T, k, n)
@@ -163,7 +163,8 @@ def train_test_topk(
         bottom = torch.topk(scores, k, dim=1, largest=False)
         parts.append((top.indices, top.values, bottom.indices, bottom.values))
     if not parts:
-        empty_i, empty_v = torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=train_features.dtype)
+        empty_i = torch.empty(0, k, dtype=torch.long, device=train_features.device)
+        empty_v = torch.empty(0, k, dtype=train_features.dtype, device=train_features.device)
         return TopKInfluence(empty_i, empty_v, empty_i, empty_v)
     return TopKInfluence(*(torch.cat(p) for p in zip(*parts)))
 
@@ -180,8 +181,8 @@ def variance_self_influence(train_losses) -> torch.Tensor:
 def _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule):
     """A = [Dtr_1 K_1 | ... | Dtr_T K_T] (N, Tk) and B = [Dte_1 | ... | Dte_T] (M, Tk), so INF = A B^T."""
     train = _check_losses(train_losses, gram, "train_losses")
-    test = _check_losses(test_losses, gram, "test_losses")
-    nbrs, kernels = checkpoint_kernels(gram, neighbors, eta, neighbor_rule)
+    test = _check_losses(test_losses, gram, "test_losses").to(train.device)
+    nbrs, kernels = checkpoint_kernels(gram.to(train.device), neighbors, eta, neighbor_rule)
     dtype = torch.promote_types(_compute_dtype(train), _compute_dtype(test))
     d_train = _deltas(train, nbrs, dtype)  # (T, k, N)
     d_test = _deltas(test, nbrs, dtype)

@@ -20,6 +20,7 @@ def gram_matrix(
     parameters: Sequence[str] | None = None,
     center: bool = True,
     max_elements: int = 1 << 22,
+    device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """(T, T) float64 Gram matrix of T checkpoints' weight vectors.
@@ -31,7 +32,8 @@ def gram_matrix(
     With ``center`` (the default) the weights are centred on their mean over checkpoints first:
     the estimators use only differences w_j - w_t, which centring leaves unchanged, and it avoids
     the cancellation that a raw W W^T suffers when the weights are large and the steps are small.
-    ``center=False`` gives the raw W W^T.
+    ``center=False`` gives the raw W W^T. On a GPU ``device`` the products run there; the
+    result always comes back as a CPU tensor.
     """
     if isinstance(weights, torch.Tensor):
         if parameters:
@@ -48,9 +50,9 @@ def gram_matrix(
         slices = iter_weight_slices(sources, names, max_elements)
         total = None
         rows = len(sources)
-    gram = torch.zeros(rows, rows, dtype=torch.float64)
+    gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
     for name, block in tqdm(slices, desc="gram", unit="slice", total=total, disable=not progress):
-        block = block.to(torch.float64)
+        block = block.to(device=device, dtype=torch.float64)
         finite = torch.isfinite(block).all(dim=1)
         if not finite.all():
             bad = int(torch.argmin(finite.to(torch.int8)))
@@ -59,4 +61,4 @@ def gram_matrix(
         if center:
             block = block - block.mean(dim=0, keepdim=True)
         gram.addmm_(block, block.T)
-    return gram
+    return gram.cpu()

@@ -1,0 +1,107 @@
+"""Checkpoint files: streaming Gram equals W W^T, and every malformed file is refused by name."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from z0inf_pipeline.influence import InfluenceInputError, gram_matrix, open_checkpoints, save_checkpoint
+
+from .conftest import SHAPES, flatten
+
+
+def test_checkpoints_are_read_in_step_order_with_metadata(checkpoint_dir):
+    folder, _ = checkpoint_dir(T=4)
+    ckpts = open_checkpoints(folder)
+    assert [c.step for c in ckpts] == [0, 10, 20, 30]
+    assert [c.learning_rate for c in ckpts] == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
+    assert [c.epoch for c in ckpts] == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("max_elements", [1, 6, 1 << 22])
+def test_streaming_gram_equals_in_memory_w_wt(checkpoint_dir, max_elements):
+    folder, states = checkpoint_dir(T=6)
+    W = torch.stack([flatten(s, SHAPES) for s in states])
+    G = gram_matrix(folder, center=False, max_elements=max_elements)
+    torch.testing.assert_close(G, W @ W.T, rtol=1e-12, atol=1e-12)
+    Wc = W - W.mean(dim=0)
+    torch.testing.assert_close(gram_matrix(folder, max_elements=max_elements), Wc @ Wc.T, rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_and_file_sources_agree(checkpoint_dir):
+    folder, states = checkpoint_dir(T=3)
+    W = torch.stack([flatten(s, SHAPES) for s in states])
+    torch.testing.assert_close(gram_matrix(W, max_elements=5), gram_matrix(folder), rtol=1e-12, atol=1e-12)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_pickle_file_is_refused_without_being_unpickled(checkpoint_dir, tmp_path):
+    folder, _ = checkpoint_dir(T=3)
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (sentinel,))
+
+    bad = _write(folder / "ckpt-999.safetensors", pickle.dumps(Exploit()))
+    with pytest.raises(InfluenceInputError, match=f"{bad.name}.*pickle"):
+        gram_matrix(folder)
+    assert not sentinel.exists()
+    zipped = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, zipped)
+    with pytest.raises(InfluenceInputError, match="legacy.pt.*pickle"):
+        open_checkpoints([zipped])
+
+
+def test_truncated_and_non_safetensors_files_are_refused(checkpoint_dir, tmp_path):
+    folder, _ = checkpoint_dir(T=3)
+    good = sorted(folder.glob("*.safetensors"))[1]
+    truncated = _write(tmp_path / "cut.safetensors", good.read_bytes()[:-9])
+    with pytest.raises(InfluenceInputError, match="cut.safetensors: truncated"):
+        open_checkpoints([truncated])
+    text = _write(tmp_path / "notes.safetensors", b"these are not weights at all")
+    with pytest.raises(InfluenceInputError, match="notes.safetensors: not a safetensors file"):
+        open_checkpoints([text])
+    garbage_header = _write(tmp_path / "junk.safetensors", struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(InfluenceInputError, match="junk.safetensors: not a safetensors file"):
+        open_checkpoints([garbage_header])
+    with pytest.raises(InfluenceInputError, match="empty.safetensors: not a safetensors file"):
+        open_checkpoints([_write(tmp_path / "empty.safetensors", b"")])
+
+
+def test_checkpoint_without_step_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "nostep.safetensors"))
+    with pytest.raises(InfluenceInputError, match="nostep.safetensors: metadata has no 'step'"):
+        open_checkpoints(tmp_path)
+
+
+def test_differing_shapes_and_missing_tensors_are_named(tmp_path):
+    save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(3, 2), "b": torch.ones(2)}, step=0)
+    save_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(2, 3), "b": torch.ones(2)}, step=1)
+    with pytest.raises(InfluenceInputError, match=r"b.safetensors: tensor 'w' has shape \[2, 3\]"):
+        gram_matrix(tmp_path)
+    save_checkpoint(tmp_path / "b.safetensors", {"b": torch.ones(2)}, step=1)
+    with pytest.raises(InfluenceInputError, match="b.safetensors: has no tensor 'w'"):
+        gram_matrix(tmp_path)
+
+
+def test_duplicate_steps_unknown_patterns_and_nan_weights(tmp_path):
+    save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(3)}, step=5)
+    save_checkpoint(tmp_path / "b.safetensors", {"w": torch.zeros(3)}, step=5)
+    with pytest.raises(InfluenceInputError, match="both claim step 5"):
+        open_checkpoints(tmp_path)
+    save_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([0.0, float("nan"), 1.0])}, step=6)
+    with pytest.raises(InfluenceInputError, match="b.safetensors: tensor 'w' holds NaN"):
+        gram_matrix(tmp_path)
+    with pytest.raises(InfluenceInputError, match=r"parameter patterns \['head.\*'\] match no"):
+        gram_matrix(tmp_path, parameters=["head.*"])

@@ -1,0 +1,70 @@
+"""``z0inf gram | self-influence | train-test`` on real files, through the console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from z0inf_pipeline.influence import LossTable, gram_matrix, self_influence, train_test_influence
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "z0inf_pipeline.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def run_files(checkpoint_dir, tmp_path):
+    folder, _ = checkpoint_dir(T=5)
+    gen = torch.Generator().manual_seed(0)
+    train = LossTable(np.arange(10, 30), tuple(range(0, 50, 10)), torch.rand(5, 20, generator=gen))
+    test = LossTable(np.arange(500, 506), train.steps, torch.rand(5, 6, generator=gen))
+    return folder, train, train.write(tmp_path / "train.parquet"), test, test.write(tmp_path / "test.parquet")
+
+
+def test_help_answers_for_every_command():
+    for command in ([], ["gram"], ["self-influence"], ["train-test"]):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0 and "usage: z0inf" in result.stdout
+
+
+def test_cli_scores_match_the_library(run_files, tmp_path):
+    folder, train, train_path, test, test_path = run_files
+    G = gram_matrix(folder)
+    assert run_cli("gram", folder, "-o", tmp_path / "g.parquet").returncode == 0
+    result = run_cli("self-influence", folder, train_path, "-o", tmp_path / "si.parquet", "--gram", tmp_path / "g.parquet")
+    assert result.returncode == 0, result.stderr
+    si = pd.read_parquet(tmp_path / "si.parquet")
+    np.testing.assert_array_equal(si["example_id"], train.example_ids)
+    np.testing.assert_allclose(si["self_influence"], self_influence(G, train.values).numpy(), rtol=1e-6)
+
+    result = run_cli("train-test", folder, train_path, test_path, "-o", tmp_path / "tt.parquet", "-k", "3")
+    assert result.returncode == 0, result.stderr
+    top = pd.read_parquet(tmp_path / "tt.parquet")
+    full = train_test_influence(G, train.values, test.values).numpy()  # (N, M)
+    for m, test_id in enumerate(test.example_ids):
+        rows = top[top["test_example_id"] == test_id].sort_values("rank")
+        np.testing.assert_array_equal(rows["proponent_id"], train.example_ids[np.argsort(-full[:, m], kind="stable")[:3]])
+        np.testing.assert_array_equal(rows["opponent_id"], train.example_ids[np.argsort(full[:, m], kind="stable")[:3]])
+
+
+def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
+    folder, train, train_path, test, test_path = run_files
+    (folder / "evil.safetensors").write_bytes(b"\x80\x04garbage")
+    out = tmp_path / "si.parquet"
+    result = run_cli("self-influence", folder, train_path, "-o", out)
+    assert result.returncode == 2
+    assert "evil.safetensors" in result.stderr and "pickle" in result.stderr
+    (folder / "evil.safetensors").unlink()
+    shutil.copy(sorted(folder.glob("*"))[0], folder / "extra.safetensors")
+    result = run_cli("self-influence", folder, train_path, "-o", out)
+    assert result.returncode == 2 and "both claim step 0" in result.stderr
+    (folder / "extra.safetensors").unlink()
+    result = run_cli("self-influence", folder, train_path, "-o", out, "--neighbors", "5")
+    assert result.returncode == 2 and "neighbors must be" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".si.parquet*"))

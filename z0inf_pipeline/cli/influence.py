@@ -1,0 +1,99 @@
+"""``z0inf gram | self-influence | train-test``: the core on files, writing parquet."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+
+from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_from_frame, gram_to_frame, write_frame
+from ..influence.checkpoints import open_checkpoints
+from ..influence.errors import InfluenceInputError
+from ..influence.gram import gram_matrix
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gram = sub.add_parser("gram", help="weight Gram matrix of a folder of safetensors checkpoints")
+    _add_checkpoint_args(gram)
+    gram.set_defaults(handler=_gram)
+
+    si = sub.add_parser("self-influence", help="Z0 self-influence of every training example")
+    _add_checkpoint_args(si)
+    si.add_argument("train_losses", help="training loss table (parquet)")
+    _add_estimator_args(si)
+    si.set_defaults(handler=_self_influence)
+
+    tt = sub.add_parser("train-test", help="top-k proponents and opponents of every test example")
+    _add_checkpoint_args(tt)
+    tt.add_argument("train_losses", help="training loss table (parquet)")
+    tt.add_argument("test_losses", help="test loss table (parquet)")
+    _add_estimator_args(tt)
+    tt.add_argument("-k", "--topk", type=int, default=10, help="proponents/opponents kept per test example")
+    tt.set_defaults(handler=_train_test)
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", help="folder of *.safetensors checkpoints (with 'step' in their metadata)")
+    parser.add_argument("-o", "--output", required=True, help="parquet file to write (atomically)")
+    parser.add_argument(
+        "--parameters", nargs="+", metavar="GLOB", help="only tensors whose name matches a glob, e.g. 'fc2.*'"
+    )
+    parser.add_argument("--no-center", dest="center", action="store_false", help="raw W W^T, not centred")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+
+
+def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--neighbors", type=int, default=2, help="k neighbouring checkpoints per checkpoint")
+    parser.add_argument("--neighbor-rule", choices=["order", "distance"], default="order")
+    parser.add_argument("--eta", choices=["uniform", "learning_rate"], default="uniform", help="checkpoint weights")
+    parser.add_argument("--gram", help="reuse a Gram parquet written by 'z0inf gram' instead of reading checkpoints")
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _gram(args) -> None:
+    checkpoints = open_checkpoints(args.checkpoints)
+    gram = gram_matrix(
+        checkpoints, parameters=args.parameters, center=args.center, device=_device(args.device), progress=True
+    )
+    frame = gram_to_frame([c.step for c in checkpoints], gram)
+    print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
+
+
+def _analysis(args, test_losses=None) -> InfluenceAnalysis:
+    gram_steps, gram = None, None
+    if args.gram:
+        gram_steps, gram = gram_from_frame(pd.read_parquet(args.gram))
+    analysis = InfluenceAnalysis(
+        args.checkpoints,
+        args.train_losses,
+        test_losses,
+        InfluenceArguments(
+            neighbors=args.neighbors,
+            neighbor_rule=args.neighbor_rule,
+            parameters=tuple(args.parameters) if args.parameters else None,
+            eta=args.eta,
+            center=args.center,
+            topk=getattr(args, "topk", 10),
+        ),
+        device=_device(args.device),
+        gram=gram,
+    )
+    if gram_steps is not None and gram_steps != analysis.steps:
+        raise InfluenceInputError(
+            f"gram file {args.gram}: steps {list(gram_steps)} do not match the checkpoints' {list(analysis.steps)}"
+        )
+    return analysis
+
+
+def _self_influence(args) -> None:
+    frame = _analysis(args).self_influence_frame()
+    print(f"wrote {write_frame(frame, args.output)} ({len(frame)} training examples)")
+
+
+def _train_test(args) -> None:
+    frame = _analysis(args, args.test_losses).topk_frame()
+    print(f"wrote {write_frame(frame, args.output)} ({frame['test_example_id'].nunique()} test examples)")
