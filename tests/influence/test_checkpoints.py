@@ -28,7 +28,7 @@ def test_streaming_gram_equals_in_memory_w_wt(checkpoint_dir, max_elements):
     W = torch.stack([flatten(s, SHAPES) for s in states])
     G = gram_matrix(folder, center=False, max_elements=max_elements)
     torch.testing.assert_close(G, W @ W.T, rtol=1e-12, atol=1e-12)
-    Wc = W - W.mean(dim=0)
+    Wc = W - W[0]
     torch.testing.assert_close(gram_matrix(folder, max_elements=max_elements), Wc @ Wc.T, rtol=1e-12, atol=1e-12)
 
 
@@ -105,3 +105,15 @@ def test_duplicate_steps_unknown_patterns_and_nan_weights(tmp_path):
         gram_matrix(tmp_path)
     with pytest.raises(InfluenceInputError, match=r"parameter patterns \['head.\*'\] match no"):
         gram_matrix(tmp_path, parameters=["head.*"])
+
+
+def test_mixed_dtypes_stream_like_their_float64_values(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    dtypes = {"a": torch.float16, "b": torch.bfloat16, "c": torch.float32, "d": torch.float64}
+    shapes = {"a": (3, 5), "b": (7,), "c": (2, 3), "d": (4,)}
+    states = [{n: torch.randn(shapes[n], generator=gen).to(dtypes[n]) for n in dtypes} for _ in range(4)]
+    for t, state in enumerate(states):
+        save_checkpoint(tmp_path / f"m{t}.safetensors", state, step=t)
+    W = torch.stack([flatten(s, dtypes) for s in states])
+    for max_elements in (1, 4, 100):
+        torch.testing.assert_close(gram_matrix(tmp_path, center=False, max_elements=max_elements), W @ W.T, rtol=1e-12, atol=1e-12)

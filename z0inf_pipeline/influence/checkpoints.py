@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -30,12 +31,18 @@ _DTYPE_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    offset: int  # byte offset of the tensor's data from the start of the file
 
     @property
     def numel(self) -> int:
@@ -130,7 +137,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
         if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
             raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a size that does not match its shape")
-        tensors[name] = TensorInfo(dtype, shape)
+        tensors[name] = TensorInfo(dtype, shape, 8 + header_len + begin)
     if "step" not in meta:
         raise InfluenceInputError(f"checkpoint {path}: metadata has no 'step' (checkpoints must record their step)")
     try:
@@ -192,27 +199,44 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
 
 
 def iter_weight_slices(
-    checkpoints: Sequence[Checkpoint], names: Sequence[str], max_elements: int = 1 << 22
+    checkpoints: Sequence[Checkpoint], names: Sequence[str], max_elements: int = 1 << 18
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (tensor name, (T, n) float64 block) of the flattened weights, about ``max_elements`` per checkpoint.
+    """Yield (tensor name, (T, n) block) of the flattened weights, at most ``max_elements`` per checkpoint.
 
-    Tensors are read through safetensors' memory map a slice of rows at a time, so peak memory
-    is T times one slice, never the whole weight matrix.
+    Each slice is one positioned read per file (no memory map, so nothing else stays resident),
+    and the next slice is read on a background thread while the caller works on this one: peak
+    memory is two (T, slice) buffers, never the weight matrix. Blocks keep the stored dtype and
+    live in those buffers: each is valid until the next one is requested.
     """
+    info = checkpoints[0].tensors
+    plan = []  # (name, dtype, first element, element count) per slice
+    for name in names:
+        numel = info[name].numel
+        plan += [(name, info[name].dtype, s, min(max_elements, numel - s)) for s in range(0, numel, max_elements)]
+    if not plan:
+        return
+    row_bytes = -(-max(n * _DTYPE_BYTES[dtype] for _, dtype, _, n in plan) // 8) * 8  # 8-byte aligned rows
+    buffers = [torch.empty((len(checkpoints), row_bytes), dtype=torch.uint8) for _ in range(2)]
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(c.path), framework="pt")) for c in checkpoints]
-        info = checkpoints[0].tensors
-        for name in names:
-            shape = info[name].shape
-            if not shape:
-                yield name, torch.stack([h.get_tensor(name).reshape(1) for h in handles]).to(torch.float64)
-                continue
-            row = math.prod(shape[1:])
-            rows = max(1, max_elements // max(row, 1))
-            for start in range(0, shape[0], rows):
-                stop = min(start + rows, shape[0])
-                parts = [h.get_slice(name)[start:stop].reshape(-1) for h in handles]
-                yield name, torch.stack(parts).to(torch.float64)
+        files = [stack.enter_context(open(c.path, "rb", buffering=0)) for c in checkpoints]
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+
+        def read(item, buffer):
+            name, dtype, start, n = item
+            width = _DTYPE_BYTES[dtype]
+            block = buffer[:, : n * width]
+            for row, (fh, ckpt) in enumerate(zip(files, checkpoints)):
+                view = memoryview(block[row].numpy())
+                if os.preadv(fh.fileno(), [view], ckpt.tensors[name].offset + start * width) != len(view):
+                    raise InfluenceInputError(f"checkpoint {ckpt.path}: truncated while reading tensor {name!r}")
+            return block.view(_TORCH_DTYPES[dtype])
+
+        pending = pool.submit(read, plan[0], buffers[0])
+        for i, item in enumerate(plan):
+            block = pending.result()
+            if i + 1 < len(plan):
+                pending = pool.submit(read, plan[i + 1], buffers[(i + 1) % 2])
+            yield item[0], block
 
 
 def load_state_dict(checkpoint: Checkpoint | str | os.PathLike) -> dict[str, torch.Tensor]:

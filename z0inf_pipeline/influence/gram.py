@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,46 +19,66 @@ def gram_matrix(
     *,
     parameters: Sequence[str] | None = None,
     center: bool = True,
-    max_elements: int = 1 << 22,
+    max_elements: int = 1 << 18,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """(T, T) float64 Gram matrix of T checkpoints' weight vectors.
 
     ``weights`` is a (T, D) tensor, a folder of safetensors checkpoints, or a list of their
-    paths; files are streamed a slice of about ``max_elements`` values per checkpoint at a time
-    and read in step order. ``parameters`` are glob patterns selecting tensors by name (files only).
+    paths; files are streamed ``max_elements`` values per checkpoint at a time, in step order,
+    and products are accumulated in float64. ``parameters`` are glob patterns selecting tensors
+    by name (files only).
 
-    With ``center`` (the default) the weights are centred on their mean over checkpoints first:
-    the estimators use only differences w_j - w_t, which centring leaves unchanged, and it avoids
-    the cancellation that a raw W W^T suffers when the weights are large and the steps are small.
-    ``center=False`` gives the raw W W^T. On a GPU ``device`` the products run there; the
-    result always comes back as a CPU tensor.
+    With ``center`` (the default) every weight vector has the first checkpoint subtracted first:
+    the estimators use only differences w_j - w_t, which a common shift leaves exactly unchanged,
+    and it avoids the cancellation a raw W W^T suffers when weights are large and steps small.
+    ``center=False`` gives the raw W W^T. On a GPU ``device`` the products run there; the result
+    always comes back as a CPU tensor.
     """
     if isinstance(weights, torch.Tensor):
         if parameters:
             raise InfluenceInputError("parameter patterns select tensors by name: pass checkpoint files, not a tensor")
         if weights.ndim != 2:
             raise InfluenceInputError(f"weights: expected a (T, D) tensor, got shape {tuple(weights.shape)}")
-        slices = (("weights", weights[:, s : s + max_elements]) for s in range(0, weights.shape[1], max_elements))
-        sources = None
-        total = -(-weights.shape[1] // max_elements)
-        rows = weights.shape[0]
+        rows, total = weights.shape[0], -(-weights.shape[1] // max_elements)
+
+        def blocks() -> Iterator[tuple[str, torch.Tensor]]:
+            return (("weights", weights[:, s : s + max_elements]) for s in range(0, weights.shape[1], max_elements))
+
+        def where(row: int) -> str:
+            return f"weights row {row}"
     else:
-        sources = open_checkpoints(weights)
-        names = select_parameters(sources, parameters)
-        slices = iter_weight_slices(sources, names, max_elements)
-        total = None
-        rows = len(sources)
+        checkpoints = open_checkpoints(weights)
+        names = select_parameters(checkpoints, parameters)
+        rows, total = len(checkpoints), None
+
+        def blocks() -> Iterator[tuple[str, torch.Tensor]]:
+            return iter_weight_slices(checkpoints, names, max_elements)
+
+        def where(row: int) -> str:
+            return f"checkpoint {checkpoints[row].path}"
+
     gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
-    for name, block in tqdm(slices, desc="gram", unit="slice", total=total, disable=not progress):
-        block = block.to(device=device, dtype=torch.float64)
+    work = torch.empty(rows, max_elements, dtype=torch.float64, device=device)
+    for _, block in tqdm(blocks(), desc="gram", unit="slice", total=total, disable=not progress):
+        block = block.to(device, non_blocking=True)
+        x = work[:, : block.shape[1]]
+        if center:
+            torch.sub(block, block[:1].double(), out=x)  # one pass: widened to float64 and shifted, exactly
+        else:
+            x.copy_(block)
+        gram.addmm_(x, x.T)
+    if not torch.isfinite(gram).all():
+        _raise_non_finite(blocks, where)
+    return gram.cpu()
+
+
+def _raise_non_finite(blocks: Callable[[], Iterator[tuple[str, torch.Tensor]]], where: Callable[[int], str]) -> None:
+    """Slow path, only on error: find the first checkpoint and tensor holding NaN or inf."""
+    for name, block in blocks():
         finite = torch.isfinite(block).all(dim=1)
         if not finite.all():
-            bad = int(torch.argmin(finite.to(torch.int8)))
-            where = f"checkpoint {sources[bad].path}" if sources else f"weights row {bad}"
-            raise InfluenceInputError(f"{where}: tensor {name!r} holds NaN or inf values")
-        if center:
-            block = block - block.mean(dim=0, keepdim=True)
-        gram.addmm_(block, block.T)
-    return gram.cpu()
+            row = int(torch.argmin(finite.to(torch.int8)))
+            raise InfluenceInputError(f"{where(row)}: tensor {name!r} holds NaN or inf values")
+    raise InfluenceInputError("weights: the Gram matrix overflowed (weights too large for float64 products)")
