@@ -35,13 +35,23 @@ from z0inf_pipeline.influence import (
 from z0inf_pipeline.influence.estimators import neighbor_indices
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -50,11 +60,11 @@ def materialised(W: torch.Tensor, L: torch.Tensor, Lz: torch.Tensor | None, k: i
     """The reference approach: build g_i(t) as an explicit (batch x D) matrix for every checkpoint."""
     T = W.shape[0]
     nbrs = neighbor_indices(torch.zeros(T, T, dtype=torch.float64), k, "order")
-    si = torch.zeros(L.shape[1], dtype=torch.float64)
-    inf = None if Lz is None else torch.zeros(L.shape[1], Lz.shape[1], dtype=torch.float64)
+    si = torch.zeros(L.shape[1], dtype=torch.float64, device=W.device)
+    inf = None if Lz is None else torch.zeros(L.shape[1], Lz.shape[1], dtype=torch.float64, device=W.device)
 
     def g(losses, t):
-        out = torch.zeros(losses.shape[1], W.shape[1])
+        out = torch.zeros(losses.shape[1], W.shape[1], device=W.device)
         for j in nbrs[t].tolist():
             dw = W[j] - W[t]
             out += torch.outer(losses[j] - losses[t], dw / dw.dot(dw))
@@ -78,15 +88,18 @@ def section_materialised(args) -> None:
           f"{'speed-up':>10} {'incl. Gram':>11} {'max rel diff':>13}")
     for D in ([10**5] if args.quick else [10**5, 10**6]):
         gen = torch.Generator().manual_seed(0)
-        W = torch.randn(T, D, generator=gen) * 0.01 + torch.randn(D, generator=gen)
-        L, Lz = torch.rand(T, N, generator=gen), torch.rand(T, M, generator=gen)
-        n_sub = 200 if D <= 10**5 else 40
+        W = (torch.randn(T, D, generator=gen) * 0.01 + torch.randn(D, generator=gen)).to(DEVICE)
+        L, Lz = torch.rand(T, N, generator=gen).to(DEVICE), torch.rand(T, M, generator=gen).to(DEVICE)
+        n_sub = 200 if D <= 10**5 or DEVICE.type == "cuda" else 40
+        materialised(W, L[:, :8], Lz, k)  # warm-up
+        sync()
         start = time.perf_counter()
         ref_si, ref_inf = materialised(W, L[:, :n_sub], Lz, k)
+        sync()
         t_mat = (time.perf_counter() - start) * N / n_sub
-        G = gram_matrix(W)
+        G = gram_matrix(W, device=DEVICE)
         t_z0 = median_seconds(lambda: (self_influence(G, L, k), train_test_influence(G, L, Lz, k)))
-        t_gram = median_seconds(lambda: gram_matrix(W), repeats=3)
+        t_gram = median_seconds(lambda: gram_matrix(W, device=DEVICE), repeats=3)
         si, inf = self_influence(G, L, k), train_test_influence(G, L, Lz, k)
         diff = max(
             float(((si[:n_sub] - ref_si).abs().max() / ref_si.abs().max())),
@@ -102,8 +115,8 @@ def section_matmul(args) -> None:
     N, M = (5000, 1000) if args.quick else (20000, 2000)
     gen = torch.Generator().manual_seed(1)
     G = gram_matrix(torch.randn(T, 100, generator=gen, dtype=torch.float64))
-    L, Lz = torch.rand(T, N, generator=gen), torch.rand(T, M, generator=gen)
-    A, B = torch.randn(N, T * k, generator=gen), torch.randn(M, T * k, generator=gen)
+    L, Lz = torch.rand(T, N, generator=gen).to(DEVICE), torch.rand(T, M, generator=gen).to(DEVICE)
+    A, B = torch.randn(N, T * k, generator=gen).to(DEVICE), torch.randn(M, T * k, generator=gen).to(DEVICE)
     t_bare = median_seconds(lambda: A @ B.T)  # the same memory layout train_test_influence uses
     t_full = median_seconds(lambda: train_test_influence(G, L, Lz, k))
     t_top = median_seconds(lambda: train_test_topk(G, L, Lz, k=10, neighbors=k), repeats=3)
@@ -117,20 +130,20 @@ def section_variance(args) -> None:
     N = 100_000 if args.quick else 500_000
     gen = torch.Generator().manual_seed(2)
     G = gram_matrix(torch.randn(T, 100, generator=gen, dtype=torch.float64))
-    L = torch.rand(T, N, generator=gen)
+    L = torch.rand(T, N, generator=gen).to(DEVICE)
     t_var = median_seconds(lambda: torch.var(L, dim=0))
     t_si = median_seconds(lambda: self_influence(G, L, k))
     print(f"T={T}, N={N}, k={k}: torch.var {t_var:.4f} s | self_influence {t_si:.4f} s "
           f"(ratio {t_si / t_var:.2f}x, target <= 2k = {2 * k}x)")
 
 
-def _child(kind: str, folder: str, max_elements: int) -> None:
+def _child(kind: str, folder: str, max_elements: int, device: str) -> None:
     """Runs in a fresh process so that its peak RSS is its own."""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     paths = sorted(Path(folder).glob("*.safetensors"))
     start = time.perf_counter()
     if kind == "gram":
-        gram_matrix(paths, max_elements=max_elements)
+        gram_matrix(paths, max_elements=max_elements, device=device)
     else:
         buffer = bytearray(64 << 20)
         for path in paths:
@@ -144,7 +157,8 @@ def _child(kind: str, folder: str, max_elements: int) -> None:
 
 def _run_child(kind: str, folder: str, max_elements: int) -> tuple[float, int, int]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, folder, str(max_elements)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", kind, folder, str(max_elements), DEVICE.type],
+        capture_output=True, text=True, check=True,
     ).stdout.split()
     return float(out[0]), int(out[1]), int(out[2])
 
@@ -189,7 +203,7 @@ def section_loss_tables(args) -> None:
     T = 20
     N = 5000 if args.quick else 20000
     gen = torch.Generator().manual_seed(4)
-    X, y = torch.randn(N, 64, generator=gen), torch.randint(0, 10, (N,), generator=gen)
+    X, y = torch.randn(N, 64, generator=gen).to(DEVICE), torch.randint(0, 10, (N,), generator=gen).to(DEVICE)
 
     def factory():
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -201,7 +215,7 @@ def section_loss_tables(args) -> None:
         checkpoints = open_checkpoints(folder)
 
         def bare():
-            model = factory()
+            model = factory().to(DEVICE)
             rows = []
             for ckpt in checkpoints:
                 model.load_state_dict(load_state_dict(ckpt))
@@ -211,7 +225,7 @@ def section_loss_tables(args) -> None:
             return torch.stack(rows)
 
         def ours():
-            return compute_loss_table(factory, checkpoints, (X, y), loss_fn, batch_size=1024, progress=False)
+            return compute_loss_table(factory, checkpoints, (X, y), loss_fn, device=DEVICE, batch_size=1024, progress=False)
 
         t_bare = median_seconds(bare, repeats=3)
         t_ours = median_seconds(ours, repeats=3)
@@ -221,14 +235,17 @@ def section_loss_tables(args) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
     parser.add_argument("--only", nargs="+", choices=["materialised", "matmul", "variance", "gram", "loss"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    device = "cpu"
-    print(f"# Z0-Inf core benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, "
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"# Z0-Inf core benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, {name}, "
           f"{os.cpu_count()} CPUs)")
     sections = {"materialised": section_materialised, "matmul": section_matmul, "variance": section_variance,
                 "gram": section_gram_io, "loss": section_loss_tables}
