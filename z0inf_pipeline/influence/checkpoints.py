@@ -199,14 +199,15 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
 
 
 def iter_weight_slices(
-    checkpoints: Sequence[Checkpoint], names: Sequence[str], max_elements: int = 1 << 18
+    checkpoints: Sequence[Checkpoint], names: Sequence[str], max_elements: int = 1 << 16, *, pin_memory: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (tensor name, (T, n) block) of the flattened weights, at most ``max_elements`` per checkpoint.
 
     Each slice is one positioned read per file (no memory map, so nothing else stays resident),
     and the next slice is read on a background thread while the caller works on this one: peak
     memory is two (T, slice) buffers, never the weight matrix. Blocks keep the stored dtype and
-    live in those buffers: each is valid until the next one is requested.
+    live in those buffers: each is valid until the next one is requested (``pin_memory`` makes
+    them page-locked, for fast copies to a GPU).
     """
     info = checkpoints[0].tensors
     plan = []  # (name, dtype, first element, element count) per slice
@@ -216,7 +217,7 @@ def iter_weight_slices(
     if not plan:
         return
     row_bytes = -(-max(n * _DTYPE_BYTES[dtype] for _, dtype, _, n in plan) // 8) * 8  # 8-byte aligned rows
-    buffers = [torch.empty((len(checkpoints), row_bytes), dtype=torch.uint8) for _ in range(2)]
+    buffers = [torch.empty((len(checkpoints), row_bytes), dtype=torch.uint8, pin_memory=pin_memory) for _ in range(2)]
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(c.path, "rb", buffering=0)) for c in checkpoints]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
