@@ -98,21 +98,23 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InfluenceInputError(f"checkpoint {path}: no such file")
     size = path.stat().st_size
     with path.open("rb") as fh:
-        head = fh.read(8)
-        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = fh.read(9)
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else -1
+        looks_like_safetensors = 0 <= header_len <= min(_MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
+        if not looks_like_safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
             raise InfluenceInputError(
                 f"checkpoint {path}: this is a pickle / torch.save file, not safetensors; it was not "
                 "loaded, because unpickling a file can run arbitrary code. Save checkpoints with "
                 "safetensors (z0inf_pipeline.influence.save_checkpoint)."
             )
-        if len(head) < 8:
+        if len(head) < 9:
             raise InfluenceInputError(f"checkpoint {path}: not a safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+        if not looks_like_safetensors:
             raise InfluenceInputError(
                 f"checkpoint {path}: not a safetensors file, or truncated (header of {header_len} bytes "
                 f"announced in a file of {size} bytes)"
             )
+        fh.seek(8)
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
