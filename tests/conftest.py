@@ -1,0 +1,115 @@
+"""Shared fixtures: real MLflow tracking stores (a SQLite file, or an ``mlflow server`` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SERVER_START_TIMEOUT_S = 120
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "mlflow_server: starts a real `mlflow server` subprocess on 127.0.0.1 (deselect with -m 'not mlflow_server')",
+    )
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store under tmp_path (artifacts land in the ``artifacts`` folder beside it).
+
+    Also exported as ``$MLFLOW_TRACKING_URI`` and ``$Z0INF_DATA_DIR`` points into tmp_path, so code
+    that resolves the store itself (CLI, Dagster resources) uses this store and nothing under ./data.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("Z0INF_MLFLOW_CONFIG", raising=False)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts in a temp folder) for the whole session.
+
+    Started on a free port of 127.0.0.1 and ready once ``/health`` answers; a server that exits while
+    starting (say, another process took the port first) is retried on a new port. Its whole process
+    group is ended at teardown. If it never comes up, the test fails with the server's own log.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    for attempt in range(3):
+        process, url, log_path = _start_server(root, attempt)
+        try:
+            healthy = _wait_healthy(process, url)
+            exited_while_starting = process.poll() is not None
+            if healthy:
+                yield url
+                return
+        finally:
+            _stop(process)
+        if not exited_while_starting:  # alive but never healthy: retrying will not help
+            break
+    pytest.fail(f"mlflow server did not start within {SERVER_START_TIMEOUT_S}s:\n{_tail(log_path)}")
+
+
+def _start_server(root: Path, attempt: int):
+    port = _free_port()
+    log_path = root / f"server-{attempt}.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    # no GenAI job runner: it spawns a pool of worker processes this store never uses
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                   start_new_session=True)
+    return process, f"http://127.0.0.1:{port}", log_path
+
+
+def _wait_healthy(process: subprocess.Popen, url: str) -> bool:
+    import requests
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End the server and the workers it spawned (they share its new session's process group)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    return path.read_bytes()[-size:].decode(errors="replace")

@@ -1,0 +1,284 @@
+"""Reading contract runs back: list them, download one safely into a local cache, validate it.
+
+A download goes to a hidden temporary folder inside the cache, is validated there (every file
+against the manifest, every checkpoint, both loss tables, the examples table, tags, params and
+metrics), and only then is renamed to ``<cache>/<run_id>``: a rejected run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+
+from ..influence.checkpoints import load_state_dict
+from ..settings import data_dir
+from ..training import layout
+from ..training.models import ModelSpec, build_model
+from .client import tracking_client
+from .contract import (
+    CONTRACT_TAG,
+    CONTRACT_VERSION,
+    OPTIONAL_STEP_METRICS,
+    REQUIRED_METRICS,
+    ContractError,
+    RunFiles,
+    check_artifact_path,
+    check_metrics,
+    check_tags_and_params,
+    read_manifest,
+    safe_destination,
+    validate_run_folder,
+)
+
+ARTIFACTS = "artifacts"
+RUN_INFO = "run.json"
+_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_name: str
+    status: str
+    start_time: int
+    experiment_id: str
+    tags: dict
+    metrics: dict = field(default_factory=dict)  # latest value of each metric
+
+
+@dataclass
+class ContractRun:
+    """A downloaded, validated run: local paths into ``cache_dir`` plus what MLflow knows about it."""
+
+    run_id: str
+    checkpoints: list[Path]
+    train_losses: Path
+    test_losses: Path
+    examples: Path
+    model_spec: dict
+    train_config: dict | None
+    params: dict
+    tags: dict
+    cache_dir: Path
+    steps: list[int] = field(default_factory=list)
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh network of the run's architecture (weights not loaded)."""
+        return model_from_spec(self.model_spec)
+
+    def load_model(self, step: int | None = None) -> torch.nn.Module:
+        """The network with the weights of checkpoint ``step`` (default: the last)."""
+        if step is not None and step not in self.steps:
+            raise ContractError(f"run {self.run_id}: has no checkpoint at step {step} (steps: {self.steps})")
+        checkpoint = self.checkpoints[-1 if step is None else self.steps.index(step)]
+        model = self.build_model()
+        model.load_state_dict(load_state_dict(checkpoint))
+        return model.eval()
+
+
+def model_from_spec(spec: dict) -> torch.nn.Module:
+    """Build a network from a run's model spec. A ``factory`` spec imports ``module:function`` from the
+    installed packages (never a file from the run), so only rebuild models of runs you trust."""
+    if "factory" not in spec:
+        return build_model(ModelSpec.from_dict(spec))
+    module_name, _, attribute = str(spec["factory"]).partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ContractError(f"model spec factory {spec['factory']!r}: cannot be imported ({exc})") from None
+    return factory(**spec.get("kwargs", {}))
+
+
+def default_cache_dir() -> Path:
+    return data_dir() / "cache" / "runs"
+
+
+def list_contract_runs(
+    *,
+    tracking_uri: str | None = None,
+    status: str | None = "FINISHED",
+    experiment_names: list[str] | None = None,
+) -> list[RunSummary]:
+    """Runs tagged with this contract version (``status=None``: any status), oldest first."""
+    client = tracking_client(tracking_uri)
+    if experiment_names is None:
+        experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    else:
+        experiments = [e for e in map(client.get_experiment_by_name, experiment_names) if e is not None]
+    if not experiments:
+        return []
+    query = f"tags.`{CONTRACT_TAG}` = '{CONTRACT_VERSION}'"
+    if status:
+        query += f" and attributes.status = '{status.upper()}'"
+    summaries: list[RunSummary] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [e.experiment_id for e in experiments], query, run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
+        )
+        summaries += [
+            RunSummary(r.info.run_id, r.info.run_name, r.info.status, r.info.start_time, r.info.experiment_id,
+                       dict(r.data.tags), dict(r.data.metrics))
+            for r in page
+        ]
+        token = page.token
+        if not token:
+            return summaries
+
+
+def fetch_run(
+    run_id: str,
+    *,
+    tracking_uri: str | None = None,
+    cache_dir: Path | None = None,
+    refresh: bool = False,
+) -> ContractRun:
+    """Download and validate a contract run into ``cache_dir/<run_id>`` (the cache is reused unless
+    ``refresh``); raise ContractError saying what is missing or malformed."""
+    if not _RUN_ID.match(run_id or ""):
+        raise ContractError(f"run id {run_id!r}: not a valid MLflow run id")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / run_id
+    if final.is_dir() and not refresh:
+        try:
+            return _open_cached(run_id, final)
+        except ContractError:
+            pass  # damaged cache entry: download afresh below
+    client = tracking_client(tracking_uri)
+    work = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".partial", dir=root))
+    try:
+        info, _ = _download_validated(client, run_id, work)
+        layout.write_json(work / RUN_INFO, info)
+        _swap_into_place(work, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _open_cached(run_id, final)
+
+
+def validate_run(run_id: str, *, tracking_uri: str | None = None) -> RunFiles:
+    """Check a run against the contract without touching the cache (downloads to a throwaway folder)."""
+    client = tracking_client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="z0inf-validate-") as tmp:
+        return _download_validated(client, run_id, Path(tmp))[1]
+
+
+def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[dict, RunFiles]:
+    """Download the run's contract files into ``work/artifacts`` and validate everything."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise ContractError(f"run {run_id}: not found at {client.tracking_uri} ({exc.message})") from None
+    if run.info.status != "FINISHED":
+        raise ContractError(f"run {run_id}: status is {run.info.status}; only FINISHED runs hold a complete contract")
+    tags, params = dict(run.data.tags), dict(run.data.params)
+    check_tags_and_params(run_id, tags, params)
+
+    listed = _list_artifacts(client, run_id)
+    if layout.MANIFEST not in listed:
+        missing = [f for f in (layout.MANIFEST, *layout.REQUIRED_FILES) if f not in listed]
+        raise ContractError(f"run {run_id}: artifact(s) {missing} are missing")
+    artifacts = work / ARTIFACTS
+    artifacts.mkdir()
+    _download(client, run_id, layout.MANIFEST, artifacts)
+    manifest = read_manifest(run_id, artifacts)
+    absent = [e["path"] for e in manifest["files"] if e["path"] not in listed]
+    if absent:
+        raise ContractError(f"run {run_id}: artifact(s) {absent} are listed in the manifest but missing from the run")
+    for entry in manifest["files"]:
+        _download(client, run_id, entry["path"], artifacts)
+
+    files = validate_run_folder(artifacts, run_id=run_id)
+    check_tags_and_params(run_id, tags, params, files)
+    histories = {
+        key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        for key in (*REQUIRED_METRICS, *OPTIONAL_STEP_METRICS)
+    }
+    check_metrics(run_id, histories, files)
+    info = {"run_id": run_id, "experiment_id": run.info.experiment_id, "status": run.info.status,
+            "tracking_uri": client.tracking_uri, "tags": tags, "params": params}
+    return info, files
+
+
+def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
+    """Every artifact file of the run, each name checked before anything is downloaded."""
+    files: set[str] = set()
+    pending: list[str | None] = [None]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = client.list_artifacts(run_id, folder)
+        except MlflowException as exc:
+            where = folder or "/"
+            raise ContractError(f"run {run_id}: cannot list artifacts under {where!r} ({exc.message})") from None
+        for entry in entries:
+            check_artifact_path(run_id, entry.path)
+            (pending.append(entry.path) if entry.is_dir else files.add(entry.path))
+    return files
+
+
+def _download(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
+    """Download one checked artifact file to ``root / path`` (MLflow puts a file into ``dst_path`` by its base name)."""
+    destination = safe_destination(run_id, root, path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _no_progress_bars():
+            local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
+    except MlflowException as exc:
+        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({exc.message})") from None
+    if local.resolve() != destination or not destination.is_file():
+        raise ContractError(f"run {run_id}: artifact {path!r} did not arrive at {destination}")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar for every single-file download; the caller reports progress itself."""
+    previous = os.environ.get(_PROGRESS_ENV)
+    os.environ[_PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_PROGRESS_ENV, None)
+        else:
+            os.environ[_PROGRESS_ENV] = previous
+
+
+def _swap_into_place(work: Path, final: Path) -> None:
+    """Rename the validated download onto ``final``; a stale or damaged entry there is moved aside first."""
+    if final.exists():
+        stale = final.with_name(f".{final.name}.stale-{work.name}")
+        final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        work.rename(final)
+    except OSError:
+        if not final.is_dir():  # another process finished the same download first: use theirs
+            raise
+
+
+def _open_cached(run_id: str, folder: Path) -> ContractRun:
+    files = validate_run_folder(folder / ARTIFACTS, run_id=run_id)
+    info = layout.read_json(folder / RUN_INFO) if (folder / RUN_INFO).is_file() else None
+    if info is None or info.get("run_id") != run_id:
+        raise ContractError(f"run {run_id}: cache entry {folder} has no matching {RUN_INFO}")
+    artifacts = folder / ARTIFACTS
+    return ContractRun(
+        run_id=run_id, checkpoints=[c.path for c in files.checkpoints],
+        train_losses=artifacts / layout.TRAIN_LOSSES, test_losses=artifacts / layout.TEST_LOSSES,
+        examples=artifacts / layout.EXAMPLES, model_spec=files.model_spec, train_config=files.train_config,
+        params=info["params"], tags=info["tags"], cache_dir=folder, steps=files.steps,
+    )

@@ -1,0 +1,270 @@
+"""Datasets with stable example ids: bundled scikit-learn data or any CSV / parquet table.
+
+An example's ``example_id`` is fixed when the data is loaded (the row's position in the source,
+or the table's own ``example_id`` column) and travels with it through splits, subsets, label noise
+and relabelling, so scores, review decisions and retraining all talk about the same example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Literal, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..influence.errors import InfluenceInputError
+from ..influence.loss_tables import ID_COLUMN
+
+BUILTIN_DATASETS = ("digits", "breast_cancer")
+NOISE_KINDS = ("uniform", "confusable")
+_DIGITS_IMAGE_SHAPE = (1, 8, 8)
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """Flip ``fraction`` of the training labels: to a uniformly drawn other class, or to the class
+    whose centroid lies nearest (``confusable``: mistakes a tired annotator would make)."""
+
+    fraction: float
+    kind: Literal["uniform", "confusable"] = "uniform"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise InfluenceInputError(f"label noise fraction {self.fraction}: must be in [0, 1)")
+        if self.kind not in NOISE_KINDS:
+            raise InfluenceInputError(f"label noise kind {self.kind!r}: must be one of {list(NOISE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Examples of one split, in a fixed order; ``labels`` are the labels used for training."""
+
+    example_ids: np.ndarray
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, ...]
+    flipped_ids: np.ndarray
+    clean_train_labels: torch.Tensor
+    class_names: tuple[str, ...] = field(default=())
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    label_noise: LabelNoise | None = None,
+    label_column: str = "label",
+    image: bool = False,
+) -> DatasetBundle:
+    """Load ``digits``, ``breast_cancer`` or a ``.csv`` / ``.parquet`` table; split it stratified.
+
+    Features are standardised with statistics of the training split only (per feature; for
+    digits as images, one mean and scale for all pixels so the picture keeps its contrast).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise InfluenceInputError(f"test_fraction {test_fraction}: must be between 0 and 1")
+    ids, features, labels, class_names, source = _load_raw(name, label_column)
+    if image and name != "digits":
+        raise InfluenceInputError(f"dataset {name}: image=True is only available for digits")
+    input_shape = _DIGITS_IMAGE_SHAPE if image else (features.shape[1],)
+    train_pos, test_pos = _stratified_split(labels, test_fraction, seed, source)
+    train_x, test_x = _standardise(features[train_pos], features[test_pos], per_feature=not image)
+    num_classes = len(class_names)
+    clean = labels[train_pos]
+    noisy, flipped = clean, np.zeros(len(train_pos), dtype=bool)
+    if label_noise is not None and label_noise.fraction > 0:
+        noisy, flipped = _inject_noise(clean, train_x, num_classes, label_noise)
+    return DatasetBundle(
+        name=name,
+        train=_split(ids[train_pos], train_x, noisy, input_shape),
+        test=_split(ids[test_pos], test_x, labels[test_pos], input_shape),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        flipped_ids=ids[train_pos][flipped],
+        clean_train_labels=torch.from_numpy(clean.astype(np.int64)),
+        class_names=class_names,
+    )
+
+
+def subset(split: Split, keep_ids: Iterable[int]) -> Split:
+    """The examples of ``split`` whose id is in ``keep_ids``, in the split's own order."""
+    keep = _known_ids(split, keep_ids, "subset")
+    mask = torch.from_numpy(np.isin(split.example_ids, keep))
+    return Split(split.example_ids[mask.numpy()], split.features[mask], split.labels[mask])
+
+
+def relabel(split: Split, new_labels: Mapping[int, int] | Iterable[tuple[int, int]], num_classes: int) -> Split:
+    """A copy of ``split`` with the labels of the given example ids replaced."""
+    pairs = dict(new_labels)
+    if not pairs:
+        return split
+    ids = _known_ids(split, pairs.keys(), "relabel")
+    values = np.asarray([pairs[int(i)] for i in ids], dtype=np.int64)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if len(bad):
+        raise InfluenceInputError(f"relabel: label(s) {bad[:5].tolist()} out of range [0, {num_classes})")
+    order = np.argsort(split.example_ids)
+    positions = order[np.searchsorted(split.example_ids, ids, sorter=order)]
+    labels = split.labels.clone()
+    labels[torch.from_numpy(positions)] = torch.from_numpy(values)
+    return replace(split, labels=labels)
+
+
+def curate_train(
+    bundle: DatasetBundle,
+    *,
+    exclude_ids: Iterable[int] = (),
+    relabels: Iterable[tuple[int, int]] = (),
+    train_subset: Iterable[int] | None = None,
+) -> DatasetBundle:
+    """The bundle as it will be trained: optionally only ``train_subset``, minus ``exclude_ids``,
+    with ``relabels`` applied. Every id must be a training id of the full bundle (a typo fails loudly);
+    ``clean_train_labels`` and ``flipped_ids`` follow the kept examples."""
+    train = bundle.train
+    exclude = _known_ids(train, exclude_ids, "exclude_ids")
+    pairs = dict(relabels)
+    _known_ids(train, pairs.keys(), "relabels")
+    keep = train.example_ids if train_subset is None else _known_ids(train, train_subset, "train_subset")
+    keep = np.setdiff1d(keep, exclude)
+    if len(keep) == 0:
+        raise InfluenceInputError(f"dataset {bundle.name}: curation leaves no training examples")
+    mask = np.isin(train.example_ids, keep)
+    kept = subset(train, keep)
+    kept_ids = set(keep.tolist())
+    kept = relabel(kept, {i: y for i, y in pairs.items() if int(i) in kept_ids}, bundle.num_classes)
+    return replace(
+        bundle,
+        train=kept,
+        clean_train_labels=bundle.clean_train_labels[torch.from_numpy(mask)],
+        flipped_ids=bundle.flipped_ids[np.isin(bundle.flipped_ids, keep)],
+    )
+
+
+def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
+    wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+    unknown = np.setdiff1d(wanted, split.example_ids)
+    if len(unknown):
+        raise InfluenceInputError(
+            f"{what}: {len(unknown)} example id(s) are not in the training split, e.g. {unknown[:5].tolist()}"
+        )
+    return wanted
+
+
+def _split(ids: np.ndarray, features: np.ndarray, labels: np.ndarray, input_shape: tuple[int, ...]) -> Split:
+    x = torch.from_numpy(features.astype(np.float32)).reshape(len(ids), *input_shape)
+    return Split(ids.astype(np.int64), x, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _load_raw(name: str, label_column: str):
+    """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors)."""
+    if name in BUILTIN_DATASETS:
+        from sklearn import datasets
+
+        data = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
+        names = tuple(str(n) for n in data.target_names)
+        return np.arange(len(data.target), dtype=np.int64), data.data.astype(np.float64), data.target, names, name
+    path = Path(name)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise InfluenceInputError(
+            f"dataset {name!r}: not a known dataset ({', '.join(BUILTIN_DATASETS)}) nor a .csv/.parquet file"
+        )
+    if not path.is_file():
+        raise InfluenceInputError(f"dataset {path}: no such file")
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any parser failure is bad input, reported with the file
+        raise InfluenceInputError(f"dataset {path}: cannot be read ({exc})") from None
+    return _from_frame(frame, label_column, str(path))
+
+
+def _from_frame(frame: pd.DataFrame, label_column: str, source: str):
+    if label_column not in frame.columns:
+        raise InfluenceInputError(
+            f"dataset {source}: has no label column {label_column!r} (columns: {list(frame.columns)})"
+        )
+    if frame[label_column].isna().any():
+        raise InfluenceInputError(f"dataset {source}: label column {label_column!r} has missing values")
+    if ID_COLUMN in frame.columns:
+        ids = frame[ID_COLUMN]
+        if not pd.api.types.is_integer_dtype(ids):
+            raise InfluenceInputError(f"dataset {source}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
+        if ids.duplicated().any():
+            dupes = ids[ids.duplicated()].unique()[:5].tolist()
+            raise InfluenceInputError(f"dataset {source}: column '{ID_COLUMN}' has duplicate ids, e.g. {dupes}")
+        ids = ids.to_numpy(np.int64)
+    else:
+        ids = np.arange(len(frame), dtype=np.int64)
+    feature_cols = [c for c in frame.columns if c not in (label_column, ID_COLUMN)]
+    if not feature_cols:
+        raise InfluenceInputError(f"dataset {source}: has no feature columns besides {label_column!r}")
+    non_numeric = [c for c in feature_cols if not (pd.api.types.is_numeric_dtype(frame[c]))]
+    if non_numeric:
+        raise InfluenceInputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
+    features = frame[feature_cols].to_numpy(np.float64)
+    missing = ~np.isfinite(features)
+    if missing.any():
+        bad = [c for c, n in zip(feature_cols, missing.sum(axis=0)) if n]
+        raise InfluenceInputError(f"dataset {source}: feature column(s) {bad} have missing or infinite values")
+    classes, labels = np.unique(frame[label_column].to_numpy(), return_inverse=True)
+    if len(classes) < 2:
+        raise InfluenceInputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
+    return ids, features, labels.astype(np.int64), tuple(str(c) for c in classes), source
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source: str):
+    from sklearn.model_selection import train_test_split  # imported here: `z0inf --help` need not load sklearn
+
+    positions = np.arange(len(labels))
+    try:
+        train_pos, test_pos = train_test_split(
+            positions, test_size=test_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as exc:
+        raise InfluenceInputError(f"dataset {source}: cannot split stratified with test_fraction "
+                                  f"{test_fraction} ({exc})") from None
+    return np.sort(train_pos), np.sort(test_pos)
+
+
+def _standardise(train: np.ndarray, test: np.ndarray, *, per_feature: bool):
+    axis = 0 if per_feature else None
+    mean, std = train.mean(axis=axis), train.std(axis=axis)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _inject_noise(clean: np.ndarray, features: np.ndarray, num_classes: int, noise: LabelNoise):
+    rng = np.random.default_rng(noise.seed)
+    count = int(round(noise.fraction * len(clean)))
+    chosen = rng.choice(len(clean), size=count, replace=False)
+    noisy = clean.copy()
+    if noise.kind == "uniform":
+        noisy[chosen] = (clean[chosen] + rng.integers(1, num_classes, size=count)) % num_classes
+    else:
+        noisy[chosen] = confusable_classes(features, clean, num_classes)[clean[chosen]]
+    flipped = np.zeros(len(clean), dtype=bool)
+    flipped[chosen] = True
+    return noisy, flipped
+
+
+def confusable_classes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """For each class, the other class whose centroid is nearest to its own (ties to the lower class)."""
+    centroids = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
+    distances = ((centroids[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    return distances.argmin(axis=1)

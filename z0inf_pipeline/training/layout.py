@@ -1,0 +1,94 @@
+"""Where a training run's files go: the same layout in a local folder and in an MLflow run's artifacts.
+
+A folder in this layout is complete only once ``manifest.json`` is written (last): it names every
+file with its size and SHA-256, so a reader can tell a missing or truncated file from a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..influence.atomic import atomic_output
+from ..influence.errors import InfluenceInputError
+
+CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOSSES = "loss_tables/train.parquet"
+TEST_LOSSES = "loss_tables/test.parquet"
+EXAMPLES = "examples.parquet"
+MODEL_SPEC = "model_spec.json"
+TRAIN_CONFIG = "train_config.json"
+MANIFEST = "manifest.json"
+REQUIRED_FILES = (MODEL_SPEC, EXAMPLES, TRAIN_LOSSES, TEST_LOSSES)
+EXAMPLE_COLUMNS = ("example_id", "split", "label", "original_label", "flipped")
+
+
+def checkpoint_name(step: int) -> str:
+    """Relative path of the checkpoint taken at ``step`` (zero-padded, so names sort by step)."""
+    return f"{CHECKPOINT_DIR}/step_{int(step):08d}.safetensors"
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InfluenceInputError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(payload, dict):
+        raise InfluenceInputError(f"{path}: holds JSON {type(payload).__name__}, expected an object")
+    return payload
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """List every file under ``folder`` (relative POSIX path, bytes, sha256) in ``manifest.json``."""
+    folder = Path(folder)
+    files = [
+        {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    ]
+    return write_json(folder / MANIFEST, {"files": files})
+
+
+def write_examples(
+    path: str | os.PathLike,
+    *,
+    train_ids: np.ndarray,
+    train_labels: np.ndarray,
+    original_train_labels: np.ndarray,
+    flipped_ids: np.ndarray,
+    test_ids: np.ndarray,
+    test_labels: np.ndarray,
+) -> Path:
+    """The examples table: which ids were trained / tested on, with the label used and the label before noise."""
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    test_ids = np.asarray(test_ids, dtype=np.int64)
+    table = pa.table({
+        "example_id": np.concatenate([train_ids, test_ids]),
+        "split": pa.array(["train"] * len(train_ids) + ["test"] * len(test_ids), pa.string()),
+        "label": np.concatenate([train_labels, test_labels]).astype(np.int64),
+        "original_label": np.concatenate([original_train_labels, test_labels]).astype(np.int64),
+        "flipped": np.concatenate([np.isin(train_ids, flipped_ids), np.zeros(len(test_ids), dtype=bool)]),
+    })
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)

@@ -1,0 +1,262 @@
+"""A deterministic training loop that writes checkpoints and per-example loss tables as it goes.
+
+Checkpoint t is taken *after* the update of its step (step 0: before any update); its recorded
+learning rate is the one that update used (step 0: the initial rate), so it is never the
+schedule's final zero.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..influence.checkpoints import save_checkpoint
+from ..influence.errors import InfluenceInputError
+from . import layout
+from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, curate_train, load_dataset
+from .models import MODEL_KINDS, ModelSpec, build_model
+from .recording import SplitRecorder
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINT_UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training recipe. ``checkpoints`` = T evenly spaced checkpoints (first and last included),
+    unless ``checkpoint_every`` > 0 asks for one every n ``checkpoint_unit`` (plus first and last)."""
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+    epochs: int = 30
+    checkpoints: int = 20
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    schedule: str = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    test_fraction: float = 0.25
+    label_noise: float = 0.0
+    noise_kind: str = "uniform"
+    noise_seed: int = 0
+    exclude_ids: tuple[int, ...] = ()
+    relabels: tuple[tuple[int, int], ...] = ()
+    train_subset: tuple[int, ...] | None = None
+    checkpoint_every: int = 0
+    checkpoint_unit: str = "epoch"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        norm = object.__setattr__
+        norm(self, "hidden", tuple(int(h) for h in self.hidden))
+        norm(self, "exclude_ids", tuple(int(i) for i in self.exclude_ids))
+        norm(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
+        if self.train_subset is not None:
+            norm(self, "train_subset", tuple(int(i) for i in self.train_subset))
+        checks = [
+            (self.model in MODEL_KINDS, "model", f"one of {list(MODEL_KINDS)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}"),
+            (self.noise_kind in NOISE_KINDS, "noise_kind", f"one of {list(NOISE_KINDS)}"),
+            (self.checkpoint_unit in CHECKPOINT_UNITS, "checkpoint_unit", f"one of {list(CHECKPOINT_UNITS)}"),
+            (self.epochs >= 1, "epochs", "at least 1"),
+            (self.checkpoints >= 2, "checkpoints", "at least 2 (the first and the last)"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "0 (off) or positive"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (self.lr > 0, "lr", "positive"),
+            (0.0 <= self.label_noise < 1.0, "label_noise", "in [0, 1)"),
+            (0.0 < self.test_fraction < 1.0, "test_fraction", "between 0 and 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise InfluenceInputError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["exclude_ids"] = list(self.exclude_ids)
+        d["relabels"] = [list(p) for p in self.relabels]
+        d["train_subset"] = None if self.train_subset is None else list(self.train_subset)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InfluenceInputError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+    @property
+    def noise(self) -> LabelNoise | None:
+        return LabelNoise(self.label_noise, self.noise_kind, self.noise_seed) if self.label_noise > 0 else None
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    model_spec: ModelSpec
+    bundle: DatasetBundle  # the data as trained: train split after subset / exclusion / relabels
+    checkpoints: list[Path]
+    train_losses: Path | None  # None when trained with record_losses=False
+    test_losses: Path | None
+    examples: Path
+    metrics: list[dict]
+    model: torch.nn.Module
+
+
+def checkpoint_steps(total_steps: int, *, count: int = 20, every: int = 0, unit_steps: int = 1) -> list[int]:
+    """Steps at which to checkpoint: every ``every * unit_steps`` steps, or ``count`` evenly spaced;
+    always step 0 and ``total_steps``."""
+    if every > 0:
+        return sorted(set(range(0, total_steps, every * unit_steps)) | {total_steps})
+    if count > total_steps + 1:
+        raise InfluenceInputError(
+            f"checkpoints: {count} requested but training has only {total_steps} steps "
+            f"({total_steps + 1} possible checkpoints)"
+        )
+    # floor(x + 0.5), not round(): banker's rounding can map two grid points to the same step.
+    return np.floor(np.linspace(0, total_steps, count) + 0.5).astype(int).tolist()
+
+
+def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
+    progress = step / max(total_steps, 1)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def train(
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    progress: bool = False,
+    record_losses: bool = True,
+    on_checkpoint: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train ``config`` and write the run folder (see ``layout``) to ``out_dir``, replacing it whole.
+
+    ``on_checkpoint`` receives each checkpoint's metrics row as soon as it is taken (live logging).
+    With ``record_losses=False`` no loss tables are written and the rows hold step, epoch and lr only.
+    """
+    out_dir = Path(out_dir)
+    bundle = load_dataset(
+        config.dataset, seed=config.seed, test_fraction=config.test_fraction, label_noise=config.noise,
+        label_column=config.label_column, image=config.model == "cnn",
+    )
+    bundle = curate_train(bundle, exclude_ids=config.exclude_ids, relabels=config.relabels,
+                          train_subset=config.train_subset)
+    spec = ModelSpec(config.model, bundle.input_shape, bundle.num_classes, config.hidden)
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    features, labels = bundle.train.features, bundle.train.labels
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    unit_steps = steps_per_epoch if config.checkpoint_unit == "epoch" else 1
+    schedule = checkpoint_steps(total_steps, count=config.checkpoints, every=config.checkpoint_every,
+                                unit_steps=unit_steps)
+    recorders = [
+        SplitRecorder(split.example_ids, split.features, split.labels, capacity=len(schedule), name=name)
+        for name, split in (("train", bundle.train), ("test", bundle.test))
+    ] if record_losses else []
+    optimizer = _optimizer(config, model)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        metrics: list[dict] = []
+
+        def take_checkpoint(step: int, lr: float) -> None:
+            row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr}
+            save_checkpoint(work / layout.checkpoint_name(step), model.state_dict(),
+                            step=step, epoch=row["epoch"], learning_rate=lr)
+            for recorder in recorders:
+                row.update(recorder.record(model, step))
+            metrics.append(row)
+            if on_checkpoint is not None:
+                on_checkpoint(row)
+
+        step = 0
+        take_checkpoint(step, config.lr)
+        wanted = iter(schedule[1:])
+        next_checkpoint = next(wanted, None)
+        model.train()
+        bar = tqdm(total=total_steps, desc=f"train {bundle.name} {config.model}", unit="step", disable=not progress)
+        for _ in range(config.epochs):
+            order = torch.randperm(len(labels), generator=shuffle)
+            for batch in order.split(config.batch_size):
+                lr = config.lr * learning_rate_factor(config.schedule, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(features[batch]), labels[batch]).backward()
+                optimizer.step()
+                step += 1
+                bar.update()
+                if step == next_checkpoint:
+                    take_checkpoint(step, lr)
+                    next_checkpoint = next(wanted, None)
+        bar.close()
+
+        train_table = test_table = None
+        if record_losses:
+            train_table = recorders[0].table().write(work / layout.TRAIN_LOSSES)
+            test_table = recorders[1].table().write(work / layout.TEST_LOSSES)
+        layout.write_examples(
+            work / layout.EXAMPLES,
+            train_ids=bundle.train.example_ids, train_labels=labels.numpy(),
+            original_train_labels=bundle.clean_train_labels.numpy(), flipped_ids=bundle.flipped_ids,
+            test_ids=bundle.test.example_ids, test_labels=bundle.test.labels.numpy(),
+        )
+        layout.write_json(work / layout.MODEL_SPEC, spec.to_dict())
+        layout.write_json(work / layout.TRAIN_CONFIG, config.to_dict())
+        layout.write_manifest(work)
+        _replace_folder(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def final(path: Path | None) -> Path | None:
+        return None if path is None else out_dir / path.relative_to(work)
+
+    return TrainResult(
+        config=config, model_spec=spec, bundle=bundle,
+        checkpoints=[out_dir / layout.checkpoint_name(row["step"]) for row in metrics],
+        train_losses=final(train_table), test_losses=final(test_table), examples=out_dir / layout.EXAMPLES,
+        metrics=metrics, model=model.eval(),
+    )
+
+
+def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Swap a finished folder into place, so ``target`` is either the old run or the new one, never a mix."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
