@@ -7,8 +7,11 @@ import sys
 
 from ..influence.errors import InfluenceInputError
 from . import influence as influence_commands
+from . import training as training_commands
+from . import review as review_commands
+from . import pipeline as pipeline_commands
 
-_COMMAND_MODULES = [influence_commands]
+_COMMAND_MODULES = [influence_commands, training_commands, review_commands, pipeline_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

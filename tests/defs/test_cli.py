@@ -1,0 +1,58 @@
+"""`z0inf demo` stops at the review gate and says how to go on; `z0inf review` and `z0inf materialize`
+then take the run through retraining, on the persistent DAGSTER_HOME instance."""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+import pandas as pd
+
+from z0inf_pipeline.cli import main
+from z0inf_pipeline.cli.pipeline import DEMO_CONFIG
+from z0inf_pipeline.defs.config import TrainingConfig
+from z0inf_pipeline.review import DecisionStore, RunLayout
+
+
+def test_demo_then_review_then_materialize_retrain(dagster_home, tracking_uri, capsys):
+    assert main(["demo", "--epochs", "3", "--checkpoints", "4"]) == 0
+    out = capsys.readouterr().out
+    run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
+    assert "review gate BLOCKED" in out and "retraining did NOT run" in out
+    assert f"z0inf review decide {run_id}" in out and "z0inf demo --auto-review" in out
+    precision, recall = map(float, re.search(r"precision ([0-9.]+), recall ([0-9.]+)", out).groups())
+    layout = RunLayout.for_run(run_id)
+    examples = pd.read_parquet(layout.examples)
+    queue = pd.read_parquet(layout.review_queue)
+    flipped = set(examples.loc[examples["flipped"], "example_id"])
+    hits = len(set(queue["example_id"]) & flipped)
+    assert precision == round(hits / len(queue), 3) and recall == round(hits / len(flipped), 3)
+    assert "stage timings" in out and re.search(r"\d+\.\d\d s  total", out)
+
+    # The demo's runs are in the DAGSTER_HOME instance, where `dagster dev` shows them.
+    with dg.DagsterInstance.get() as instance:
+        jobs = [r.job_name for r in instance.get_runs()]
+    assert sorted(jobs) == ["influence_job", "retrain_job"]
+
+    assert main(["review", "list", "--run", run_id, "--limit", "5"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{len(queue)} flagged example(s)" in listing and "review gate BLOCKED" in listing
+
+    first = int(queue["example_id"].iloc[0])
+    assert main(["review", "decide", run_id, str(first), "--action", "keep"]) == 0
+    assert main(["review", "decide", run_id, "--flagged", "--action", "drop"]) == 0
+    assert "review gate open" in capsys.readouterr().out
+    current = DecisionStore.open().current(run_id).set_index("example_id")
+    assert current.loc[first, "action"] == "keep" and (current["action"] == "drop").sum() == len(queue) - 1
+
+    assert main(["materialize", "retrain", "--run", run_id]) == 0
+    out = capsys.readouterr().out
+    assert "[pass] review_gate" in out and "retrained MLflow run" in out
+    summary = pd.read_parquet(layout.retrained).iloc[0]
+    assert summary["dropped"] == len(queue) - 1
+    assert summary["train_examples"] == (examples["split"] == "train").sum() - (len(queue) - 1)
+
+
+def test_train_job_defaults_are_the_demo_recipe():
+    assert TrainingConfig().to_train_config() == DEMO_CONFIG
+    assert DEMO_CONFIG.dataset == "digits" and DEMO_CONFIG.label_noise == 0.1

@@ -1,0 +1,328 @@
+"""``z0inf demo`` (the whole flow on digits with injected label noise) and ``z0inf materialize``
+(run one of the Dagster jobs for an MLflow run, in this process, on the DAGSTER_HOME instance)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from ..training import TrainConfig
+
+# The bundled default: digits, an MLP with one hidden layer of 64, 30 epochs, 20 checkpoints,
+# 10% of the training labels flipped uniformly at random.
+DEMO_CONFIG = TrainConfig(label_noise=0.1)
+JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
+AUTO_REVIEWER = "z0inf-demo-auto-review"
+_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="train on digits with 10%% label noise and run the whole pipeline")
+    demo.add_argument(
+        "--auto-review",
+        action="store_true",
+        help="after showing the gate block, record 'drop' for every flagged example and retrain",
+    )
+    demo.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs, help="(default: %(default)s)")
+    demo.add_argument("--checkpoints", type=int, default=DEMO_CONFIG.checkpoints, help="(default: %(default)s)")
+    demo.add_argument("--label-noise", type=float, default=DEMO_CONFIG.label_noise, help="(default: %(default)s)")
+    _add_policy_args(demo)
+    demo.set_defaults(handler=_demo)
+
+    materialize = sub.add_parser("materialize", help="run a pipeline job for one MLflow run (in this process)")
+    materialize.add_argument(
+        "job",
+        choices=sorted(JOBS),
+        help="influence: scores + review queue; retrain: review gate + curation + retraining; pipeline: everything",
+    )
+    materialize.add_argument("--run", required=True, help="MLflow run id (added as a partition if new)")
+    _add_policy_args(materialize)
+    materialize.set_defaults(handler=_materialize)
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("flag policy (review_queue config)")
+    group.add_argument("--method", choices=["quantile", "zscore"], help="flag by top quantile or robust z-score")
+    group.add_argument("--quantile", type=float, help="flag self-influence above this quantile (default 0.9)")
+    group.add_argument("--z-threshold", type=float, help="flag robust z-scores above this (default 3.5)")
+    group.add_argument(
+        "--max-unreviewed-fraction",
+        type=float,
+        help="share of the training set that may stay flagged but undecided (default 0)",
+    )
+
+
+def _policy_config(args) -> dict:
+    keys = ("method", "quantile", "z_threshold", "max_unreviewed_fraction")
+    policy = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {"ops": {"review_queue": {"config": policy}}} if policy else {}
+
+
+@dataclass
+class JobOutcome:
+    """What one Dagster run did: success, per-step seconds, check results, failure messages."""
+
+    job: str
+    dagster_run_id: str
+    success: bool
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def check_failed(self, name: str) -> bool:
+        return name in self.checks and not self.checks[name][0]
+
+
+def dagster_instance():
+    """The DAGSTER_HOME instance (runs show up in the UI), else a throwaway one."""
+    import dagster as dg
+
+    if os.environ.get("DAGSTER_HOME"):
+        Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+        return dg.DagsterInstance.get(), True
+    return dg.DagsterInstance.ephemeral(), False
+
+
+def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> JobOutcome:
+    """Execute a partitioned job for ``run_id`` in this process (adding the partition if needed)."""
+    from ..definitions import defs
+    from ..defs.partitions import mlflow_runs
+
+    if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
+        instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
+    result = defs.resolve_job_def(job).execute_in_process(
+        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False
+    )
+    stats = instance.get_run_step_stats(result.run_id)
+    outcome = JobOutcome(
+        job,
+        result.run_id,
+        result.success,
+        step_seconds={s.step_key: (s.end_time or s.start_time) - s.start_time for s in stats if s.start_time},
+        checks={e.check_name: (e.passed, e.description or "") for e in result.get_asset_check_evaluations()},
+    )
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
+            outcome.failures.append(f"{event.step_key}: {event.step_failure_data.error.message.strip()}")
+    return outcome
+
+
+def _materialize(args) -> int:
+    instance, persistent = dagster_instance()
+    outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
+    _print_steps(outcome)
+    _print_checks(outcome)
+    if args.job != "influence" and outcome.check_failed("review_gate"):
+        print(f"\nretraining did not run: {outcome.checks['review_gate'][1]}")
+        print(f"  review with `z0inf review list --run {args.run}` and")
+        print(f"  `z0inf review decide {args.run} ID... --action ...`, then run this again")
+        return 3
+    if not outcome.success:
+        print("\n".join(["", "failed:", *outcome.failures]), file=sys.stderr)
+        return 1
+    _print_outputs(args.run)
+    if not persistent:
+        print("(DAGSTER_HOME is not set: this run is not kept; `make dev` sets it)")
+    return 0
+
+
+def _demo(args) -> int:
+    from ..review import RunLayout
+    from ..tracking import resolve_tracking_uri, train_and_log
+
+    started = time.perf_counter()
+    config = replace(DEMO_CONFIG, epochs=args.epochs, checkpoints=args.checkpoints, label_noise=args.label_noise)
+    instance, persistent = dagster_instance()
+    tracking_uri = resolve_tracking_uri()
+    print(
+        f"z0inf demo: {config.dataset}, {config.model} {list(config.hidden)}, {config.epochs} epochs, "
+        f"{config.checkpoints} checkpoints, {config.label_noise:.0%} of training labels flipped on purpose"
+    )
+    print(f"  MLflow: {tracking_uri}")
+    print(f"  Dagster: {os.environ['DAGSTER_HOME'] if persistent else 'in-memory instance (DAGSTER_HOME not set)'}\n")
+
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    run_id = train_and_log(
+        config, tracking_uri=tracking_uri, tags={"z0inf.source_command": "z0inf demo"}, progress=True
+    )
+    timings["train + log contract run"] = time.perf_counter() - tick
+    print(f"[1/3] trained and logged MLflow run {run_id} ({timings['train + log contract run']:.1f} s)")
+
+    influence = run_job(instance, "influence_job", run_id, _policy_config(args))
+    timings.update({f"influence_job: {k}": v for k, v in influence.step_seconds.items()})
+    if not influence.success:
+        print("\n".join(["influence_job failed:", *influence.failures]), file=sys.stderr)
+        return 1
+    print(
+        f"[2/3] influence_job: every data check passed "
+        f"({', '.join(n for n, (ok, _) in influence.checks.items() if ok)})"
+    )
+    layout = RunLayout.for_run(run_id)
+    _print_findings(layout)
+
+    gated = run_job(instance, "retrain_job", run_id, _policy_config(args))
+    timings.update({f"retrain_job (gated): {k}": v for k, v in gated.step_seconds.items()})
+    exit_code = 0
+    if gated.check_failed("review_gate"):
+        print(f"\n[3/3] retrain_job: {gated.checks['review_gate'][1]}")
+        print(
+            "      retraining did NOT run: the blocking review gate stops it until the flagged examples have decisions."
+        )
+        if args.auto_review:
+            exit_code = _auto_review(instance, run_id, layout, args, timings)
+        else:
+            _print_review_instructions(run_id, layout)
+    elif gated.success:
+        print("\n[3/3] retrain_job: the review gate was open (see --max-unreviewed-fraction)")
+        _print_retrained(layout)
+    else:
+        print("\n".join(["retrain_job failed:", *gated.failures]), file=sys.stderr)
+        exit_code = 1
+
+    print("\nstage timings")
+    for name, seconds in timings.items():
+        print(f"  {seconds:7.2f} s  {name}")
+    print(f"  {time.perf_counter() - started:7.2f} s  total")
+    print(
+        f"\nbrowse it: `make dev` (Dagster UI: assets, checks, review queue, histogram, flagged images), "
+        f"`mlflow ui --backend-store-uri {tracking_uri}`"
+    )
+    return exit_code
+
+
+def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float]) -> int:
+    from ..review import DecisionStore, read_review_queue
+
+    queue, _ = read_review_queue(layout.review_queue)
+    store = DecisionStore.open()
+    count = store.record(
+        run_id,
+        queue["example_id"],
+        "drop",
+        reviewer=AUTO_REVIEWER,
+        note="z0inf demo --auto-review: drop every flagged example",
+    )
+    print(
+        f"\n      --auto-review: recorded 'drop' for the {count} flagged examples (reviewer {AUTO_REVIEWER!r}) "
+        f"in {store.path}"
+    )
+    retrain = run_job(instance, "retrain_job", run_id, _policy_config(args))
+    timings.update({f"retrain_job: {k}": v for k, v in retrain.step_seconds.items()})
+    if not retrain.success:
+        print("\n".join(["retrain_job failed:", *retrain.failures]), file=sys.stderr)
+        return 1
+    print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
+    _print_retrained(layout)
+    return 0
+
+
+def _print_findings(layout) -> None:
+    from ..review import detection_quality, read_review_queue
+
+    queue, info = read_review_queue(layout.review_queue)
+    examples = pd.read_parquet(layout.examples)
+    train = examples[examples["split"] == "train"]
+    flipped = train.loc[train["flipped"], "example_id"]
+    quality = detection_quality(queue["example_id"], flipped)
+    print(f"\n  MLflow run        {layout.run_id}")
+    print("                      outputs logged back to it: artifacts z0inf/<stage>/, metrics z0inf.*")
+    print(f"  parquet outputs   {_short(layout.root)}/")
+    for path in (
+        layout.train_losses,
+        layout.test_losses,
+        layout.gram,
+        layout.self_influence,
+        layout.topk,
+        layout.review_queue,
+    ):
+        print(f"                      {path.relative_to(layout.root)}")
+    print(
+        f"  flagged           {len(queue)} of {info['training_examples']} training examples "
+        f"(self-influence > {info['cutoff']:.4g}, policy {info['policy']['method']})"
+    )
+    if quality is not None:
+        print(
+            f"  vs injected flips precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
+            f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue)"
+        )
+    top = queue.head(8)
+    print("  top of the review queue:")
+    print(
+        "    "
+        + pd.DataFrame(
+            {
+                "rank": top["rank"],
+                "id": top["example_id"],
+                "self_influence": top["self_influence"].map("{:.4g}".format),
+                "label": top["label"],
+                "predicted": top["predicted_label"].astype("string").fillna("?"),
+                "flipped on purpose": top["flipped"],
+            }
+        )
+        .to_string(index=False)
+        .replace("\n", "\n    ")
+    )
+
+
+def _print_review_instructions(run_id: str, layout) -> None:
+    from ..review import read_review_queue
+
+    queue, _ = read_review_queue(layout.review_queue)
+    # Suggest relabelling where the model disagrees with the label, dropping a few of the others.
+    disagree = queue["predicted_label"].notna() & (queue["predicted_label"] != queue["label"])
+    relabel = queue[disagree].head(2)
+    drop = " ".join(str(i) for i in queue.loc[~queue["example_id"].isin(relabel["example_id"]), "example_id"].head(3))
+    print("\n  record decisions (they go to the review store and survive every re-run), for example:")
+    print(f"    z0inf review list --run {run_id}")
+    for row in relabel.itertuples():
+        print(f"    z0inf review decide {run_id} {row.example_id} --action relabel --label {row.predicted_label}")
+    print(f"    z0inf review decide {run_id} {drop} --action drop")
+    print(f"    z0inf review decide {run_id} --flagged --action keep      # everything still undecided")
+    print(f"  then retrain (the gate re-checks in the same run):\n    z0inf materialize retrain --run {run_id}")
+    print("  or see the whole flow at once: z0inf demo --auto-review")
+
+
+def _print_retrained(layout) -> None:
+    row = pd.read_parquet(layout.retrained).iloc[0]
+    print(
+        f"      retrained MLflow run {row['retrained_run_id']} (tag z0inf.parent_run_id={layout.run_id}): "
+        f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
+    )
+    parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
+    print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
+
+
+def _print_steps(outcome: JobOutcome) -> None:
+    print(
+        f"{outcome.job} (Dagster run {outcome.dagster_run_id}): {'succeeded' if outcome.success else 'did not succeed'}"
+    )
+    for step, seconds in outcome.step_seconds.items():
+        print(f"  {seconds:7.2f} s  {step}")
+
+
+def _print_checks(outcome: JobOutcome) -> None:
+    for name, (passed, description) in outcome.checks.items():
+        print(f"  [{'pass' if passed else 'FAIL'}] {name}: {description}")
+
+
+def _print_outputs(run_id: str) -> None:
+    from ..review import RunLayout
+
+    layout = RunLayout.for_run(run_id)
+    print(f"outputs in {_short(layout.root)}/")
+    if layout.retrained.exists():
+        _print_retrained(layout)
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

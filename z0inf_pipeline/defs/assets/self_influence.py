@@ -1,0 +1,53 @@
+"""Stage 4: Z0 self-influence of every training example."""
+
+import dagster as dg
+import pandas as pd
+
+from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_from_frame, write_frame
+from ...influence.errors import InfluenceInputError
+from ..config import EstimatorConfig
+from ..metadata import layout_for, path_metadata, quantiles
+from ..partitions import mlflow_runs
+from ..resources import ComputeResource, MlflowResource
+from .gram import weight_gram
+
+
+def analysis_from_gram(layout, run, args: InfluenceArguments, device) -> InfluenceAnalysis:
+    """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
+    steps, gram = gram_from_frame(pd.read_parquet(layout.gram))
+    analysis = InfluenceAnalysis(
+        run.checkpoints, layout.train_losses, layout.test_losses, args=args, device=device, gram=gram
+    )
+    if steps != analysis.steps:
+        raise InfluenceInputError(
+            f"{layout.gram}: Gram steps {list(steps)} do not match the run's checkpoints {list(analysis.steps)}; "
+            "re-materialise weight_gram"
+        )
+    return analysis
+
+
+@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[weight_gram], kinds={"pytorch", "parquet"})
+def self_influence(
+    context: dg.AssetExecutionContext, config: EstimatorConfig, mlflow: MlflowResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """SI(i) = sum_t eta_t ||g_i(t)||^2 (high: the model had to move far just for i), and the cheap
+    variance estimator beside it."""
+    layout = layout_for(context)
+    run = mlflow.fetch(layout.run_id)
+    args = InfluenceArguments(neighbors=config.neighbors, neighbor_rule=config.neighbor_rule, eta=config.eta)
+    frame = analysis_from_gram(layout, run, args, compute.torch_device()).self_influence_frame()
+    write_frame(frame, layout.self_influence)
+    summary = quantiles(frame["self_influence"], "z0inf.self_influence")
+    mlflow.log_outputs(run.run_id, "self_influence", [layout.self_influence], summary)
+    context.log.info(
+        f"self-influence of {len(frame)} training examples: median {summary['z0inf.self_influence_q50']:.4g}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "estimator": dg.MetadataValue.json(args.to_dict()),
+            "device": str(compute.torch_device()),
+            "dagster/row_count": len(frame),
+            **{k.removeprefix("z0inf."): v for k, v in summary.items()},
+            **path_metadata(self_influence=layout.self_influence),
+        }
+    )

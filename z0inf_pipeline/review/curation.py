@@ -1,0 +1,61 @@
+"""Curation: the training set as reviewed (drops removed, relabels applied) and the recipe to retrain on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from ..influence.errors import InfluenceInputError
+
+
+@dataclass(frozen=True)
+class CuratedSet:
+    """``frame``: example_id, label (after relabels), observed_label (as trained), action (or None)."""
+
+    frame: pd.DataFrame
+    dropped_ids: tuple[int, ...]
+    relabels: dict[int, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.frame)
+
+
+def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None) -> CuratedSet:
+    """Apply the decisions in force to the run's training examples; decisions must name training ids."""
+    ids = train_examples["example_id"].to_numpy(np.int64)
+    unknown = np.setdiff1d(decisions["example_id"].to_numpy(np.int64), ids)
+    if len(unknown):
+        raise InfluenceInputError(
+            f"curation: {len(unknown)} decision(s) name ids that are not training examples of the run, "
+            f"e.g. {unknown[:5].tolist()}"
+        )
+    by_action = decisions.groupby("action")["example_id"]
+    dropped = tuple(sorted(int(i) for i in by_action.get_group("drop"))) if "drop" in by_action.groups else ()
+    relabel_rows = decisions[decisions["action"] == "relabel"]
+    relabels = {int(i): int(y) for i, y in zip(relabel_rows["example_id"], relabel_rows["label"])}
+    if num_classes is not None:
+        bad = {i: y for i, y in relabels.items() if not 0 <= y < num_classes}
+        if bad:
+            raise InfluenceInputError(
+                f"curation: relabels {bad} are outside the {num_classes} classes [0, {num_classes})"
+            )
+
+    frame = pd.DataFrame({"example_id": ids, "observed_label": train_examples["label"].to_numpy(np.int64)})
+    action = decisions.set_index("example_id")["action"].reindex(ids)
+    frame["action"] = action.to_numpy()
+    frame = frame[~np.isin(ids, dropped)].reset_index(drop=True)
+    new = pd.Series(relabels, dtype="int64").reindex(frame["example_id"])
+    frame.insert(1, "label", np.where(new.notna(), new.fillna(-1).astype(np.int64), frame["observed_label"]))
+    return CuratedSet(frame, dropped, relabels)
+
+
+def retrain_config(parent, curated: CuratedSet):
+    """The parent's recipe with the curated exclusions and relabels added (earlier curation rounds kept)."""
+    excluded = sorted(set(parent.exclude_ids) | set(curated.dropped_ids))
+    relabels = dict(parent.relabels)
+    relabels.update(curated.relabels)
+    relabels = {i: y for i, y in relabels.items() if i not in set(excluded)}
+    return replace(parent, exclude_ids=tuple(excluded), relabels=tuple(sorted(relabels.items())))

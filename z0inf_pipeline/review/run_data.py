@@ -1,0 +1,129 @@
+"""A run's data rebuilt from its training config, and its checkpoints re-evaluated on any device:
+loss tables with any per-example loss, and the last checkpoint's predictions for the review queue."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..influence.errors import InfluenceInputError
+from ..influence.loss_tables import LossTable, compute_loss_table
+from ..training import DatasetBundle, TrainConfig, curate_train, load_dataset
+from ..training.recording import cross_entropy_per_example
+
+
+def zero_one_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 where the predicted class is wrong: Z0-Inf needs no gradient, so a 0-1 loss works."""
+    return outputs.argmax(dim=1).ne(targets).to(torch.float32)
+
+
+LOSSES = {"cross_entropy": cross_entropy_per_example, "zero_one": zero_one_per_example}
+
+
+def rebuild_data(
+    run_id: str, train_config: dict | None, model_spec: dict, examples: pd.DataFrame
+) -> DatasetBundle | None:
+    """The run's train/test data exactly as trained (same split, noise, curation), checked against its
+    examples table; None when this project cannot rebuild it (no training config, a custom model
+    factory, a dataset file that is not here)."""
+    if train_config is None or "factory" in model_spec:
+        return None
+    config = TrainConfig.from_dict(train_config)
+    try:
+        bundle = load_dataset(
+            config.dataset,
+            seed=config.seed,
+            test_fraction=config.test_fraction,
+            label_noise=config.noise,
+            label_column=config.label_column,
+            image=config.model == "cnn",
+        )
+    except InfluenceInputError:
+        return None
+    bundle = curate_train(
+        bundle, exclude_ids=config.exclude_ids, relabels=config.relabels, train_subset=config.train_subset
+    )
+    logged = examples.set_index("example_id")
+    for name, split in (("train", bundle.train), ("test", bundle.test)):
+        rows = logged[logged["split"] == name]
+        same_ids = np.array_equal(np.sort(split.example_ids), np.sort(rows.index.to_numpy()))
+        if not same_ids or not np.array_equal(rows.loc[split.example_ids, "label"], split.labels.numpy()):
+            raise InfluenceInputError(
+                f"run {run_id}: its {name} data rebuilt from the training config does not match the run's "
+                "examples table (ids or labels differ); the run cannot be analysed reproducibly"
+            )
+    return bundle
+
+
+def recompute_loss_tables(
+    model_factory: Callable[[], torch.nn.Module],
+    checkpoints: Sequence,
+    data: DatasetBundle,
+    loss: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4096,
+) -> tuple[LossTable, LossTable]:
+    """Train and test loss tables: every checkpoint evaluated on every example, on ``device`` in ``dtype``."""
+    if loss not in LOSSES:
+        raise InfluenceInputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
+    tables = [
+        compute_loss_table(
+            lambda: model_factory().to(dtype),
+            checkpoints,
+            (split.features.to(dtype), split.labels),
+            LOSSES[loss],
+            example_ids=split.example_ids,
+            device=device,
+            batch_size=batch_size,
+            progress=False,
+        )
+        for split in (data.train, data.test)
+    ]
+    return tables[0], tables[1]
+
+
+def max_deviation(recomputed: LossTable, logged: LossTable) -> float:
+    """Largest absolute difference between two loss tables of the same examples (any row order)."""
+    order = pd.Index(logged.example_ids).get_indexer(recomputed.example_ids)
+    if (order < 0).any() or recomputed.steps != logged.steps:
+        raise InfluenceInputError("loss tables: recomputed and logged tables hold different examples or steps")
+    return float((recomputed.values - logged.values[:, order]).abs().max())
+
+
+def final_predictions(
+    model: torch.nn.Module,
+    data: DatasetBundle,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4096,
+) -> pd.DataFrame:
+    """Predicted label and its softmax probability for every train and test example."""
+    model = model.to(device=device, dtype=dtype).eval()
+    frames = []
+    with torch.no_grad():
+        for name, split in (("train", data.train), ("test", data.test)):
+            probs = torch.cat(
+                [
+                    torch.softmax(model(batch.to(device=device, dtype=dtype)), dim=1).cpu()
+                    for batch in split.features.split(batch_size)
+                ]
+            )
+            confidence, predicted = probs.max(dim=1)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "example_id": split.example_ids,
+                        "split": name,
+                        "label": split.labels.numpy(),
+                        "predicted_label": predicted.numpy(),
+                        "confidence": confidence.double().numpy(),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
