@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/z0inf demo
+	$(BIN)/z0inf demo --auto-review
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

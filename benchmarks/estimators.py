@@ -113,6 +113,8 @@ def section_matmul(args) -> None:
     print("\n## train-test influence vs a bare matmul of the same (N x Tk) @ (Tk x M) shape (float32)")
     T, k = 20, 2
     N, M = (5000, 1000) if args.quick else (20000, 2000)
+    if DEVICE.type == "cuda" and not args.quick:  # large enough that kernels, not launches, dominate
+        N, M = 200_000, 20_000
     gen = torch.Generator().manual_seed(1)
     G = gram_matrix(torch.randn(T, 100, generator=gen, dtype=torch.float64))
     L, Lz = torch.rand(T, N, generator=gen).to(DEVICE), torch.rand(T, M, generator=gen).to(DEVICE)
@@ -128,6 +130,8 @@ def section_variance(args) -> None:
     print("\n## self-influence vs one plain pass over the same loss table (torch.var), float32")
     T, k = 20, 2
     N = 100_000 if args.quick else 500_000
+    if DEVICE.type == "cuda" and not args.quick:
+        N = 20_000_000
     gen = torch.Generator().manual_seed(2)
     G = gram_matrix(torch.randn(T, 100, generator=gen, dtype=torch.float64))
     L = torch.rand(T, N, generator=gen).to(DEVICE)

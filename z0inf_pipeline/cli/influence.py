@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import pandas as pd
 import torch
 
-from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_from_frame, gram_to_frame, write_frame
+from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
 from ..influence.checkpoints import open_checkpoints
-from ..influence.errors import InfluenceInputError
 from ..influence.gram import gram_matrix
 
 
@@ -64,10 +62,7 @@ def _gram(args) -> None:
 
 
 def _analysis(args, test_losses=None) -> InfluenceAnalysis:
-    gram_steps, gram = None, None
-    if args.gram:
-        gram_steps, gram = gram_from_frame(pd.read_parquet(args.gram))
-    analysis = InfluenceAnalysis(
+    return InfluenceAnalysis(
         args.checkpoints,
         args.train_losses,
         test_losses,
@@ -80,13 +75,8 @@ def _analysis(args, test_losses=None) -> InfluenceAnalysis:
             topk=getattr(args, "topk", 10),
         ),
         device=_device(args.device),
-        gram=gram,
+        gram=args.gram,
     )
-    if gram_steps is not None and gram_steps != analysis.steps:
-        raise InfluenceInputError(
-            f"gram file {args.gram}: steps {list(gram_steps)} do not match the checkpoints' {list(analysis.steps)}"
-        )
-    return analysis
 
 
 def _self_influence(args) -> None:

@@ -50,8 +50,9 @@ class InfluenceAnalysis:
         args: InfluenceArguments = InfluenceArguments(),
         *,
         device: str | torch.device = "cpu",
-        gram: torch.Tensor | None = None,
+        gram: torch.Tensor | str | os.PathLike | None = None,
     ) -> None:
+        """``gram``: a precomputed Gram matrix, or a Gram parquet file (its steps must match the checkpoints)."""
         self.args = args
         self.device = torch.device(device)
         self.checkpoints = open_checkpoints(checkpoints)
@@ -61,6 +62,13 @@ class InfluenceAnalysis:
         self.steps = tuple(c.step for c in self.checkpoints)
         self.train = _load_table(train_losses, self.steps)
         self.test = None if test_losses is None else _load_table(test_losses, self.steps)
+        if isinstance(gram, (str, os.PathLike)):
+            gram_steps, matrix = gram_from_frame(pd.read_parquet(gram))
+            if gram_steps != self.steps:
+                raise InfluenceInputError(
+                    f"gram file {gram}: steps {list(gram_steps)} do not match the checkpoints' {list(self.steps)}"
+                )
+            gram = matrix
         if gram is not None and tuple(gram.shape) != (len(self.steps),) * 2:
             raise InfluenceInputError(f"gram: shape {tuple(gram.shape)} does not match {len(self.steps)} checkpoints")
         self._given_gram = gram

@@ -11,7 +11,7 @@ import torch
 
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import LossTable, compute_loss_table
-from ..training import DatasetBundle, TrainConfig, curate_train, load_dataset
+from ..training import DatasetBundle, TrainConfig, training_data
 from ..training.recording import cross_entropy_per_example
 
 
@@ -31,21 +31,10 @@ def rebuild_data(
     factory, a dataset file that is not here)."""
     if train_config is None or "factory" in model_spec:
         return None
-    config = TrainConfig.from_dict(train_config)
     try:
-        bundle = load_dataset(
-            config.dataset,
-            seed=config.seed,
-            test_fraction=config.test_fraction,
-            label_noise=config.noise,
-            label_column=config.label_column,
-            image=config.model == "cnn",
-        )
+        bundle = training_data(TrainConfig.from_dict(train_config))
     except InfluenceInputError:
         return None
-    bundle = curate_train(
-        bundle, exclude_ids=config.exclude_ids, relabels=config.relabels, train_subset=config.train_subset
-    )
     logged = examples.set_index("example_id")
     for name, split in (("train", bundle.train), ("test", bundle.test)):
         rows = logged[logged["split"] == name]

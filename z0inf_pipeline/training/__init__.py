@@ -13,7 +13,7 @@ from .datasets import (
 )
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder, cross_entropy_per_example
-from .trainer import TrainConfig, TrainResult, checkpoint_steps, learning_rate_factor, train
+from .trainer import TrainConfig, TrainResult, checkpoint_steps, learning_rate_factor, train, training_data
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -35,4 +35,5 @@ __all__ = [
     "relabel",
     "subset",
     "train",
+    "training_data",
 ]

@@ -141,6 +141,16 @@ def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
     return 1.0
 
 
+def training_data(config: TrainConfig) -> DatasetBundle:
+    """The data exactly as ``config`` trains on it: same split and noise, then subset, drops and relabels."""
+    bundle = load_dataset(
+        config.dataset, seed=config.seed, test_fraction=config.test_fraction, label_noise=config.noise,
+        label_column=config.label_column, image=config.model == "cnn",
+    )
+    return curate_train(bundle, exclude_ids=config.exclude_ids, relabels=config.relabels,
+                        train_subset=config.train_subset)
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
@@ -155,12 +165,7 @@ def train(
     With ``record_losses=False`` no loss tables are written and the rows hold step, epoch and lr only.
     """
     out_dir = Path(out_dir)
-    bundle = load_dataset(
-        config.dataset, seed=config.seed, test_fraction=config.test_fraction, label_noise=config.noise,
-        label_column=config.label_column, image=config.model == "cnn",
-    )
-    bundle = curate_train(bundle, exclude_ids=config.exclude_ids, relabels=config.relabels,
-                          train_subset=config.train_subset)
+    bundle = training_data(config)
     spec = ModelSpec(config.model, bundle.input_shape, bundle.num_classes, config.hidden)
     torch.manual_seed(config.seed)
     model = build_model(spec)

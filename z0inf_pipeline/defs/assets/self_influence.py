@@ -1,10 +1,8 @@
 """Stage 4: Z0 self-influence of every training example."""
 
 import dagster as dg
-import pandas as pd
 
-from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_from_frame, write_frame
-from ...influence.errors import InfluenceInputError
+from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, write_frame
 from ..config import EstimatorConfig
 from ..metadata import layout_for, path_metadata, quantiles
 from ..partitions import mlflow_runs
@@ -14,16 +12,9 @@ from .gram import weight_gram
 
 def analysis_from_gram(layout, run, args: InfluenceArguments, device) -> InfluenceAnalysis:
     """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
-    steps, gram = gram_from_frame(pd.read_parquet(layout.gram))
-    analysis = InfluenceAnalysis(
-        run.checkpoints, layout.train_losses, layout.test_losses, args=args, device=device, gram=gram
+    return InfluenceAnalysis(
+        run.checkpoints, layout.train_losses, layout.test_losses, args=args, device=device, gram=layout.gram
     )
-    if steps != analysis.steps:
-        raise InfluenceInputError(
-            f"{layout.gram}: Gram steps {list(steps)} do not match the run's checkpoints {list(analysis.steps)}; "
-            "re-materialise weight_gram"
-        )
-    return analysis
 
 
 @dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[weight_gram], kinds={"pytorch", "parquet"})
