@@ -153,6 +153,8 @@ def _child(kind: str, folder: str, max_elements: int, device: str) -> None:
     """Runs in a fresh process so that its peak RSS is its own."""
     base = _peak_rss_bytes()
     paths = sorted(Path(folder).glob("*.safetensors"))
+    if device == "cuda":
+        torch.zeros(1, device=device)  # start the CUDA context outside the timed region
     start = time.perf_counter()
     if kind == "gram":
         gram_matrix(paths, max_elements=max_elements, device=device)
@@ -166,7 +168,19 @@ def _child(kind: str, folder: str, max_elements: int, device: str) -> None:
     print(f"{seconds} {base} {_peak_rss_bytes()}")
 
 
-def _run_child(kind: str, folder: str, max_elements: int) -> tuple[float, int, int]:
+def _evict(folder: str) -> None:
+    """Drop the files from the page cache, so the next read comes from the disk (a cold read)."""
+    for path in Path(folder).iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _run_child(kind: str, folder: str, max_elements: int, cold: bool = False) -> tuple[float, int, int]:
+    if cold:
+        _evict(folder)
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, folder, str(max_elements), DEVICE.type],
         capture_output=True, text=True, check=True,
@@ -188,25 +202,28 @@ def section_gram_io(args) -> None:
                      "head.bias": w[-1000:]}
             save_checkpoint(Path(folder) / f"c{t:03d}.safetensors", state, step=t)
         size = sum(p.stat().st_size for p in Path(folder).iterdir())
-        _run_child("read", folder, max_elements)  # warm the page cache
-        reads, grams = [], []
-        for _ in range(3):
-            reads.append(_run_child("read", folder, max_elements))
-            grams.append(_run_child("gram", folder, max_elements))
-        t_read = statistics.median(r[0] for r in reads)
-        t_gram = statistics.median(g[0] for g in grams)
-        base_rss = max(g[1] for g in grams)
-        peak_rss = max(g[2] for g in grams)
-        slice_bytes = max_elements * 4
-        bound = T * slice_bytes + 300 * 2**20
+        os.sync()  # written pages must be clean before they can be evicted
         mb = 2**20
-        print(f"T={T} checkpoints x D={D:,} float32 ({size / mb:.0f} MB on disk, page cache warm), slices of "
-              f"{max_elements:,} values")
-        print(f"plain read {size / mb / t_read:.0f} MB/s | streaming Gram {size / mb / t_gram:.0f} MB/s "
-              f"(throughput ratio {t_read / t_gram:.2f}, target >= 0.5)")
-        print(f"Gram process peak RSS {peak_rss / mb:.0f} MB (of which {base_rss / mb:.0f} MB interpreter + torch "
-              f"before any work); bound T x slice + 300 MB = {bound / mb:.0f} MB; all weights would be "
-              f"{T * D * 8 / mb:.0f} MB in float64")
+        print(f"T={T} checkpoints x D={D:,} float32 ({size / mb:.0f} MB on disk), slices of {max_elements:,} values")
+        peaks = []
+        for cold in (True, False):
+            _run_child("read", folder, max_elements)  # warm the page cache (undone before each cold run)
+            reads, grams = [], []
+            for _ in range(3):
+                reads.append(_run_child("read", folder, max_elements, cold))
+                grams.append(_run_child("gram", folder, max_elements, cold))
+            t_read = statistics.median(r[0] for r in reads)
+            t_gram = statistics.median(g[0] for g in grams)
+            peaks += grams
+            label = "cold (evicted from the page cache)" if cold else "warm (in the page cache)"
+            print(f"{label:>35}: plain read {size / mb / t_read:.0f} MB/s | streaming Gram "
+                  f"{size / mb / t_gram:.0f} MB/s (throughput ratio {t_read / t_gram:.2f}, target >= 0.5)")
+        base_rss = max(g[1] for g in peaks)
+        peak_rss = max(g[2] for g in peaks)
+        bound = T * max_elements * 4 + 300 * mb
+        print(f"Gram process peak RSS {peak_rss / mb:.0f} MB, of which {base_rss / mb:.0f} MB is the interpreter and "
+              f"torch before any work (working set {(peak_rss - base_rss) / mb:.0f} MB); bound T x slice + 300 MB = "
+              f"{bound / mb:.0f} MB; all weights would be {T * D * 8 / mb:.0f} MB in float64")
 
 
 def section_loss_tables(args) -> None:
