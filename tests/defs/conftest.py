@@ -14,6 +14,16 @@ from z0inf_pipeline.training import TrainConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Small enough for seconds, noisy enough that the review gate has something to block.
 TINY = TrainConfig(epochs=3, checkpoints=4, hidden=(16,), label_noise=0.1, noise_seed=3)
+# The assets downstream of training_run, in flow order (written out here, not read from the code).
+STAGES = [
+    "loss_tables",
+    "weight_gram",
+    "self_influence",
+    "train_test_influence",
+    "review_queue",
+    "curated_training_set",
+    "retrained_run",
+]
 
 
 def pytest_configure(config):

@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, STAGES
 
 BIN = Path(sys.executable).parent
-ASSETS = {
-    "training_run",
-    "loss_tables",
-    "weight_gram",
-    "self_influence",
-    "train_test_influence",
-    "review_queue",
-    "curated_training_set",
-    "retrained_run",
-}
+ASSETS = {"training_run", *STAGES}
 CHECKS = {
     ("loss_tables", "loss_tables_are_valid", True),
     ("weight_gram", "gram_is_valid", True),

@@ -13,18 +13,9 @@ from z0inf_pipeline.review import RunLayout, read_review_queue
 from z0inf_pipeline.tracking import fetch_run
 from z0inf_pipeline.training import load_dataset
 
-from .conftest import TINY, execute
+from .conftest import STAGES, TINY, execute
 
 GATE_OPEN = {"ops": {"review_queue": {"config": {"max_unreviewed_fraction": 1.0}}}}
-STAGES = [
-    "loss_tables",
-    "weight_gram",
-    "self_influence",
-    "train_test_influence",
-    "review_queue",
-    "curated_training_set",
-    "retrained_run",
-]
 
 
 def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(instance, contract_run, tracking_uri):

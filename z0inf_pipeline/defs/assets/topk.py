@@ -33,24 +33,15 @@ def train_test_influence(
             "test_examples": int(frame["test_example_id"].nunique()),
             "k": int(frame["rank"].max()),
             "dagster/row_count": len(frame),
-            "frequent_top_proponents": dg.MetadataValue.md(
-                markdown_table(
-                    top1["proponent_id"]
-                    .value_counts()
-                    .rename_axis("training example")
-                    .reset_index(name="test examples"),
-                    10,
+            **{
+                f"frequent_top_{role}s": dg.MetadataValue.md(
+                    markdown_table(
+                        top1[f"{role}_id"].value_counts().rename_axis("training example").reset_index(name="test examples"),
+                        10,
+                    )
                 )
-            ),
-            "frequent_top_opponents": dg.MetadataValue.md(
-                markdown_table(
-                    top1["opponent_id"]
-                    .value_counts()
-                    .rename_axis("training example")
-                    .reset_index(name="test examples"),
-                    10,
-                )
-            ),
+                for role in ("proponent", "opponent")
+            },
             **path_metadata(train_test_topk=layout.topk),
         }
     )
