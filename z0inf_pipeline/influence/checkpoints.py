@@ -30,6 +30,8 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }
+_CAN_ADVISE = hasattr(os, "posix_fadvise")
+_READ_AHEAD_SLICES = 16  # slices the kernel is asked to fetch ahead of the reader (page cache, not RSS)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -224,8 +226,17 @@ def iter_weight_slices(
         files = [stack.enter_context(open(c.path, "rb", buffering=0)) for c in checkpoints]
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
 
-        def read(item, buffer):
+        def hint(item):
+            """Ask the kernel to fetch a later slice in the background: reads from disk then overlap."""
             name, dtype, start, n = item
+            width = _DTYPE_BYTES[dtype]
+            for fh, ckpt in zip(files, checkpoints):
+                os.posix_fadvise(fh.fileno(), ckpt.tensors[name].offset + start * width, n * width, os.POSIX_FADV_WILLNEED)
+
+        def read(index, buffer):
+            name, dtype, start, n = plan[index]
+            if _CAN_ADVISE and index + _READ_AHEAD_SLICES < len(plan):
+                hint(plan[index + _READ_AHEAD_SLICES])
             width = _DTYPE_BYTES[dtype]
             block = buffer[:, : n * width]
             for row, (fh, ckpt) in enumerate(zip(files, checkpoints)):
@@ -234,11 +245,14 @@ def iter_weight_slices(
                     raise InfluenceInputError(f"checkpoint {ckpt.path}: truncated while reading tensor {name!r}")
             return block.view(_TORCH_DTYPES[dtype])
 
-        pending = pool.submit(read, plan[0], buffers[0])
+        if _CAN_ADVISE:
+            for item in plan[:_READ_AHEAD_SLICES]:
+                hint(item)
+        pending = pool.submit(read, 0, buffers[0])
         for i, item in enumerate(plan):
             block = pending.result()
             if i + 1 < len(plan):
-                pending = pool.submit(read, plan[i + 1], buffers[(i + 1) % 2])
+                pending = pool.submit(read, i + 1, buffers[(i + 1) % 2])
             yield item[0], block
 
 
