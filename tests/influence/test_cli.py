@@ -67,4 +67,13 @@ def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
     (folder / "extra.safetensors").unlink()
     result = run_cli("self-influence", folder, train_path, "-o", out, "--neighbors", "5")
     assert result.returncode == 2 and "neighbors must be" in result.stderr
+    shifted = LossTable(train.example_ids, (0, 10, 20, 30, 45), train.values).write(tmp_path / "shifted.parquet")
+    result = run_cli("self-influence", folder, shifted, "-o", out)
+    assert result.returncode == 2 and "shifted.parquet" in result.stderr
+    assert "missing columns ['step_40']" in result.stderr and "extra columns ['step_45']" in result.stderr
+    values = train.values.clone()
+    values[3, 7] = float("nan")
+    nan_table = LossTable(train.example_ids, train.steps, values).write(tmp_path / "nan.parquet")
+    result = run_cli("self-influence", folder, nan_table, "-o", out)
+    assert result.returncode == 2 and "nan.parquet: column 'step_30' has 1 NaN/inf values (first at example_id 17)" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".si.parquet*"))
