@@ -128,3 +128,22 @@ def test_safetensors_whose_header_length_starts_with_a_pickle_byte_is_accepted(t
     else:
         pytest.fail("no padding gave a header length of 128 mod 256")
     assert open_checkpoints([path])[0].step == 0
+
+
+def test_a_tensor_stored_in_another_dtype_is_refused_not_misread(tmp_path):
+    save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(4), "v": torch.ones(2)}, step=0)
+    save_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(4, dtype=torch.float16), "v": torch.ones(2)}, step=1)
+    with pytest.raises(InfluenceInputError, match="b.safetensors: tensor 'w' is stored as F16, but .*a.safetensors stores it as F32"):
+        gram_matrix(tmp_path)
+
+
+def test_negative_data_offsets_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(4)}, step=0)
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + header_len].replace(b'"data_offsets":[0,16]', b'"data_offsets":[-16,0]')
+    assert header != raw[8 : 8 + header_len]
+    header = header.ljust(header_len)  # same length, so the data section stays where it was
+    bad = _write(tmp_path / "neg.safetensors", raw[:8] + header + raw[8 + header_len :])
+    with pytest.raises(InfluenceInputError, match=r"neg.safetensors: tensor 'w' has invalid data offsets \[-16, 0\]"):
+        open_checkpoints([bad])

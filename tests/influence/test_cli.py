@@ -76,4 +76,8 @@ def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
     nan_table = LossTable(train.example_ids, train.steps, values).write(tmp_path / "nan.parquet")
     result = run_cli("self-influence", folder, nan_table, "-o", out)
     assert result.returncode == 2 and "nan.parquet: column 'step_30' has 1 NaN/inf values (first at example_id 17)" in result.stderr
+    result = run_cli("self-influence", folder, train_path, "-o", out, "--gram", train_path)
+    assert result.returncode == 2 and "gram file" in result.stderr and "has no 'step' column" in result.stderr
+    result = run_cli("self-influence", folder, train_path, "-o", out, "--gram", tmp_path / "absent.parquet")
+    assert result.returncode == 2 and "absent.parquet: not a readable parquet file" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".si.parquet*"))

@@ -124,6 +124,17 @@ def test_training_run_logs_the_whole_contract(store, digits_run, tmp_path):
     assert again.checkpoints == cached.checkpoints and again.params == cached.params
 
 
+def test_a_damaged_cache_entry_is_downloaded_again_and_replaced(store, digits_run, tmp_path):
+    cache = tmp_path / "cache"
+    first = fetch_run(digits_run, tracking_uri=store, cache_dir=cache)
+    checkpoint = first.checkpoints[3]
+    size = checkpoint.stat().st_size
+    _truncate(checkpoint)
+    again = fetch_run(digits_run, tracking_uri=store, cache_dir=cache)
+    assert again.checkpoints[3] == checkpoint and checkpoint.stat().st_size == size
+    assert sorted(p.name for p in cache.iterdir()) == [digits_run]  # no partial or stale folder left
+
+
 def test_label_noise_run_records_the_flipped_ids(store, tmp_path):
     config = TrainConfig(epochs=2, checkpoints=3, hidden=(8,), label_noise=0.1, noise_seed=4)
     run_id = train_and_log(config, tracking_uri=store, experiment="noise", tags={"purpose": "test"})

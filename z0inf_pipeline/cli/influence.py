@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
 from ..influence.checkpoints import open_checkpoints
+from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
 
 
@@ -48,14 +47,10 @@ def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gram", help="reuse a Gram parquet written by 'z0inf gram' instead of reading checkpoints")
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _gram(args) -> None:
     checkpoints = open_checkpoints(args.checkpoints)
     gram = gram_matrix(
-        checkpoints, parameters=args.parameters, center=args.center, device=_device(args.device), progress=True
+        checkpoints, parameters=args.parameters, center=args.center, device=resolve_device(args.device), progress=True
     )
     frame = gram_to_frame([c.step for c in checkpoints], gram)
     print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
@@ -74,7 +69,7 @@ def _analysis(args, test_losses=None) -> InfluenceAnalysis:
             center=args.center,
             topk=getattr(args, "topk", 10),
         ),
-        device=_device(args.device),
+        device=resolve_device(args.device),
         gram=args.gram,
     )
 

@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..training import TrainConfig
-
-# The bundled default: digits, an MLP with one hidden layer of 64, 30 epochs, 20 checkpoints,
-# 10% of the training labels flipped uniformly at random.
-DEMO_CONFIG = TrainConfig(label_noise=0.1)
+from ..training import DEMO_CONFIG
 JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
 AUTO_REVIEWER = "z0inf-demo-auto-review"
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}

@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..influence.analysis import gram_from_frame
+from ..influence.analysis import read_gram
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
 from ..review import DecisionStore, evaluate_gate, read_review_queue
 from .assets import (
@@ -65,7 +65,7 @@ def loss_tables_are_valid(context: dg.AssetCheckExecutionContext, mlflow: Mlflow
 @dg.asset_check(asset=weight_gram, blocking=True)
 def gram_is_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """The Gram matrix is finite, symmetric and has a non-negative diagonal (squared norms)."""
-    steps, gram = gram_from_frame(pd.read_parquet(layout_for(context).gram))
+    steps, gram = read_gram(layout_for(context).gram)
     g = gram.numpy()
     finite = bool(np.isfinite(g).all())
     asymmetry = float(np.abs(g - g.T).max()) if finite else float("inf")

@@ -5,10 +5,8 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
+from ..training import DEMO_CONFIG as _DEFAULT
 from ..training import TrainConfig
-
-# The recipe of `z0inf demo` (digits, MLP, 10% of the training labels flipped).
-_DEFAULT = TrainConfig(label_noise=0.1)
 
 
 class TrainingConfig(dg.Config):

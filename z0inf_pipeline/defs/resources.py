@@ -96,19 +96,9 @@ class ComputeResource(dg.ConfigurableResource):
     dtype: Literal["float32", "float64"] = Field(default="float32", description="precision of loss evaluation")
 
     def torch_device(self):
-        import torch
+        from ..influence.devices import resolve_device
 
-        from ..influence.errors import InfluenceInputError
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise InfluenceInputError(f"compute resource: device {self.device!r} is not a torch device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InfluenceInputError(f"compute resource: device {self.device!r} asked for, but CUDA is not available")
-        return device
+        return resolve_device(self.device)
 
     def torch_dtype(self):
         import torch

@@ -63,7 +63,7 @@ class InfluenceAnalysis:
         self.train = _load_table(train_losses, self.steps)
         self.test = None if test_losses is None else _load_table(test_losses, self.steps)
         if isinstance(gram, (str, os.PathLike)):
-            gram_steps, matrix = gram_from_frame(pd.read_parquet(gram))
+            gram_steps, matrix = read_gram(gram)
             if gram_steps != self.steps:
                 raise InfluenceInputError(
                     f"gram file {gram}: steps {list(gram_steps)} do not match the checkpoints' {list(self.steps)}"
@@ -138,13 +138,19 @@ def gram_to_frame(steps: Sequence[int], gram: torch.Tensor) -> pd.DataFrame:
     return frame
 
 
-def gram_from_frame(frame: pd.DataFrame) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Inverse of ``gram_to_frame``: (steps, G)."""
+def read_gram(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Read a Gram parquet file written from ``gram_to_frame``: (steps, G)."""
+    try:
+        frame = pd.read_parquet(path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise InfluenceInputError(f"gram file {path}: not a readable parquet file ({exc})") from None
+    if "step" not in frame.columns:
+        raise InfluenceInputError(f"gram file {path}: has no 'step' column (columns: {list(frame.columns)})")
     steps = tuple(int(s) for s in frame["step"])
     columns = [step_column(s) for s in steps]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise InfluenceInputError(f"gram table: missing columns {missing}")
+        raise InfluenceInputError(f"gram file {path}: missing columns {missing}")
     return steps, torch.from_numpy(frame[columns].to_numpy(dtype=np.float64))
 
 

@@ -134,6 +134,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise InfluenceInputError(f"checkpoint {path}: malformed header entry for tensor {name!r}") from None
         if dtype not in _DTYPE_BYTES:
             raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not 0 <= begin <= end:
+            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has invalid data offsets [{begin}, {end}]")
         if end > data_bytes:
             raise InfluenceInputError(
                 f"checkpoint {path}: truncated (tensor {name!r} ends at byte {end} of the data section, "
@@ -198,6 +200,11 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
                 raise InfluenceInputError(
                     f"checkpoint {ckpt.path}: tensor {name!r} has shape {list(info.shape)}, "
                     f"but {first.path} has {list(first.tensors[name].shape)}"
+                )
+            if info.dtype != first.tensors[name].dtype:  # slices are read with one layout for all files
+                raise InfluenceInputError(
+                    f"checkpoint {ckpt.path}: tensor {name!r} is stored as {info.dtype}, "
+                    f"but {first.path} stores it as {first.tensors[name].dtype}"
                 )
     return names
 

@@ -158,7 +158,7 @@ def train_test_topk(
     N, M = train_features.shape[0], test_features.shape[0]
     if not isinstance(k, int) or not 1 <= k <= N:
         raise InfluenceInputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
-    block = block_size or max(1, _block_elements(train_features.device) // max(N, 1))
+    block = block_size if block_size is not None else max(1, _block_elements(train_features.device) // max(N, 1))
     if block < 1:
         raise InfluenceInputError(f"block_size must be positive, got {block_size}")
     parts: list[tuple[torch.Tensor, ...]] = []

@@ -34,6 +34,11 @@ def step_column(step: int) -> str:
     return f"step_{int(step)}"
 
 
+def steps_of(columns: Sequence[str]) -> list[int]:
+    """Checkpoint steps named by a loss table's ``step_<s>`` columns, in column order."""
+    return [int(m.group(1)) for c in columns if (m := _STEP_COLUMN.match(c))]
+
+
 @dataclass(frozen=True)
 class LossTable:
     """Losses of N examples at T checkpoints: ``values`` is (T, N), rows in step order."""
@@ -48,13 +53,6 @@ class LossTable:
                 f"loss table: values have shape {tuple(self.values.shape)}, expected "
                 f"({len(self.steps)} checkpoints, {len(self.example_ids)} examples)"
             )
-
-    def to_frame(self):
-        import pandas as pd
-
-        data = {ID_COLUMN: self.example_ids}
-        data.update({step_column(s): self.values[t].numpy() for t, s in enumerate(self.steps)})
-        return pd.DataFrame(data)
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically as parquet (float32 columns, steps in the metadata)."""
@@ -84,7 +82,7 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
     bad = [n for n in step_cols if not _STEP_COLUMN.match(n)]
     if bad:
         raise InfluenceInputError(f"loss table {path}: column(s) {bad} are not of the form 'step_<step>'")
-    steps = [int(_STEP_COLUMN.match(n).group(1)) for n in step_cols]
+    steps = steps_of(step_cols)
     meta = table.schema.metadata or {}
     if _STEPS_KEY in meta and json.loads(meta[_STEPS_KEY]) != steps:
         raise InfluenceInputError(
@@ -140,16 +138,18 @@ def evaluate_losses(
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
-    with torch.no_grad():
-        for inputs, targets in _batches(dataset, batch_size, device):
-            losses = loss_fn(model(inputs), targets)
-            if losses.shape != (len(targets),):
-                raise InfluenceInputError(
-                    f"loss_fn returned shape {tuple(losses.shape)} for a batch of {len(targets)} examples; "
-                    "it must return one value per example (for example reduction='none')"
-                )
-            out.append(losses.to(torch.float32))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for inputs, targets in _batches(dataset, batch_size, device):
+                losses = loss_fn(model(inputs), targets)
+                if losses.shape != (len(targets),):
+                    raise InfluenceInputError(
+                        f"loss_fn returned shape {tuple(losses.shape)} for a batch of {len(targets)} examples; "
+                        "it must return one value per example (for example reduction='none')"
+                    )
+                out.append(losses.to(torch.float32))
+    finally:
+        model.train(was_training)
     return torch.cat(out).cpu()
 
 
@@ -167,6 +167,7 @@ def compute_loss_table(
     """Evaluate every checkpoint on every example: the loss table Z0-Inf needs, in step order."""
     ckpts = open_checkpoints(checkpoints)
     model = model_factory().to(device)
+    dataset = _on_device(dataset, device)  # tensor data is copied once, not once per checkpoint
     rows = []
     for ckpt in tqdm(ckpts, desc="loss table", unit="ckpt", disable=not progress):
         model.load_state_dict(load_state_dict(ckpt))
@@ -176,12 +177,18 @@ def compute_loss_table(
     return LossTable(ids, tuple(c.step for c in ckpts), values)
 
 
-def _batches(dataset, batch_size: int, device):
-    """Batches of (inputs, targets); tensor data is sliced directly instead of going through a DataLoader."""
+def _on_device(dataset, device):
+    """(inputs, targets) tensors moved to ``device`` (a no-op when there already); other datasets as they are."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         dataset = tuple(dataset.tensors)
+    return tuple(t.to(device) for t in dataset) if isinstance(dataset, tuple) else dataset
+
+
+def _batches(dataset, batch_size: int, device):
+    """Batches of (inputs, targets); tensor data is sliced directly instead of going through a DataLoader."""
+    dataset = _on_device(dataset, device)
     if isinstance(dataset, tuple):
-        inputs, targets = (t.to(device) for t in dataset)
+        inputs, targets = dataset
         for start in range(0, len(targets), batch_size):
             yield inputs[start : start + batch_size], targets[start : start + batch_size]
         return

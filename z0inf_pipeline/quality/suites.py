@@ -9,18 +9,18 @@ blocking check result).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..influence.loss_tables import step_column
+
 FLOAT_MAX = float(np.finfo(np.float64).max)
 # Self-influence is a sum of squared norms, so >= 0 exactly; the quadratic form is evaluated in
 # float32, whose rounding can leave values a hair below zero. Tolerate that much and no more.
 SELF_INFLUENCE_RTOL = 1e-6
-_STEP_COLUMN = re.compile(r"^step_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def validate_loss_table(
     unique ids, every loss finite (and >= 0 for a non-negative loss such as cross-entropy)."""
     import great_expectations.expectations as gxe
 
-    step_columns = [f"step_{int(s)}" for s in steps]
+    step_columns = [step_column(s) for s in steps]
     low = 0.0 if nonnegative else -FLOAT_MAX
     expectations = [
         gxe.ExpectTableColumnsToMatchOrderedList(column_list=["example_id", *step_columns]),
@@ -170,7 +170,7 @@ def validate_curated_set(
         _ids_equal("example_id", kept),
         gxe.ExpectColumnValuesToNotBeNull(column="label"),
     ]
-    if dropped_ids:
+    if dropped_ids:  # implied by the id set above, but names the failure precisely: a dropped id came back
         expectations.append(
             gxe.ExpectColumnValuesToNotBeInSet(column="example_id", value_set=_as_int_list(dropped_ids))
         )
@@ -180,11 +180,6 @@ def validate_curated_set(
         return report
     failure = ExpectationFailure("relabels_applied", "label", f"{len(wrong)} relabel(s) missing, e.g. {wrong[:5]}")
     return SuiteReport(name, False, report.evaluated + 1, report.rows, (*report.failures, failure))
-
-
-def steps_of(columns: Sequence[str]) -> list[int]:
-    """Checkpoint steps named by a loss table's ``step_<s>`` columns, in column order."""
-    return [int(m.group(1)) for c in columns if (m := _STEP_COLUMN.match(c))]
 
 
 def _relabels_not_applied(frame: pd.DataFrame, relabels: dict[int, int]) -> list[tuple[int, int, int | None]]:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..influence.errors import InfluenceInputError
-from ..quality.suites import steps_of
+from ..influence.loss_tables import step_column, steps_of
 from .policy import Flags
 
 QUEUE_COLUMNS = [
@@ -59,7 +59,7 @@ def build_review_queue(
         queue["predicted_label"] = pd.array([pd.NA] * len(queue), dtype="Int64")
         queue["confidence"] = np.nan
 
-    step_columns = [f"step_{s}" for s in steps_of(train_losses.columns)]
+    step_columns = [step_column(s) for s in steps_of(train_losses.columns)]
     losses = train_losses.set_index("example_id").reindex(queue["example_id"])[step_columns].to_numpy(np.float32)
     queue["loss_first"] = losses[:, 0] if len(step_columns) else np.nan
     queue["loss_last"] = losses[:, -1] if len(step_columns) else np.nan

@@ -158,12 +158,13 @@ def fetch_run(
             return _open_cached(run_id, final)
         except ContractError:
             pass  # damaged cache entry: download afresh below
+    replace = final.is_dir()  # a damaged entry, or refresh asked for
     client = tracking_client(tracking_uri)
     work = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".partial", dir=root))
     try:
         info, _ = _download_validated(client, run_id, work)
         layout.write_json(work / RUN_INFO, info)
-        _swap_into_place(work, final)
+        _move_into_place(work, final, replace=replace)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _open_cached(run_id, final)
@@ -257,21 +258,26 @@ def _no_progress_bars():
             os.environ[_PROGRESS_ENV] = previous
 
 
-def _swap_into_place(work: Path, final: Path) -> None:
-    """Rename the validated download onto ``final``; a stale or damaged entry there is moved aside first."""
-    if final.exists():
-        stale = final.with_name(f".{final.name}.stale-{work.name}")
-        final.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
+def _move_into_place(work: Path, final: Path, *, replace: bool) -> None:
+    """Rename the validated download onto ``final``. If another process got there first, its entry is
+    kept unless ``replace``; a replaced entry is only deleted once the new one is in place."""
     try:
         work.rename(final)
+        return
     except OSError:
-        if not final.is_dir():  # another process finished the same download first: use theirs
+        if not final.is_dir():
             raise
+    if not replace:
+        return
+    stale = final.with_name(f".{final.name}.stale-{work.name}")
+    final.rename(stale)
+    work.rename(final)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _open_cached(run_id: str, folder: Path) -> ContractRun:
-    files = validate_run_folder(folder / ARTIFACTS, run_id=run_id)
+    """A cache entry, checked cheaply: its files were hashed against the manifest when downloaded."""
+    files = validate_run_folder(folder / ARTIFACTS, run_id=run_id, verify_hashes=False)
     info = layout.read_json(folder / RUN_INFO) if (folder / RUN_INFO).is_file() else None
     if info is None or info.get("run_id") != run_id:
         raise ContractError(f"run {run_id}: cache entry {folder} has no matching {RUN_INFO}")

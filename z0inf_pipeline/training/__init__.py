@@ -13,9 +13,10 @@ from .datasets import (
 )
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder, cross_entropy_per_example
-from .trainer import TrainConfig, TrainResult, checkpoint_steps, learning_rate_factor, train, training_data
+from .trainer import DEMO_CONFIG, TrainConfig, TrainResult, checkpoint_steps, learning_rate_factor, train, training_data
 
 __all__ = [
+    "DEMO_CONFIG",
     "BUILTIN_DATASETS",
     "DatasetBundle",
     "LabelNoise",

@@ -71,6 +71,8 @@ class SplitRecorder:
             return self.loss_fn(outputs, targets)
 
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        if self.data[0].device != device:  # moved once, then kept where the model lives
+            self.data = tuple(t.to(device) for t in self.data)
         self._values[row] = evaluate_losses(model, self.data, loss_and_hits, device=device,
                                             batch_size=EVAL_BATCH_SIZE)
         self.steps.append(int(step))

@@ -105,6 +105,11 @@ class TrainConfig:
         return LabelNoise(self.label_noise, self.noise_kind, self.noise_seed) if self.label_noise > 0 else None
 
 
+# The bundled default recipe of the demo and of the launchpad: digits, an MLP with one hidden layer
+# of 64, 30 epochs, 20 checkpoints, 10% of the training labels flipped uniformly at random.
+DEMO_CONFIG = TrainConfig(label_noise=0.1)
+
+
 @dataclass
 class TrainResult:
     config: TrainConfig

@@ -1,8 +1,10 @@
-"""Stage 3: the (T, T) weight Gram matrix, the only pass over the checkpoints' weights."""
+"""Stage 3: the (T, T) weight Gram matrix, the estimators' one pass over the checkpoints' weights."""
 
 import dagster as dg
 
-from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, write_frame
+from ...influence.analysis import gram_to_frame, write_frame
+from ...influence.checkpoints import open_checkpoints, select_parameters
+from ...influence.gram import gram_matrix
 from ..config import GramConfig
 from ..metadata import layout_for, path_metadata
 from ..partitions import mlflow_runs
@@ -14,21 +16,21 @@ from .loss_tables import loss_tables
 def weight_gram(
     context: dg.AssetExecutionContext, config: GramConfig, mlflow: MlflowResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    """G = W W^T over the checkpoints (float64, streamed tensor by tensor): after it, influence costs
-    nothing that depends on the model size."""
+    """G = W W^T over the checkpoints (float64, streamed tensor by tensor): after it, the estimators
+    cost nothing that depends on the model size."""
     layout = layout_for(context)
     run = mlflow.fetch(layout.run_id)
-    args = InfluenceArguments(parameters=tuple(config.parameters) if config.parameters else None, center=config.center)
-    analysis = InfluenceAnalysis(run.checkpoints, layout.train_losses, args=args, device=compute.torch_device())
-    frame = analysis.gram_frame()
-    write_frame(frame, layout.gram)
+    checkpoints = open_checkpoints(run.checkpoints)
+    names = select_parameters(checkpoints, config.parameters or None)
+    gram = gram_matrix(checkpoints, parameters=names, center=config.center, device=compute.torch_device())
+    write_frame(gram_to_frame([c.step for c in checkpoints], gram), layout.gram)
     mlflow.log_outputs(run.run_id, "weight_gram", [layout.gram])
-    diagonal = analysis.gram.diagonal()
-    context.log.info(f"Gram over {len(analysis.steps)} checkpoints, {len(analysis.parameter_names)} tensors")
+    diagonal = gram.diagonal()
+    context.log.info(f"Gram over {len(checkpoints)} checkpoints, {len(names)} tensors")
     return dg.MaterializeResult(
         metadata={
-            "checkpoints": len(analysis.steps),
-            "parameters": dg.MetadataValue.json(list(analysis.parameter_names)),
+            "checkpoints": len(checkpoints),
+            "parameters": dg.MetadataValue.json(names),
             "centered": config.center,
             "device": str(compute.torch_device()),
             "trace": float(diagonal.sum()),

@@ -10,11 +10,10 @@ from ..resources import ComputeResource, MlflowResource
 from .gram import weight_gram
 
 
-def analysis_from_gram(layout, run, args: InfluenceArguments, device) -> InfluenceAnalysis:
+def analysis_from_gram(layout, run, args: InfluenceArguments, device, *, with_test: bool = False) -> InfluenceAnalysis:
     """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
-    return InfluenceAnalysis(
-        run.checkpoints, layout.train_losses, layout.test_losses, args=args, device=device, gram=layout.gram
-    )
+    test_losses = layout.test_losses if with_test else None
+    return InfluenceAnalysis(run.checkpoints, layout.train_losses, test_losses, args=args, device=device, gram=layout.gram)
 
 
 @dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[weight_gram], kinds={"pytorch", "parquet"})

@@ -21,7 +21,7 @@ def train_test_influence(
     args = InfluenceArguments(
         neighbors=config.neighbors, neighbor_rule=config.neighbor_rule, eta=config.eta, topk=config.topk
     )
-    frame = analysis_from_gram(layout, run, args, compute.torch_device()).topk_frame()
+    frame = analysis_from_gram(layout, run, args, compute.torch_device(), with_test=True).topk_frame()
     write_frame(frame, layout.topk)
     # Training examples that most often top a test example's proponent or opponent list.
     top1 = frame[frame["rank"] == 1]
