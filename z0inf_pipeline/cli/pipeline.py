@@ -204,7 +204,7 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float])
     )
     print(
         f"\n      --auto-review: recorded 'drop' for the {count} flagged examples (reviewer {AUTO_REVIEWER!r}) "
-        f"in {store.path}"
+        f"in {store.location}"
     )
     retrain = run_job(instance, "retrain_job", run_id, _policy_config(args))
     timings.update({f"retrain_job: {k}": v for k, v in retrain.step_seconds.items()})
