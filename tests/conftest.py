@@ -11,8 +11,10 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -47,15 +49,22 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (SQLite backend, proxied artifacts in a temp folder) for the whole session.
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts in a temp folder) for the whole session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as url:
+        yield url
+
+
+@contextmanager
+def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
+    """An ``mlflow server`` on ``backend_store_uri``, artifacts proxied into ``root``; yields its URL.
 
     Started on a free port of 127.0.0.1 and ready once ``/health`` answers; a server that exits while
     starting (say, another process took the port first) is retried on a new port. Its whole process
-    group is ended at teardown. If it never comes up, the test fails with the server's own log.
+    group is ended at the end. If it never comes up, the test fails with the server's own log.
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
     for attempt in range(3):
-        process, url, log_path = _start_server(root, attempt)
+        process, url, log_path = _start_server(root, attempt, backend_store_uri)
         try:
             healthy = _wait_healthy(process, url)
             exited_while_starting = process.poll() is not None
@@ -69,12 +78,12 @@ def mlflow_server(tmp_path_factory):
     pytest.fail(f"mlflow server did not start within {SERVER_START_TIMEOUT_S}s:\n{_tail(log_path)}")
 
 
-def _start_server(root: Path, attempt: int):
+def _start_server(root: Path, attempt: int, backend_store_uri: str):
     port = _free_port()
     log_path = root / f"server-{attempt}.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
