@@ -189,3 +189,18 @@ def test_the_parameters_example_selects_the_last_layer_of_the_default_mlp(tmp_pa
     with pytest.raises(InfluenceInputError, match="match no floating tensor"):
         select_parameters(checkpoints, ["2.*"])  # the ReLU: no parameters
     assert "'3.*'" in InfluenceArguments.__dataclass_fields__["parameters"].metadata["help"]
+
+
+def test_a_bad_recipe_in_the_launchpad_fails_the_run_naming_the_field():
+    import dagster as dg
+
+    from z0inf_pipeline.definitions import defs
+
+    result = defs.resolve_job_def("train_job").execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"train_contract_run": {"config": {"checkpoints": 1}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "checkpoints=1 must be at least 2" in failure.step_failure_data.error.to_string()

@@ -4,9 +4,6 @@ materialisations are read back, through a second instance and straight from the 
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import dagster as dg
 import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
@@ -17,26 +14,6 @@ from z0inf_pipeline.tracking import list_contract_runs
 from .conftest import query
 
 pytestmark = pytest.mark.postgres
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def postgres_dagster_home(tmp_path, monkeypatch, postgres_server, postgres_database) -> Path:
-    """$DAGSTER_HOME holding the shipped team instance config, its DAGSTER_PG_* pointing at the fixture."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO_ROOT / "deployment" / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    for name, value in {
-        "USERNAME": postgres_server.user,
-        "PASSWORD": postgres_server.password,
-        "HOST": "127.0.0.1",
-        "PORT": str(postgres_server.port),
-        "DB": postgres_database,
-    }.items():
-        monkeypatch.setenv(f"DAGSTER_PG_{name}", value)
-    return home
 
 
 def test_train_job_runs_on_a_postgres_instance(postgres_dagster_home, postgres_server, postgres_database,

@@ -21,7 +21,7 @@ def test_a_contract_run_goes_through_a_postgres_backed_server(mlflow_postgres_se
     monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
     run_id = train_and_log(TINY, tracking_uri=url, experiment="z0inf-deploy")
 
-    assert [r.run_id for r in list_contract_runs(tracking_uri=url)] == [run_id]
+    assert [r.run_id for r in list_contract_runs(tracking_uri=url, experiment_names=["z0inf-deploy"])] == [run_id]
     files = validate_run(run_id, tracking_uri=url)  # downloads every artifact through the server
     assert len(files.checkpoints) == TINY.checkpoints
     fetched = fetch_run(run_id, tracking_uri=url)
