@@ -16,8 +16,8 @@ bad value is refused with its field named wherever it came from. Metadata keys r
 - ``metavar``: how ``--help`` names the value;
 - ``python_only``: set from Python only (say, curation id lists), neither a flag nor launchpad config.
 
-Supported annotations: bool, int, float, str, ``Literal[...]``, ``X | None`` and ``tuple[X, ...]`` /
-``list[X]`` of str or int. This module is pure (argparse only); ``defs/config.py`` builds the
+Supported annotations: bool, int, float, str, ``Literal[...]``, ``X | None`` and ``tuple[X, ...]``
+of str or int (a list given for one becomes a tuple). This module is pure (argparse only); ``defs/config.py`` builds the
 Dagster classes from the same ``setting_fields``.
 """
 
@@ -45,7 +45,7 @@ class Setting:
     help: str
     choices: tuple | None
     optional: bool
-    sequence_of: type | None  # element type of a tuple/list field, else None
+    sequence_of: type | None  # element type of a ``tuple[X, ...]`` field, else None
     flags: tuple[str, ...]
     metavar: str | None
 
@@ -53,6 +53,17 @@ class Setting:
     def base(self) -> Any:
         """The annotation without ``| None``."""
         return _strip_optional(self.annotation)
+
+    def coerce(self, value: Any) -> Any:
+        """A value from the CLI or the launchpad (lists) as the dataclass declares it (tuples)."""
+        if self.sequence_of is None or value is None:
+            return value
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise InfluenceInputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}")
+        try:
+            return tuple(self.sequence_of(v) for v in value)
+        except (TypeError, ValueError):
+            raise InfluenceInputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}") from None
 
 
 def setting_fields(cls: type, *, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[Setting]:
@@ -100,12 +111,10 @@ def check_choices(instance: Any, owner: str) -> None:
 
 
 def normalise_sequences(instance: Any) -> None:
-    """Turn list values of tuple fields into tuples (of the element type) on a frozen dataclass, so
-    ``TrainConfig(hidden=[64])`` and the launchpad's lists compare and hash like the defaults."""
+    """Turn the values of tuple fields into tuples of their element type (works on frozen dataclasses),
+    so ``TrainConfig(hidden=[64])`` compares and hashes like the default."""
     for setting in setting_fields(type(instance)):
-        value = getattr(instance, setting.name)
-        if setting.sequence_of is not None and value is not None:
-            object.__setattr__(instance, setting.name, _as_tuple(value, setting))
+        object.__setattr__(instance, setting.name, setting.coerce(getattr(instance, setting.name)))
 
 
 def plain_values(instance: Any) -> dict:
@@ -141,7 +150,7 @@ def add_arguments(
 def from_namespace(cls: type, namespace: argparse.Namespace, *, base: Any = None) -> Any:
     """An instance of ``cls`` from parsed flags: every setting the namespace holds, the rest from
     ``base`` (or the dataclass defaults). Validation is the dataclass's own."""
-    values = {s.name: getattr(namespace, s.name) for s in setting_fields(cls) if hasattr(namespace, s.name)}
+    values = {s.name: s.coerce(getattr(namespace, s.name)) for s in setting_fields(cls) if hasattr(namespace, s.name)}
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
@@ -167,8 +176,6 @@ def _sequence_element(annotation: Any) -> type | None:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
         return args[0]
-    if origin is list and len(args) == 1 and args[0] in (int, str):
-        return args[0]
     if origin in (tuple, list):
         raise TypeError(f"unsupported setting type {annotation!r}: use tuple[int, ...] or tuple[str, ...]")
     return None
@@ -181,17 +188,6 @@ def _scalar_type(setting: Setting) -> type:
     if base in (int, float, str):
         return base
     raise TypeError(f"setting {setting.name}: unsupported type {setting.annotation!r}")
-
-
-def _as_tuple(value: Any, setting: Setting) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise InfluenceInputError(f"{setting.name}={value!r} must be a list of {setting.sequence_of.__name__}")
-    try:
-        return tuple(setting.sequence_of(v) for v in value)
-    except (TypeError, ValueError):
-        raise InfluenceInputError(
-            f"{setting.name}={value!r} must be a list of {setting.sequence_of.__name__}"
-        ) from None
 
 
 def _plain(value: Any) -> Any:
@@ -211,7 +207,7 @@ def _comma_list(element: type, name: str):
 
 
 class _Flatten(argparse.Action):
-    """Joins the tokens of a sequence flag (each a comma-separated list) into one tuple."""
+    """Joins the tokens of a sequence flag (each a comma-separated list) into one sequence."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, tuple(item for token in values for item in token))
+        setattr(namespace, self.dest, [item for token in values for item in token])

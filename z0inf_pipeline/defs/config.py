@@ -43,7 +43,7 @@ def config_class(
 
     def to_arguments(self):
         """The settings as the pure dataclass (fields not shown here keep their defaults)."""
-        return arguments(**{s.name: getattr(self, s.name) for s in settings})
+        return arguments(**{s.name: s.coerce(getattr(self, s.name)) for s in settings})
 
     def validate_with_dataclass(self):
         self.to_arguments()
