@@ -100,6 +100,13 @@ def test_concurrent_writers_lose_nothing_and_the_latest_wins(store_url):
     pd.testing.assert_frame_equal(store.current(RUN), expected)
 
 
+def test_example_ids_beyond_32_bits_are_kept(store_url):
+    store = DecisionStore.open(store_url)
+    big = 2**40 + 7  # e.g. hashed row ids of a table dataset
+    store.record(RUN, [big, 3], "drop")
+    assert store.current(RUN)["example_id"].tolist() == [3, big]
+
+
 def test_existing_sqlite_stores_and_urls_open_the_same_file(tmp_path):
     import sqlite3
 

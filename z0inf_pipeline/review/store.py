@@ -38,9 +38,10 @@ _metadata = sa.MetaData()
 decisions = sa.Table(
     "decisions",
     _metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # 64-bit ids everywhere (SQLite's INTEGER already is one, and only it makes the row id autoincrement)
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Text, nullable=False),
-    sa.Column("example_id", sa.Integer, nullable=False),
+    sa.Column("example_id", sa.BigInteger, nullable=False),
     sa.Column("action", sa.Text, nullable=False),
     sa.Column("label", sa.Integer),
     sa.Column("reviewer", sa.Text, nullable=False),
