@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -68,16 +69,23 @@ class Setting:
 
 def setting_fields(cls: type, *, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[Setting]:
     """The settable fields of dataclass ``cls`` in declaration order (``python_only`` ones left out)."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
+    settings = _settings_of(cls)
     wanted = None if include is None else set(include)
     unknown = (set(wanted or ()) | set(exclude)) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return [s for s in settings if s.name not in exclude and (wanted is None or s.name in wanted)]
+
+
+@functools.cache
+def _settings_of(cls: type) -> tuple[Setting, ...]:
+    """Every settable field of ``cls``, read once per class (``__post_init__`` asks on every instance)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
     settings = []
     for f in dataclasses.fields(cls):
-        if f.metadata.get("python_only") or f.name in exclude or (wanted is not None and f.name not in wanted):
+        if f.metadata.get("python_only"):
             continue
         if f.default is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: a setting needs a default")
@@ -99,7 +107,7 @@ def setting_fields(cls: type, *, include: Iterable[str] | None = None, exclude: 
                 metavar=f.metadata.get("metavar"),
             )
         )
-    return settings
+    return tuple(settings)
 
 
 def check_choices(instance: Any, owner: str) -> None:
