@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -19,6 +25,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "mlflow_server: starts a real `mlflow server` subprocess on 127.0.0.1 (deselect with -m 'not mlflow_server')",
+    )
+    config.addinivalue_line(
+        "markers",
+        "postgres: starts a real PostgreSQL server (Debian's `postgresql`) in a temp folder "
+        "(deselect with -m 'not postgres')",
     )
 
 
@@ -38,15 +49,22 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (SQLite backend, proxied artifacts in a temp folder) for the whole session.
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts in a temp folder) for the whole session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as url:
+        yield url
+
+
+@contextmanager
+def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
+    """An ``mlflow server`` on ``backend_store_uri``, artifacts proxied into ``root``; yields its URL.
 
     Started on a free port of 127.0.0.1 and ready once ``/health`` answers; a server that exits while
     starting (say, another process took the port first) is retried on a new port. Its whole process
-    group is ended at teardown. If it never comes up, the test fails with the server's own log.
+    group is ended at the end. If it never comes up, the test fails with the server's own log.
     """
-    root = tmp_path_factory.mktemp("mlflow-server")
     for attempt in range(3):
-        process, url, log_path = _start_server(root, attempt)
+        process, url, log_path = _start_server(root, attempt, backend_store_uri)
         try:
             healthy = _wait_healthy(process, url)
             exited_while_starting = process.poll() is not None
@@ -60,12 +78,12 @@ def mlflow_server(tmp_path_factory):
     pytest.fail(f"mlflow server did not start within {SERVER_START_TIMEOUT_S}s:\n{_tail(log_path)}")
 
 
-def _start_server(root: Path, attempt: int):
+def _start_server(root: Path, attempt: int, backend_store_uri: str):
     port = _free_port()
     log_path = root / f"server-{attempt}.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
@@ -113,3 +131,87 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _tail(path: Path, size: int = 4000) -> str:
     return path.read_bytes()[-size:].decode(errors="replace")
+
+
+# --- PostgreSQL: Debian's server, initialised in a temporary folder for the session -------------------
+
+POSTGRES_REQUIRED_ENV = "Z0INF_REQUIRE_POSTGRES"  # .ci/run sets it: a missing server fails instead of skipping
+POSTGRES_USER = "postgres"  # the unprivileged account that owns the cluster when the tests run as root
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running PostgreSQL on 127.0.0.1 with password authentication; ``create_database`` gives each
+    test its own database."""
+
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str, driver: str = "postgresql+psycopg2") -> str:
+        return f"{driver}://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg2
+
+        name = f"z0inf_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(self.url("postgres", driver="postgresql"), connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return name
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> PostgresServer:
+    """Debian's PostgreSQL, initialised by ``initdb`` in a fresh temp folder and started with ``pg_ctl``
+    on a free port of 127.0.0.1 (as the unprivileged ``postgres`` account when run as root, since
+    initdb refuses root); stopped and removed at teardown. Skips only where the server is not
+    installed and ``$Z0INF_REQUIRE_POSTGRES`` is unset (CI sets it)."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not binaries:
+        message = "PostgreSQL server binaries not found under /usr/lib/postgresql (apt-get install postgresql)"
+        if os.environ.get(POSTGRES_REQUIRED_ENV):
+            pytest.fail(message)
+        pytest.skip(message)
+    bin_dir = binaries[-1].parent
+    as_user = ["runuser", "-u", POSTGRES_USER, "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="z0inf-pg-"))
+    password = uuid.uuid4().hex
+    try:
+        (root / "password").write_text(password)
+        if as_user:
+            shutil.chown(root, POSTGRES_USER)
+            shutil.chown(root / "password", POSTGRES_USER)
+        _run([*as_user, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "z0inf", "-E", "UTF8",
+              "--no-locale", "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={root / 'password'}"])
+        server = None
+        for _ in range(3):  # another process may take the free port before the server binds it
+            port = _free_port()
+            options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+            started = subprocess.run(
+                [*as_user, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"),
+                 "-o", options, "-w", "-t", "60", "start"],
+                capture_output=True, text=True, timeout=90,
+            )
+            if started.returncode == 0:
+                server = PostgresServer(port, "z0inf", password)
+                break
+        if server is None:
+            pytest.fail(f"PostgreSQL did not start:\n{_tail(root / 'server.log')}")
+        try:
+            yield server
+        finally:
+            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w",
+                            "stop"], capture_output=True, timeout=60)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -1,7 +1,11 @@
-"""The decision store is durable, append-only, and refuses malformed decisions."""
+"""The decision store is durable, append-only, and refuses malformed decisions: on its default SQLite
+file and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
+import multiprocessing
+
+import pandas as pd
 import pytest
 
 from z0inf_pipeline.influence.errors import InfluenceInputError
@@ -10,14 +14,23 @@ from z0inf_pipeline.review import DecisionStore
 RUN = "0123456789abcdef0123456789abcdef"
 
 
-def test_latest_decision_wins_and_history_is_kept(tmp_path):
-    store = DecisionStore.open(tmp_path / "review.db")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path) -> str:
+    """Where a fresh store lives: a SQLite file path (the default kind), or a new Postgres database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "review.db")
+    server = request.getfixturevalue("postgres_server")
+    return server.url(server.create_database())
+
+
+def test_latest_decision_wins_and_history_is_kept(store_url):
+    store = DecisionStore.open(store_url)
     assert store.record(RUN, [5, 3, 5], "drop", reviewer="ana") == 2
     store.record(RUN, [7], "relabel", label=4, reviewer="ben", note="looks like a 4")
     store.record(RUN, [3], "keep", reviewer="ben")
     store.record("otherrun", [3], "drop")
 
-    reopened = DecisionStore.open(tmp_path / "review.db")  # a new process sees the same decisions
+    reopened = DecisionStore.open(store_url)  # a new process sees the same decisions
     current = reopened.current(RUN)
     assert current["example_id"].tolist() == [3, 5, 7]
     assert current["action"].tolist() == ["keep", "drop", "relabel"]
@@ -44,8 +57,8 @@ def test_latest_decision_wins_and_history_is_kept(tmp_path):
         (("../etc", [1], "drop"), {}, "not an MLflow run id"),
     ],
 )
-def test_malformed_decisions_are_refused_and_nothing_is_written(tmp_path, args, kwargs, message):
-    store = DecisionStore.open(tmp_path / "review.db")
+def test_malformed_decisions_are_refused_and_nothing_is_written(store_url, args, kwargs, message):
+    store = DecisionStore.open(store_url)
     with pytest.raises(InfluenceInputError, match=message):
         store.record(*args, **kwargs)
     assert store.history(RUN).empty
@@ -55,3 +68,64 @@ def test_empty_store_has_typed_empty_frames(tmp_path):
     store = DecisionStore.open(tmp_path / "nested" / "review.db")
     frame = store.current(RUN)
     assert frame.empty and list(frame.columns) == ["example_id", "action", "label", "reviewer", "note", "decided_at"]
+
+
+def _decide_in_turn(url: str, writer: int, rounds: int) -> None:
+    store = DecisionStore.open(url)  # every writer opens the store itself, as separate CLI calls would
+    for i in range(rounds):
+        action = ("keep", "drop", "relabel")[(writer + i) % 3]
+        label = writer if action == "relabel" else None
+        store.record(RUN, [i % 7, 100 + writer], action, label=label, reviewer=f"writer-{writer}", note=str(i))
+
+
+def test_concurrent_writers_lose_nothing_and_the_latest_wins(store_url):
+    writers, rounds = 4, 15
+    DecisionStore.open(store_url)
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_decide_in_turn, args=(store_url, w, rounds)) for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0] * writers
+
+    store = DecisionStore.open(store_url)
+    history = store.history(RUN)
+    assert len(history) == writers * rounds * 2  # every decision of every writer is kept
+    for writer in range(writers):  # each writer's own decisions appear in the order it made them
+        notes = history.loc[history["reviewer"] == f"writer-{writer}", "note"].astype(int).tolist()
+        assert notes == sorted(notes) and len(notes) == 2 * rounds
+    # brute force: the last row of the history per example is the decision in force
+    expected = history.groupby("example_id").tail(1).sort_values("example_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(store.current(RUN), expected)
+
+
+def test_example_ids_beyond_32_bits_are_kept(store_url):
+    store = DecisionStore.open(store_url)
+    big = 2**40 + 7  # e.g. hashed row ids of a table dataset
+    store.record(RUN, [big, 3], "drop")
+    assert store.current(RUN)["example_id"].tolist() == [3, big]
+
+
+def test_existing_sqlite_stores_and_urls_open_the_same_file(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "review.db"
+    DecisionStore.open(path).record(RUN, [1], "drop", reviewer="ana")
+    by_url = DecisionStore.open(f"sqlite:///{path}")
+    assert by_url.path == path and by_url.current(RUN)["action"].tolist() == ["drop"]
+    with sqlite3.connect(path) as conn:  # the schema the SQLite-only store created, read without the store
+        assert conn.execute("SELECT run_id, example_id, action FROM decisions").fetchall() == [(RUN, 1, "drop")]
+
+
+def test_the_url_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("Z0INF_REVIEW_STORE_URL", f"sqlite:///{tmp_path / 'team.db'}")
+    assert DecisionStore.open().path == tmp_path / "team.db"
+    monkeypatch.delenv("Z0INF_REVIEW_STORE_URL")
+    monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
+    assert DecisionStore.open().path == tmp_path / "data" / "review.db"
+
+
+def test_an_unreachable_server_is_named_without_its_password():
+    with pytest.raises(InfluenceInputError, match=r"review store postgresql\+psycopg2://ana:\*\*\*@127.0.0.1:1/x"):
+        DecisionStore.open("postgresql+psycopg2://ana:secret@127.0.0.1:1/x")

@@ -54,7 +54,7 @@ def test_documented_configs_resolve(clean_env, monkeypatch):
     for name, value in [("PGUSER", "u"), ("PGPASSWORD", "p"), ("PGHOST", "db"), ("Z0INF_ARTIFACT_BUCKET", "b")]:
         monkeypatch.setenv(name, value)
     postgres = load_mlflow_config(str(CONFIGS / "postgres.yaml"))
-    assert postgres.tracking_uri == "postgresql://u:p@db:5432/mlflow"
+    assert postgres.tracking_uri == "postgresql+psycopg2://u:p@db:5432/mlflow"
     assert postgres.artifact_location == "s3://b/z0inf"
     monkeypatch.setenv("Z0INF_MLFLOW_CONFIG", "postgres")
     assert artifact_location_for(postgres.tracking_uri) == "s3://b/z0inf"

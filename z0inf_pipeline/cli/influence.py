@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
+from ..influence.analysis import GRAM_SETTINGS, InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
 from ..influence.checkpoints import open_checkpoints
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
+from ..settings_schema import add_arguments, from_namespace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,25 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(tt)
     tt.add_argument("train_losses", help="training loss table (parquet)")
     tt.add_argument("test_losses", help="test loss table (parquet)")
-    _add_estimator_args(tt)
-    tt.add_argument("-k", "--topk", type=int, default=10, help="proponents/opponents kept per test example")
+    _add_estimator_args(tt, exclude=())
     tt.set_defaults(handler=_train_test)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", help="folder of *.safetensors checkpoints (with 'step' in their metadata)")
     parser.add_argument("-o", "--output", required=True, help="parquet file to write (atomically)")
-    parser.add_argument(
-        "--parameters", nargs="+", metavar="GLOB", help="only tensors whose name matches a glob, e.g. 'fc2.*'"
-    )
-    parser.add_argument("--no-center", dest="center", action="store_false", help="raw W W^T, not centred")
+    add_arguments(parser, InfluenceArguments, include=GRAM_SETTINGS)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
 
 
-def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--neighbors", type=int, default=2, help="k neighbouring checkpoints per checkpoint")
-    parser.add_argument("--neighbor-rule", choices=["order", "distance"], default="order")
-    parser.add_argument("--eta", choices=["uniform", "learning_rate"], default="uniform", help="checkpoint weights")
+def _add_estimator_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ("topk",)) -> None:
+    add_arguments(parser, InfluenceArguments, exclude=(*GRAM_SETTINGS, *exclude))
     parser.add_argument("--gram", help="reuse a Gram parquet written by 'z0inf gram' instead of reading checkpoints")
 
 
@@ -61,14 +56,7 @@ def _analysis(args, test_losses=None) -> InfluenceAnalysis:
         args.checkpoints,
         args.train_losses,
         test_losses,
-        InfluenceArguments(
-            neighbors=args.neighbors,
-            neighbor_rule=args.neighbor_rule,
-            parameters=tuple(args.parameters) if args.parameters else None,
-            eta=args.eta,
-            center=args.center,
-            topk=getattr(args, "topk", 10),
-        ),
+        from_namespace(InfluenceArguments, args),
         device=resolve_device(args.device),
         gram=args.gram,
     )

@@ -7,12 +7,15 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ..training import DEMO_CONFIG
+from ..review.policy import FlagPolicy
+from ..settings_schema import add_arguments, from_namespace, plain_values
+from ..training import DEMO_CONFIG, TrainConfig
+
 JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
 AUTO_REVIEWER = "z0inf-demo-auto-review"
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -25,9 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after showing the gate block, record 'drop' for every flagged example and retrain",
     )
-    demo.add_argument("--epochs", type=int, default=DEMO_CONFIG.epochs, help="(default: %(default)s)")
-    demo.add_argument("--checkpoints", type=int, default=DEMO_CONFIG.checkpoints, help="(default: %(default)s)")
-    demo.add_argument("--label-noise", type=float, default=DEMO_CONFIG.label_noise, help="(default: %(default)s)")
+    add_arguments(
+        demo.add_argument_group("the demo's recipe"),
+        TrainConfig,
+        include=("epochs", "checkpoints", "label_noise"),
+        defaults=DEMO_CONFIG,
+    )
     _add_policy_args(demo)
     demo.set_defaults(handler=_demo)
 
@@ -43,21 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("flag policy (review_queue config)")
-    group.add_argument("--method", choices=["quantile", "zscore"], help="flag by top quantile or robust z-score")
-    group.add_argument("--quantile", type=float, help="flag self-influence above this quantile (default 0.9)")
-    group.add_argument("--z-threshold", type=float, help="flag robust z-scores above this (default 3.5)")
-    group.add_argument(
-        "--max-unreviewed-fraction",
-        type=float,
-        help="share of the training set that may stay flagged but undecided (default 0)",
-    )
+    add_arguments(parser.add_argument_group("flag policy (review_queue config)"), FlagPolicy)
 
 
 def _policy_config(args) -> dict:
-    keys = ("method", "quantile", "z_threshold", "max_unreviewed_fraction")
-    policy = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    return {"ops": {"review_queue": {"config": policy}}} if policy else {}
+    """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
+    return {"ops": {"review_queue": {"config": plain_values(from_namespace(FlagPolicy, args))}}}
 
 
 @dataclass
@@ -133,7 +130,7 @@ def _demo(args) -> int:
     from ..tracking import resolve_tracking_uri, train_and_log
 
     started = time.perf_counter()
-    config = replace(DEMO_CONFIG, epochs=args.epochs, checkpoints=args.checkpoints, label_noise=args.label_noise)
+    config = from_namespace(TrainConfig, args, base=DEMO_CONFIG)
     instance, persistent = dagster_instance()
     tracking_uri = resolve_tracking_uri()
     print(
@@ -207,7 +204,7 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float])
     )
     print(
         f"\n      --auto-review: recorded 'drop' for the {count} flagged examples (reviewer {AUTO_REVIEWER!r}) "
-        f"in {store.path}"
+        f"in {store.location}"
     )
     retrain = run_job(instance, "retrain_job", run_id, _policy_config(args))
     timings.update({f"retrain_job: {k}": v for k, v in retrain.step_seconds.items()})

@@ -62,7 +62,7 @@ def _list(args) -> None:
     policy = info["policy"]
     print(
         f"run {args.run}: {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
-        f"{policy['method']} (cut-off {info['cutoff']:.4g}); decisions in {store.path}"
+        f"{policy['method']} (cut-off {info['cutoff']:.4g}); decisions in {store.location}"
     )
     if len(table):
         print(table.to_string(index=False))
@@ -91,7 +91,7 @@ def _decide(args) -> None:
         raise InfluenceInputError(f"review decide: label {args.label} is outside the run's classes [0, {num_classes})")
     count = store.record(args.run, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
     label = f" -> {args.label}" if args.action == "relabel" else ""
-    print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.path}")
+    print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")
     print(_gate(queue, info, store.current(args.run).set_index("example_id")).message())
 
 

@@ -1,43 +1,106 @@
-"""Run configuration shown (and editable) in the Dagster launchpad."""
+"""Run configuration shown (and editable) in the Dagster launchpad.
 
-from typing import Literal, Optional
+The recipe, estimator and flag-policy classes are generated from the pure dataclasses that define
+those settings once (``TrainConfig``, ``InfluenceArguments``, ``FlagPolicy``): same names, help
+text and defaults, and a bad value is refused by the dataclass's own validation, naming the field.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Iterable, Literal, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..training import DEMO_CONFIG as _DEFAULT
+from ..influence.analysis import GRAM_SETTINGS, InfluenceArguments
+from ..review.policy import FlagPolicy
+from ..settings_schema import Setting, setting_fields
 from ..training import TrainConfig
 
 
-class TrainingConfig(dg.Config):
-    """A training recipe (``z0inf_pipeline.training.TrainConfig``); the defaults are the demo's:
-    digits, an MLP, 10% of the training labels flipped uniformly."""
+def config_class(
+    arguments: type,
+    name: str,
+    doc: str,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> type[dg.Config]:
+    """A ``dg.Config`` with one field per setting of the dataclass ``arguments`` (description = its
+    help, default = its default) and ``to_arguments()`` back to the dataclass. Construction runs the
+    dataclass's validation, so a bad launchpad value fails the step with the field named."""
+    settings = setting_fields(arguments, include=include, exclude=exclude)
+    namespace: dict[str, Any] = {
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__annotations__": {s.name: _config_annotation(s) for s in settings},
+    }
+    for s in settings:
+        default = list(s.default) if isinstance(s.default, tuple) else s.default
+        namespace[s.name] = Field(default=default, description=s.help or None)
 
-    dataset: str = Field(default=_DEFAULT.dataset, description="digits, breast_cancer, or a .csv/.parquet path")
-    model: Literal["logreg", "mlp", "cnn"] = _DEFAULT.model
-    hidden: list[int] = Field(default=list(_DEFAULT.hidden), description="hidden layer widths")
-    epochs: int = Field(default=_DEFAULT.epochs, ge=1)
-    checkpoints: int = Field(default=_DEFAULT.checkpoints, ge=2, description="checkpoints T kept for Z0-Inf")
-    optimizer: Literal["sgd", "adamw"] = _DEFAULT.optimizer
-    lr: float = Field(default=_DEFAULT.lr, gt=0)
-    schedule: Literal["cosine", "linear", "constant"] = _DEFAULT.schedule
-    momentum: float = _DEFAULT.momentum
-    weight_decay: float = _DEFAULT.weight_decay
-    batch_size: int = Field(default=_DEFAULT.batch_size, ge=1)
-    seed: int = _DEFAULT.seed
-    test_fraction: float = _DEFAULT.test_fraction
-    label_noise: float = Field(
-        default=_DEFAULT.label_noise, ge=0.0, lt=1.0, description="share of training labels flipped on purpose"
-    )
-    noise_kind: Literal["uniform", "confusable"] = _DEFAULT.noise_kind
-    noise_seed: int = _DEFAULT.noise_seed
-    label_column: str = Field(default=_DEFAULT.label_column, description="label column of a .csv/.parquet dataset")
+    def to_arguments(self):
+        """The settings as the pure dataclass (fields not shown here keep their defaults)."""
+        return arguments(**{s.name: s.coerce(getattr(self, s.name)) for s in settings})
+
+    def validate_with_dataclass(self):
+        self.to_arguments()
+        return self
+
+    namespace["to_arguments"] = to_arguments
+    namespace["_validate_with_dataclass"] = model_validator(mode="after")(validate_with_dataclass)
+    return type(name, (dg.Config,), namespace)
+
+
+def _config_annotation(setting: Setting) -> Any:
+    """The launchpad type: tuples become lists, a str with choices a Literal."""
+    base = setting.base
+    if setting.sequence_of is not None:
+        base = list[setting.sequence_of]
+    elif setting.choices is not None and typing.get_origin(base) is not Literal:
+        base = Literal[setting.choices]
+    return Optional[base] if setting.optional else base
+
+
+class TrainingConfig(config_class(TrainConfig, "_TrainingSettings", "A training recipe.")):
+    """A training recipe (``z0inf_pipeline.training.TrainConfig``) and the MLflow experiment to log it
+    to. The defaults are the library's: digits, an MLP, no label noise (the demo adds 10%)."""
+
     experiment: str = Field(default="z0inf", description="MLflow experiment of the new run")
 
     def to_train_config(self) -> TrainConfig:
-        fields = self.model_dump()
-        fields.pop("experiment")
-        return TrainConfig.from_dict(fields)
+        return self.to_arguments()
+
+
+GramConfig = config_class(
+    InfluenceArguments,
+    "GramConfig",
+    "Which weights enter the Gram matrix G = W W^T.",
+    include=GRAM_SETTINGS,
+)
+
+TopKConfig = config_class(
+    InfluenceArguments,
+    "TopKConfig",
+    "How train-test influence is estimated, and how many proponents and opponents are kept.",
+    exclude=GRAM_SETTINGS,
+)
+
+EstimatorConfig = config_class(
+    InfluenceArguments,
+    "EstimatorConfig",
+    "How self-influence is estimated from the Gram matrix and the loss tables.",
+    exclude=(*GRAM_SETTINGS, "topk"),
+)
+
+
+class FlagPolicyConfig(config_class(FlagPolicy, "_FlagPolicySettings", "Which examples are flagged for review.")):
+    """Which examples are flagged for review, and how many may stay unreviewed before retraining is blocked."""
+
+    def to_policy(self) -> FlagPolicy:
+        return self.to_arguments()
 
 
 class LossTableConfig(dg.Config):
@@ -50,37 +113,6 @@ class LossTableConfig(dg.Config):
     loss: Literal["cross_entropy", "zero_one"] = Field(
         default="cross_entropy", description="loss to recompute with (zero_one: Z0-Inf on a non-differentiable loss)"
     )
-
-
-class GramConfig(dg.Config):
-    parameters: Optional[list[str]] = Field(default=None, description="only tensors matching these globs (e.g. '2.*')")
-    center: bool = Field(default=True, description="centre the weights over checkpoints before W W^T")
-
-
-class EstimatorConfig(dg.Config):
-    neighbors: int = Field(default=2, ge=1, description="neighbouring checkpoints per checkpoint")
-    neighbor_rule: Literal["order", "distance"] = "order"
-    eta: Literal["uniform", "learning_rate"] = Field(default="uniform", description="per-checkpoint weights")
-
-
-class TopKConfig(EstimatorConfig):
-    topk: int = Field(default=10, ge=1, description="proponents and opponents kept per test example")
-
-
-class FlagPolicyConfig(dg.Config):
-    """Which examples are flagged for review, and how many may stay unreviewed before retraining is blocked."""
-
-    method: Literal["quantile", "zscore"] = Field(default="quantile", description="top quantile, or robust z-score")
-    quantile: float = Field(default=0.9, gt=0.0, lt=1.0, description="flag scores above this quantile")
-    z_threshold: float = Field(default=3.5, gt=0.0, description="flag robust z-scores (median / MAD) above this")
-    max_unreviewed_fraction: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="share of the training set that may be flagged but undecided"
-    )
-
-    def to_policy(self):
-        from ..review import FlagPolicy
-
-        return FlagPolicy(**self.model_dump())
 
 
 class RetrainConfig(dg.Config):

@@ -7,7 +7,7 @@ the Gram matrix once and returns tidy frames ready to be written as parquet.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Sequence
@@ -22,21 +22,45 @@ from .errors import InfluenceInputError
 from .estimators import NeighborRule, self_influence, train_test_topk, variance_self_influence
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
+from ..settings_schema import check_choices, normalise_sequences
 
 
 @dataclass(frozen=True)
 class InfluenceArguments:
-    """How to estimate: neighbours per checkpoint, which parameters, which step weights."""
+    """How to estimate: which parameters enter the Gram, neighbours per checkpoint, which step weights,
+    how many proponents and opponents to keep. The CLI flags and the Dagster config are generated from
+    these fields (``z0inf_pipeline.settings_schema``)."""
 
-    neighbors: int = 2
-    neighbor_rule: NeighborRule = "order"
-    parameters: tuple[str, ...] | None = None
-    eta: Literal["uniform", "learning_rate"] = "uniform"
-    center: bool = True
-    topk: int = 10
+    parameters: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "only tensors whose name matches one of these globs, e.g. '3.*' (the last layer of "
+                  "the default MLP); unset: every tensor", "metavar": "GLOB"},
+    )
+    center: bool = field(default=True, metadata={"help": "centre the weights over checkpoints before W W^T"})
+    neighbors: int = field(default=2, metadata={"help": "k neighbouring checkpoints per checkpoint"})
+    neighbor_rule: NeighborRule = field(
+        default="order", metadata={"help": "neighbours by checkpoint order, or by weight-space distance"}
+    )
+    eta: Literal["uniform", "learning_rate"] = field(
+        default="uniform", metadata={"help": "per-checkpoint weights: uniform, or the recorded learning rate"}
+    )
+    topk: int = field(
+        default=10, metadata={"help": "proponents and opponents kept per test example", "flags": ("-k", "--topk")}
+    )
+
+    def __post_init__(self) -> None:
+        normalise_sequences(self)
+        check_choices(self, "influence arguments")
+        for name in ("neighbors", "topk"):
+            if getattr(self, name) < 1:
+                raise InfluenceInputError(f"influence arguments: {name}={getattr(self, name)!r} must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The settings that shape the Gram matrix (the rest only the estimators read).
+GRAM_SETTINGS = ("parameters", "center")
 
 
 class InfluenceAnalysis:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from ..influence.errors import InfluenceInputError
+from ..settings_schema import check_choices
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
@@ -22,14 +23,19 @@ class FlagPolicy:
     unreviewed before the review gate blocks retraining (0: every flagged example needs a decision).
     """
 
-    method: Literal["quantile", "zscore"] = "quantile"
-    quantile: float = 0.9
-    z_threshold: float = 3.5
-    max_unreviewed_fraction: float = 0.0
+    method: Literal["quantile", "zscore"] = field(
+        default="quantile", metadata={"help": "flag by top quantile, or by robust z-score"}
+    )
+    quantile: float = field(default=0.9, metadata={"help": "flag self-influence above this quantile"})
+    z_threshold: float = field(
+        default=3.5, metadata={"help": "flag robust z-scores, (score - median) / (1.4826 MAD), above this"}
+    )
+    max_unreviewed_fraction: float = field(
+        default=0.0, metadata={"help": "share of the training set that may stay flagged but undecided"}
+    )
 
     def __post_init__(self) -> None:
-        if self.method not in ("quantile", "zscore"):
-            raise InfluenceInputError(f"flag policy: method {self.method!r} must be 'quantile' or 'zscore'")
+        check_choices(self, "flag policy")
         if not 0.0 < self.quantile < 1.0:
             raise InfluenceInputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
         if not np.isfinite(self.z_threshold) or self.z_threshold <= 0:

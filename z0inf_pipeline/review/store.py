@@ -1,5 +1,7 @@
-"""The durable store of review decisions: an append-only SQLite table in ``data_dir()/review.db``.
+"""The durable store of review decisions: one append-only table in a SQL database.
 
+By default a SQLite file, ``data_dir()/review.db``; a team points ``$Z0INF_REVIEW_STORE_URL`` (or
+``DecisionStore.open(url)``) at PostgreSQL, e.g. ``postgresql+psycopg2://user:pass@host:5432/z0inf``.
 Pipeline runs only read it, so no re-materialisation can overwrite a decision; deciding again on
 an example appends a newer row (the latest row wins) and the full history stays queryable.
 """
@@ -8,14 +10,17 @@ from __future__ import annotations
 
 import getpass
 import os
-import sqlite3
-from contextlib import closing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from ..influence.errors import InfluenceInputError
 from ..settings import data_dir
@@ -24,38 +29,74 @@ from .layout import check_run_id
 Action = Literal["keep", "drop", "relabel"]
 ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel")
 DECISION_COLUMNS = ["example_id", "action", "label", "reviewer", "note", "decided_at"]
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    example_id INTEGER NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ('keep', 'drop', 'relabel')),
-    label INTEGER CHECK ((action = 'relabel') = (label IS NOT NULL)),
-    reviewer TEXT NOT NULL,
-    note TEXT,
-    decided_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_by_run ON decisions (run_id, example_id, id);
-"""
+STORE_URL_ENV = "Z0INF_REVIEW_STORE_URL"
+# Any constant works: it only serialises schema creation between processes opening a new Postgres store.
+_SCHEMA_LOCK = 0x7A30696E66
+
+_metadata = sa.MetaData()
+# The same table (and index) the SQLite-only store created, so existing review.db files keep working.
+decisions = sa.Table(
+    "decisions",
+    _metadata,
+    # 64-bit ids everywhere (SQLite's INTEGER already is one, and only it makes the row id autoincrement)
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("example_id", sa.BigInteger, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("label", sa.Integer),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("decided_at", sa.Text, nullable=False),
+    sa.CheckConstraint("action IN ('keep', 'drop', 'relabel')", name="decisions_action"),
+    sa.CheckConstraint("(action = 'relabel') = (label IS NOT NULL)", name="decisions_label_iff_relabel"),
+    sa.Index("decisions_by_run", "run_id", "example_id", "id"),
+    # AUTOINCREMENT: SQLite never reuses an id, so "the highest id is the latest decision" always holds.
+    sqlite_autoincrement=True,
+)
 
 
 def default_store_path() -> Path:
     return data_dir() / "review.db"
 
 
+def default_store_url() -> str:
+    """``$Z0INF_REVIEW_STORE_URL``, else the SQLite file ``data_dir()/review.db``."""
+    return os.environ.get(STORE_URL_ENV) or f"sqlite:///{default_store_path()}"
+
+
 @dataclass(frozen=True)
 class DecisionStore:
-    """Review decisions of every run, in one SQLite file (default ``data_dir()/review.db``)."""
+    """Review decisions of every run, in one database (default: the SQLite file ``data_dir()/review.db``)."""
 
-    path: Path
+    url: str
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "DecisionStore":
-        store = cls(Path(path) if path is not None else default_store_path())
-        store.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(store._connect()) as conn, conn:
-            conn.executescript(_SCHEMA)
+    def open(cls, url: str | os.PathLike | None = None) -> "DecisionStore":
+        """``url``: a SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg2://...``) or a SQLite file
+        path; unset: ``default_store_url()``. Creates the table on first use."""
+        if url is None:
+            url = default_store_url()
+        elif isinstance(url, os.PathLike) or "://" not in str(url):
+            url = f"sqlite:///{Path(url)}"
+        store = cls(str(url))
+        if store.path is not None:
+            store.path.parent.mkdir(parents=True, exist_ok=True)
+        with store._transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+            _metadata.create_all(conn)
         return store
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file, or None for a database server."""
+        parsed = self._parsed_url()
+        return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+    @property
+    def location(self) -> str:
+        """Where the decisions are, for people: the SQLite file, or the URL without its password."""
+        return str(self.path) if self.path is not None else self._parsed_url().render_as_string(hide_password=True)
 
     def record(
         self,
@@ -82,48 +123,80 @@ class DecisionStore:
             raise InfluenceInputError(f"review decision: a label is only given with 'relabel', not with {action!r}")
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         who = reviewer or _user()
-        rows = [(run_id, i, action, label, who, note, stamp) for i in ids]
-        with closing(self._connect()) as conn, conn:
-            conn.executemany(
-                "INSERT INTO decisions (run_id, example_id, action, label, reviewer, note, decided_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        rows = [
+            {"run_id": run_id, "example_id": i, "action": action, "label": label, "reviewer": who, "note": note,
+             "decided_at": stamp}
+            for i in ids
+        ]
+        with self._transaction() as conn:
+            conn.execute(decisions.insert(), rows)
         return len(rows)
 
     def current(self, run_id: str) -> pd.DataFrame:
         """The decision in force for each decided example of ``run_id`` (the latest one), by example id."""
         check_run_id(run_id)
-        query = (
-            "SELECT d.example_id, d.action, d.label, d.reviewer, d.note, d.decided_at FROM decisions d "
-            "JOIN (SELECT MAX(id) AS id FROM decisions WHERE run_id = ? GROUP BY example_id) latest "
-            "ON d.id = latest.id ORDER BY d.example_id"
+        latest = (
+            sa.select(sa.func.max(decisions.c.id).label("id"))
+            .where(decisions.c.run_id == run_id)
+            .group_by(decisions.c.example_id)
+            .subquery()
         )
-        return self._frame(query, (run_id,))
+        query = (
+            sa.select(*_columns())
+            .join(latest, decisions.c.id == latest.c.id)
+            .order_by(decisions.c.example_id)
+        )
+        return self._frame(query)
 
     def history(self, run_id: str) -> pd.DataFrame:
         """Every decision ever recorded for ``run_id``, oldest first."""
         check_run_id(run_id)
-        query = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE run_id = ? ORDER BY id"
-        return self._frame(query, (run_id,))
+        return self._frame(sa.select(*_columns()).where(decisions.c.run_id == run_id).order_by(decisions.c.id))
 
     def runs(self) -> list[str]:
-        with closing(self._connect()) as conn:
-            return [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM decisions ORDER BY run_id")]
+        query = sa.select(decisions.c.run_id).distinct().order_by(decisions.c.run_id)
+        with self._transaction() as conn:
+            return [row[0] for row in conn.execute(query)]
 
-    def _frame(self, query: str, params: tuple) -> pd.DataFrame:
-        with closing(self._connect()) as conn:
-            rows = conn.execute(query, params).fetchall()
-        frame = pd.DataFrame(rows, columns=DECISION_COLUMNS)
+    def _frame(self, query: sa.Select) -> pd.DataFrame:
+        with self._transaction() as conn:
+            rows = conn.execute(query).fetchall()
+        frame = pd.DataFrame([tuple(r) for r in rows], columns=DECISION_COLUMNS)
         frame["example_id"] = frame["example_id"].astype("int64")
         frame["label"] = frame["label"].astype("Int64")
         return frame
 
-    def _connect(self) -> sqlite3.Connection:
+    @contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """One transaction: committed when the block ends, rolled back (nothing written) on an error."""
         try:
-            return sqlite3.connect(self.path, timeout=30)
-        except sqlite3.Error as exc:
-            raise InfluenceInputError(f"review store {self.path}: cannot be opened ({exc})") from None
+            with _engine(self.url).begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            reason = getattr(exc, "orig", None) or exc
+            raise InfluenceInputError(f"review store {self.location}: {type(reason).__name__}: {reason}") from None
+
+    def _parsed_url(self) -> sa.URL:
+        try:
+            return make_url(self.url)
+        except sa.exc.ArgumentError:
+            raise InfluenceInputError(f"review store: {self.url!r} is not a database URL or a file path") from None
+
+
+def _columns() -> list[sa.Column]:
+    return [decisions.c[name] for name in DECISION_COLUMNS]
+
+
+@lru_cache(maxsize=None)
+def _engine(url: str) -> sa.Engine:
+    """One engine per URL. No pool: each operation connects afresh, so a forked worker never shares a
+    connection with its parent, and SQLite waits up to 30 s for another writer's lock."""
+    try:
+        parsed = make_url(url)
+        connect_args = {"timeout": 30} if parsed.get_backend_name() == "sqlite" else {"connect_timeout": 30}
+        return sa.create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise InfluenceInputError(f"review store {url!r}: cannot be opened ({exc})") from None
 
 
 def _as_id(value) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..influence.checkpoints import save_checkpoint
 from ..influence.errors import InfluenceInputError
+from ..settings_schema import check_choices, normalise_sequences
 from . import layout
 from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, curate_train, load_dataset
 from .models import MODEL_KINDS, ModelSpec, build_model
@@ -36,42 +37,61 @@ class TrainConfig:
     """One training recipe. ``checkpoints`` = T evenly spaced checkpoints (first and last included),
     unless ``checkpoint_every`` > 0 asks for one every n ``checkpoint_unit`` (plus first and last)."""
 
-    dataset: str = "digits"
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (64,)
-    epochs: int = 30
-    checkpoints: int = 20
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
-    test_fraction: float = 0.25
-    label_noise: float = 0.0
-    noise_kind: str = "uniform"
-    noise_seed: int = 0
-    exclude_ids: tuple[int, ...] = ()
-    relabels: tuple[tuple[int, int], ...] = ()
-    train_subset: tuple[int, ...] | None = None
-    checkpoint_every: int = 0
-    checkpoint_unit: str = "epoch"
-    label_column: str = "label"
+    dataset: str = field(default="digits", metadata={"help": "digits, breast_cancer, or a .csv/.parquet file"})
+    model: str = field(default="mlp", metadata={"help": "model family", "choices": MODEL_KINDS})
+    hidden: tuple[int, ...] = field(
+        default=(64,), metadata={"help": "hidden layer widths, e.g. 128,64", "metavar": "W[,W...]"}
+    )
+    epochs: int = field(default=30, metadata={"help": "passes over the training set"})
+    checkpoints: int = field(
+        default=20,
+        metadata={"help": "checkpoints T kept for Z0-Inf, evenly spaced, first and last included", "metavar": "T"},
+    )
+    optimizer: str = field(default="sgd", metadata={"help": "optimizer", "choices": OPTIMIZERS})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
+    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the initialisation and the batch order"})
+    test_fraction: float = field(default=0.25, metadata={"help": "share of the data held out as the test split"})
+    label_noise: float = field(
+        default=0.0, metadata={"help": "share of training labels flipped on purpose", "metavar": "FRACTION"}
+    )
+    noise_kind: str = field(
+        default="uniform",
+        metadata={"help": "uniform: a random other class; confusable: the class whose centroid lies nearest",
+                  "choices": NOISE_KINDS},
+    )
+    noise_seed: int = field(default=0, metadata={"help": "seed of the label flips"})
+    exclude_ids: tuple[int, ...] = field(
+        default=(), metadata={"help": "training example ids left out (curation)", "python_only": True}
+    )
+    relabels: tuple[tuple[int, int], ...] = field(
+        default=(), metadata={"help": "(example id, new label) pairs (curation)", "python_only": True}
+    )
+    train_subset: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "train only on these example ids", "python_only": True}
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata={"help": "instead of T: one checkpoint every N checkpoint units (plus first and last); 0: off",
+                  "metavar": "N"},
+    )
+    checkpoint_unit: str = field(
+        default="epoch", metadata={"help": "unit of checkpoint_every", "choices": CHECKPOINT_UNITS}
+    )
+    label_column: str = field(default="label", metadata={"help": "label column of a .csv/.parquet dataset"})
 
     def __post_init__(self) -> None:
+        normalise_sequences(self)
         norm = object.__setattr__
-        norm(self, "hidden", tuple(int(h) for h in self.hidden))
         norm(self, "exclude_ids", tuple(int(i) for i in self.exclude_ids))
         norm(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
         if self.train_subset is not None:
             norm(self, "train_subset", tuple(int(i) for i in self.train_subset))
+        check_choices(self, "train config")
         checks = [
-            (self.model in MODEL_KINDS, "model", f"one of {list(MODEL_KINDS)}"),
-            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}"),
-            (self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}"),
-            (self.noise_kind in NOISE_KINDS, "noise_kind", f"one of {list(NOISE_KINDS)}"),
-            (self.checkpoint_unit in CHECKPOINT_UNITS, "checkpoint_unit", f"one of {list(CHECKPOINT_UNITS)}"),
             (self.epochs >= 1, "epochs", "at least 1"),
             (self.checkpoints >= 2, "checkpoints", "at least 2 (the first and the last)"),
             (self.checkpoint_every >= 0, "checkpoint_every", "0 (off) or positive"),
@@ -105,8 +125,9 @@ class TrainConfig:
         return LabelNoise(self.label_noise, self.noise_kind, self.noise_seed) if self.label_noise > 0 else None
 
 
-# The bundled default recipe of the demo and of the launchpad: digits, an MLP with one hidden layer
-# of 64, 30 epochs, 20 checkpoints, 10% of the training labels flipped uniformly at random.
+# The demo's recipe: the default one (digits, an MLP with one hidden layer of 64, 30 epochs,
+# 20 checkpoints) with 10% of the training labels flipped uniformly at random, so that there is
+# something to find. Noise is always asked for explicitly: the default recipe has none.
 DEMO_CONFIG = TrainConfig(label_noise=0.1)
 
 

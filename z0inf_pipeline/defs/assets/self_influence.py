@@ -24,7 +24,7 @@ def self_influence(
     variance estimator beside it."""
     layout = layout_for(context)
     run = mlflow.fetch(layout.run_id)
-    args = InfluenceArguments(neighbors=config.neighbors, neighbor_rule=config.neighbor_rule, eta=config.eta)
+    args = config.to_arguments()
     frame = analysis_from_gram(layout, run, args, compute.torch_device()).self_influence_frame()
     write_frame(frame, layout.self_influence)
     summary = quantiles(frame["self_influence"], "z0inf.self_influence")

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ...influence.analysis import InfluenceArguments, write_frame
+from ...influence.analysis import write_frame
 from ..config import TopKConfig
 from ..metadata import layout_for, markdown_table, path_metadata
 from ..partitions import mlflow_runs
@@ -18,9 +18,7 @@ def train_test_influence(
     helped it most (proponents) and hurt it most (opponents); the full N x M matrix never exists."""
     layout = layout_for(context)
     run = mlflow.fetch(layout.run_id)
-    args = InfluenceArguments(
-        neighbors=config.neighbors, neighbor_rule=config.neighbor_rule, eta=config.eta, topk=config.topk
-    )
+    args = config.to_arguments()
     frame = analysis_from_gram(layout, run, args, compute.torch_device(), with_test=True).topk_frame()
     write_frame(frame, layout.topk)
     # Training examples that most often top a test example's proponent or opponent list.
