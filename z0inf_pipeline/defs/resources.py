@@ -6,9 +6,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
-
-class MlflowUnavailable(RuntimeError):
-    """The tracking server did not answer; the caller should retry later rather than fail."""
+from ..errors import MlflowUnavailable
 
 
 class MlflowResource(dg.ConfigurableResource):

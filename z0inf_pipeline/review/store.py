@@ -6,18 +6,18 @@ an example appends a newer row (the latest row wins) and the full history stays 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import sqlite3
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import ReviewError
 from ..settings import data_dir
 from .layout import check_run_id
 
@@ -52,8 +52,11 @@ class DecisionStore:
     @classmethod
     def open(cls, path: str | os.PathLike | None = None) -> "DecisionStore":
         store = cls(Path(path) if path is not None else default_store_path())
-        store.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(store._connect()) as conn, conn:
+        try:
+            store.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReviewError(f"review store {store.path}: its folder cannot be created ({exc.strerror})") from None
+        with store._connect() as conn, conn:
             conn.executescript(_SCHEMA)
         return store
 
@@ -71,19 +74,19 @@ class DecisionStore:
         check_run_id(run_id)
         ids = sorted({_as_id(i) for i in example_ids})
         if not ids:
-            raise InfluenceInputError("review decision: no example ids given")
+            raise ReviewError("review decision: no example ids given")
         if action not in ACTIONS:
-            raise InfluenceInputError(f"review decision: action {action!r} must be one of {list(ACTIONS)}")
+            raise ReviewError(f"review decision: action {action!r} must be one of {list(ACTIONS)}")
         if action == "relabel":
             if label is None or int(label) < 0:
-                raise InfluenceInputError("review decision: 'relabel' needs the new label (an integer >= 0)")
+                raise ReviewError("review decision: 'relabel' needs the new label (an integer >= 0)")
             label = int(label)
         elif label is not None:
-            raise InfluenceInputError(f"review decision: a label is only given with 'relabel', not with {action!r}")
+            raise ReviewError(f"review decision: a label is only given with 'relabel', not with {action!r}")
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         who = reviewer or _user()
         rows = [(run_id, i, action, label, who, note, stamp) for i in ids]
-        with closing(self._connect()) as conn, conn:
+        with self._connect() as conn, conn:
             conn.executemany(
                 "INSERT INTO decisions (run_id, example_id, action, label, reviewer, note, decided_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -108,29 +111,33 @@ class DecisionStore:
         return self._frame(query, (run_id,))
 
     def runs(self) -> list[str]:
-        with closing(self._connect()) as conn:
+        with self._connect() as conn:
             return [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM decisions ORDER BY run_id")]
 
     def _frame(self, query: str, params: tuple) -> pd.DataFrame:
-        with closing(self._connect()) as conn:
+        with self._connect() as conn:
             rows = conn.execute(query, params).fetchall()
         frame = pd.DataFrame(rows, columns=DECISION_COLUMNS)
         frame["example_id"] = frame["example_id"].astype("int64")
         frame["label"] = frame["label"].astype("Int64")
         return frame
 
-    def _connect(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection closed on exit; any SQLite failure (a corrupt file, "file is not a database",
+        a locked or read-only store) becomes a ReviewError naming the store."""
         try:
-            return sqlite3.connect(self.path, timeout=30)
+            with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as conn:
+                yield conn
         except sqlite3.Error as exc:
-            raise InfluenceInputError(f"review store {self.path}: cannot be opened ({exc})") from None
+            raise ReviewError(f"review store {self.path}: cannot be used ({exc})") from None
 
 
 def _as_id(value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise InfluenceInputError(f"review decision: example id {value!r} is not an integer") from None
+        raise ReviewError(f"review decision: example id {value!r} is not an integer") from None
 
 
 def _user() -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..influence.errors import InfluenceInputError
+from ..errors import ConfigurationError
 from ..settings import data_dir
 
 CONFIG_ENV = "Z0INF_MLFLOW_CONFIG"
@@ -43,19 +43,19 @@ def load_mlflow_config(name_or_path: str) -> MlflowConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise InfluenceInputError(f"mlflow config {path}: cannot be read ({exc})") from None
+        raise ConfigurationError(f"mlflow config {path}: cannot be read ({exc})") from None
     if not isinstance(raw, dict) or not raw.get("tracking_uri"):
-        raise InfluenceInputError(f"mlflow config {path}: needs a 'tracking_uri' entry")
+        raise ConfigurationError(f"mlflow config {path}: needs a 'tracking_uri' entry")
     unknown = sorted(set(raw) - {"tracking_uri", "artifact_location"})
     if unknown:
-        raise InfluenceInputError(f"mlflow config {path}: unknown entries {unknown}")
+        raise ConfigurationError(f"mlflow config {path}: unknown entries {unknown}")
 
     def expand(value: str | None) -> str | None:
         if value is None:
             return None
         text = os.path.expandvars(str(value)).replace("{data_dir}", str(data_dir()))
         if "$" in text:
-            raise InfluenceInputError(f"mlflow config {path}: {value!r} uses an environment variable that is not set")
+            raise ConfigurationError(f"mlflow config {path}: {value!r} uses an environment variable that is not set")
         return text
 
     return MlflowConfig(expand(raw["tracking_uri"]), expand(raw.get("artifact_location")))
@@ -114,6 +114,6 @@ def _config_path(name_or_path: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise InfluenceInputError(
+    raise ConfigurationError(
         f"mlflow config {name_or_path!r}: no such file (looked at {[str(c) for c in candidates]})"
     )

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import ID_COLUMN
 
@@ -34,9 +35,9 @@ class LabelNoise:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
-            raise InfluenceInputError(f"label noise fraction {self.fraction}: must be in [0, 1)")
+            raise ConfigurationError(f"label noise fraction {self.fraction}: must be in [0, 1)")
         if self.kind not in NOISE_KINDS:
-            raise InfluenceInputError(f"label noise kind {self.kind!r}: must be one of {list(NOISE_KINDS)}")
+            raise ConfigurationError(f"label noise kind {self.kind!r}: must be one of {list(NOISE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def load_dataset(
     digits as images, one mean and scale for all pixels so the picture keeps its contrast).
     """
     if not 0.0 < test_fraction < 1.0:
-        raise InfluenceInputError(f"test_fraction {test_fraction}: must be between 0 and 1")
+        raise ConfigurationError(f"test_fraction {test_fraction}: must be between 0 and 1")
     ids, features, labels, class_names, source = _load_raw(name, label_column)
     if image and name != "digits":
         raise InfluenceInputError(f"dataset {name}: image=True is only available for digits")

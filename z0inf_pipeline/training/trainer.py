@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..influence.checkpoints import save_checkpoint
+from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from . import layout
 from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, curate_train, load_dataset
@@ -82,7 +83,7 @@ class TrainConfig:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise InfluenceInputError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
+                raise ConfigurationError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +98,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise InfluenceInputError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
+            raise ConfigurationError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
         return cls(**d)
 
     @property
@@ -129,7 +130,7 @@ def checkpoint_steps(total_steps: int, *, count: int = 20, every: int = 0, unit_
     if every > 0:
         return sorted(set(range(0, total_steps, every * unit_steps)) | {total_steps})
     if count > total_steps + 1:
-        raise InfluenceInputError(
+        raise ConfigurationError(
             f"checkpoints: {count} requested but training has only {total_steps} steps "
             f"({total_steps + 1} possible checkpoints)"
         )
