@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..influence.analysis import InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
-from ..influence.checkpoints import open_checkpoints
+from ..influence.analysis import GramProvenance, InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
+from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
 
@@ -49,10 +49,11 @@ def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
 
 def _gram(args) -> None:
     checkpoints = open_checkpoints(args.checkpoints)
+    names = select_parameters(checkpoints, args.parameters)
     gram = gram_matrix(
-        checkpoints, parameters=args.parameters, center=args.center, device=resolve_device(args.device), progress=True
+        checkpoints, parameters=names, center=args.center, device=resolve_device(args.device), progress=True
     )
-    frame = gram_to_frame([c.step for c in checkpoints], gram)
+    frame = gram_to_frame([c.step for c in checkpoints], gram, GramProvenance.of(checkpoints, names, args.center))
     print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
 
 
