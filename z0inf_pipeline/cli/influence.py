@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..influence.analysis import GramProvenance, InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
+from ..influence.atomic import check_output
 from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
@@ -48,6 +49,7 @@ def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _gram(args) -> None:
+    check_output(args.output, [args.checkpoints])
     checkpoints = open_checkpoints(args.checkpoints)
     names = select_parameters(checkpoints, args.parameters)
     gram = gram_matrix(
@@ -58,6 +60,8 @@ def _gram(args) -> None:
 
 
 def _analysis(args, test_losses=None) -> InfluenceAnalysis:
+    """The analysis of the command's inputs, once its output path is known not to replace any of them."""
+    check_output(args.output, [args.checkpoints, args.train_losses, test_losses, args.gram])
     return InfluenceAnalysis(
         args.checkpoints,
         args.train_losses,
