@@ -39,14 +39,15 @@ _METRIC_TOLERANCE = 1e-4
 
 
 def check_artifact_path(run_id: str, path: str) -> PurePosixPath:
-    """Refuse artifact names that could leave the download folder: absolute paths, ``..``, backslashes."""
+    """Refuse artifact names that could leave the download folder: absolute paths, a ``..`` path part,
+    backslashes. Judged by parts: ``notes..txt`` is an ordinary file name."""
     pure = PurePosixPath(path)
     if (
         not path
         or pure.is_absolute()
         or "\\" in path
         or "\x00" in path
-        or any(".." in part for part in pure.parts)
+        or ".." in pure.parts
         or re.match(r"^[A-Za-z]:", path)
     ):
         raise ContractError(
