@@ -56,6 +56,8 @@ def test_names_that_could_leave_the_folder_are_refused(name):
 
 def test_a_run_with_an_artifact_named_notes_dot_dot_txt_is_fetched(tracking_uri, tmp_path):
     run_id = train_and_log(TINY, tracking_uri=tracking_uri)
-    MlflowClient(tracking_uri).log_text(run_id, "reviewed by A.", "notes..txt")
+    client = MlflowClient(tracking_uri)
+    client.log_text(run_id, "reviewed by A.", "notes..txt")
+    client.log_text(run_id, "not in the manifest", "checkpoints/..step_00000099.safetensors")
     run = fetch_run(run_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
     assert run.run_id == run_id and len(run.checkpoints) == 3

@@ -8,6 +8,7 @@ at ``<data_dir>/mlflow/mlflow.db`` with artifacts in ``<data_dir>/mlflow/artifac
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +19,8 @@ from ..settings import data_dir
 CONFIG_ENV = "Z0INF_MLFLOW_CONFIG"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 CONFIG_FOLDER = "mlflow_configs"
+TRUSTED_FACTORIES_ENV = "Z0INF_TRUSTED_FACTORIES"
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,6 +73,18 @@ def active_config() -> MlflowConfig:
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri`` > ``$MLFLOW_TRACKING_URI`` > the active config."""
     return uri or os.environ.get(TRACKING_URI_ENV) or active_config().tracking_uri
+
+
+def trusted_factory_prefixes() -> tuple[str, ...]:
+    """Modules whose functions a run's ``{"factory": "module:function"}`` model spec may name:
+    ``$Z0INF_TRUSTED_FACTORIES``, comma-separated package or module names (``my_team.models``),
+    empty by default. A factory is imported and called when a model is rebuilt, so only code you
+    trust belongs here; a run naming anything else is refused when it is fetched."""
+    prefixes = tuple(p.strip() for p in os.environ.get(TRUSTED_FACTORIES_ENV, "").split(",") if p.strip())
+    bad = [p for p in prefixes if not _MODULE_NAME.match(p)]
+    if bad:
+        raise ConfigurationError(f"${TRUSTED_FACTORIES_ENV}: {bad} are not module names (e.g. my_team.models)")
+    return prefixes
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
