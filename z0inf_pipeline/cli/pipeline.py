@@ -110,6 +110,10 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
 
 
 def _materialize(args) -> int:
+    from ..tracking import resolve_tracking_uri
+    from ..tracking.client import check_reachable
+
+    check_reachable(resolve_tracking_uri())  # a dead MLflow is one named error now, not a failed step later
     instance, persistent = dagster_instance()
     outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
     _print_steps(outcome)

@@ -35,17 +35,9 @@ class MlflowResource(dg.ConfigurableResource):
     def check_reachable(self) -> None:
         """Raise MlflowUnavailable quickly when an HTTP tracking server is down (MLflow's own client
         would retry with back-off for minutes first). Local stores are always reachable."""
-        import requests
+        from ..tracking.client import check_reachable
 
-        uri = self.uri()
-        if not uri.startswith(("http://", "https://")):
-            return
-        try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
-        except requests.RequestException as exc:
-            raise MlflowUnavailable(f"MLflow at {uri} is unreachable ({type(exc).__name__})") from None
-        if response.status_code >= 500:
-            raise MlflowUnavailable(f"MLflow at {uri} answered {response.status_code}")
+        check_reachable(self.uri(), self.probe_timeout_s)
 
     def contract_runs(self):
         """FINISHED contract runs, oldest first; MlflowUnavailable when the store cannot be asked."""
