@@ -41,3 +41,16 @@ class ServiceUnavailable(Z0infError):
 
 class MlflowUnavailable(ServiceUnavailable):
     """The MLflow tracking store did not answer within its time bound."""
+
+
+def named_error(class_name: str, message: str, *, where: str = "") -> Z0infError | None:
+    """Rebuild a named error from its class name and message (as Dagster records a failed step's cause),
+    so a command can report it like any other; None when ``class_name`` is not one of these classes.
+    A leading ``module.Class: `` (how Python formats an exception) is dropped from the message, and
+    ``where`` (say, the failed step) is put in front of it."""
+    cls = globals().get(class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Z0infError)):
+        return None
+    for prefix in (f"{cls.__module__}.{class_name}: ", f"{class_name}: "):
+        message = message.removeprefix(prefix)
+    return cls(f"{where}{message}")

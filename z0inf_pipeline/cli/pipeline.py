@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import Z0infError, named_error
 from ..training import DEMO_CONFIG
 JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
 AUTO_REVIEWER = "z0inf-demo-auto-review"
@@ -70,6 +71,7 @@ class JobOutcome:
     step_seconds: dict[str, float] = field(default_factory=dict)
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    named_error: Z0infError | None = None  # the first failed step's cause, when it is one of the named errors
 
     def check_failed(self, name: str) -> bool:
         return name in self.checks and not self.checks[name][0]
@@ -105,7 +107,12 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     )
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
-            outcome.failures.append(f"{event.step_key}: {event.step_failure_data.error.message.strip()}")
+            error = event.step_failure_data.error
+            outcome.failures.append(f"{event.step_key}: {error.message.strip()}")
+            cause = error.cause or error
+            if outcome.named_error is None:
+                where = f"{job} step {event.step_key}: "
+                outcome.named_error = named_error(cause.cls_name, cause.message.strip(), where=where)
     return outcome
 
 
@@ -124,6 +131,8 @@ def _materialize(args) -> int:
         print(f"  `z0inf review decide {args.run} ID... --action ...`, then run this again")
         return 3
     if not outcome.success:
+        if outcome.named_error is not None:  # an expected failure: reported by the CLI's error boundary
+            raise outcome.named_error
         print("\n".join(["", "failed:", *outcome.failures]), file=sys.stderr)
         return 1
     _print_outputs(args.run)

@@ -281,5 +281,7 @@ def _load_table(source: str | os.PathLike | LossTable, steps: tuple[int, ...]) -
     if isinstance(source, LossTable):
         if source.steps != steps:
             raise InfluenceInputError(f"loss table steps {list(source.steps)} do not match checkpoint steps {list(steps)}")
+        if len(source.example_ids) == 0:
+            raise InfluenceInputError("loss table: has no examples to score")
         return source
     return read_loss_table(source, expected_steps=steps)

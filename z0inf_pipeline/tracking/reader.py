@@ -242,9 +242,9 @@ def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
         folder = pending.pop()
         try:
             entries = client.list_artifacts(run_id, folder)
-        except MlflowException as exc:
+        except (MlflowException, OSError) as exc:  # OSError: a local store holding a symlink loop, say
             where = folder or "/"
-            raise ContractError(f"run {run_id}: cannot list artifacts under {where!r} ({exc.message})") from None
+            raise ContractError(f"run {run_id}: cannot list artifacts under {where!r} ({_reason(exc)})") from None
         for entry in entries:
             check_artifact_path(run_id, entry.path)
             (pending.append(entry.path) if entry.is_dir else files.add(entry.path))
@@ -258,10 +258,14 @@ def _download(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
     try:
         with _no_progress_bars():
             local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
-    except MlflowException as exc:
-        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({exc.message})") from None
+    except (MlflowException, OSError) as exc:
+        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})") from None
     if local.resolve() != destination or not destination.is_file():
         raise ContractError(f"run {run_id}: artifact {path!r} did not arrive at {destination}")
+
+
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, MlflowException) else f"{exc.strerror}: {exc.filename}"
 
 
 @contextlib.contextmanager
