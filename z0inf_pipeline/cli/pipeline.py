@@ -91,11 +91,14 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     """Execute a partitioned job for ``run_id`` in this process (adding the partition if needed)."""
     from ..definitions import defs
     from ..defs.partitions import mlflow_runs
+    from ..defs.recovery import fail_orphaned_runs, process_tags
 
+    fail_orphaned_runs(instance)  # runs of killed z0inf processes would hold queue slots for ever
     if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
         instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
     result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False
+        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False,
+        tags=process_tags(),
     )
     stats = instance.get_run_step_stats(result.run_id)
     outcome = JobOutcome(
