@@ -61,28 +61,37 @@ def runs_of_pid(pid: int) -> list:
         return instance.get_runs(filters=dg.RunsFilter(tags={PID_TAG: str(pid)}))
 
 
-def kill_materialize_mid_run(run_id: str) -> str:
-    """Start ``z0inf materialize influence``, SIGKILL it once its Dagster run has started a step."""
-    process = subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+def kill_materialize_mid_run(run_id: str, copies: int = 2) -> list[str]:
+    """Start ``copies`` concurrent ``z0inf materialize influence`` processes and SIGKILL each once its
+    Dagster run has started a step. (Started one after another, a later one would already clean up the
+    run of the one killed before it: see ``fail_orphaned_runs`` in ``run_job``.)"""
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        for _ in range(copies)
+    ]
     try:
-        def started_step():
+        def started_step(process):
             runs = runs_of_pid(process.pid)
             if not runs or runs[0].status != dg.DagsterRunStatus.STARTED:
                 return None
             with dg.DagsterInstance.get() as instance:
                 return runs[0].run_id if instance.get_run_step_stats(runs[0].run_id) else None
 
-        dagster_run_id = wait_for(started_step, 180, "the materialize run to start a step")
+        killed = []
+        for process in processes:
+            killed.append(wait_for(lambda: started_step(process), 240, "a materialize run to start a step"))
+            process.send_signal(signal.SIGKILL)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return dagster_run_id
+        for process in processes:
+            process.kill()
+            process.wait()
+    return killed
 
 
 @pytest.mark.dagster_daemon
 def test_killed_materialize_runs_do_not_stall_the_queue(tracking_uri, dagster_home, contract_run, tmp_path):
-    killed = [kill_materialize_mid_run(contract_run) for _ in range(2)]
+    killed = kill_materialize_mid_run(contract_run)
     with dg.DagsterInstance.get() as instance:
         assert [instance.get_run_by_id(r).status for r in killed] == [dg.DagsterRunStatus.STARTED] * 2
         assert instance.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])) == 2  # = max_concurrent_runs
