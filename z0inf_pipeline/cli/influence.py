@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..influence.analysis import GRAM_SETTINGS, InfluenceAnalysis, InfluenceArguments, gram_to_frame, write_frame
-from ..influence.checkpoints import open_checkpoints
+from ..influence.analysis import (
+    GRAM_SETTINGS,
+    GramProvenance,
+    InfluenceAnalysis,
+    InfluenceArguments,
+    gram_to_frame,
+    write_frame,
+)
+from ..influence.atomic import check_output
+from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
 from ..settings_schema import add_arguments, from_namespace
@@ -43,15 +51,19 @@ def _add_estimator_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...
 
 
 def _gram(args) -> None:
+    check_output(args.output, [args.checkpoints])
     checkpoints = open_checkpoints(args.checkpoints)
+    names = select_parameters(checkpoints, args.parameters)
     gram = gram_matrix(
-        checkpoints, parameters=args.parameters, center=args.center, device=resolve_device(args.device), progress=True
+        checkpoints, parameters=names, center=args.center, device=resolve_device(args.device), progress=True
     )
-    frame = gram_to_frame([c.step for c in checkpoints], gram)
+    frame = gram_to_frame([c.step for c in checkpoints], gram, GramProvenance.of(checkpoints, names, args.center))
     print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
 
 
 def _analysis(args, test_losses=None) -> InfluenceAnalysis:
+    """The analysis of the command's inputs, once its output path is known not to replace any of them."""
+    check_output(args.output, [args.checkpoints, args.train_losses, test_losses, args.gram])
     return InfluenceAnalysis(
         args.checkpoints,
         args.train_losses,

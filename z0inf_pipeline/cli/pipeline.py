@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import Z0infError, named_error
 from ..review.policy import FlagPolicy
 from ..settings_schema import add_arguments, from_namespace, plain_values
 from ..training import DEMO_CONFIG, TrainConfig
@@ -67,6 +68,7 @@ class JobOutcome:
     step_seconds: dict[str, float] = field(default_factory=dict)
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    named_error: Z0infError | None = None  # the first failed step's cause, when it is one of the named errors
 
     def check_failed(self, name: str) -> bool:
         return name in self.checks and not self.checks[name][0]
@@ -86,11 +88,14 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     """Execute a partitioned job for ``run_id`` in this process (adding the partition if needed)."""
     from ..definitions import defs
     from ..defs.partitions import mlflow_runs
+    from ..defs.recovery import fail_orphaned_runs, process_tags
 
+    fail_orphaned_runs(instance)  # runs of killed z0inf processes would hold queue slots for ever
     if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
         instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
     result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False
+        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False,
+        tags=process_tags(),
     )
     stats = instance.get_run_step_stats(result.run_id)
     outcome = JobOutcome(
@@ -102,11 +107,20 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     )
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
-            outcome.failures.append(f"{event.step_key}: {event.step_failure_data.error.message.strip()}")
+            error = event.step_failure_data.error
+            outcome.failures.append(f"{event.step_key}: {error.message.strip()}")
+            cause = error.cause or error
+            if outcome.named_error is None:
+                where = f"{job} step {event.step_key}: "
+                outcome.named_error = named_error(cause.cls_name, cause.message.strip(), where=where)
     return outcome
 
 
 def _materialize(args) -> int:
+    from ..tracking import resolve_tracking_uri
+    from ..tracking.client import check_reachable
+
+    check_reachable(resolve_tracking_uri())  # a dead MLflow is one named error now, not a failed step later
     instance, persistent = dagster_instance()
     outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
     _print_steps(outcome)
@@ -117,6 +131,8 @@ def _materialize(args) -> int:
         print(f"  `z0inf review decide {args.run} ID... --action ...`, then run this again")
         return 3
     if not outcome.success:
+        if outcome.named_error is not None:  # an expected failure: reported by the CLI's error boundary
+            raise outcome.named_error
         print("\n".join(["", "failed:", *outcome.failures]), file=sys.stderr)
         return 1
     _print_outputs(args.run)

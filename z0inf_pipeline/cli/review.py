@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import ReviewError
 from ..review import ACTIONS, DecisionStore, RunLayout, evaluate_gate, read_review_queue
 from ..settings import data_dir
 
@@ -80,15 +80,15 @@ def _decide(args) -> None:
         decided = set(store.current(args.run)["example_id"].tolist())
         ids |= {int(i) for i in queue["example_id"] if int(i) not in decided}
     if not ids:
-        raise InfluenceInputError("review decide: give example ids, or --flagged for every undecided flagged example")
+        raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
     examples = pd.read_parquet(layout.examples)
     train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
     unknown = sorted(set(ids) - set(train_ids.tolist()))
     if unknown:
-        raise InfluenceInputError(f"review decide: id(s) {unknown[:10]} are not training examples of run {args.run}")
+        raise ReviewError(f"review decide: id(s) {unknown[:10]} are not training examples of run {args.run}")
     num_classes = info.get("num_classes")
     if args.action == "relabel" and args.label is not None and num_classes and not 0 <= args.label < num_classes:
-        raise InfluenceInputError(f"review decide: label {args.label} is outside the run's classes [0, {num_classes})")
+        raise ReviewError(f"review decide: label {args.label} is outside the run's classes [0, {num_classes})")
     count = store.record(args.run, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
     label = f" -> {args.label}" if args.action == "relabel" else ""
     print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")

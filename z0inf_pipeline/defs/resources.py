@@ -6,9 +6,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
-
-class MlflowUnavailable(RuntimeError):
-    """The tracking server did not answer; the caller should retry later rather than fail."""
+from ..errors import MlflowUnavailable
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -37,17 +35,9 @@ class MlflowResource(dg.ConfigurableResource):
     def check_reachable(self) -> None:
         """Raise MlflowUnavailable quickly when an HTTP tracking server is down (MLflow's own client
         would retry with back-off for minutes first). Local stores are always reachable."""
-        import requests
+        from ..tracking.client import check_reachable
 
-        uri = self.uri()
-        if not uri.startswith(("http://", "https://")):
-            return
-        try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
-        except requests.RequestException as exc:
-            raise MlflowUnavailable(f"MLflow at {uri} is unreachable ({type(exc).__name__})") from None
-        if response.status_code >= 500:
-            raise MlflowUnavailable(f"MLflow at {uri} answered {response.status_code}")
+        check_reachable(self.uri(), self.probe_timeout_s)
 
     def contract_runs(self):
         """FINISHED contract runs, oldest first; MlflowUnavailable when the store cannot be asked."""

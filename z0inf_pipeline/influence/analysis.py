@@ -6,6 +6,7 @@ the Gram matrix once and returns tidy frames ready to be written as parquet.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -17,12 +18,16 @@ import pandas as pd
 import torch
 
 from .atomic import atomic_output
-from .checkpoints import Checkpoint, open_checkpoints, select_parameters
+from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from .errors import InfluenceInputError
 from .estimators import NeighborRule, self_influence, train_test_topk, variance_self_influence
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
 from ..settings_schema import check_choices, normalise_sequences
+
+_PROVENANCE_KEY = "z0inf.gram_provenance"
+# |G - G^T| allowed, relative to the largest squared norm: float64 products summed in another order.
+_SYMMETRY_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,45 @@ class InfluenceArguments:
 GRAM_SETTINGS = ("parameters", "center")
 
 
+@dataclass(frozen=True)
+class GramProvenance:
+    """What a Gram file was computed from: a reused Gram must come from the same checkpoints
+    (steps and fingerprints), the same parameter tensors and the same centring, or its scores are wrong."""
+
+    steps: tuple[int, ...]
+    parameters: tuple[str, ...]
+    center: bool
+    fingerprints: tuple[str, ...]
+
+    @classmethod
+    def of(cls, checkpoints: Sequence[Checkpoint], parameters: Sequence[str], center: bool) -> "GramProvenance":
+        return cls(tuple(c.step for c in checkpoints), tuple(parameters), bool(center),
+                   tuple(checkpoint_fingerprint(c) for c in checkpoints))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GramProvenance":
+        raw = json.loads(text)
+        return cls(tuple(int(s) for s in raw["steps"]), tuple(str(p) for p in raw["parameters"]),
+                   bool(raw["center"]), tuple(str(f) for f in raw["fingerprints"]))
+
+    def differences(self, other: "GramProvenance") -> list[str]:
+        """What differs between the Gram's record (self) and the analysis (other), in words."""
+        found = []
+        if self.steps != other.steps:
+            found.append(f"steps {list(self.steps)}, not the checkpoints' {list(other.steps)}")
+        if self.parameters != other.parameters:
+            found.append(f"parameters {list(self.parameters)}, not the selected {list(other.parameters)}")
+        if self.center != other.center:
+            found.append(f"center={self.center}, not {other.center}")
+        changed = [s for s, a, b in zip(other.steps, self.fingerprints, other.fingerprints) if a != b]
+        if self.steps == other.steps and changed:
+            found.append(f"other checkpoint contents at step(s) {changed}")
+        return found
+
+
 class InfluenceAnalysis:
     """Checkpoints + loss tables of one training run -> Gram, self-influence, train-test top-k."""
 
@@ -87,15 +131,30 @@ class InfluenceAnalysis:
         self.train = _load_table(train_losses, self.steps)
         self.test = None if test_losses is None else _load_table(test_losses, self.steps)
         if isinstance(gram, (str, os.PathLike)):
-            gram_steps, matrix = read_gram(gram)
-            if gram_steps != self.steps:
-                raise InfluenceInputError(
-                    f"gram file {gram}: steps {list(gram_steps)} do not match the checkpoints' {list(self.steps)}"
-                )
-            gram = matrix
+            gram = self._reusable_gram(gram)
+        elif gram is not None:
+            check_gram(gram, "gram")
         if gram is not None and tuple(gram.shape) != (len(self.steps),) * 2:
             raise InfluenceInputError(f"gram: shape {tuple(gram.shape)} does not match {len(self.steps)} checkpoints")
         self._given_gram = gram
+
+    @property
+    def provenance(self) -> GramProvenance:
+        """What this analysis's Gram is made of: written with the Gram file, checked when one is reused."""
+        return GramProvenance.of(self.checkpoints, self.parameter_names, self.args.center)
+
+    def _reusable_gram(self, path: str | os.PathLike) -> torch.Tensor:
+        """A Gram file's matrix, refused unless its provenance record matches these checkpoints and settings."""
+        steps, matrix, recorded = read_gram_file(path)
+        if recorded is None:
+            raise InfluenceInputError(
+                f"gram file {path}: records no provenance (checkpoints, parameters, centring), so it cannot be "
+                "checked against these checkpoints; recompute it with `z0inf gram`"
+            )
+        differences = recorded.differences(self.provenance)
+        if differences:
+            raise InfluenceInputError(f"gram file {path}: was computed from {'; '.join(differences)}")
+        return matrix
 
     @cached_property
     def gram(self) -> torch.Tensor:
@@ -113,20 +172,21 @@ class InfluenceAnalysis:
         return torch.tensor([c.learning_rate for c in self.checkpoints], dtype=torch.float64)
 
     def gram_frame(self) -> pd.DataFrame:
-        return gram_to_frame(self.steps, self.gram)
+        return gram_to_frame(self.steps, self.gram, self.provenance)
 
     def self_influence_frame(self) -> pd.DataFrame:
         losses = self.train.values.to(self.device)
         scores = self_influence(
             self.gram, losses, self.args.neighbors, self.eta, neighbor_rule=self.args.neighbor_rule
         )
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "example_id": self.train.example_ids,
                 "self_influence": scores.double().cpu().numpy(),
                 "variance_self_influence": variance_self_influence(losses).double().cpu().numpy(),
             }
         )
+        return require_finite_scores(frame, ["self_influence", "variance_self_influence"], "example_id", "train")
 
     def topk_frame(self) -> pd.DataFrame:
         if self.test is None:
@@ -143,7 +203,7 @@ class InfluenceAnalysis:
         )
         M = len(self.test.example_ids)
         train_ids = torch.from_numpy(self.train.example_ids)
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "test_example_id": np.repeat(self.test.example_ids, k),
                 "rank": np.tile(np.arange(1, k + 1), M),
@@ -153,17 +213,63 @@ class InfluenceAnalysis:
                 "opponent_score": top.opponent_scores.double().cpu().reshape(-1).numpy(),
             }
         )
+        return require_finite_scores(frame, ["proponent_score", "opponent_score"], "test_example_id", "test")
 
 
-def gram_to_frame(steps: Sequence[int], gram: torch.Tensor) -> pd.DataFrame:
-    """The Gram matrix as a table: a ``step`` column, then one ``step_<s>`` column per checkpoint."""
+def require_finite_scores(frame: pd.DataFrame, columns: Sequence[str], id_column: str, split: str) -> pd.DataFrame:
+    """Refuse scores that overflowed (a loss of 1e38 squares to inf in float32) instead of writing them."""
+    for column in columns:
+        finite = np.isfinite(frame[column].to_numpy())
+        if not finite.all():
+            first = frame[id_column].to_numpy()[np.argmin(finite)]
+            raise InfluenceInputError(
+                f"{column}: {int((~finite).sum())} scores are NaN or inf (first at {id_column} {first}): the "
+                f"{split} loss table's values are too large for the estimator's arithmetic"
+            )
+    return frame
+
+
+def check_gram(gram: torch.Tensor, where: str) -> None:
+    """A Gram matrix W W^T is finite, symmetric and has a non-negative diagonal (squared norms): anything
+    else was edited or made by something else, and would give negative self-influence."""
+    g = gram.double()
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise InfluenceInputError(f"{where}: a Gram matrix is square, got shape {tuple(g.shape)}")
+    if not torch.isfinite(g).all():
+        raise InfluenceInputError(f"{where}: holds NaN or inf values")
+    diagonal = g.diagonal()
+    if (diagonal < 0).any():
+        t = int(torch.argmin(diagonal))
+        raise InfluenceInputError(f"{where}: diagonal entry {t} is {float(diagonal[t]):.6g}; squared norms are never negative")
+    asymmetry = float((g - g.T).abs().max()) if g.numel() else 0.0
+    scale = float(diagonal.max()) if g.numel() else 0.0
+    if asymmetry > _SYMMETRY_TOLERANCE * scale:
+        raise InfluenceInputError(
+            f"{where}: not symmetric (largest |G - G^T| is {asymmetry:.6g} against a largest diagonal of {scale:.6g})"
+        )
+
+
+def gram_to_frame(steps: Sequence[int], gram: torch.Tensor, provenance: GramProvenance | None = None) -> pd.DataFrame:
+    """The Gram matrix as a table: a ``step`` column, then one ``step_<s>`` column per checkpoint.
+
+    ``provenance`` travels in the frame's ``attrs`` (pandas keeps them in the parquet file's metadata),
+    so a reused Gram file can be checked against the checkpoints it is used with."""
     frame = pd.DataFrame(gram.cpu().numpy(), columns=[step_column(s) for s in steps])
     frame.insert(0, "step", np.asarray(steps, dtype=np.int64))
+    if provenance is not None:
+        frame.attrs[_PROVENANCE_KEY] = provenance.to_json()
     return frame
 
 
 def read_gram(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Read a Gram parquet file written from ``gram_to_frame``: (steps, G)."""
+    """Read and check a Gram parquet file written from ``gram_to_frame``: (steps, G)."""
+    steps, gram, _ = read_gram_file(path)
+    return steps, gram
+
+
+def read_gram_file(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tensor, GramProvenance | None]:
+    """(steps, G, provenance record or None) of a Gram parquet file; G is checked (finite, symmetric,
+    non-negative diagonal) and the record against the file's own steps."""
     try:
         frame = pd.read_parquet(path)
     except (FileNotFoundError, OSError, ValueError) as exc:
@@ -175,7 +281,17 @@ def read_gram(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tensor]:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise InfluenceInputError(f"gram file {path}: missing columns {missing}")
-    return steps, torch.from_numpy(frame[columns].to_numpy(dtype=np.float64))
+    gram = torch.from_numpy(frame[columns].to_numpy(dtype=np.float64, copy=True))
+    check_gram(gram, f"gram file {path}")
+    provenance = None
+    if _PROVENANCE_KEY in frame.attrs:
+        try:
+            provenance = GramProvenance.from_json(frame.attrs[_PROVENANCE_KEY])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InfluenceInputError(f"gram file {path}: malformed provenance record ({exc!r})") from None
+        if provenance.steps != steps or len(provenance.fingerprints) != len(steps):
+            raise InfluenceInputError(f"gram file {path}: its provenance record disagrees with its step column")
+    return steps, gram, provenance
 
 
 def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -189,5 +305,7 @@ def _load_table(source: str | os.PathLike | LossTable, steps: tuple[int, ...]) -
     if isinstance(source, LossTable):
         if source.steps != steps:
             raise InfluenceInputError(f"loss table steps {list(source.steps)} do not match checkpoint steps {list(steps)}")
+        if len(source.example_ids) == 0:
+            raise InfluenceInputError("loss table: has no examples to score")
         return source
     return read_loss_table(source, expected_steps=steps)

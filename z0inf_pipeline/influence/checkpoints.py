@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,8 @@ _DTYPE_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }
 _CAN_ADVISE = hasattr(os, "posix_fadvise")
+_FINGERPRINT_SAMPLES = 16  # data blocks hashed into a checkpoint's fingerprint, spread evenly over the file
+_FINGERPRINT_BLOCK = 4096
 _READ_AHEAD_SLICES = 16  # slices the kernel is asked to fetch ahead of the reader (page cache, not RSS)
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_DTYPES = {
@@ -127,11 +130,18 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     meta = header.pop("__metadata__", None) or {}
     data_bytes = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InfluenceInputError(f"checkpoint {path}: malformed header entry for tensor {name!r}") from None
+        if not all(_is_int(v) for v in (begin, end)):  # 1.5 or True would be misread as a position
+            raise InfluenceInputError(
+                f"checkpoint {path}: tensor {name!r} has non-integer data offsets [{begin!r}, {end!r}]"
+            )
+        if not all(_is_int(v) and v >= 0 for v in shape):
+            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a malformed shape {list(shape)!r}")
         if dtype not in _DTYPE_BYTES:
             raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
         if not 0 <= begin <= end:
@@ -144,6 +154,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
             raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a size that does not match its shape")
         tensors[name] = TensorInfo(dtype, shape, 8 + header_len + begin)
+        spans.append((begin, end, name))
+    _check_layout(path, spans)
     if "step" not in meta:
         raise InfluenceInputError(f"checkpoint {path}: metadata has no 'step' (checkpoints must record their step)")
     try:
@@ -153,6 +165,48 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except ValueError as exc:
         raise InfluenceInputError(f"checkpoint {path}: malformed metadata ({exc})") from None
     return Checkpoint(path, step, epoch, learning_rate, tensors)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """Tensors must tile the data section back to back, as safetensors writes them: two tensors
+    sharing bytes would silently alias, and a gap means the header does not describe the file."""
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise InfluenceInputError(
+                f"checkpoint {path}: tensor {name!r} (bytes [{begin}, {end}]) overlaps tensor {previous!r} "
+                f"(which ends at byte {position})"
+            )
+        if begin > position:
+            raise InfluenceInputError(
+                f"checkpoint {path}: tensor {name!r} starts at byte {begin}, but the data before it ends at "
+                f"byte {position} (a gap the header does not describe)"
+            )
+        position, previous = end, name
+
+
+def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
+    """A cheap identity for a checkpoint file: SHA-256 of its header, its size and 16 blocks of 4 KiB
+    spread evenly over its data (constant cost, whatever the model size).
+
+    It tells another checkpoint (other run, other step, retrained weights) from this one, which is what
+    a derived file's provenance needs; it is not a defence against a deliberate edit of unsampled bytes
+    (a run's manifest holds full SHA-256 hashes for that)."""
+    path = checkpoint.path
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb", buffering=0) as fh:
+        header_len = struct.unpack("<Q", fh.read(8))[0]
+        digest.update(fh.read(header_len))
+        start = 8 + header_len
+        data = size - start
+        for i in range(_FINGERPRINT_SAMPLES):
+            digest.update(os.pread(fh.fileno(), _FINGERPRINT_BLOCK, start + data * i // _FINGERPRINT_SAMPLES))
+    return digest.hexdigest()
 
 
 def open_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike | Checkpoint]) -> list[Checkpoint]:
@@ -184,6 +238,11 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
         raise InfluenceInputError("no checkpoints given")
     first = checkpoints[0]
     names = first.parameter_names
+    if not names:
+        raise InfluenceInputError(
+            f"checkpoint {first.path}: holds no floating-point tensors (only "
+            f"{sorted({i.dtype for i in first.tensors.values()}) or 'none'}), so there are no weights to compare"
+        )
     if patterns:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         if not names:

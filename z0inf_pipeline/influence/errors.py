@@ -1,5 +1,8 @@
-"""One exception type for bad input, so callers (CLI, Dagster) can report it cleanly."""
+"""The core's error type: the project's ``InputError`` under its historical name.
 
+``z0inf_pipeline.errors`` is pure, so importing it keeps this package free of MLflow and Dagster.
+"""
 
-class InfluenceInputError(ValueError):
-    """Raised when an input (file, column, tensor, argument) is unusable; the message names it."""
+from ..errors import InputError as InfluenceInputError
+
+__all__ = ["InfluenceInputError"]

@@ -99,6 +99,8 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
             f"{list(expected_steps)}; missing columns {[step_column(s) for s in missing]}, "
             f"extra columns {[step_column(s) for s in extra]})"
         )
+    if table.num_rows == 0:
+        raise InfluenceInputError(f"loss table {path}: has no rows (no examples to score)")
     ids = table.column(ID_COLUMN).to_numpy()
     if not np.issubdtype(ids.dtype, np.integer):
         raise InfluenceInputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from ..influence.errors import InfluenceInputError
+from ..errors import ReviewError
 from ..settings import data_dir
 from .layout import check_run_id
 
@@ -80,7 +80,10 @@ class DecisionStore:
             url = f"sqlite:///{Path(url)}"
         store = cls(str(url))
         if store.path is not None:
-            store.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ReviewError(f"review store {store.path}: its folder cannot be created ({exc.strerror})") from None
         with store._transaction() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
@@ -112,15 +115,15 @@ class DecisionStore:
         check_run_id(run_id)
         ids = sorted({_as_id(i) for i in example_ids})
         if not ids:
-            raise InfluenceInputError("review decision: no example ids given")
+            raise ReviewError("review decision: no example ids given")
         if action not in ACTIONS:
-            raise InfluenceInputError(f"review decision: action {action!r} must be one of {list(ACTIONS)}")
+            raise ReviewError(f"review decision: action {action!r} must be one of {list(ACTIONS)}")
         if action == "relabel":
             if label is None or int(label) < 0:
-                raise InfluenceInputError("review decision: 'relabel' needs the new label (an integer >= 0)")
+                raise ReviewError("review decision: 'relabel' needs the new label (an integer >= 0)")
             label = int(label)
         elif label is not None:
-            raise InfluenceInputError(f"review decision: a label is only given with 'relabel', not with {action!r}")
+            raise ReviewError(f"review decision: a label is only given with 'relabel', not with {action!r}")
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         who = reviewer or _user()
         rows = [
@@ -174,13 +177,13 @@ class DecisionStore:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             reason = getattr(exc, "orig", None) or exc
-            raise InfluenceInputError(f"review store {self.location}: {type(reason).__name__}: {reason}") from None
+            raise ReviewError(f"review store {self.location}: {type(reason).__name__}: {reason}") from None
 
     def _parsed_url(self) -> sa.URL:
         try:
             return make_url(self.url)
         except sa.exc.ArgumentError:
-            raise InfluenceInputError(f"review store: {self.url!r} is not a database URL or a file path") from None
+            raise ReviewError(f"review store: {self.url!r} is not a database URL or a file path") from None
 
 
 def _columns() -> list[sa.Column]:
@@ -196,14 +199,14 @@ def _engine(url: str) -> sa.Engine:
         connect_args = {"timeout": 30} if parsed.get_backend_name() == "sqlite" else {"connect_timeout": 30}
         return sa.create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise InfluenceInputError(f"review store {url!r}: cannot be opened ({exc})") from None
+        raise ReviewError(f"review store {url!r}: cannot be opened ({exc})") from None
 
 
 def _as_id(value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise InfluenceInputError(f"review decision: example id {value!r} is not an integer") from None
+        raise ReviewError(f"review decision: example id {value!r} is not an integer") from None
 
 
 def _user() -> str:

@@ -8,16 +8,19 @@ at ``<data_dir>/mlflow/mlflow.db`` with artifacts in ``<data_dir>/mlflow/artifac
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..influence.errors import InfluenceInputError
+from ..errors import ConfigurationError
 from ..settings import data_dir
 
 CONFIG_ENV = "Z0INF_MLFLOW_CONFIG"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 CONFIG_FOLDER = "mlflow_configs"
+TRUSTED_FACTORIES_ENV = "Z0INF_TRUSTED_FACTORIES"
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,19 +46,19 @@ def load_mlflow_config(name_or_path: str) -> MlflowConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise InfluenceInputError(f"mlflow config {path}: cannot be read ({exc})") from None
+        raise ConfigurationError(f"mlflow config {path}: cannot be read ({exc})") from None
     if not isinstance(raw, dict) or not raw.get("tracking_uri"):
-        raise InfluenceInputError(f"mlflow config {path}: needs a 'tracking_uri' entry")
+        raise ConfigurationError(f"mlflow config {path}: needs a 'tracking_uri' entry")
     unknown = sorted(set(raw) - {"tracking_uri", "artifact_location"})
     if unknown:
-        raise InfluenceInputError(f"mlflow config {path}: unknown entries {unknown}")
+        raise ConfigurationError(f"mlflow config {path}: unknown entries {unknown}")
 
     def expand(value: str | None) -> str | None:
         if value is None:
             return None
         text = os.path.expandvars(str(value)).replace("{data_dir}", str(data_dir()))
         if "$" in text:
-            raise InfluenceInputError(f"mlflow config {path}: {value!r} uses an environment variable that is not set")
+            raise ConfigurationError(f"mlflow config {path}: {value!r} uses an environment variable that is not set")
         return text
 
     return MlflowConfig(expand(raw["tracking_uri"]), expand(raw.get("artifact_location")))
@@ -70,6 +73,18 @@ def active_config() -> MlflowConfig:
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri`` > ``$MLFLOW_TRACKING_URI`` > the active config."""
     return uri or os.environ.get(TRACKING_URI_ENV) or active_config().tracking_uri
+
+
+def trusted_factory_prefixes() -> tuple[str, ...]:
+    """Modules whose functions a run's ``{"factory": "module:function"}`` model spec may name:
+    ``$Z0INF_TRUSTED_FACTORIES``, comma-separated package or module names (``my_team.models``),
+    empty by default. A factory is imported and called when a model is rebuilt, so only code you
+    trust belongs here; a run naming anything else is refused when it is fetched."""
+    prefixes = tuple(p.strip() for p in os.environ.get(TRUSTED_FACTORIES_ENV, "").split(",") if p.strip())
+    bad = [p for p in prefixes if not _MODULE_NAME.match(p)]
+    if bad:
+        raise ConfigurationError(f"${TRUSTED_FACTORIES_ENV}: {bad} are not module names (e.g. my_team.models)")
+    return prefixes
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -114,6 +129,6 @@ def _config_path(name_or_path: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise InfluenceInputError(
+    raise ConfigurationError(
         f"mlflow config {name_or_path!r}: no such file (looked at {[str(c) for c in candidates]})"
     )

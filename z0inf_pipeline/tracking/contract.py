@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..influence.checkpoints import Checkpoint, open_checkpoints
-from ..influence.errors import InfluenceInputError
+from ..errors import ContractError, InputError
 from ..influence.loss_tables import LossTable, read_loss_table
 from ..training import layout
 
@@ -38,19 +38,16 @@ _CHECKPOINT_FILE = re.compile(r"^checkpoints/step_(\d+)\.safetensors$")
 _METRIC_TOLERANCE = 1e-4
 
 
-class ContractError(InfluenceInputError):
-    """A run does not satisfy the run contract; the message names the run and the artifact or field."""
-
-
 def check_artifact_path(run_id: str, path: str) -> PurePosixPath:
-    """Refuse artifact names that could leave the download folder: absolute paths, ``..``, backslashes."""
+    """Refuse artifact names that could leave the download folder: absolute paths, a ``..`` path part,
+    backslashes. Judged by parts: ``notes..txt`` is an ordinary file name."""
     pure = PurePosixPath(path)
     if (
         not path
         or pure.is_absolute()
         or "\\" in path
         or "\x00" in path
-        or any(".." in part for part in pure.parts)
+        or ".." in pure.parts
         or re.match(r"^[A-Za-z]:", path)
     ):
         raise ContractError(
@@ -227,5 +224,5 @@ def _contract_call(run_id: str, artifact: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except ContractError:
         raise
-    except InfluenceInputError as exc:
+    except InputError as exc:
         raise ContractError(f"run {run_id}: artifact {artifact!r} is malformed: {exc}") from None

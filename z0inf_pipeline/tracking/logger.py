@@ -20,7 +20,7 @@ from ..training import layout
 from ..training.datasets import Split
 from ..training.models import ModelSpec
 from ..training.recording import SplitRecorder, cross_entropy_per_example
-from ..training.trainer import TrainConfig, train
+from ..training.trainer import TrainConfig, plan_training, train
 from .client import ensure_experiment, tracking_client
 from .contract import (
     CONTRACT_TAG,
@@ -94,7 +94,10 @@ def train_and_log(
     tags: dict | None = None,
     progress: bool = False,
 ) -> str:
-    """Train ``config`` into a new contract run (metrics logged live, artifacts at the end); return its id."""
+    """Train ``config`` into a new contract run (metrics logged live, artifacts at the end); return its id.
+
+    The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind."""
+    plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
     noise = f"-noise{config.label_noise:g}" if config.label_noise else ""
@@ -105,7 +108,7 @@ def train_and_log(
     try:
         writer.log_params(train_params(config))
         with tempfile.TemporaryDirectory(prefix="z0inf-train-") as tmp:
-            result = train(config, Path(tmp) / "run", progress=progress, on_checkpoint=writer.log_row)
+            result = train(config, Path(tmp) / "run", progress=progress, on_checkpoint=writer.log_row, plan=plan)
             writer.log_params({
                 "n_train": len(result.bundle.train), "n_test": len(result.bundle.test),
                 "num_classes": result.bundle.num_classes, "n_flipped": len(result.bundle.flipped_ids),

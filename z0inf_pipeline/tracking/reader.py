@@ -26,6 +26,7 @@ from ..settings import data_dir
 from ..training import layout
 from ..training.models import ModelSpec, build_model
 from .client import tracking_client
+from .config import TRUSTED_FACTORIES_ENV, trusted_factory_prefixes
 from .contract import (
     CONTRACT_TAG,
     CONTRACT_VERSION,
@@ -76,7 +77,7 @@ class ContractRun:
 
     def build_model(self) -> torch.nn.Module:
         """A fresh network of the run's architecture (weights not loaded)."""
-        return model_from_spec(self.model_spec)
+        return model_from_spec(self.model_spec, self.run_id)
 
     def load_model(self, step: int | None = None) -> torch.nn.Module:
         """The network with the weights of checkpoint ``step`` (default: the last)."""
@@ -88,11 +89,29 @@ class ContractRun:
         return model.eval()
 
 
-def model_from_spec(spec: dict) -> torch.nn.Module:
+def check_factory_trusted(run_id: str, spec: dict) -> None:
+    """Refuse a ``factory`` model spec unless its module is under a trusted prefix (``$Z0INF_TRUSTED_FACTORIES``,
+    empty by default): rebuilding the model imports and calls it, so ``os:system`` would run a command."""
+    if "factory" not in spec:
+        return
+    factory = str(spec["factory"])
+    module_name, _, attribute = factory.partition(":")
+    trusted = trusted_factory_prefixes()
+    allowed = any(module_name == p or module_name.startswith(f"{p}.") for p in trusted)
+    if not allowed or not attribute:
+        raise ContractError(
+            f"run {run_id}: model spec factory {factory!r} is not in a trusted module (${TRUSTED_FACTORIES_ENV}: "
+            f"{list(trusted) or 'empty'}); nothing was imported. Add its package to ${TRUSTED_FACTORIES_ENV} "
+            "only if you trust the code it names"
+        )
+
+
+def model_from_spec(spec: dict, run_id: str = "(model spec)") -> torch.nn.Module:
     """Build a network from a run's model spec. A ``factory`` spec imports ``module:function`` from the
-    installed packages (never a file from the run), so only rebuild models of runs you trust."""
+    installed packages (never a file from the run), and only from trusted modules (``check_factory_trusted``)."""
     if "factory" not in spec:
         return build_model(ModelSpec.from_dict(spec))
+    check_factory_trusted(run_id, spec)
     module_name, _, attribute = str(spec["factory"]).partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
@@ -203,6 +222,7 @@ def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[
         _download(client, run_id, entry["path"], artifacts)
 
     files = validate_run_folder(artifacts, run_id=run_id)
+    check_factory_trusted(run_id, files.model_spec)
     check_tags_and_params(run_id, tags, params, files)
     histories = {
         key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
@@ -222,9 +242,9 @@ def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
         folder = pending.pop()
         try:
             entries = client.list_artifacts(run_id, folder)
-        except MlflowException as exc:
+        except (MlflowException, OSError) as exc:  # OSError: a local store holding a symlink loop, say
             where = folder or "/"
-            raise ContractError(f"run {run_id}: cannot list artifacts under {where!r} ({exc.message})") from None
+            raise ContractError(f"run {run_id}: cannot list artifacts under {where!r} ({_reason(exc)})") from None
         for entry in entries:
             check_artifact_path(run_id, entry.path)
             (pending.append(entry.path) if entry.is_dir else files.add(entry.path))
@@ -238,10 +258,14 @@ def _download(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
     try:
         with _no_progress_bars():
             local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
-    except MlflowException as exc:
-        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({exc.message})") from None
+    except (MlflowException, OSError) as exc:
+        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})") from None
     if local.resolve() != destination or not destination.is_file():
         raise ContractError(f"run {run_id}: artifact {path!r} did not arrive at {destination}")
+
+
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, MlflowException) else f"{exc.strerror}: {exc.filename}"
 
 
 @contextlib.contextmanager
@@ -278,6 +302,7 @@ def _move_into_place(work: Path, final: Path, *, replace: bool) -> None:
 def _open_cached(run_id: str, folder: Path) -> ContractRun:
     """A cache entry, checked cheaply: its files were hashed against the manifest when downloaded."""
     files = validate_run_folder(folder / ARTIFACTS, run_id=run_id, verify_hashes=False)
+    check_factory_trusted(run_id, files.model_spec)  # the list may have narrowed since it was cached
     info = layout.read_json(folder / RUN_INFO) if (folder / RUN_INFO).is_file() else None
     if info is None or info.get("run_id") != run_id:
         raise ContractError(f"run {run_id}: cache entry {folder} has no matching {RUN_INFO}")

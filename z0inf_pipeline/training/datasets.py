@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import ID_COLUMN
 
@@ -34,9 +35,9 @@ class LabelNoise:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
-            raise InfluenceInputError(f"label noise fraction {self.fraction}: must be in [0, 1)")
+            raise ConfigurationError(f"label noise fraction {self.fraction}: must be in [0, 1)")
         if self.kind not in NOISE_KINDS:
-            raise InfluenceInputError(f"label noise kind {self.kind!r}: must be one of {list(NOISE_KINDS)}")
+            raise ConfigurationError(f"label noise kind {self.kind!r}: must be one of {list(NOISE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,14 @@ def load_dataset(
     digits as images, one mean and scale for all pixels so the picture keeps its contrast).
     """
     if not 0.0 < test_fraction < 1.0:
-        raise InfluenceInputError(f"test_fraction {test_fraction}: must be between 0 and 1")
-    ids, features, labels, class_names, source = _load_raw(name, label_column)
+        raise ConfigurationError(f"test_fraction {test_fraction}: must be between 0 and 1")
+    ids, features, labels, class_names, source, feature_names = _load_raw(name, label_column)
     if image and name != "digits":
         raise InfluenceInputError(f"dataset {name}: image=True is only available for digits")
     input_shape = _DIGITS_IMAGE_SHAPE if image else (features.shape[1],)
     train_pos, test_pos = _stratified_split(labels, test_fraction, seed, source)
     train_x, test_x = _standardise(features[train_pos], features[test_pos], per_feature=not image)
+    _check_standardised(train_x, test_x, feature_names, source)
     num_classes = len(class_names)
     clean = labels[train_pos]
     noisy, flipped = clean, np.zeros(len(train_pos), dtype=bool)
@@ -172,13 +174,15 @@ def _split(ids: np.ndarray, features: np.ndarray, labels: np.ndarray, input_shap
 
 
 def _load_raw(name: str, label_column: str):
-    """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors)."""
+    """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors, feature names)."""
     if name in BUILTIN_DATASETS:
         from sklearn import datasets
 
         data = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
         names = tuple(str(n) for n in data.target_names)
-        return np.arange(len(data.target), dtype=np.int64), data.data.astype(np.float64), data.target, names, name
+        features = data.data.astype(np.float64)
+        feature_names = tuple(str(n) for n in getattr(data, "feature_names", range(features.shape[1])))
+        return np.arange(len(data.target), dtype=np.int64), features, data.target, names, name, feature_names
     path = Path(name)
     if path.suffix.lower() not in (".csv", ".parquet"):
         raise InfluenceInputError(
@@ -224,7 +228,7 @@ def _from_frame(frame: pd.DataFrame, label_column: str, source: str):
     classes, labels = np.unique(frame[label_column].to_numpy(), return_inverse=True)
     if len(classes) < 2:
         raise InfluenceInputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
-    return ids, features, labels.astype(np.int64), tuple(str(c) for c in classes), source
+    return ids, features, labels.astype(np.int64), tuple(str(c) for c in classes), source, tuple(map(str, feature_cols))
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source: str):
@@ -246,6 +250,18 @@ def _standardise(train: np.ndarray, test: np.ndarray, *, per_feature: bool):
     mean, std = train.mean(axis=axis), train.std(axis=axis)
     std = np.where(std > 0, std, 1.0)
     return (train - mean) / std, (test - mean) / std
+
+
+def _check_standardised(train: np.ndarray, test: np.ndarray, feature_names: tuple[str, ...], source: str) -> None:
+    """Finite raw values can still overflow while standardising (a column of +-1e308 has an infinite
+    mean and scale): refuse them by name instead of training on NaN."""
+    bad = ~(np.isfinite(train).all(axis=0) & np.isfinite(test).all(axis=0))
+    if bad.any():
+        names = [n for n, b in zip(feature_names, bad) if b]
+        raise InfluenceInputError(
+            f"dataset {source}: feature column(s) {names[:10]} are NaN or inf after standardisation (values too "
+            "large for float64 mean and variance); rescale them"
+        )
 
 
 def _inject_noise(clean: np.ndarray, features: np.ndarray, num_classes: int, noise: LabelNoise):

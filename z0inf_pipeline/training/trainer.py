@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..influence.checkpoints import save_checkpoint
+from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from ..settings_schema import check_choices, normalise_sequences
 from . import layout
@@ -102,7 +103,7 @@ class TrainConfig:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise InfluenceInputError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
+                raise ConfigurationError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,7 +118,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise InfluenceInputError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
+            raise ConfigurationError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
         return cls(**d)
 
     @property
@@ -150,7 +151,7 @@ def checkpoint_steps(total_steps: int, *, count: int = 20, every: int = 0, unit_
     if every > 0:
         return sorted(set(range(0, total_steps, every * unit_steps)) | {total_steps})
     if count > total_steps + 1:
-        raise InfluenceInputError(
+        raise ConfigurationError(
             f"checkpoints: {count} requested but training has only {total_steps} steps "
             f"({total_steps + 1} possible checkpoints)"
         )
@@ -177,6 +178,31 @@ def training_data(config: TrainConfig) -> DatasetBundle:
                         train_subset=config.train_subset)
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A recipe checked against its data: everything that can reject it, worked out before any training
+    (and before an MLflow run exists, so a rejected recipe leaves no failed run behind)."""
+
+    data: DatasetBundle
+    model_spec: ModelSpec
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint_schedule: list[int]
+
+
+def plan_training(config: TrainConfig) -> TrainingPlan:
+    """Load the data, build the model once and lay out the checkpoint steps; any problem is a named error."""
+    bundle = training_data(config)
+    spec = ModelSpec(config.model, bundle.input_shape, bundle.num_classes, config.hidden)
+    build_model(spec)
+    steps_per_epoch = math.ceil(len(bundle.train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    unit_steps = steps_per_epoch if config.checkpoint_unit == "epoch" else 1
+    schedule = checkpoint_steps(total_steps, count=config.checkpoints, every=config.checkpoint_every,
+                                unit_steps=unit_steps)
+    return TrainingPlan(bundle, spec, steps_per_epoch, total_steps, schedule)
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
@@ -184,25 +210,23 @@ def train(
     progress: bool = False,
     record_losses: bool = True,
     on_checkpoint: Callable[[dict], None] | None = None,
+    plan: TrainingPlan | None = None,
 ) -> TrainResult:
     """Train ``config`` and write the run folder (see ``layout``) to ``out_dir``, replacing it whole.
 
     ``on_checkpoint`` receives each checkpoint's metrics row as soon as it is taken (live logging).
     With ``record_losses=False`` no loss tables are written and the rows hold step, epoch and lr only.
+    ``plan``: the recipe's ``plan_training``, when the caller has already checked it.
     """
     out_dir = Path(out_dir)
-    bundle = training_data(config)
-    spec = ModelSpec(config.model, bundle.input_shape, bundle.num_classes, config.hidden)
+    plan = plan or plan_training(config)
+    bundle, spec = plan.data, plan.model_spec
+    steps_per_epoch, total_steps, schedule = plan.steps_per_epoch, plan.total_steps, plan.checkpoint_schedule
     torch.manual_seed(config.seed)
     model = build_model(spec)
     shuffle = torch.Generator().manual_seed(config.seed)
 
     features, labels = bundle.train.features, bundle.train.labels
-    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    unit_steps = steps_per_epoch if config.checkpoint_unit == "epoch" else 1
-    schedule = checkpoint_steps(total_steps, count=config.checkpoints, every=config.checkpoint_every,
-                                unit_steps=unit_steps)
     recorders = [
         SplitRecorder(split.example_ids, split.features, split.labels, capacity=len(schedule), name=name)
         for name, split in (("train", bundle.train), ("test", bundle.test))

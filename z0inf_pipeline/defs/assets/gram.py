@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ...influence.analysis import gram_to_frame, write_frame
+from ...influence.analysis import GramProvenance, gram_to_frame, write_frame
 from ...influence.checkpoints import open_checkpoints, select_parameters
 from ...influence.gram import gram_matrix
 from ..config import GramConfig
@@ -23,7 +23,8 @@ def weight_gram(
     checkpoints = open_checkpoints(run.checkpoints)
     names = select_parameters(checkpoints, config.parameters or None)
     gram = gram_matrix(checkpoints, parameters=names, center=config.center, device=compute.torch_device())
-    write_frame(gram_to_frame([c.step for c in checkpoints], gram), layout.gram)
+    provenance = GramProvenance.of(checkpoints, names, config.center)
+    write_frame(gram_to_frame([c.step for c in checkpoints], gram, provenance), layout.gram)
     mlflow.log_outputs(run.run_id, "weight_gram", [layout.gram])
     diagonal = gram.diagonal()
     context.log.info(f"Gram over {len(checkpoints)} checkpoints, {len(names)} tensors")

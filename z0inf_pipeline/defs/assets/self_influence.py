@@ -1,8 +1,10 @@
 """Stage 4: Z0 self-influence of every training example."""
 
+from dataclasses import replace
+
 import dagster as dg
 
-from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, write_frame
+from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, read_gram_file, write_frame
 from ..config import EstimatorConfig
 from ..metadata import layout_for, path_metadata, quantiles
 from ..partitions import mlflow_runs
@@ -11,8 +13,12 @@ from .gram import weight_gram
 
 
 def analysis_from_gram(layout, run, args: InfluenceArguments, device, *, with_test: bool = False) -> InfluenceAnalysis:
-    """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
+    """An analysis of the run that reuses the materialised Gram instead of reading the weights again, over
+    the parameters the Gram was configured with (its provenance record; the checkpoints are still checked)."""
     test_losses = layout.test_losses if with_test else None
+    recorded = read_gram_file(layout.gram)[2]
+    if recorded is not None:
+        args = replace(args, parameters=recorded.parameters, center=recorded.center)
     return InfluenceAnalysis(run.checkpoints, layout.train_losses, test_losses, args=args, device=device, gram=layout.gram)
 
 

@@ -1,0 +1,127 @@
+"""Issue 10, case 1: ``z0inf materialize`` killed with SIGKILL mid-run leaves no run STARTED for good;
+the queue moves on, and the next sensor request completes under the real ``dagster-daemon``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from z0inf_pipeline.defs.recovery import HOST_TAG, PID_TAG, PROCESS_START_TAG, fail_orphaned_runs, process_tags
+from z0inf_pipeline.tracking import train_and_log
+from tests.defs.conftest import REPO_ROOT, TINY
+
+DAEMON_DEADLINE_S = 420  # daemon start + code location load + one influence run, on a busy 2-core machine
+
+
+def add_run(instance, status: dg.DagsterRunStatus, tags: dict) -> str:
+    run = dg.DagsterRun(job_name="influence_job", run_id=str(uuid.uuid4()), status=status, tags=tags)
+    instance.add_run(run)
+    return run.run_id
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_only_runs_whose_process_is_gone_are_failed(instance):
+    alive = add_run(instance, dg.DagsterRunStatus.STARTED, process_tags())
+    dead = add_run(instance, dg.DagsterRunStatus.STARTED, {**process_tags(), PID_TAG: str(dead_pid())})
+    reused = add_run(instance, dg.DagsterRunStatus.STARTED, {**process_tags(), PROCESS_START_TAG: "1"})  # pid reused
+    elsewhere = add_run(instance, dg.DagsterRunStatus.STARTED, {HOST_TAG: "another-host", PID_TAG: str(dead_pid())})
+    untagged = add_run(instance, dg.DagsterRunStatus.STARTED, {})
+    assert sorted(fail_orphaned_runs(instance)) == sorted([dead, reused])
+    status = {r: instance.get_run_by_id(r).status for r in (alive, dead, reused, elsewhere, untagged)}
+    assert status[dead] == status[reused] == dg.DagsterRunStatus.FAILURE
+    assert status[alive] == status[elsewhere] == status[untagged] == dg.DagsterRunStatus.STARTED
+    assert fail_orphaned_runs(instance) == []
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def runs_of_pid(pid: int) -> list:
+    with dg.DagsterInstance.get() as instance:
+        return instance.get_runs(filters=dg.RunsFilter(tags={PID_TAG: str(pid)}))
+
+
+def kill_materialize_mid_run(run_id: str, copies: int = 2) -> list[str]:
+    """Start ``copies`` concurrent ``z0inf materialize influence`` processes and SIGKILL each once its
+    Dagster run has started a step. (Started one after another, a later one would already clean up the
+    run of the one killed before it: see ``fail_orphaned_runs`` in ``run_job``.)"""
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        for _ in range(copies)
+    ]
+    try:
+        def started_step(process):
+            runs = runs_of_pid(process.pid)
+            if not runs or runs[0].status != dg.DagsterRunStatus.STARTED:
+                return None
+            with dg.DagsterInstance.get() as instance:
+                return runs[0].run_id if instance.get_run_step_stats(runs[0].run_id) else None
+
+        killed = []
+        for process in processes:
+            killed.append(wait_for(lambda: started_step(process), 240, "a materialize run to start a step"))
+            process.send_signal(signal.SIGKILL)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return killed
+
+
+@pytest.mark.dagster_daemon
+def test_killed_materialize_runs_do_not_stall_the_queue(tracking_uri, dagster_home, contract_run, tmp_path):
+    killed = kill_materialize_mid_run(contract_run)
+    with dg.DagsterInstance.get() as instance:
+        assert [instance.get_run_by_id(r).status for r in killed] == [dg.DagsterRunStatus.STARTED] * 2
+        assert instance.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])) == 2  # = max_concurrent_runs
+
+    new_run = train_and_log(TINY, tracking_uri=tracking_uri)  # what the sensor should pick up next
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "z0inf_pipeline.definitions"],
+            cwd=REPO_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        def finished_request():
+            with dg.DagsterInstance.get() as instance:
+                runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": new_run}))
+            done = [r for r in runs if r.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)]
+            return done[0] if done else None
+
+        run = wait_for(finished_request, DAEMON_DEADLINE_S, "the sensor's request to finish", poll_s=2)
+        assert run.status == dg.DagsterRunStatus.SUCCESS, log_path.read_text()[-3000:]
+        assert run.tags.get("dagster/sensor_name") == "new_mlflow_runs"
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+    with dg.DagsterInstance.get() as instance:
+        for run_id in killed:
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+            messages = [e.message for e in instance.all_logs(run_id) if e.message]
+            assert any("is gone: it was killed or crashed" in m for m in messages)
