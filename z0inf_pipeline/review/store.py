@@ -177,7 +177,7 @@ class DecisionStore:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             reason = getattr(exc, "orig", None) or exc
-            raise ReviewError(f"review store {self.location}: {type(reason).__name__}: {reason}") from None
+            raise ReviewError(f"review store {self.location}: cannot be used ({type(reason).__name__}: {reason})") from None
 
     def _parsed_url(self) -> sa.URL:
         try:
