@@ -37,7 +37,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     layout = RunLayout.for_run(contract_run)
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
-    assert logged == {f"z0inf/{stage}" for stage in STAGES}
+    assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {
         "z0inf/review_queue/review_queue.parquet",
         "z0inf/review_queue/self_influence_histogram.png",

@@ -105,8 +105,19 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     )
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
-            outcome.failures.append(f"{event.step_key}: {event.step_failure_data.error.message.strip()}")
+            outcome.failures.append(f"{event.step_key}: {failure_cause(event.step_failure_data.error)}")
     return outcome
+
+
+def failure_cause(error) -> str:
+    """The innermost error of a failed step, without Dagster's "Error occurred while executing op"
+    wrapper or the module path: what the asset or check itself said."""
+    while error.cause is not None:
+        error = error.cause
+    head, separator, text = error.message.strip().partition(": ")
+    if not separator or head.rsplit(".", 1)[-1] != error.cls_name:
+        return error.message.strip()
+    return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
 
 
 def _materialize(args) -> int:
@@ -120,8 +131,9 @@ def _materialize(args) -> int:
         print(f"  `z0inf review decide {args.run} ID... --action ...`, then run this again")
         return 3
     if not outcome.success:
-        print("\n".join(["", "failed:", *outcome.failures]), file=sys.stderr)
-        return 1
+        for failure in outcome.failures:
+            print(f"z0inf: error: {failure}", file=sys.stderr)
+        return 2
     _print_outputs(args.run)
     if not persistent:
         print("(DAGSTER_HOME is not set: this run is not kept; `make dev` sets it)")
