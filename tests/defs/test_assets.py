@@ -22,6 +22,7 @@ from z0inf_pipeline.defs.assets import (
 from z0inf_pipeline.defs.assets.review import reviewer_view
 from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig, LossTableConfig
 from z0inf_pipeline.defs.metadata import rounded
+from z0inf_pipeline.defs.provenance import SOURCE_ATTR, content_hash, verify_scores
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
 from z0inf_pipeline.defs.storage import LossTables
 from z0inf_pipeline.review import RunLayout
@@ -137,3 +138,17 @@ def test_reviewer_view_shows_percentiles_and_new_labels():
 )
 def test_numbers_are_rounded_to_three_significant_digits(value, expected):
     assert rounded(value) == expected
+
+
+def test_scores_that_miss_training_examples_are_refused():
+    scores = pd.DataFrame({"example_id": [1, 2, 4], "self_influence": [0.1, 0.2, 0.3]})
+    with dg.DagsterInstance.ephemeral() as instance:
+        verify_scores(instance, "abc123", scores, np.array([1, 2, 4]))  # just computed, complete: accepted
+        with pytest.raises(dg.Failure, match=r"\(in memory\) of run abc123: cover 3 of 4 training examples \(missing ids \[3\]\)"):
+            verify_scores(instance, "abc123", scores, np.array([1, 2, 3, 4]))
+        # Read from storage, but no passing check recorded for the run: refused, naming the file.
+        stored = scores.copy()
+        stored.attrs[SOURCE_ATTR] = "/data/runs/abc123/self_influence.parquet"
+        with pytest.raises(dg.Failure, match="/data/runs/abc123/self_influence.parquet of run abc123: no passing"):
+            verify_scores(instance, "abc123", stored, np.array([1, 2, 4]))
+    assert content_hash(scores) == content_hash(scores.copy()) != content_hash(scores.iloc[::-1])
