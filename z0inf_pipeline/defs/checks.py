@@ -95,7 +95,8 @@ def gram_is_valid(
             "max_asymmetry": rounded(asymmetry),
             "diagonal_nonnegative": diagonal_ok,
         },
-        description=None if passed else "Gram matrix is not finite, symmetric with a non-negative diagonal",
+        description=f"Gram matrix over {len(weight_gram.steps)} checkpoints is "
+        + ("finite and symmetric with a non-negative diagonal" if passed else "not finite, symmetric with a non-negative diagonal"),
     )
 
 
