@@ -64,7 +64,12 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
             def scores(eta: str) -> np.ndarray:
                 frame = _value(
                     self_influence(
-                        context, EstimatorConfig(eta=eta), loss_tables=tables, weight_gram=gram, mlflow=mlflow, compute=compute
+                        context,
+                        EstimatorConfig(eta=eta),
+                        loss_tables=tables,
+                        weight_gram=gram,
+                        mlflow=mlflow,
+                        compute=compute,
                     )
                 )
                 assert frame["example_id"].tolist() == logged["example_id"].tolist()
@@ -144,7 +149,8 @@ def test_scores_that_miss_training_examples_are_refused():
     scores = pd.DataFrame({"example_id": [1, 2, 4], "self_influence": [0.1, 0.2, 0.3]})
     with dg.DagsterInstance.ephemeral() as instance:
         verify_scores(instance, "abc123", scores, np.array([1, 2, 4]))  # just computed, complete: accepted
-        with pytest.raises(dg.Failure, match=r"\(in memory\) of run abc123: cover 3 of 4 training examples \(missing ids \[3\]\)"):
+        missing = r"\(in memory\) of run abc123: cover 3 of 4 training examples \(missing ids \[3\]\)"
+        with pytest.raises(dg.Failure, match=missing):
             verify_scores(instance, "abc123", scores, np.array([1, 2, 3, 4]))
         # Read from storage, but no passing check recorded for the run: refused, naming the file.
         stored = scores.copy()

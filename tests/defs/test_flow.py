@@ -47,7 +47,9 @@ def test_failing_blocking_gx_check_stops_the_downstream_assets(instance, contrac
     check = evaluations["loss_tables_are_valid"]
     assert not check.passed and check.metadata["failed_expectations"].value >= 1
     assert check.metadata["mlflow_run_id"].value == contract_run
-    materialised = {e.event_specific_data.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    materialised = {
+        e.event_specific_data.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()
+    }
     assert materialised == {"training_run", "loss_tables"}
     layout = RunLayout.for_run(contract_run)
     assert not layout.gram.exists() and not layout.self_influence.exists()

@@ -68,7 +68,12 @@ def loss_tables_are_valid(
         ids = _split_ids(training_run, split)
         reports.append(
             validate_loss_table(
-                loss_tables.frame(split), run.steps, len(ids), name=f"{split}_loss_table", nonnegative=nonnegative, expected_ids=ids
+                loss_tables.frame(split),
+                run.steps,
+                len(ids),
+                name=f"{split}_loss_table",
+                nonnegative=nonnegative,
+                expected_ids=ids,
             )
         )
     return _result(mlflow, run.run_id, *reports, nonnegative_required=nonnegative)
@@ -95,8 +100,8 @@ def gram_is_valid(
             "max_asymmetry": rounded(asymmetry),
             "diagonal_nonnegative": diagonal_ok,
         },
-        description=f"Gram matrix over {len(weight_gram.steps)} checkpoints is "
-        + ("finite and symmetric with a non-negative diagonal" if passed else "not finite, symmetric with a non-negative diagonal"),
+        description=f"Gram matrix over {len(weight_gram.steps)} checkpoints is {'' if passed else 'not '}"
+        "finite and symmetric with a non-negative diagonal",
     )
 
 
