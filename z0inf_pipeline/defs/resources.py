@@ -93,9 +93,14 @@ class MlflowResource(dg.ConfigurableResource):
             client.log_artifact(run_id, str(path), artifact_path)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        client = self.client()
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value))
+        """Log summary metrics to a run in one request."""
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, 0) for key, value in metrics.items()]
+        self.client().log_batch(run_id, metrics=batch)
 
     def run_link(self, run_id: str) -> dg.MetadataValue:
         """Where to see the run in the MLflow UI: a URL for a server; for a local store, the command that
