@@ -10,10 +10,11 @@ import dagster as dg
 import pandas as pd
 
 from z0inf_pipeline.cli import main
-from z0inf_pipeline.cli.pipeline import DEMO_CONFIG
+from z0inf_pipeline.cli.pipeline import AUTO_REVIEWER, DEMO_CONFIG
 from z0inf_pipeline.defs.config import TrainingConfig
 from z0inf_pipeline.review import DecisionStore, RunLayout
 from z0inf_pipeline.training import TrainConfig
+from z0inf_pipeline.tracking import fetch_run
 
 
 def test_demo_then_review_then_materialize_retrain(dagster_home, tracking_uri, capsys):
@@ -60,3 +61,27 @@ def test_train_job_defaults_are_the_library_recipe_without_noise():
     assert TrainingConfig().label_noise == 0.0
     # noise is explicit: only the demo asks for it
     assert DEMO_CONFIG == replace(TrainConfig(), label_noise=0.1)
+
+
+def test_demo_auto_review_runs_the_whole_graph_as_make_demo_does(dagster_home, tracking_uri, capsys):
+    """`make demo` runs `z0inf demo --auto-review`: blocked, every flagged example dropped by the stand-in
+    reviewer, the gated retrain passes and logs a retrained run without them."""
+    assert main(["demo", "--auto-review", "--epochs", "3", "--checkpoints", "4"]) == 0
+    out = capsys.readouterr().out
+    run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
+    assert "review gate BLOCKED" in out and "review gate open" in out and "Traceback" not in out
+    layout = RunLayout.for_run(run_id)
+    queue = pd.read_parquet(layout.review_queue)
+    history = DecisionStore.open().history(run_id)
+    assert set(history["reviewer"]) == {AUTO_REVIEWER} and set(history["action"]) == {"drop"}
+    assert sorted(history["example_id"]) == sorted(queue["example_id"])
+
+    summary = pd.read_parquet(layout.retrained).iloc[0]
+    child = fetch_run(summary["retrained_run_id"], tracking_uri=tracking_uri)
+    assert child.tags["z0inf.parent_run_id"] == run_id and f"retrained MLflow run {child.run_id}" in out
+    examples = pd.read_parquet(layout.examples)
+    trained = pd.read_parquet(child.examples)
+    expected = set(examples.loc[examples["split"] == "train", "example_id"]) - set(queue["example_id"])
+    assert set(trained.loc[trained["split"] == "train", "example_id"]) == expected
+    with dg.DagsterInstance.get() as instance:
+        assert sorted(r.job_name for r in instance.get_runs()) == ["influence_job", "retrain_job", "retrain_job"]

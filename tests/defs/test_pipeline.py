@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from dagster._core.event_api import PartitionKeyFilter
 from mlflow import MlflowClient
 
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.review import RunLayout, read_review_queue
-from z0inf_pipeline.tracking import fetch_run
+from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
 from .conftest import STAGES, TINY, execute
@@ -37,7 +39,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     layout = RunLayout.for_run(contract_run)
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
-    assert logged == {f"z0inf/{stage}" for stage in STAGES}
+    assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {
         "z0inf/review_queue/review_queue.parquet",
         "z0inf/review_queue/self_influence_histogram.png",
@@ -91,7 +93,8 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     assert child.info.status == "FINISHED"
 
 
-def test_materialisation_metadata_shows_queue_histogram_and_images(instance, contract_run):
+def test_materialisation_metadata_shows_queue_histogram_and_images(instance, contract_run, tracking_uri):
+    other_run = train_and_log(TINY, tracking_uri=tracking_uri)
     result = execute(instance, "influence_job", contract_run)
     assert result.success
     queue_events = [
@@ -100,11 +103,24 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
         if m.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     ]
     metadata = queue_events[0].event_specific_data.materialization.metadata
-    assert metadata["review_queue"].value.startswith("| rank | example_id | self_influence")
+    assert metadata["review_queue"].value.startswith("| rank | example_id | self_influence | percentile |")
+    run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
+    assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
+    assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text
+    assert "mlflow ui --backend-store-uri" in metadata["mlflow_run"].value
+    assert metadata["flagged_fraction"].value == round(metadata["flagged_fraction"].value, 3)
     assert "data:image/png;base64," in metadata["self_influence_histogram"].value
     assert "data:image/png;base64," in metadata["flagged_examples"].value
     # influence_job computes the scores and the queue but leaves the review gate to retrain_job.
     assert "review_gate" not in {e.check_name for e in result.get_asset_check_evaluations()}
+    assert all(e.metadata["mlflow_run_id"].value == contract_run for e in result.get_asset_check_evaluations())
+
+    # Checks are evaluated per run: the other run's partition has no evaluation of its own yet.
+    instance.add_dynamic_partitions("mlflow_runs", [other_run])
+    key = dg.AssetCheckKey(dg.AssetKey("self_influence"), "self_influence_is_valid")
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key
+    assert latest([key], partition_filter=PartitionKeyFilter(key=contract_run))[key].partition == contract_run
+    assert key not in latest([key], partition_filter=PartitionKeyFilter(key=other_run))
 
 
 def test_zero_one_loss_tables_recomputed_on_the_compute_device(instance, contract_run, tracking_uri):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import socket
 
+import dagster as dg
 import pytest
 import torch
+from mlflow import MlflowClient
 
-from z0inf_pipeline.defs.resources import ComputeResource, MlflowResource, MlflowUnavailable
+from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource, MlflowUnavailable
 from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.review import DecisionStore
 
 
 def test_compute_device_auto_is_cuda_only_when_present():
@@ -37,3 +40,38 @@ def test_unreachable_server_is_reported_as_unavailable():
     resource = MlflowResource(tracking_uri=f"http://127.0.0.1:{port}", probe_timeout_s=2)
     with pytest.raises(MlflowUnavailable, match=f"MLflow at http://127.0.0.1:{port} is unreachable"):
         resource.contract_runs()  # the /health probe answers at once; MLflow's client would retry for minutes
+
+
+def test_decision_store_resource_opens_the_configured_file_or_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
+    assert DecisionStoreResource().open().path == tmp_path / "data" / "review.db"
+    chosen = tmp_path / "team" / "decisions.db"
+    store = DecisionStoreResource(url=str(chosen)).open()
+    store.record("abc123", [7], "drop", reviewer="test")
+    assert chosen.exists() and DecisionStore.open(chosen).current("abc123")["example_id"].tolist() == [7]
+
+
+def test_the_analysed_run_is_fetched_once_and_named_in_links(tracking_uri):
+    from z0inf_pipeline.tracking import train_and_log
+    from z0inf_pipeline.training import TrainConfig
+
+    run_id = train_and_log(TrainConfig(epochs=1, checkpoints=2, hidden=(4,)), tracking_uri=tracking_uri)
+    resource = MlflowResource()
+    assert resource.fetch(run_id) is resource.fetch(run_id)
+    name = MlflowClient(tracking_uri).get_run(run_id).info.run_name
+    metadata = resource.run_metadata(run_id)
+    assert metadata["mlflow_run_id"].value == run_id and metadata["mlflow_run_name"].value == name
+    assert metadata["mlflow_run"].value.startswith(f"run {name} ({run_id}): start `mlflow ui --backend-store-uri")
+
+
+@pytest.mark.mlflow_server
+def test_a_run_on_a_tracking_server_is_linked_by_url(mlflow_server, tmp_path, monkeypatch):
+    from z0inf_pipeline.tracking import train_and_log
+    from z0inf_pipeline.training import TrainConfig
+
+    monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
+    run_id = train_and_log(TrainConfig(epochs=1, checkpoints=2, hidden=(4,)), tracking_uri=mlflow_server)
+    experiment = MlflowClient(mlflow_server).get_run(run_id).info.experiment_id
+    link = MlflowResource(tracking_uri=mlflow_server).run_metadata(run_id)["mlflow_run"]
+    assert isinstance(link, dg.UrlMetadataValue)
+    assert link.value == f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}"

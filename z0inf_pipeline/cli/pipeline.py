@@ -108,12 +108,23 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
             error = event.step_failure_data.error
-            outcome.failures.append(f"{event.step_key}: {error.message.strip()}")
-            cause = error.cause or error
+            outcome.failures.append(f"{event.step_key}: {failure_cause(error)}")
+            while error.cause is not None:
+                error = error.cause
             if outcome.named_error is None:
-                where = f"{job} step {event.step_key}: "
-                outcome.named_error = named_error(cause.cls_name, cause.message.strip(), where=where)
+                outcome.named_error = named_error(error.cls_name, error.message.strip(), where=f"{event.step_key}: ")
     return outcome
+
+
+def failure_cause(error) -> str:
+    """The innermost error of a failed step, without Dagster's "Error occurred while executing op"
+    wrapper or the module path: what the asset or check itself said."""
+    while error.cause is not None:
+        error = error.cause
+    head, separator, text = error.message.strip().partition(": ")
+    if not separator or head.rsplit(".", 1)[-1] != error.cls_name:
+        return error.message.strip()
+    return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
 
 
 def _materialize(args) -> int:
@@ -133,8 +144,9 @@ def _materialize(args) -> int:
     if not outcome.success:
         if outcome.named_error is not None:  # an expected failure: reported by the CLI's error boundary
             raise outcome.named_error
-        print("\n".join(["", "failed:", *outcome.failures]), file=sys.stderr)
-        return 1
+        for failure in outcome.failures:
+            print(f"z0inf: error: {failure}", file=sys.stderr)
+        return 2
     _print_outputs(args.run)
     if not persistent:
         print("(DAGSTER_HOME is not set: this run is not kept; `make dev` sets it)")

@@ -1,17 +1,19 @@
-"""Asset checks: thin wrappers that run the GX suites of ``z0inf_pipeline.quality`` and the review gate.
+"""Asset checks, one evaluation per MLflow run: thin wrappers that run the GX suites of
+``z0inf_pipeline.quality`` and the review gate on the value they check.
 
 Every check that guards a later stage is blocking: when it fails, the assets downstream of its
 asset are not materialised in that run. The review gate sits on ``review_queue`` and runs in the
 same run as ``curated_training_set`` and ``retrained_run`` (``retrain_job``), so it stops retraining.
 """
 
+import warnings
+
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..influence.analysis import read_gram
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import DecisionStore, evaluate_gate, read_review_queue
+from ..review import evaluate_gate
 from .assets import (
     curated_training_set,
     loss_tables,
@@ -21,13 +23,24 @@ from .assets import (
     train_test_influence,
     weight_gram,
 )
-from .metadata import layout_for
-from .resources import MlflowResource
+from .assets.retraining import curated_from_frame
+from .metadata import rounded, run_id_of
+from .partitions import mlflow_runs
+from .provenance import HASH_KEY, content_hash
+from .resources import DecisionStoreResource, MlflowResource
+from .storage import Gram, LossTables, ReviewQueue
+
+# Partitioned checks are a preview feature of dagster 1.13; this project relies on it knowingly.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
+
+EXAMPLES = {"training_run": dg.AssetIn("training_run")}
+LOSS_TABLES = {"loss_tables": dg.AssetIn("loss_tables")}
 
 
-def _result(*reports: SuiteReport, **extra) -> dg.AssetCheckResult:
+def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra) -> dg.AssetCheckResult:
     passed = all(r.success for r in reports)
     metadata = {
+        **mlflow.run_metadata(run_id),
         "expectations": sum(r.evaluated for r in reports),
         "failed_expectations": sum(len(r.failures) for r in reports),
         "report": dg.MetadataValue.md("\n\n".join(f"```\n{r.summary()}\n```" for r in reports)),
@@ -37,21 +50,25 @@ def _result(*reports: SuiteReport, **extra) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=passed, metadata=metadata, description=summary)
 
 
-@dg.asset_check(asset=loss_tables, blocking=True)
-def loss_tables_are_valid(context: dg.AssetCheckExecutionContext, mlflow: MlflowResource) -> dg.AssetCheckResult:
+def _split_ids(examples: pd.DataFrame, split: str = "train") -> np.ndarray:
+    return examples.loc[examples["split"] == split, "example_id"].to_numpy(np.int64)
+
+
+@dg.asset_check(asset=loss_tables, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
+def loss_tables_are_valid(
+    context: dg.AssetCheckExecutionContext, loss_tables: LossTables, training_run: pd.DataFrame, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
     """GX: one column per checkpoint in step order, no NaN/inf, losses >= 0 (runs trained by this project
     use cross-entropy or 0-1 loss; for other runs only finiteness is required), one row per example of
     the split, unique ids."""
-    layout = layout_for(context)
-    run = mlflow.fetch(layout.run_id)
-    examples = pd.read_parquet(layout.examples)
+    run = mlflow.fetch(run_id_of(context))
     nonnegative = run.train_config is not None
     reports = []
-    for split, path in (("train", layout.train_losses), ("test", layout.test_losses)):
-        ids = examples.loc[examples["split"] == split, "example_id"].to_numpy(np.int64)
+    for split in ("train", "test"):
+        ids = _split_ids(training_run, split)
         reports.append(
             validate_loss_table(
-                pd.read_parquet(path),
+                loss_tables.frame(split),
                 run.steps,
                 len(ids),
                 name=f"{split}_loss_table",
@@ -59,14 +76,15 @@ def loss_tables_are_valid(context: dg.AssetCheckExecutionContext, mlflow: Mlflow
                 expected_ids=ids,
             )
         )
-    return _result(*reports, nonnegative_required=nonnegative)
+    return _result(mlflow, run.run_id, *reports, nonnegative_required=nonnegative)
 
 
-@dg.asset_check(asset=weight_gram, blocking=True)
-def gram_is_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+@dg.asset_check(asset=weight_gram, blocking=True, partitions_def=mlflow_runs)
+def gram_is_valid(
+    context: dg.AssetCheckExecutionContext, weight_gram: Gram, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
     """The Gram matrix is finite, symmetric and has a non-negative diagonal (squared norms)."""
-    steps, gram = read_gram(layout_for(context).gram)
-    g = gram.numpy()
+    g = weight_gram.matrix.numpy()
     finite = bool(np.isfinite(g).all())
     asymmetry = float(np.abs(g - g.T).max()) if finite else float("inf")
     scale = float(np.abs(g).max()) if finite else 1.0
@@ -76,100 +94,133 @@ def gram_is_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult
     return dg.AssetCheckResult(
         passed=passed,
         metadata={
-            "checkpoints": len(steps),
+            **mlflow.run_metadata(run_id_of(context)),
+            "checkpoints": len(weight_gram.steps),
             "finite": finite,
-            "max_asymmetry": asymmetry,
+            "max_asymmetry": rounded(asymmetry),
             "diagonal_nonnegative": diagonal_ok,
         },
-        description=None if passed else "Gram matrix is not finite, symmetric with a non-negative diagonal",
+        description=f"Gram matrix over {len(weight_gram.steps)} checkpoints is {'' if passed else 'not '}"
+        "finite and symmetric with a non-negative diagonal",
     )
 
 
-@dg.asset_check(asset=self_influence, blocking=True)
-def self_influence_is_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """GX: scores finite, self-influence >= 0, example ids exactly those of the training loss table."""
-    layout = layout_for(context)
-    loss_ids = pd.read_parquet(layout.train_losses, columns=["example_id"])["example_id"].to_numpy(np.int64)
-    return _result(validate_self_influence(pd.read_parquet(layout.self_influence), loss_ids))
+@dg.asset_check(asset=self_influence, blocking=True, partitions_def=mlflow_runs, additional_ins=LOSS_TABLES)
+def self_influence_is_valid(
+    context: dg.AssetCheckExecutionContext,
+    self_influence: pd.DataFrame,
+    loss_tables: LossTables,
+    mlflow: MlflowResource,
+) -> dg.AssetCheckResult:
+    """GX: scores finite, self-influence >= 0, example ids exactly those of the training loss table.
+    Records the content hash of the scores it passed: the review queue is only rebuilt from those."""
+    report = validate_self_influence(self_influence, loss_tables.train_ids())
+    return _result(mlflow, run_id_of(context), report, **{HASH_KEY: content_hash(self_influence)})
 
 
-@dg.asset_check(asset=train_test_influence, blocking=True)
-def train_test_influence_is_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """GX: k finite rows per test example, every id from the loss tables, proponents >= opponents."""
-    layout = layout_for(context)
-    train_ids = pd.read_parquet(layout.train_losses, columns=["example_id"])["example_id"].to_numpy(np.int64)
-    test_ids = pd.read_parquet(layout.test_losses, columns=["example_id"])["example_id"].to_numpy(np.int64)
-    frame = pd.read_parquet(layout.topk)
-    k = int(frame["rank"].max()) if len(frame) else 1
-    return _result(validate_topk(frame, train_ids, test_ids, k))
+@dg.asset_check(asset=train_test_influence, blocking=True, partitions_def=mlflow_runs, additional_ins=LOSS_TABLES)
+def train_test_influence_is_valid(
+    context: dg.AssetCheckExecutionContext,
+    train_test_influence: pd.DataFrame,
+    loss_tables: LossTables,
+    mlflow: MlflowResource,
+) -> dg.AssetCheckResult:
+    """GX: k finite rows per test example (k as configured for the materialisation, at most the number of
+    training examples), every id from the loss tables, proponents >= opponents."""
+    run_id = run_id_of(context)
+    train_ids = loss_tables.train_ids()
+    k = min(_configured_topk(context, run_id), len(train_ids))
+    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k)
+    return _result(mlflow, run_id, report, k=k)
 
 
-@dg.asset_check(asset=review_queue, blocking=True)
-def review_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def _configured_topk(context: dg.AssetCheckExecutionContext, run_id: str) -> int:
+    """The ``topk`` the checked materialisation was configured with (its ``estimator`` metadata)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=train_test_influence.key, asset_partitions=[run_id]), limit=1
+    ).records
+    if not records:
+        raise dg.Failure(f"train_test_influence of run {run_id}: has never been materialised")
+    return int(records[0].asset_materialization.metadata["estimator"].value["topk"])
+
+
+@dg.asset_check(asset=review_queue, blocking=True, partitions_def=mlflow_runs)
+def review_gate(
+    context: dg.AssetCheckExecutionContext,
+    review_queue: ReviewQueue,
+    mlflow: MlflowResource,
+    decisions: DecisionStoreResource,
+) -> dg.AssetCheckResult:
     """Retraining waits for review: fails while the flagged examples without a decision exceed the
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
-    layout = layout_for(context)
-    queue, info = read_review_queue(layout.review_queue)
-    decisions = DecisionStore.open().current(layout.run_id)
+    run_id = run_id_of(context)
+    queue, info = review_queue.queue, review_queue.info
+    current = decisions.open().current(run_id)
     status = evaluate_gate(
-        queue["example_id"],
-        decisions["example_id"],
-        info["training_examples"],
-        info["policy"]["max_unreviewed_fraction"],
+        queue["example_id"], current["example_id"], info["training_examples"], info["policy"]["max_unreviewed_fraction"]
     )
     metadata = {
+        **mlflow.run_metadata(run_id),
         "flagged": status.flagged,
         "reviewed": status.reviewed,
         "unreviewed": status.unreviewed,
-        "unreviewed_fraction": status.unreviewed_fraction,
-        "max_unreviewed_fraction": status.max_unreviewed_fraction,
+        "unreviewed_fraction": rounded(status.unreviewed_fraction),
+        "max_unreviewed_fraction": rounded(status.max_unreviewed_fraction),
     }
     if not status.passed:
         shown = " ".join(str(i) for i in status.unreviewed_ids[:10])
         metadata["how_to_review"] = dg.MetadataValue.md(
-            f"`z0inf review list --run {layout.run_id}` shows the queue; decide with e.g.\n\n"
-            f"`z0inf review decide {layout.run_id} {shown} --action drop` (or `keep`, `relabel --label Y`)"
+            f"`z0inf review list --run {run_id}` shows the queue; decide with e.g.\n\n"
+            f"`z0inf review decide {run_id} {shown} --action drop` (or `keep`, `relabel --label Y`)"
         )
     context.log.info(status.message())
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
 
 
-@dg.asset_check(asset=curated_training_set, blocking=True)
-def curated_set_matches_decisions(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+@dg.asset_check(asset=curated_training_set, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
+def curated_set_matches_decisions(
+    context: dg.AssetCheckExecutionContext,
+    curated_training_set: pd.DataFrame,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+    decisions: DecisionStoreResource,
+) -> dg.AssetCheckResult:
     """GX: the curated set holds every training example not dropped, none dropped, each relabel applied."""
-    layout = layout_for(context)
-    examples = pd.read_parquet(layout.examples)
-    train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
-    decisions = DecisionStore.open().current(layout.run_id)
-    dropped = decisions.loc[decisions["action"] == "drop", "example_id"].tolist()
-    relabelled = decisions[decisions["action"] == "relabel"]
+    run_id = run_id_of(context)
+    current = decisions.open().current(run_id)
+    dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
+    relabelled = current[current["action"] == "relabel"]
     relabels = {int(i): int(y) for i, y in zip(relabelled["example_id"], relabelled["label"])}
-    return _result(validate_curated_set(pd.read_parquet(layout.curated_set), train_ids, dropped, relabels))
+    report = validate_curated_set(curated_training_set, _split_ids(training_run), dropped, relabels)
+    return _result(mlflow, run_id, report)
 
 
-@dg.asset_check(asset=retrained_run)
+@dg.asset_check(
+    asset=retrained_run,
+    partitions_def=mlflow_runs,
+    additional_ins={**EXAMPLES, "curated_training_set": dg.AssetIn("curated_training_set")},
+)
 def retrained_run_follows_curation(
-    context: dg.AssetCheckExecutionContext, mlflow: MlflowResource
+    context: dg.AssetCheckExecutionContext,
+    retrained_run: pd.DataFrame,
+    curated_training_set: pd.DataFrame,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
 ) -> dg.AssetCheckResult:
     """GX on the retrained MLflow run's own examples table: it trained on exactly the curated set
     (dropped ids absent, relabels carried) and is tagged with its parent run."""
-    from .assets.retraining import curated_from_file
-
-    layout = layout_for(context)
-    summary = pd.read_parquet(layout.retrained)
-    child_id = str(summary.at[0, "retrained_run_id"])
+    run_id = run_id_of(context)
+    child_id = str(retrained_run.at[0, "retrained_run_id"])
     child = mlflow.fetch(child_id)
     child_examples = pd.read_parquet(child.examples)
     trained = child_examples[child_examples["split"] == "train"][["example_id", "label"]]
-    curated = curated_from_file(layout)
-    examples = pd.read_parquet(layout.examples)
-    train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
+    curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
-        trained, train_ids, curated.dropped_ids, curated.relabels, name="retrained_training_set"
+        trained, _split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set"
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")
-    result = _result(report, retrained_run_id=child_id, parent_tag=str(parent_tag))
-    if parent_tag != layout.run_id:
+    result = _result(mlflow, run_id, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))
+    if parent_tag != run_id:
         return dg.AssetCheckResult(
             passed=False,
             metadata=result.metadata,

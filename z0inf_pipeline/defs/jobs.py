@@ -44,7 +44,7 @@ def train_contract_run(context: dg.OpExecutionContext, config: TrainingConfig, m
         tags={"z0inf.dagster_run_id": context.run_id},
     )
     context.log.info(f"logged contract run {run_id} to {mlflow.uri()}")
-    context.add_output_metadata({"mlflow_run_id": run_id, "mlflow_run": mlflow.run_link(run_id)})
+    context.add_output_metadata(mlflow.run_metadata(run_id))
     return run_id
 
 

@@ -1,23 +1,27 @@
-"""Small helpers shared by the assets: the partition's output layout, markdown tables, quantiles."""
+"""Small helpers shared by assets and checks: the partition's run id, numbers and tables for people."""
 
 from __future__ import annotations
+
+import math
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..review import RunLayout
 
-
-def layout_for(context) -> RunLayout:
-    """Output folder of the partition (= MLflow run id) being materialised or checked."""
-    return RunLayout.for_run(partition_key(context))
-
-
-def partition_key(context) -> str:
+def run_id_of(context) -> str:
+    """The MLflow run id the step works on: the partition key of the asset or check."""
     if isinstance(context, dg.AssetCheckExecutionContext):
         return context.op_execution_context.partition_key
     return context.partition_key
+
+
+def rounded(value, digits: int = 3) -> float:
+    """``value`` to ``digits`` significant digits, as a reader wants to see it (0.1002227 -> 0.1)."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
 
 
 def quantiles(values, prefix: str) -> dict[str, float]:
@@ -32,7 +36,12 @@ def quantiles(values, prefix: str) -> dict[str, float]:
     }
 
 
-def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".4g") -> str:
+def rounded_metadata(values: dict[str, float], strip: str = "") -> dict[str, float]:
+    """Numbers for the Dagster UI: rounded, with ``strip`` (e.g. a metric prefix) taken off the names."""
+    return {k.removeprefix(strip): rounded(v) for k, v in values.items()}
+
+
+def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".3g") -> str:
     """A markdown table of the first rows (Dagster renders markdown metadata in the asset view)."""
     shown = frame.head(max_rows)
 
@@ -48,8 +57,3 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".4g
     if len(frame) > max_rows:
         lines.append(f"\n{len(frame) - max_rows} more rows in the parquet file.")
     return "\n".join(lines)
-
-
-def path_metadata(**paths) -> dict[str, dg.MetadataValue]:
-    """``<name>_path`` entries: where each output file of the materialisation is."""
-    return {f"{name}_path": dg.MetadataValue.path(str(path)) for name, path in paths.items()}

@@ -1,12 +1,19 @@
-"""Resources: the MLflow tracking store (around MlflowClient) and the torch compute device."""
+"""Resources: what the assets of a run share. The MLflow tracking store (the analysed run is fetched
+once and kept), the review decision store, and the torch compute device."""
 
 from pathlib import Path
 from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ..errors import MlflowUnavailable
+
+# The op tag that marks the influence steps for GPU nodes: the Kubernetes code location
+# (``z0inf_pipeline.deployments.k8s``) gives these steps a GPU and a toleration, and limits how many run
+# at once; another executor can route on it the same way.
+GPU_RESOURCE_TAG = "z0inf/resources"
+GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu"}
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -21,6 +28,8 @@ class MlflowResource(dg.ConfigurableResource):
     )
     experiment: str = Field(default="z0inf", description="experiment that retrained runs are logged to")
     probe_timeout_s: float = Field(default=5.0, description="seconds to wait for an HTTP tracking server's /health")
+    _runs: dict = PrivateAttr(default_factory=dict)
+    _infos: dict = PrivateAttr(default_factory=dict)
 
     def uri(self) -> str:
         from ..tracking import resolve_tracking_uri
@@ -53,29 +62,66 @@ class MlflowResource(dg.ConfigurableResource):
             raise MlflowUnavailable(f"MLflow at {self.uri()} could not list runs ({exc})") from None
 
     def fetch(self, run_id: str):
-        """The run's contract files, downloaded and validated (cached under the data directory)."""
+        """The run's contract files, downloaded and validated (cached under the data directory), fetched
+        once per resource instance: the assets and checks of one step share it."""
         from ..tracking import fetch_run
 
-        return fetch_run(run_id, tracking_uri=self.uri())
+        if run_id not in self._runs:
+            self._runs[run_id] = fetch_run(run_id, tracking_uri=self.uri())
+        return self._runs[run_id]
 
-    def log_outputs(self, run_id: str, stage: str, files: list[Path], metrics: dict[str, float] | None = None) -> str:
-        """Attach a stage's output files (as artifacts under ``z0inf/<stage>/``) and summary metrics to a run."""
+    def _info(self, run_id: str):
+        if run_id not in self._infos:
+            self._infos[run_id] = self.client().get_run(run_id).info
+        return self._infos[run_id]
+
+    def log_artifacts(self, run_id: str, artifact_path: str, files: list[Path]) -> None:
+        """Attach files to a run under ``artifact_path`` (e.g. ``z0inf/self_influence``)."""
         client = self.client()
-        artifact_path = f"z0inf/{stage}"
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path)
-        for key, value in (metrics or {}).items():
-            client.log_metric(run_id, key, float(value))
-        return artifact_path
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Log summary metrics to a run in one request."""
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, 0) for key, value in metrics.items()]
+        self.client().log_batch(run_id, metrics=batch)
 
     def run_link(self, run_id: str) -> dg.MetadataValue:
-        """Where to see the run in the MLflow UI: a link for a server, the UI command for a local store."""
+        """Where to see the run in the MLflow UI: a URL for a server; for a local store, the command that
+        starts the UI and the address to open then. Both name the run."""
         uri = self.uri()
-        experiment_id = self.client().get_run(run_id).info.experiment_id
-        fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
+        info = self._info(run_id)
+        fragment = f"#/experiments/{info.experiment_id}/runs/{run_id}"
         if uri.startswith(("http://", "https://")):
             return dg.MetadataValue.url(f"{uri.rstrip('/')}/{fragment}")
-        return dg.MetadataValue.text(f"mlflow ui --backend-store-uri {uri}  ->  {fragment}")
+        return dg.MetadataValue.text(
+            f"run {info.run_name} ({run_id}): start `mlflow ui --backend-store-uri {uri}`, "
+            f"then open http://127.0.0.1:5000/{fragment}"
+        )
+
+    def run_metadata(self, run_id: str, prefix: str = "mlflow_run") -> dict[str, dg.MetadataValue]:
+        """The run's name, id and link, for the metadata of every materialisation and check of a run."""
+        return {
+            prefix: self.run_link(run_id),
+            f"{prefix}_name": dg.MetadataValue.text(self._info(run_id).run_name),
+            f"{prefix}_id": dg.MetadataValue.text(run_id),
+        }
+
+
+class DecisionStoreResource(dg.ConfigurableResource):
+    """The review decision store: ``url`` unset is the SQLite file ``<data dir>/review.db``."""
+
+    url: Optional[str] = Field(default=None, description="decision store location (unset: <data dir>/review.db)")
+
+    def open(self):
+        from ..review import DecisionStore
+
+        return DecisionStore.open(self.url) if self.url else DecisionStore.open()
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -16,8 +16,7 @@ import dagster as dg
 from dagster_k8s import k8s_job_executor
 
 from .. import definitions as local
-
-GPU_RESOURCE_TAG = "z0inf/resources"
+from ..defs.resources import GPU_RESOURCE_TAG
 GPU_STEPS_PER_RUN = 1
 # Environment variables copied from the run pod into every step pod (a bare name copies its value).
 PASSED_ENV = [
@@ -26,6 +25,7 @@ PASSED_ENV = [
     "Z0INF_MLFLOW_SERVER",
     "Z0INF_REVIEW_STORE_URL",
     "Z0INF_DATA_DIR",
+    "Z0INF_OUTPUTS_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "MLFLOW_S3_ENDPOINT_URL",

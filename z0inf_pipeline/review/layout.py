@@ -1,18 +1,38 @@
-"""Where the pipeline keeps one MLflow run's outputs: ``data_dir()/runs/<run_id>/``.
+"""Where the pipeline keeps one MLflow run's outputs: ``<outputs base>/runs/<run_id>/``.
 
-Dagster assets write here, the review CLI and the demo read here; one definition keeps them in step.
+The base is ``$Z0INF_OUTPUTS_URL`` when set (any fsspec URL: ``s3://bucket/z0inf``, ``memory://``,
+...), else the data directory (``$Z0INF_DATA_DIR``, default ``./data``). Paths are
+``universal_pathlib`` UPaths: on the local disk they are ordinary ``pathlib.Path`` objects.
+
+Dagster's IO manager writes here (``RUN_OUTPUTS`` says which files belong to which asset), the
+review CLI, the demo and the review page read here; this one definition keeps them in step.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from upath import UPath
 
 from ..influence.errors import InfluenceInputError
 from ..settings import data_dir
 
+OUTPUTS_URL_ENV = "Z0INF_OUTPUTS_URL"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+# The RunLayout properties each asset's output is stored in, first the asset's main file.
+RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "training_run": ("examples",),
+    "loss_tables": ("train_losses", "test_losses", "predictions"),
+    "weight_gram": ("gram",),
+    "self_influence": ("self_influence",),
+    "train_test_influence": ("topk",),
+    "review_queue": ("review_queue", "histogram", "flagged_grid"),
+    "curated_training_set": ("curated_set",),
+    "retrained_run": ("retrained",),
+}
 
 
 def check_run_id(run_id: str) -> str:
@@ -22,62 +42,73 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def outputs_base(base: str | os.PathLike | None = None) -> UPath:
+    """The folder that holds ``runs/``: ``base``, else ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    chosen = base if base is not None else os.environ.get(OUTPUTS_URL_ENV) or data_dir()
+    return UPath(chosen)
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths of one run's pipeline outputs (every file is written atomically by its asset)."""
+    """Paths of one run's pipeline outputs (each written whole, by the IO manager, under a temporary name)."""
 
     run_id: str
-    root: Path
+    root: UPath
 
     @classmethod
-    def for_run(cls, run_id: str, base: Path | None = None) -> "RunLayout":
-        base = data_dir() if base is None else Path(base)
-        return cls(check_run_id(run_id), base / "runs" / run_id)
+    def for_run(cls, run_id: str, base: str | os.PathLike | None = None) -> "RunLayout":
+        return cls(check_run_id(run_id), outputs_base(base) / "runs" / run_id)
+
+    def files_of(self, asset: str) -> dict[str, UPath]:
+        """The files an asset's output is stored in, by RunLayout property name."""
+        if asset not in RUN_OUTPUTS:
+            raise InfluenceInputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(RUN_OUTPUTS)})")
+        return {name: getattr(self, name) for name in RUN_OUTPUTS[asset]}
 
     @property
-    def examples(self) -> Path:
+    def examples(self) -> UPath:
         return self.root / "examples.parquet"
 
     @property
-    def train_losses(self) -> Path:
+    def train_losses(self) -> UPath:
         return self.root / "loss_tables" / "train.parquet"
 
     @property
-    def test_losses(self) -> Path:
+    def test_losses(self) -> UPath:
         return self.root / "loss_tables" / "test.parquet"
 
     @property
-    def predictions(self) -> Path:
+    def predictions(self) -> UPath:
         return self.root / "predictions.parquet"
 
     @property
-    def gram(self) -> Path:
+    def gram(self) -> UPath:
         return self.root / "gram.parquet"
 
     @property
-    def self_influence(self) -> Path:
+    def self_influence(self) -> UPath:
         return self.root / "self_influence.parquet"
 
     @property
-    def topk(self) -> Path:
+    def topk(self) -> UPath:
         return self.root / "train_test_topk.parquet"
 
     @property
-    def review_queue(self) -> Path:
+    def review_queue(self) -> UPath:
         return self.root / "review_queue.parquet"
 
     @property
-    def histogram(self) -> Path:
+    def histogram(self) -> UPath:
         return self.root / "self_influence_histogram.png"
 
     @property
-    def flagged_grid(self) -> Path:
+    def flagged_grid(self) -> UPath:
         return self.root / "flagged_examples.png"
 
     @property
-    def curated_set(self) -> Path:
+    def curated_set(self) -> UPath:
         return self.root / "curated_training_set.parquet"
 
     @property
-    def retrained(self) -> Path:
+    def retrained(self) -> UPath:
         return self.root / "retrained_run.parquet"

@@ -1,34 +1,35 @@
-"""Stage 2: the run's checkpoints and per-example loss tables, plus final-checkpoint predictions."""
+"""Stage 2: the run's per-example loss tables, plus the last checkpoint's predictions."""
 
 import dagster as dg
 import pandas as pd
 
-from ...influence.analysis import write_frame
 from ...influence.errors import InfluenceInputError
 from ...influence.loss_tables import read_loss_table
 from ...review.run_data import final_predictions, max_deviation, rebuild_data, recompute_loss_tables
 from ..config import LossTableConfig
-from ..metadata import layout_for, path_metadata
-from ..partitions import mlflow_runs
-from ..resources import ComputeResource, MlflowResource
-from .training import training_run
+from ..metadata import rounded, run_id_of
+from ..partitions import PER_RUN
+from ..resources import GPU_STEP_TAGS, ComputeResource, MlflowResource
+from ..storage import LossTables
 
 # Recomputed and logged cross-entropy agree to float32 rounding; anything larger means the
 # checkpoints and the loss tables of the run do not belong together.
 LOGGED_TOLERANCE = 1e-3
 
 
-@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[training_run], kinds={"pytorch", "parquet"})
+@dg.asset(**PER_RUN, kinds={"pytorch", "parquet"}, op_tags=GPU_STEP_TAGS)
 def loss_tables(
-    context: dg.AssetExecutionContext, config: LossTableConfig, mlflow: MlflowResource, compute: ComputeResource
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: LossTableConfig,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+    compute: ComputeResource,
+) -> dg.Output[LossTables]:
     """Train and test loss tables (one column per checkpoint, in step order), evaluated on the compute
     device from the checkpoints when the run's data can be rebuilt, and the last checkpoint's
     predictions for the review queue."""
-    layout = layout_for(context)
-    run = mlflow.fetch(layout.run_id)
-    examples = pd.read_parquet(run.examples)
-    data = None if config.source == "logged" else rebuild_data(run.run_id, run.train_config, run.model_spec, examples)
+    run = mlflow.fetch(run_id_of(context))
+    data = None if config.source == "logged" else rebuild_data(run.run_id, run.train_config, run.model_spec, training_run)
     if data is None and (config.source == "recompute" or config.loss != "cross_entropy"):
         raise InfluenceInputError(
             f"run {run.run_id}: loss tables can only be recomputed (source={config.source!r}, loss={config.loss!r}) "
@@ -39,37 +40,25 @@ def loss_tables(
     logged_test = read_loss_table(run.test_losses, expected_steps=run.steps)
     metadata: dict = {"source": "logged" if data is None else "recomputed", "loss": config.loss}
     if data is None:
-        train, test = logged_train, logged_test
-        layout.predictions.unlink(missing_ok=True)
-        context.log.warning(f"run {run.run_id}: data cannot be rebuilt; using the logged loss tables, no predictions")
+        tables = LossTables(logged_train, logged_test)
+        context.log.warning(f"run {run.run_id}: using the logged loss tables (source={config.source!r}), no predictions")
     else:
         train, test = recompute_loss_tables(
-            run.build_model,
-            run.checkpoints,
-            data,
-            config.loss,
-            device=device,
-            dtype=dtype,
-            batch_size=compute.batch_size,
+            run.build_model, run.checkpoints, data, config.loss, device=device, dtype=dtype, batch_size=compute.batch_size
         )
         if config.loss == "cross_entropy":
             deviation = max(max_deviation(train, logged_train), max_deviation(test, logged_test))
-            metadata["max_deviation_from_logged"] = deviation
+            metadata["max_deviation_from_logged"] = rounded(deviation)
             if deviation > LOGGED_TOLERANCE:
                 raise InfluenceInputError(
                     f"run {run.run_id}: losses recomputed from the checkpoints differ from the logged loss tables "
                     f"by up to {deviation:.3g} (tolerance {LOGGED_TOLERANCE}); checkpoints and tables do not match"
                 )
-        predictions = final_predictions(
-            run.load_model(), data, device=device, dtype=dtype, batch_size=compute.batch_size
-        )
-        write_frame(predictions, layout.predictions)
+        predictions = final_predictions(run.load_model(), data, device=device, dtype=dtype, batch_size=compute.batch_size)
+        tables = LossTables(train, test, predictions)
         test_rows = predictions[predictions["split"] == "test"]
-        metadata["final_test_accuracy"] = float((test_rows["predicted_label"] == test_rows["label"]).mean())
-    train.write(layout.train_losses)
-    test.write(layout.test_losses)
-    files = [p for p in (layout.train_losses, layout.test_losses, layout.predictions) if p.exists()]
-    mlflow.log_outputs(run.run_id, "loss_tables", files)
+        metadata["final_test_accuracy"] = rounded((test_rows["predicted_label"] == test_rows["label"]).mean())
+    train, test = tables.train_table(), tables.test_table()
     context.log.info(
         f"loss tables {metadata['source']} on {compute.describe()}: T={len(train.steps)}, "
         f"{len(train.example_ids)} train / {len(test.example_ids)} test examples"
@@ -82,10 +71,9 @@ def loss_tables(
             "steps": dg.MetadataValue.json(list(train.steps)),
             "train_examples": len(train.example_ids),
             "test_examples": len(test.example_ids),
-            "final_mean_train_loss": float(train.values[-1].mean()),
-            "final_mean_test_loss": float(test.values[-1].mean()),
+            "final_mean_train_loss": rounded(train.values[-1].mean()),
+            "final_mean_test_loss": rounded(test.values[-1].mean()),
             "dagster/row_count": len(train.example_ids),
-            **path_metadata(train_losses=layout.train_losses, test_losses=layout.test_losses),
         }
     )
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.Output(tables, metadata=metadata)

@@ -4,42 +4,42 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...influence.analysis import write_frame
 from ...influence.errors import InfluenceInputError
 from ...review import CuratedSet, retrain_config
 from ...tracking import train_and_log
 from ...training import TrainConfig
 from ..config import RetrainConfig
-from ..metadata import layout_for, path_metadata
-from ..partitions import mlflow_runs
+from ..metadata import rounded, run_id_of
+from ..partitions import PER_RUN
 from ..resources import MlflowResource
-from .curation import curated_training_set
 
 
-def curated_from_file(layout) -> CuratedSet:
+def curated_from_frame(curated: pd.DataFrame, examples: pd.DataFrame) -> CuratedSet:
     """The curation exactly as materialised: drops = training ids missing from the curated set."""
-    examples = pd.read_parquet(layout.examples)
     train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
-    frame = pd.read_parquet(layout.curated_set)
-    dropped = np.setdiff1d(train_ids, frame["example_id"].to_numpy(np.int64))
-    relabelled = frame[frame["action"] == "relabel"]
+    dropped = np.setdiff1d(train_ids, curated["example_id"].to_numpy(np.int64))
+    relabelled = curated[curated["action"] == "relabel"]
     relabels = {int(i): int(y) for i, y in zip(relabelled["example_id"], relabelled["label"])}
-    return CuratedSet(frame, tuple(int(i) for i in dropped), relabels)
+    return CuratedSet(curated, tuple(int(i) for i in dropped), relabels)
 
 
-@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[curated_training_set], kinds={"pytorch", "mlflow"})
+@dg.asset(**PER_RUN, kinds={"pytorch", "mlflow"})
 def retrained_run(
-    context: dg.AssetExecutionContext, config: RetrainConfig, mlflow: MlflowResource
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: RetrainConfig,
+    curated_training_set: pd.DataFrame,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+) -> dg.Output[pd.DataFrame]:
     """Train the parent run's recipe again without the dropped examples and with the relabels; log it as
-    a new contract run tagged ``z0inf.parent_run_id`` (the sensor then analyses it like any other run)."""
-    layout = layout_for(context)
-    parent = mlflow.fetch(layout.run_id)
+    a new contract run tagged ``z0inf.parent_run_id`` (the sensor then analyses it like any other run).
+    The output is a one-row summary: parent, retrained run, sizes, test accuracy of both."""
+    parent = mlflow.fetch(run_id_of(context))
     if parent.train_config is None:
         raise InfluenceInputError(
             f"run {parent.run_id}: has no training config (train_config.json), so its recipe cannot be retrained here"
         )
-    curated = curated_from_file(layout)
+    curated = curated_from_frame(curated_training_set, training_run)
     child_config = retrain_config(TrainConfig.from_dict(parent.train_config), curated)
     context.log.info(
         f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
@@ -56,8 +56,8 @@ def retrained_run(
         },
     )
     client = mlflow.client()
-    parent_metrics = client.get_run(parent.run_id).data.metrics
-    child_metrics = client.get_run(child_id).data.metrics
+    parent_accuracy = client.get_run(parent.run_id).data.metrics.get("test_accuracy", np.nan)
+    child_accuracy = client.get_run(child_id).data.metrics.get("test_accuracy", np.nan)
     summary = pd.DataFrame(
         [
             {
@@ -66,34 +66,23 @@ def retrained_run(
                 "train_examples": curated.size,
                 "dropped": len(curated.dropped_ids),
                 "relabelled": len(curated.relabels),
-                "parent_test_accuracy": parent_metrics.get("test_accuracy", np.nan),
-                "retrained_test_accuracy": child_metrics.get("test_accuracy", np.nan),
+                "parent_test_accuracy": parent_accuracy,
+                "retrained_test_accuracy": child_accuracy,
             }
         ]
     )
-    write_frame(summary, layout.retrained)
     client.set_tag(parent.run_id, "z0inf.retrained_run_id", child_id)
-    mlflow.log_outputs(
-        parent.run_id,
-        "retrained_run",
-        [layout.retrained],
-        {"z0inf.retrained_test_accuracy": summary.at[0, "retrained_test_accuracy"]},
-    )
-    row = summary.iloc[0]
-    context.log.info(
-        f"retrained run {child_id}: test accuracy {row['parent_test_accuracy']:.4f} -> "
-        f"{row['retrained_test_accuracy']:.4f}"
-    )
-    return dg.MaterializeResult(
+    mlflow.log_metrics(parent.run_id, {"z0inf.retrained_test_accuracy": child_accuracy})
+    context.log.info(f"retrained run {child_id}: test accuracy {parent_accuracy:.4f} -> {child_accuracy:.4f}")
+    return dg.Output(
+        summary,
         metadata={
-            "retrained_run_id": child_id,
-            "retrained_run": mlflow.run_link(child_id),
-            "parent_run_id": parent.run_id,
+            **mlflow.run_metadata(child_id, prefix="retrained_run"),
+            **mlflow.run_metadata(parent.run_id, prefix="parent_run"),
             "train_examples": curated.size,
             "dropped": len(curated.dropped_ids),
             "relabelled": len(curated.relabels),
-            "parent_test_accuracy": float(row["parent_test_accuracy"]),
-            "retrained_test_accuracy": float(row["retrained_test_accuracy"]),
-            **path_metadata(retrained_run=layout.retrained),
-        }
+            "parent_test_accuracy": rounded(parent_accuracy),
+            "retrained_test_accuracy": rounded(child_accuracy),
+        },
     )

@@ -4,41 +4,46 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...influence.atomic import atomic_output
 from ...influence.errors import InfluenceInputError
-from ...review import DecisionStore, build_review_queue, detection_quality, flag_scores, write_review_queue
+from ...review import build_review_queue, detection_quality, flag_scores
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
-from ..metadata import layout_for, markdown_table, path_metadata
-from ..partitions import mlflow_runs
-from ..resources import MlflowResource
-from .self_influence import self_influence
+from ..metadata import markdown_table, rounded, run_id_of
+from ..partitions import PER_RUN
+from ..provenance import verify_scores
+from ..resources import DecisionStoreResource, MlflowResource
+from ..storage import LossTables, ReviewQueue
 from .topk import train_test_influence
 
 GRID_IMAGES = 40
 PREVIEW_ROWS = 25
 
 
-@dg.asset(
-    partitions_def=mlflow_runs, group_name="z0inf", deps=[self_influence, train_test_influence], kinds={"parquet"}
-)
+# After train_test_influence (without reading it), so that its blocking check also stops the queue.
+@dg.asset(**PER_RUN, deps=[train_test_influence], kinds={"parquet"})
 def review_queue(
-    context: dg.AssetExecutionContext, config: FlagPolicyConfig, mlflow: MlflowResource
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: FlagPolicyConfig,
+    self_influence: pd.DataFrame,
+    training_run: pd.DataFrame,
+    loss_tables: LossTables,
+    mlflow: MlflowResource,
+    decisions: DecisionStoreResource,
+) -> dg.Output[ReviewQueue]:
     """Training examples whose self-influence is above the flag policy's cut-off, highest first, each
-    with its score, label, predicted label and loss trajectory. Decisions live in the review store
-    (``z0inf review decide``), which re-materialising never touches."""
-    layout = layout_for(context)
-    run_id = layout.run_id
+    with its score, label, predicted label and loss trajectory. Built only from the scores that passed
+    ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
+    re-materialising never touches."""
+    run_id = run_id_of(context)
     policy = config.to_policy()
-    scores = pd.read_parquet(layout.self_influence)
-    examples = pd.read_parquet(layout.examples)
-    train = examples[examples["split"] == "train"]
-    predictions = pd.read_parquet(layout.predictions) if layout.predictions.exists() else None
-    decisions = DecisionStore.open().current(run_id)
-    flags = flag_scores(scores["self_influence"].to_numpy(), policy)
-    queue = build_review_queue(scores, flags, train, pd.read_parquet(layout.train_losses), predictions, decisions)
+    train = training_run[training_run["split"] == "train"]
+    verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
+    current = decisions.open().current(run_id)
+    flags = flag_scores(self_influence["self_influence"].to_numpy(), policy)
+    queue = build_review_queue(
+        self_influence, flags, train, loss_tables.frame("train"), loss_tables.prediction_frame(), current
+    )
     run = mlflow.fetch(run_id)
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
     info = {
@@ -48,17 +53,18 @@ def review_queue(
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
     }
-    write_review_queue(queue, layout.review_queue, info)
-
-    histogram = histogram_png(scores["self_influence"], flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
-    _write_bytes(layout.histogram, histogram)
+    histogram = histogram_png(self_influence["self_influence"], flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
+    grid = _flagged_grid(run, queue.head(GRID_IMAGES))
     metadata: dict = {
+        **mlflow.run_metadata(run_id),
         "flagged": flags.count,
-        "flagged_fraction": flags.fraction,
-        "cutoff": flags.cutoff,
+        "flagged_fraction": rounded(flags.fraction),
+        "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
         "unreviewed": int(queue["decision"].isna().sum()),
-        "review_queue": dg.MetadataValue.md(markdown_table(_preview(queue), PREVIEW_ROWS)),
+        "review_queue": dg.MetadataValue.md(
+            markdown_table(reviewer_view(queue, self_influence["self_influence"]), PREVIEW_ROWS)
+        ),
         "self_influence_histogram": dg.MetadataValue.md(markdown_image(histogram, "self-influence histogram")),
         "dagster/row_count": len(queue),
     }
@@ -70,38 +76,50 @@ def review_queue(
     quality = detection_quality(queue["example_id"], train.loc[train["flipped"], "example_id"])
     if quality is not None:
         metadata.update(
-            {"precision_vs_injected_flips": quality["precision"], "recall_vs_injected_flips": quality["recall"]}
+            {
+                "precision_vs_injected_flips": rounded(quality["precision"]),
+                "recall_vs_injected_flips": rounded(quality["recall"]),
+            }
         )
         metrics.update({"z0inf.flag_precision": quality["precision"], "z0inf.flag_recall": quality["recall"]})
-    files = [layout.review_queue, layout.histogram]
-    grid = _flagged_grid(run, queue.head(GRID_IMAGES))
     if grid is not None:
-        _write_bytes(layout.flagged_grid, grid)
-        files.append(layout.flagged_grid)
         metadata["flagged_examples"] = dg.MetadataValue.md(markdown_image(grid, "flagged training examples"))
-    mlflow.log_outputs(run_id, "review_queue", files, metrics)
+    mlflow.log_metrics(run_id, metrics)
     context.log.info(
         f"{flags.count} of {len(train)} training examples flagged ({policy.describe()})"
         + (
             ""
             if quality is None
-            else f"; precision {quality['precision']:.2f}, recall {quality['recall']:.2f} "
+            else f"; precision {quality['precision']:.3g}, recall {quality['recall']:.3g} "
             "against the injected label flips"
         )
     )
-    return dg.MaterializeResult(
-        metadata={**metadata, **path_metadata(review_queue=layout.review_queue, histogram=layout.histogram)}
-    )
+    return dg.Output(ReviewQueue(queue, info, histogram, grid), metadata=metadata)
 
 
-def _preview(queue: pd.DataFrame) -> pd.DataFrame:
-    shown = queue[
-        ["rank", "example_id", "self_influence", "robust_z", "label", "predicted_label", "confidence", "decision"]
-    ].copy()
-    shown.insert(
-        7, "loss first -> last", [f"{a:.3g} -> {b:.3g}" for a, b in zip(queue["loss_first"], queue["loss_last"])]
+def reviewer_view(queue: pd.DataFrame, all_scores: pd.Series) -> pd.DataFrame:
+    """The queue as a reviewer reads it: the score's percentile among all training examples (not a raw
+    robust z), the loss trajectory's ends, and each decision with its new label."""
+    ordered = np.sort(all_scores.to_numpy(np.float64))
+    scores = queue["self_influence"].to_numpy(np.float64)
+    percentile = 100.0 * np.searchsorted(ordered, scores, side="right") / max(len(ordered), 1)
+    decision = [
+        "" if pd.isna(action) else f"relabel -> {label}" if action == "relabel" else str(action)
+        for action, label in zip(queue["decision"], queue["decision_label"])
+    ]
+    return pd.DataFrame(
+        {
+            "rank": queue["rank"],
+            "example_id": queue["example_id"],
+            "self_influence": queue["self_influence"],
+            "percentile": [f"{p:.1f}" for p in percentile],
+            "label": queue["label"],
+            "predicted_label": queue["predicted_label"],
+            "confidence": queue["confidence"],
+            "loss first -> last": [f"{a:.3g} -> {b:.3g}" for a, b in zip(queue["loss_first"], queue["loss_last"])],
+            "decision": decision,
+        }
     )
-    return shown
 
 
 def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
@@ -130,8 +148,3 @@ def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
         for i, y, p in zip(ids, flagged["label"], flagged["predicted_label"])
     ]
     return image_grid_png(images, captions)
-
-
-def _write_bytes(path, payload: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(payload)

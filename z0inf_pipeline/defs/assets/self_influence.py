@@ -3,47 +3,59 @@
 from dataclasses import replace
 
 import dagster as dg
+import pandas as pd
 
-from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, read_gram_file, write_frame
+from ...influence.analysis import InfluenceAnalysis, InfluenceArguments
+from ...influence.errors import InfluenceInputError
 from ..config import EstimatorConfig
-from ..metadata import layout_for, path_metadata, quantiles
-from ..partitions import mlflow_runs
-from ..resources import ComputeResource, MlflowResource
-from .gram import weight_gram
+from ..metadata import quantiles, rounded_metadata, run_id_of
+from ..partitions import PER_RUN
+from ..resources import GPU_STEP_TAGS, ComputeResource, MlflowResource
+from ..storage import Gram, LossTables
 
 
-def analysis_from_gram(layout, run, args: InfluenceArguments, device, *, with_test: bool = False) -> InfluenceAnalysis:
-    """An analysis of the run that reuses the materialised Gram instead of reading the weights again, over
-    the parameters the Gram was configured with (its provenance record; the checkpoints are still checked)."""
-    test_losses = layout.test_losses if with_test else None
-    recorded = read_gram_file(layout.gram)[2]
-    if recorded is not None:
-        args = replace(args, parameters=recorded.parameters, center=recorded.center)
-    return InfluenceAnalysis(run.checkpoints, layout.train_losses, test_losses, args=args, device=device, gram=layout.gram)
+def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArguments, device, *, with_test=False):
+    """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
+    if list(gram.steps) != list(run.steps):
+        raise InfluenceInputError(
+            f"run {run.run_id}: weight_gram was computed for steps {list(gram.steps)}, the checkpoints are at "
+            f"{list(run.steps)}; materialise weight_gram again"
+        )
+    if gram.provenance is not None:  # estimate over the parameters the Gram was configured with
+        args = replace(args, parameters=gram.provenance.parameters, center=gram.provenance.center)
+    test = tables.test_table() if with_test else None
+    analysis = InfluenceAnalysis(run.checkpoints, tables.train_table(), test, args=args, device=device, gram=gram.matrix)
+    differences = [] if gram.provenance is None else gram.provenance.differences(analysis.provenance)
+    if differences:
+        raise InfluenceInputError(
+            f"run {run.run_id}: weight_gram was computed from {'; '.join(differences)}; materialise weight_gram again"
+        )
+    return analysis
 
 
-@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[weight_gram], kinds={"pytorch", "parquet"})
+@dg.asset(**PER_RUN, kinds={"pytorch", "parquet"}, op_tags=GPU_STEP_TAGS)
 def self_influence(
-    context: dg.AssetExecutionContext, config: EstimatorConfig, mlflow: MlflowResource, compute: ComputeResource
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: EstimatorConfig,
+    loss_tables: LossTables,
+    weight_gram: Gram,
+    mlflow: MlflowResource,
+    compute: ComputeResource,
+) -> dg.Output[pd.DataFrame]:
     """SI(i) = sum_t eta_t ||g_i(t)||^2 (high: the model had to move far just for i), and the cheap
     variance estimator beside it."""
-    layout = layout_for(context)
-    run = mlflow.fetch(layout.run_id)
+    run = mlflow.fetch(run_id_of(context))
     args = config.to_arguments()
-    frame = analysis_from_gram(layout, run, args, compute.torch_device()).self_influence_frame()
-    write_frame(frame, layout.self_influence)
+    frame = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device()).self_influence_frame()
     summary = quantiles(frame["self_influence"], "z0inf.self_influence")
-    mlflow.log_outputs(run.run_id, "self_influence", [layout.self_influence], summary)
-    context.log.info(
-        f"self-influence of {len(frame)} training examples: median {summary['z0inf.self_influence_q50']:.4g}"
-    )
-    return dg.MaterializeResult(
+    mlflow.log_metrics(run.run_id, summary)
+    context.log.info(f"self-influence of {len(frame)} training examples: median {summary['z0inf.self_influence_q50']:.3g}")
+    return dg.Output(
+        frame,
         metadata={
             "estimator": dg.MetadataValue.json(args.to_dict()),
             "device": str(compute.torch_device()),
             "dagster/row_count": len(frame),
-            **{k.removeprefix("z0inf."): v for k, v in summary.items()},
-            **path_metadata(self_influence=layout.self_influence),
-        }
+            **rounded_metadata(summary, strip="z0inf."),
+        },
     )

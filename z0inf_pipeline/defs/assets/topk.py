@@ -1,35 +1,41 @@
 """Stage 5: train-test influence, kept as the top-k proponents and opponents of every test example."""
 
 import dagster as dg
+import pandas as pd
 
-from ...influence.analysis import write_frame
 from ..config import TopKConfig
-from ..metadata import layout_for, markdown_table, path_metadata
-from ..partitions import mlflow_runs
-from ..resources import ComputeResource, MlflowResource
-from .self_influence import analysis_from_gram, self_influence
+from ..metadata import markdown_table, run_id_of
+from ..partitions import PER_RUN
+from ..resources import GPU_STEP_TAGS, ComputeResource, MlflowResource
+from ..storage import Gram, LossTables
+from .self_influence import analysis_from_gram
 
 
-@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", deps=[self_influence], kinds={"pytorch", "parquet"})
+@dg.asset(**PER_RUN, kinds={"pytorch", "parquet"}, op_tags=GPU_STEP_TAGS)
 def train_test_influence(
-    context: dg.AssetExecutionContext, config: TopKConfig, mlflow: MlflowResource, compute: ComputeResource
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    config: TopKConfig,
+    loss_tables: LossTables,
+    weight_gram: Gram,
+    mlflow: MlflowResource,
+    compute: ComputeResource,
+) -> dg.Output[pd.DataFrame]:
     """INF(i, z) = sum_t eta_t <g_i(t), g_z(t)>: for each test example z the k training examples that
     helped it most (proponents) and hurt it most (opponents); the full N x M matrix never exists."""
-    layout = layout_for(context)
-    run = mlflow.fetch(layout.run_id)
+    run = mlflow.fetch(run_id_of(context))
     args = config.to_arguments()
-    frame = analysis_from_gram(layout, run, args, compute.torch_device(), with_test=True).topk_frame()
-    write_frame(frame, layout.topk)
+    analysis = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device(), with_test=True)
+    frame = analysis.topk_frame()
+    k = int(frame["rank"].max())
     # Training examples that most often top a test example's proponent or opponent list.
     top1 = frame[frame["rank"] == 1]
-    mlflow.log_outputs(run.run_id, "train_test_influence", [layout.topk])
-    context.log.info(f"top-{int(frame['rank'].max())} influence for {frame['test_example_id'].nunique()} test examples")
-    return dg.MaterializeResult(
+    context.log.info(f"top-{k} influence for {frame['test_example_id'].nunique()} test examples")
+    return dg.Output(
+        frame,
         metadata={
             "estimator": dg.MetadataValue.json(args.to_dict()),
             "test_examples": int(frame["test_example_id"].nunique()),
-            "k": int(frame["rank"].max()),
+            "k": k,
             "dagster/row_count": len(frame),
             **{
                 f"frequent_top_{role}s": dg.MetadataValue.md(
@@ -40,6 +46,5 @@ def train_test_influence(
                 )
                 for role in ("proponent", "opponent")
             },
-            **path_metadata(train_test_topk=layout.topk),
-        }
+        },
     )

@@ -1,33 +1,26 @@
 """Stage 1: the MLflow contract run that the partition names, adopted after validation."""
 
-import shutil
-
 import dagster as dg
 import pandas as pd
 
-from ...influence.atomic import atomic_output
-from ..metadata import layout_for, path_metadata
-from ..partitions import mlflow_runs
+from ..metadata import run_id_of
+from ..partitions import PER_RUN
 from ..resources import MlflowResource
 
 
-@dg.asset(partitions_def=mlflow_runs, group_name="z0inf", kinds={"mlflow", "parquet"})
-def training_run(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> dg.MaterializeResult:
+@dg.asset(**PER_RUN, kinds={"mlflow", "parquet"})
+def training_run(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> dg.Output[pd.DataFrame]:
     """Download and validate the partition's MLflow run against the run contract (checkpoints, loss
-    tables, examples, model spec); keep its examples table. New runs come from ``train_job``,
-    ``z0inf train``, ``z0inf demo`` or the ``retrained_run`` asset."""
-    layout = layout_for(context)
-    run = mlflow.fetch(layout.run_id)
-    with atomic_output(layout.examples) as tmp:
-        shutil.copyfile(run.examples, tmp)
-    examples = pd.read_parquet(layout.examples)
+    tables, examples, model spec); its examples table (id, split, label, injected flips) is the output.
+    New runs come from ``train_job``, ``z0inf train``, ``z0inf demo`` or the ``retrained_run`` asset."""
+    run = mlflow.fetch(run_id_of(context))
+    examples = pd.read_parquet(run.examples)
     train = examples[examples["split"] == "train"]
     context.log.info(
         f"adopted MLflow run {run.run_id}: {len(run.checkpoints)} checkpoints, {len(train)} training examples"
     )
     metadata = {
-        "mlflow_run_id": run.run_id,
-        "mlflow_run": mlflow.run_link(run.run_id),
+        **mlflow.run_metadata(run.run_id),
         "tracking_uri": mlflow.uri(),
         "checkpoints": len(run.checkpoints),
         "steps": dg.MetadataValue.json(list(run.steps)),
@@ -38,6 +31,5 @@ def training_run(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> d
         "train_config": dg.MetadataValue.json(run.train_config or {}),
         "model_spec": dg.MetadataValue.json(run.model_spec),
         "dagster/row_count": len(examples),
-        **path_metadata(examples=layout.examples, run_cache=run.cache_dir),
     }
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.Output(examples, metadata=metadata)

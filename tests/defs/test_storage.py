@@ -1,0 +1,84 @@
+"""The IO manager: each asset's output in its run's folder (RunLayout), on the local disk by default
+or on any fsspec file system by URL, logged to the source MLflow run when asked."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from z0inf_pipeline.defs.assets import loss_tables, training_run, weight_gram
+from z0inf_pipeline.defs.resources import ComputeResource, MlflowResource
+from z0inf_pipeline.defs.storage import LossTables, RunOutputsIOManager, StoredTable
+from z0inf_pipeline.influence import read_loss_table
+from z0inf_pipeline.influence.analysis import read_gram
+from z0inf_pipeline.review import RunLayout
+from z0inf_pipeline.tracking import fetch_run
+
+
+def _materialize(instance, run_id: str, io_manager: RunOutputsIOManager, source: str = "auto"):
+    if not instance.has_dynamic_partition("mlflow_runs", run_id):
+        instance.add_dynamic_partitions("mlflow_runs", [run_id])
+    return dg.materialize(
+        [training_run, loss_tables, weight_gram],
+        partition_key=run_id,
+        instance=instance,
+        resources={"mlflow": MlflowResource(), "compute": ComputeResource(device="cpu"), "run_outputs": io_manager},
+        run_config={"ops": {"loss_tables": {"config": {"source": source}}}},
+    )
+
+
+def test_outputs_on_an_fsspec_url_land_in_the_run_layout_there(instance, contract_run, tracking_uri):
+    base = "memory://z0inf-test-outputs"
+    io_manager = RunOutputsIOManager(mlflow=MlflowResource(), base_url=base, log_to_mlflow=False)
+    assert _materialize(instance, contract_run, io_manager).success
+
+    layout = RunLayout.for_run(contract_run, base)
+    assert str(layout.root) == f"{base}/runs/{contract_run}"
+    for path in (layout.examples, layout.train_losses, layout.test_losses, layout.predictions, layout.gram):
+        assert path.exists(), path
+    assert not RunLayout.for_run(contract_run).root.exists()  # nothing on the local disk
+    assert MlflowClient(tracking_uri).list_artifacts(contract_run, "z0inf") == []  # logging switched off
+
+    # Read back through the handles the IO manager gives downstream assets: the same numbers as the run's
+    # own loss table, read here directly from the MLflow download.
+    run = fetch_run(contract_run, tracking_uri=tracking_uri)
+    stored = LossTables.load(layout.files_of("loss_tables"))
+    assert isinstance(stored.train, StoredTable) and stored.train.columns[0] == "example_id"
+    original = read_loss_table(run.train_losses)
+    np.testing.assert_array_equal(stored.train_table().example_ids, original.example_ids)
+    np.testing.assert_allclose(stored.train_table().values.numpy(), original.values.numpy(), rtol=1e-4, atol=1e-5)
+    with layout.examples.open("rb") as handle:
+        pd.testing.assert_frame_equal(pd.read_parquet(handle), pd.read_parquet(run.examples))
+    layout.root.fs.rm(str(layout.root), recursive=True)
+
+
+def test_local_outputs_are_logged_to_the_source_run_and_stale_files_removed(instance, contract_run, tracking_uri):
+    io_manager = RunOutputsIOManager(mlflow=MlflowResource())
+    assert _materialize(instance, contract_run, io_manager).success
+    layout = RunLayout.for_run(contract_run)
+    assert layout.predictions.exists()
+    steps, gram = read_gram(layout.gram)
+    assert steps == tuple(fetch_run(contract_run, tracking_uri=tracking_uri).steps)
+    assert np.allclose(gram.numpy(), gram.numpy().T)
+    client = MlflowClient(tracking_uri)
+    assert {a.path for a in client.list_artifacts(contract_run, "z0inf/loss_tables")} == {
+        "z0inf/loss_tables/train.parquet",
+        "z0inf/loss_tables/test.parquet",
+        "z0inf/loss_tables/predictions.parquet",
+    }
+    # No temporary files are left beside the outputs.
+    assert not [p for p in layout.root.rglob("*") if p.name.startswith(".")]
+
+    # Logged tables carry no predictions: the earlier predictions file must not outlive them.
+    assert _materialize(instance, contract_run, io_manager, source="logged").success
+    assert not layout.predictions.exists() and layout.train_losses.exists()
+
+
+def test_loading_an_output_that_was_never_materialised_names_it(contract_run):
+    io_manager = RunOutputsIOManager(mlflow=MlflowResource())
+    context = dg.build_input_context(asset_key=dg.AssetKey("self_influence"), partition_key=contract_run)
+    with pytest.raises(dg.Failure, match="self_influence of run .*self_influence.parquet does not exist"):
+        io_manager.load_input(context)

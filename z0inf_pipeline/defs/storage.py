@@ -1,0 +1,254 @@
+"""Where asset outputs live: one folder per MLflow run (``RunLayout``), on any fsspec file system.
+
+The ``RunOutputsIOManager`` owns storage. Assets return values and receive their upstream values
+as parameters; none of them names a file. Frames are stored as parquet and loaded back as frames;
+the loss tables (N examples x T checkpoints, the one output that grows with the data) come back as
+``LossTables`` of ``StoredTable`` handles that read a file only when asked. Every file is written
+in a local staging folder first and then published whole (renamed on a local disk, uploaded
+otherwise), so a failed step never leaves half a file; each is also logged as an artifact of the
+source MLflow run under ``z0inf/<asset>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field
+from upath import UPath
+
+from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
+from ..influence.atomic import atomic_output
+from ..influence.loss_tables import ID_COLUMN, LossTable, read_loss_table, step_column
+from ..review import RunLayout, read_review_queue, write_review_queue
+from .provenance import SOURCE_ATTR
+from .resources import MlflowResource
+
+_CHUNK = 1 << 20
+
+
+def _is_local(path: UPath) -> bool:
+    return isinstance(path, Path)
+
+
+@contextlib.contextmanager
+def local_copy(path: UPath) -> Iterator[Path]:
+    """A local file with the content of ``path``, for the pure readers that take a file name."""
+    if _is_local(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="z0inf-read-") as tmp:
+        local = Path(tmp) / path.name
+        with path.open("rb") as source, local.open("wb") as target:
+            shutil.copyfileobj(source, target, _CHUNK)
+        yield local
+
+
+@dataclass(frozen=True)
+class StoredTable:
+    """A parquet file among a run's outputs, read only when asked (large tables are not passed around whole)."""
+
+    path: UPath
+
+    def read(self, columns: list[str] | None = None) -> pd.DataFrame:
+        with self.path.open("rb") as handle:
+            return pd.read_parquet(handle, columns=columns)
+
+    @property
+    def columns(self) -> list[str]:
+        with self.path.open("rb") as handle:
+            return pq.read_schema(handle).names
+
+
+def _loss_table(source: LossTable | StoredTable) -> LossTable:
+    if isinstance(source, LossTable):
+        return source
+    with local_copy(source.path) as path:
+        return read_loss_table(path)
+
+
+def _ids(source: LossTable | StoredTable) -> np.ndarray:
+    if isinstance(source, LossTable):
+        return np.asarray(source.example_ids, dtype=np.int64)
+    return source.read([ID_COLUMN])[ID_COLUMN].to_numpy(np.int64)
+
+
+@dataclass(frozen=True)
+class LossTables:
+    """The run's train and test loss tables and the last checkpoint's predictions (None: the run's data
+    could not be rebuilt). In memory when just computed; file handles when loaded from storage."""
+
+    train: LossTable | StoredTable
+    test: LossTable | StoredTable
+    predictions: pd.DataFrame | StoredTable | None = None
+
+    def train_table(self) -> LossTable:
+        return _loss_table(self.train)
+
+    def test_table(self) -> LossTable:
+        return _loss_table(self.test)
+
+    def train_ids(self) -> np.ndarray:
+        return _ids(self.train)
+
+    def test_ids(self) -> np.ndarray:
+        return _ids(self.test)
+
+    def frame(self, split: str) -> pd.DataFrame:
+        """A split's table as a frame: ``example_id`` then one ``step_<s>`` column per checkpoint."""
+        table = {"train": self.train, "test": self.test}[split]
+        if isinstance(table, StoredTable):
+            return table.read()
+        values = table.values.numpy()
+        columns = {step_column(s): values[t] for t, s in enumerate(table.steps)}
+        return pd.DataFrame({ID_COLUMN: np.asarray(table.example_ids, dtype=np.int64), **columns})
+
+    def prediction_frame(self) -> pd.DataFrame | None:
+        return self.predictions.read() if isinstance(self.predictions, StoredTable) else self.predictions
+
+    def write_into(self, files: dict[str, Path]) -> None:
+        self.train_table().write(files["train_losses"])
+        self.test_table().write(files["test_losses"])
+        predictions = self.prediction_frame()
+        if predictions is not None:
+            predictions.to_parquet(files["predictions"], index=False)
+
+    @classmethod
+    def load(cls, files: dict[str, UPath]) -> "LossTables":
+        predictions = files["predictions"]
+        return cls(
+            StoredTable(files["train_losses"]),
+            StoredTable(files["test_losses"]),
+            StoredTable(predictions) if predictions.exists() else None,
+        )
+
+
+@dataclass(frozen=True)
+class Gram:
+    """G = W W^T over the checkpoints (T x T, float64), the checkpoint steps it was computed for, and
+    what it was computed from (parameters, centring, checkpoint fingerprints), checked when it is reused."""
+
+    steps: tuple[int, ...]
+    matrix: torch.Tensor
+    provenance: GramProvenance | None = None
+
+    def write_into(self, files: dict[str, Path]) -> None:
+        gram_to_frame(self.steps, self.matrix, self.provenance).to_parquet(files["gram"], index=False)
+
+    @classmethod
+    def load(cls, files: dict[str, UPath]) -> "Gram":
+        with local_copy(files["gram"]) as path:
+            return cls(*read_gram_file(path))
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """The flagged examples with what a reviewer needs, ``info`` (policy, cut-off, training-set size),
+    and the pictures: a self-influence histogram and, for image data, a grid of the flagged images."""
+
+    queue: pd.DataFrame
+    info: dict
+    histogram: bytes | None = None
+    flagged_grid: bytes | None = None
+
+    def write_into(self, files: dict[str, Path]) -> None:
+        write_review_queue(self.queue, files["review_queue"], self.info)
+        for name in ("histogram", "flagged_grid"):
+            if getattr(self, name) is not None:
+                files[name].write_bytes(getattr(self, name))
+
+    @classmethod
+    def load(cls, files: dict[str, UPath]) -> "ReviewQueue":
+        with local_copy(files["review_queue"]) as path:
+            queue, info = read_review_queue(path)
+        pictures = [files[n].read_bytes() if files[n].exists() else None for n in ("histogram", "flagged_grid")]
+        return cls(queue, info, *pictures)
+
+
+# Outputs that are not a single frame; every other asset stores one DataFrame in its one file.
+_STRUCTURED = {"loss_tables": LossTables, "weight_gram": Gram, "review_queue": ReviewQueue}
+
+
+def _publish(source: Path, target: UPath) -> None:
+    """Put a finished local file at ``target`` whole: renamed into place locally, uploaded otherwise."""
+    if _is_local(target):
+        with atomic_output(target) as tmp:
+            shutil.copyfile(source, tmp)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunOutputsIOManager(dg.ConfigurableIOManager):
+    """Stores each asset's output in its MLflow run's folder (``RunLayout``): parquet for tables, PNG
+    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+
+    base_url: Optional[str] = Field(
+        default=None, description="folder or fsspec URL holding runs/<run id>/ (e.g. s3://bucket/z0inf, memory://z0inf)"
+    )
+    log_to_mlflow: bool = Field(default=True, description="also log each file to the source MLflow run")
+    mlflow: MlflowResource
+
+    def layout(self, run_id: str) -> RunLayout:
+        return RunLayout.for_run(run_id, self.base_url)
+
+    def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
+        asset = context.asset_key.to_user_string()
+        run_id = context.asset_partition_key
+        return asset, run_id, self.layout(run_id).files_of(asset)
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        asset, run_id, files = self._files(context)
+        with tempfile.TemporaryDirectory(prefix="z0inf-stage-") as tmp:
+            staged = {name: Path(tmp) / name / path.name for name, path in files.items()}
+            for path in staged.values():
+                path.parent.mkdir()
+            if isinstance(obj, pd.DataFrame):
+                obj.to_parquet(next(iter(staged.values())), index=False)
+            else:
+                obj.write_into(staged)
+            written = {name: path for name, path in staged.items() if path.exists()}
+            for name, target in files.items():
+                if name in written:
+                    _publish(written[name], target)
+                else:  # an optional file this materialisation has none of (no predictions, no image grid)
+                    target.unlink(missing_ok=True)
+            if self.log_to_mlflow:
+                self.mlflow.log_artifacts(run_id, f"z0inf/{asset}", list(written.values()))
+            rows = [f"| `{files[n]}` | {p.stat().st_size:,} | `{sha256_of(p)[:16]}` |" for n, p in written.items()]
+        context.add_output_metadata(
+            {
+                "stored_files": dg.MetadataValue.md("| file | bytes | sha256 |\n|---|---|---|\n" + "\n".join(rows)),
+                "logged_to_mlflow": f"z0inf/{asset}/" if self.log_to_mlflow else "no",
+            }
+        )
+
+    def load_input(self, context: dg.InputContext):
+        asset, run_id, files = self._files(context)
+        main = next(iter(files.values()))
+        if not main.exists():
+            raise dg.Failure(f"{asset} of run {run_id}: {main} does not exist; materialise {asset} first")
+        if asset in _STRUCTURED:
+            return _STRUCTURED[asset].load(files)
+        frame = StoredTable(main).read()
+        frame.attrs[SOURCE_ATTR] = str(main)
+        return frame
