@@ -7,7 +7,7 @@ the Gram matrix once and returns tidy frames ready to be written as parquet.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, Sequence
@@ -19,9 +19,10 @@ import torch
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, open_checkpoints, select_parameters
 from .errors import InfluenceInputError
-from .estimators import NeighborRule, self_influence, train_test_topk, variance_self_influence
+from .estimators import NeighborRule, self_influence, train_test_topk, warmup_window
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
+from .signals import LOSS_KINDS, LossKind, loss_signals
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,36 @@ class InfluenceArguments:
     eta: Literal["uniform", "learning_rate"] = "uniform"
     center: bool = True
     topk: int = 10
+    warmup_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "leave out checkpoints before this fraction of training (by step): the initialisation "
+            "and the first transient, where every example's loss falls at once; 0 keeps all"
+        },
+    )
+    center_losses: bool = field(
+        default=False,
+        metadata={"help": "subtract each checkpoint's mean loss over examples before taking differences"},
+    )
+    weight_by_correlation: bool = field(
+        default=False,
+        metadata={
+            "help": "train-test: multiply INF(i, z) by the Spearman correlation of the two loss trajectories"
+        },
+    )
+    loss_kind: LossKind = field(
+        default="cross_entropy",
+        metadata={
+            "help": "the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy",
+            "choices": LOSS_KINDS,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InfluenceInputError(f"warmup_fraction {self.warmup_fraction!r}: must be in [0, 1)")
+        if self.loss_kind not in LOSS_KINDS:
+            raise InfluenceInputError(f"loss_kind {self.loss_kind!r}: must be one of {list(LOSS_KINDS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,19 +119,35 @@ class InfluenceAnalysis:
             raise InfluenceInputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
         return torch.tensor([c.learning_rate for c in self.checkpoints], dtype=torch.float64)
 
+    @cached_property
+    def window(self) -> np.ndarray:
+        """Positions of the checkpoints the estimators use (``warmup_fraction``)."""
+        return warmup_window(self.steps, self.args.warmup_fraction)
+
+    def _windowed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix and step weights restricted to the window (a sub-block of G: the
+        differences of the kept checkpoints do not depend on the others)."""
+        keep = torch.from_numpy(self.window)
+        eta = None if self.eta is None else self.eta[keep]
+        return self.gram[keep][:, keep], eta
+
     def gram_frame(self) -> pd.DataFrame:
         return gram_to_frame(self.steps, self.gram)
 
     def self_influence_frame(self) -> pd.DataFrame:
-        losses = self.train.values.to(self.device)
+        """Every signal of every training example, one column each (``signals.SIGNAL_COLUMNS``),
+        all computed over the checkpoint window but the final loss (the last checkpoint)."""
+        losses = self.train.values[torch.from_numpy(self.window)].to(self.device)
+        gram, eta = self._windowed()
         scores = self_influence(
-            self.gram, losses, self.args.neighbors, self.eta, neighbor_rule=self.args.neighbor_rule
+            gram, losses, self.args.neighbors, eta,
+            neighbor_rule=self.args.neighbor_rule, center_losses=self.args.center_losses,
         )
         return pd.DataFrame(
             {
                 "example_id": self.train.example_ids,
                 "self_influence": scores.double().cpu().numpy(),
-                "variance_self_influence": variance_self_influence(losses).double().cpu().numpy(),
+                **loss_signals(losses, self.args.loss_kind),
             }
         )
 
@@ -108,14 +155,18 @@ class InfluenceAnalysis:
         if self.test is None:
             raise InfluenceInputError("train-test influence needs a test loss table")
         k = min(self.args.topk, len(self.train.example_ids))
+        keep = torch.from_numpy(self.window)
+        gram, eta = self._windowed()
         top = train_test_topk(
-            self.gram,
-            self.train.values.to(self.device),
-            self.test.values.to(self.device),
+            gram,
+            self.train.values[keep].to(self.device),
+            self.test.values[keep].to(self.device),
             k=k,
             neighbors=self.args.neighbors,
-            eta=self.eta,
+            eta=eta,
             neighbor_rule=self.args.neighbor_rule,
+            center_losses=self.args.center_losses,
+            weight_by_correlation=self.args.weight_by_correlation,
         )
         M = len(self.test.example_ids)
         train_ids = torch.from_numpy(self.train.example_ids)
