@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..influence.analysis import read_gram
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import DecisionStore, evaluate_gate, read_review_queue
+from ..review import DecisionStore, evaluate_gate, lineage_decisions, read_review_queue
 from .assets import (
     curated_training_set,
     loss_tables,
@@ -110,7 +110,7 @@ def review_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     layout = layout_for(context)
     queue, info = read_review_queue(layout.review_queue)
-    decisions = DecisionStore.open().current(layout.run_id)
+    decisions = lineage_decisions(DecisionStore.open(), layout.run_id, info)
     status = evaluate_gate(
         queue["example_id"],
         decisions["example_id"],

@@ -92,3 +92,34 @@ def suspicion_ranks(scores: pd.DataFrame, columns=SIGNAL_COLUMNS) -> pd.DataFram
         if column in scores
     }
     return pd.DataFrame(ranks, index=scores.index)
+
+
+def parse_flag_score(spec: str) -> tuple[str, ...]:
+    """``"mean_loss"`` or ``"mean_loss+confidence"`` (a rank average) -> the signal columns it names."""
+    columns = tuple(part.strip() for part in str(spec).split("+"))
+    for column in columns:
+        signal(column)
+    if len(set(columns)) != len(columns):
+        raise InfluenceInputError(f"flag score {spec!r}: names a signal twice")
+    return columns
+
+
+def flag_score(scores: pd.DataFrame, spec: str) -> np.ndarray:
+    """The score a flag policy cuts: one signal oriented so that higher is more suspicious, or for
+    ``a+b+...`` the mean of the signals' suspicion ranks as fractions in (0, 1] (1 = most suspicious).
+
+    A single signal keeps its own scale, so a cut-off on it means the same thing from run to run; a rank
+    average is relative to the run by construction (its spread is the same however clean the data).
+    """
+    columns = parse_flag_score(spec)
+    missing = [c for c in columns if c not in scores]
+    if missing:
+        raise InfluenceInputError(f"flag score {spec!r}: the scores have no column(s) {missing}")
+    undefined = [c for c in columns if scores[c].isna().any()]
+    if undefined:
+        raise InfluenceInputError(f"flag score {spec!r}: {undefined} undefined (NaN) here; {NO_CONFIDENCE_REASON}")
+    if len(columns) == 1:
+        return suspicion(scores, columns[0])
+    n = len(scores)
+    fractions = [pd.Series(suspicion(scores, c)).rank(method="average").to_numpy() / n for c in columns]
+    return np.mean(fractions, axis=0)

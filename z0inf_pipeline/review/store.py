@@ -24,6 +24,7 @@ from .layout import check_run_id
 Action = Literal["keep", "drop", "relabel"]
 ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel")
 DECISION_COLUMNS = ["example_id", "action", "label", "reviewer", "note", "decided_at"]
+LINEAGE_COLUMNS = [*DECISION_COLUMNS, "run_id", "sequence"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,6 +102,24 @@ class DecisionStore:
         )
         return self._frame(query, (run_id,))
 
+    def current_for_runs(self, run_ids: Iterable[str]) -> pd.DataFrame:
+        """The decision in force for each (run, example) of ``run_ids`` (for a run's lineage), with
+        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first."""
+        runs = list(dict.fromkeys(run_ids))
+        for run_id in runs:
+            check_run_id(run_id)
+        if not runs:
+            raise InfluenceInputError("review store: current_for_runs needs at least one run id")
+        marks = ", ".join("?" * len(runs))
+        query = (
+            f"SELECT {', '.join('d.' + c for c in DECISION_COLUMNS)}, d.run_id, d.id FROM decisions d "
+            f"JOIN (SELECT MAX(id) AS id FROM decisions WHERE run_id IN ({marks}) GROUP BY run_id, example_id) latest "
+            "ON d.id = latest.id ORDER BY d.id"
+        )
+        frame = self._frame(query, tuple(runs), LINEAGE_COLUMNS)
+        frame["sequence"] = frame["sequence"].astype("int64")
+        return frame
+
     def history(self, run_id: str) -> pd.DataFrame:
         """Every decision ever recorded for ``run_id``, oldest first."""
         check_run_id(run_id)
@@ -111,10 +130,10 @@ class DecisionStore:
         with closing(self._connect()) as conn:
             return [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM decisions ORDER BY run_id")]
 
-    def _frame(self, query: str, params: tuple) -> pd.DataFrame:
+    def _frame(self, query: str, params: tuple, columns: list[str] = DECISION_COLUMNS) -> pd.DataFrame:
         with closing(self._connect()) as conn:
             rows = conn.execute(query, params).fetchall()
-        frame = pd.DataFrame(rows, columns=DECISION_COLUMNS)
+        frame = pd.DataFrame(rows, columns=columns)
         frame["example_id"] = frame["example_id"].astype("int64")
         frame["label"] = frame["label"].astype("Int64")
         return frame

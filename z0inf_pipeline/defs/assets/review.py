@@ -7,6 +7,8 @@ import pandas as pd
 from ...influence.atomic import atomic_output
 from ...influence.errors import InfluenceInputError
 from ...review import DecisionStore, build_review_queue, detection_quality, flag_scores, write_review_queue
+from ...review.lineage import LINEAGE_INFO_KEY, lineage_decisions
+from ...tracking import run_lineage
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
@@ -36,8 +38,9 @@ def review_queue(
     examples = pd.read_parquet(layout.examples)
     train = examples[examples["split"] == "train"]
     predictions = pd.read_parquet(layout.predictions) if layout.predictions.exists() else None
-    decisions = DecisionStore.open().current(run_id)
-    flags = flag_scores(scores["self_influence"].to_numpy(), policy)
+    lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
+    decisions = lineage_decisions(DecisionStore.open(), run_id, lineage)
+    flags = flag_scores(scores, policy)
     queue = build_review_queue(scores, flags, train, pd.read_parquet(layout.train_losses), predictions, decisions)
     run = mlflow.fetch(run_id)
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
@@ -47,10 +50,11 @@ def review_queue(
         "cutoff": flags.cutoff,
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
+        **lineage,
     }
     write_review_queue(queue, layout.review_queue, info)
 
-    histogram = histogram_png(scores["self_influence"], flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
+    histogram = histogram_png(flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
     _write_bytes(layout.histogram, histogram)
     metadata: dict = {
         "flagged": flags.count,
