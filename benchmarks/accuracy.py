@@ -99,7 +99,7 @@ CASES: tuple[Case, ...] = (
 
 # The Z0-Inf settings the suite compares (the window is a warm-up fraction of training, by step).
 WARMUPS = (0.0, 0.05, 0.1, 0.25, 0.5)
-NEIGHBORS = (1, 2, 4, 8)
+NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
 CENTERINGS = (False, True)
 
@@ -176,13 +176,13 @@ def windowed(z0: Z0Inputs, warmup: float):
     return z0.gram[keep][:, keep], z0.train[keep], z0.test[keep], z0.learning_rates[keep]
 
 
-def signal_frame(z0: Z0Inputs, warmup: float, args: InfluenceArguments) -> pd.DataFrame:
-    """Every signal at one window, with Z0 finite-difference at ``args``' k, eta and centring."""
-    gram, train_losses, _, lrs = windowed(z0, warmup)
-    k = min(args.neighbors, gram.shape[0] - 1)
+def signal_frame(z0: Z0Inputs, args: InfluenceArguments) -> pd.DataFrame:
+    """Every signal as the analysis computes it: Z0 finite-difference at ``args`` (window, k, eta, centring),
+    the loss-table signals over every checkpoint."""
+    gram, train_losses, _, lrs = windowed(z0, args.warmup_fraction)
     eta = lrs if args.eta == "learning_rate" else None
-    fd = self_influence(gram, train_losses, k, eta, center_losses=args.center_losses).numpy()
-    return pd.DataFrame({"self_influence": fd, **loss_signals(train_losses)})
+    fd = self_influence(gram, train_losses, args.neighbors, eta, center_losses=args.center_losses).numpy()
+    return pd.DataFrame({"self_influence": fd, **loss_signals(z0.train)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +337,10 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
         report.add("z0_grid", quiet=True, case=name, warmup=warmup, k=k, eta=eta, center=center,
                    spearman=spearman(si, truth), **detection(si))
 
-    for warmup in WARMUPS:
-        frame = signal_frame(z0, warmup, DEFAULT_ARGS)
-        for score in (*SIGNAL_COLUMNS, *PAIR_SCORES):
-            values = flag_score(frame, score)
-            report.add("signals", quiet=True, case=name, warmup=warmup, score=score,
-                       spearman=spearman(values, truth), **detection(values))
+    frame = signal_frame(z0, DEFAULT_ARGS)
+    for score in (*SIGNAL_COLUMNS, *PAIR_SCORES):
+        values = flag_score(frame, score)
+        report.add("signals", quiet=True, case=name, score=score, spearman=spearman(values, truth), **detection(values))
 
     for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
         gram, train_losses, test_losses, _ = windowed(z0, warmup)
@@ -375,14 +373,14 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
 
 def choose_defaults(report: Report) -> dict:
     """Z0's window, k, eta and centring by the suite-mean Spearman against SSRT; the flag score by the
-    suite-mean AUPRC over the noisy cases, at the chosen window. Never one case."""
+    suite-mean AUPRC over the noisy cases (loss-table signals do not depend on the window). Never one case."""
     grid = report.frame("z0_grid")
     keys = ["warmup", "k", "eta", "center"]
     means = grid.groupby(keys)["spearman"].mean().sort_values(ascending=False)
     warmup, k, eta, center = means.index[0]
     signals = report.frame("signals")
-    at_window = signals[(signals["warmup"] == warmup) & signals["auprc"].notna()] if "auprc" in signals else signals[:0]
-    flag_means = at_window.groupby("score")["auprc"].mean().sort_values(ascending=False)
+    noisy = signals[signals["auprc"].notna()] if "auprc" in signals else signals[:0]
+    flag_means = noisy.groupby("score")["auprc"].mean().sort_values(ascending=False)
     singles = flag_means[flag_means.index.isin(SIGNAL_COLUMNS)]
     return {"warmup_fraction": float(warmup), "neighbors": int(k), "eta": eta, "center_losses": bool(center),
             "z0_mean_spearman": float(means.iloc[0]),
@@ -400,7 +398,7 @@ def per_case_tables(report: Report) -> dict[str, pd.DataFrame]:
     coded = coded_defaults()
     cases = [r["case"] for r in report.sections["cases"]]
     signals = report.frame("signals")
-    at = signals[signals["warmup"] == coded["warmup_fraction"]]
+    at = signals
     grid = report.frame("z0_grid")
     z0 = grid[(grid["warmup"] == coded["warmup_fraction"]) & (grid["k"] == coded["neighbors"])
               & (grid["eta"] == coded["eta"]) & (grid["center"] == coded["center_losses"])].set_index("case")
@@ -410,7 +408,7 @@ def per_case_tables(report: Report) -> dict[str, pd.DataFrame]:
         if metric not in at:
             continue
         columns = {c: at[at["score"] == c].set_index("case")[metric] for c in SIGNAL_COLUMNS}
-        columns["Z0 finite-difference (defaults)"] = z0[metric] if metric in z0 else None
+        columns["self_influence"] = z0[metric]  # the grid holds every setting: the coded one, whatever ran
         if coded["flag_score"] not in SIGNAL_COLUMNS:
             columns[f"flag score {coded['flag_score']}"] = at[at["score"] == coded["flag_score"]].set_index("case")[metric]
         for method in ("TracInCP", "cleanlab"):
@@ -459,7 +457,7 @@ def targets(report: Report, tables: dict[str, pd.DataFrame]) -> list[str]:
         lines.append(f"- flag score suite-mean AUPRC {ours:.3f} >= best single signal's ({best}, {singles.max():.3f})"
                      f" - 0.01: {'met' if ours >= singles.max() - 0.01 else 'MISSED by %.3f' % (singles.max() - 0.01 - ours)}")
     spear = tables["spearman"]
-    z0, tracin = spear.at["suite mean", "Z0 finite-difference (defaults)"], spear.at["suite mean", "TracInCP"]
+    z0, tracin = spear.at["suite mean", "self_influence"], spear.at["suite mean", "TracInCP"]
     lines.append(f"- Z0 finite-difference at its defaults, mean Spearman vs SSRT {z0:.3f} >= TracInCP's {tracin:.3f}: "
                  + ("met" if z0 >= tracin else f"MISSED by {tracin - z0:.3f}"))
     return lines
@@ -491,11 +489,9 @@ def write_markdown(report: Report, out: Path, quick: bool, total_seconds: float)
         spearman=("spearman", "mean"), **({"auprc": ("auprc", "mean")} if "auprc" in grid else {})
     ).sort_values("spearman", ascending=False).reset_index()
     signals = report.frame("signals")
-    flag_means = (signals[signals["warmup"] == chosen["warmup_fraction"]].groupby("score")
+    flag_means = (signals.groupby("score")
                   .agg(auprc=("auprc", "mean"), auroc=("auroc", "mean"), spearman=("spearman", "mean"))
                   .sort_values("auprc", ascending=False).reset_index()) if "auprc" in signals else pd.DataFrame()
-    window_means = signals[signals["score"].isin(SIGNAL_COLUMNS)].pivot_table(
-        index="warmup", columns="score", values="auprc" if "auprc" in signals else "spearman", aggfunc="mean")
     agrees = all(coded[k] == chosen[k] for k in ("warmup_fraction", "neighbors", "eta", "center_losses", "flag_score"))
     text = f"""# Accuracy of every zeroth-order signal on a suite of {len(tables['spearman']) - 1} problems
 
@@ -511,9 +507,11 @@ eta = {coded['eta']}, center_losses = {coded['center_losses']}; flag score `{cod
 
 ## Self-influence: Spearman against SSRT self-influence (every signal oriented: higher = more suspicious)
 
+`self_influence` is Z0 finite-difference at the coded defaults; the loss-table signals use every checkpoint.
+
 {markdown(tables['spearman'])}
 
-## Train-test attribution: LDS
+## Train-test attribution: LDS (Z0 at the coded window and k, eta = 1)
 
 {markdown(tables['lds'])}
 
@@ -532,14 +530,10 @@ best first, top 12 of {len(grid_means)}:
 
 {markdown(grid_means.head(12), None)}
 
-Flag-score candidates at the chosen window (warm-up {chosen['warmup_fraction']}), by suite-mean AUPRC over the
+Flag-score candidates (Z0 finite-difference at the coded defaults), by suite-mean AUPRC over the
 noisy cases (a `a+b` score is the mean of the two signals' suspicion ranks), top 12:
 
 {markdown(flag_means.head(12), None) if len(flag_means) else 'no noisy case'}
-
-Each single signal's suite-mean AUPRC at each window:
-
-{markdown(window_means.reset_index(), None)}
 
 Suite choice: window warm-up {chosen['warmup_fraction']}, k = {chosen['neighbors']}, eta = {chosen['eta']},
 center_losses = {chosen['center_losses']} (mean Spearman {chosen['z0_mean_spearman']:.3f}); flag score (single signals,
@@ -564,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for these tiny models on a shared 2-core box)")
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite accuracy.md from the folder's accuracy.json (after changing a default)")
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else Scale()
     out = args.out or (RESULTS / "cache" / "quick" if args.quick else RESULTS)
@@ -571,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("trak").setLevel(logging.ERROR)
+    if args.report_only:
+        saved = json.loads((out / "accuracy.json").read_text())
+        report = Report(saved["sections"], saved["notes"])
+        print(write_markdown(report, out, args.quick, report.notes["total_seconds"]).read_text())
+        return 0
     report = Report(notes={"ssrt_models": scale.ssrt_models, "holdout_models": scale.holdout_models})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:

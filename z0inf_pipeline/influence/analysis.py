@@ -29,17 +29,18 @@ from .signals import LOSS_KINDS, LossKind, loss_signals
 class InfluenceArguments:
     """How to estimate: neighbours per checkpoint, which parameters, which step weights."""
 
-    neighbors: int = 2
+    neighbors: int = 8
     neighbor_rule: NeighborRule = "order"
     parameters: tuple[str, ...] | None = None
     eta: Literal["uniform", "learning_rate"] = "uniform"
     center: bool = True
     topk: int = 10
     warmup_fraction: float = field(
-        default=0.0,
+        default=0.1,
         metadata={
-            "help": "leave out checkpoints before this fraction of training (by step): the initialisation "
-            "and the first transient, where every example's loss falls at once; 0 keeps all"
+            "help": "Z0 finite-difference and train-test influence leave out checkpoints before this fraction "
+            "of training (by step): the initialisation and the first transient, where every example's loss "
+            "falls at once; 0 keeps all"
         },
     )
     center_losses: bool = field(
@@ -135,19 +136,21 @@ class InfluenceAnalysis:
         return gram_to_frame(self.steps, self.gram)
 
     def self_influence_frame(self) -> pd.DataFrame:
-        """Every signal of every training example, one column each (``signals.SIGNAL_COLUMNS``),
-        all computed over the checkpoint window but the final loss (the last checkpoint)."""
-        losses = self.train.values[torch.from_numpy(self.window)].to(self.device)
+        """Every signal of every training example, one column each (``signals.SIGNAL_COLUMNS``).
+
+        The checkpoint window is an option of the Z0 finite-difference estimator only: the loss-table
+        signals (variance, mean, final loss, confidence, variability) always use every checkpoint.
+        """
         gram, eta = self._windowed()
         scores = self_influence(
-            gram, losses, self.args.neighbors, eta,
+            gram, self.train.values[torch.from_numpy(self.window)].to(self.device), self.args.neighbors, eta,
             neighbor_rule=self.args.neighbor_rule, center_losses=self.args.center_losses,
         )
         return pd.DataFrame(
             {
                 "example_id": self.train.example_ids,
                 "self_influence": scores.double().cpu().numpy(),
-                **loss_signals(losses, self.args.loss_kind),
+                **loss_signals(self.train.values, self.args.loss_kind),
             }
         )
 
