@@ -1,8 +1,9 @@
 """Decisions carry across retraining rounds: a decision on an example of run R holds for every run
 retrained from R (R's descendants through the ``z0inf.parent_run_id`` tag) until someone decides again.
 
-Pure: the lineage (``[run, parent, grandparent, ...]``, from ``tracking.run_lineage``) and the store's
-per-run decisions come in; the decisions in force for the newest run come out.
+``decisions_in_force`` is pure: the lineage (``[run, parent, grandparent, ...]``, from
+``tracking.run_lineage``) and the store's per-run decisions come in; the decisions in force for the
+newest run come out. ``inherited_cutoff`` reads the ancestors' review queues for the mixture cut-off.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from typing import Sequence
 import pandas as pd
 
 from ..influence.errors import InfluenceInputError
+from .layout import RunLayout
+from .policy import FlagPolicy
+from .queue import read_review_queue
 from .store import DECISION_COLUMNS, DecisionStore
 
 LINEAGE_INFO_KEY = "lineage"
+CALIBRATED_ON_KEY = "cutoff_fitted_on"
 
 
 def decisions_in_force(decisions: pd.DataFrame, lineage: Sequence[str]) -> pd.DataFrame:
@@ -47,3 +52,19 @@ def lineage_decisions(store: DecisionStore, run_id: str, info: dict) -> pd.DataF
     """The decisions in force for ``run_id``'s review queue, across the lineage recorded in ``info``."""
     lineage = lineage_of(run_id, info)
     return decisions_in_force(store.current_for_runs(lineage), lineage)
+
+
+def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy) -> tuple[float, str] | None:
+    """(cut-off, run it was fitted on) from the nearest ancestor whose review queue was built with the
+    same policy, when the policy is a mixture that inherits; None otherwise (fit this run afresh)."""
+    if policy.method != "mixture" or not policy.inherit_cutoff:
+        return None
+    wanted = policy.to_dict()
+    for ancestor in list(lineage)[1:]:
+        path = RunLayout.for_run(ancestor).review_queue
+        if not path.is_file():
+            continue
+        _, info = read_review_queue(path)
+        if info.get("policy") == wanted and info.get("cutoff") is not None:
+            return float(info["cutoff"]), str(info.get(CALIBRATED_ON_KEY, ancestor))
+    return None

@@ -3,9 +3,10 @@
 The flag score is one signal of ``influence.signals`` (or a rank average of several) oriented so that
 higher is more suspicious. The default cut-off comes from a two-component Gaussian mixture on the score,
 as in loss-based label-noise modelling: examples whose posterior of belonging to the high component
-exceeds 0.5 are flagged, and nothing is flagged when the score shows no separate high group. So the
-flagged count falls as the data gets cleaner, unlike a quantile, which flags the same share of every
-run. The quantile and robust z-score cut-offs stay as options; every method respects ``max_flagged``.
+exceeds 0.5 are flagged. A run retrained from a reviewed run keeps that run's cut-off (same recipe,
+same loss scale), so the flagged count falls as the data gets cleaner, where a fresh mixture or a
+quantile would flag a similar share of every run. The quantile and robust z-score cut-offs stay as
+options; every method respects the review budget ``max_flagged``.
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ class FlagPolicy:
     z_threshold: float = field(
         default=3.5, metadata={"help": "method=zscore: flag robust z = (score - median) / (1.4826 MAD) above this"}
     )
-    min_separation: float = field(
-        default=2.0,
+    posterior: float = field(
+        default=0.5,
+        metadata={"help": "method=mixture: flag where the posterior of the high component exceeds this"},
+    )
+    inherit_cutoff: bool = field(
+        default=True,
         metadata={
-            "help": "method=mixture: Ashman's D = sqrt(2) |mu_high - mu_low| / sqrt(s_high^2 + s_low^2) the two "
-            "components need before anything is flagged (D > 2: a clearly separate high group)"
+            "help": "method=mixture: a retrained run keeps the cut-off found on its nearest reviewed ancestor "
+            "(same policy), so a cleaner run flags fewer examples instead of a fresh mixture's share"
         },
     )
     max_flagged: int = field(
@@ -76,8 +81,8 @@ class FlagPolicy:
             raise InfluenceInputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
         if not np.isfinite(self.z_threshold) or self.z_threshold <= 0:
             raise InfluenceInputError(f"flag policy: z_threshold {self.z_threshold} must be a positive number")
-        if not np.isfinite(self.min_separation) or self.min_separation < 0:
-            raise InfluenceInputError(f"flag policy: min_separation {self.min_separation} must be >= 0")
+        if not 0.0 < self.posterior < 1.0:
+            raise InfluenceInputError(f"flag policy: posterior {self.posterior} must be strictly between 0 and 1")
         if not isinstance(self.max_flagged, (int, np.integer)) or self.max_flagged < 0:
             raise InfluenceInputError(f"flag policy: max_flagged {self.max_flagged!r} must be an integer >= 0")
         if not 0.0 <= self.max_unreviewed_fraction <= 1.0:
@@ -90,7 +95,7 @@ class FlagPolicy:
 
     def describe(self) -> str:
         if self.method == "mixture":
-            rule = f"{self.score} in the high component of a two-Gaussian mixture (separation D > {self.min_separation:g})"
+            rule = f"{self.score} in the high component of a two-Gaussian mixture (posterior > {self.posterior:g})"
         elif self.method == "quantile":
             rule = f"{self.score} above its {self.quantile:.3g} quantile (top {100 * (1 - self.quantile):.3g}%)"
         else:
@@ -140,11 +145,6 @@ class Mixture:
     means: np.ndarray
     stds: np.ndarray
 
-    @property
-    def separation(self) -> float:
-        """Ashman's D: above 2 the two components form clearly separate groups."""
-        return float(np.sqrt(2.0) * abs(self.means[1] - self.means[0]) / np.sqrt((self.stds**2).sum()))
-
     def high_posterior(self, x: np.ndarray) -> np.ndarray:
         log_density = (
             np.log(self.weights)[None, :]
@@ -189,13 +189,17 @@ def fit_mixture(x: np.ndarray) -> Mixture:
     return Mixture(weights[order], means[order], np.sqrt(variances[order]))
 
 
-def flag_scores(scores, policy: FlagPolicy) -> Flags:
+def flag_scores(scores, policy: FlagPolicy, *, inherited_cutoff: float | None = None) -> Flags:
     """Flag examples by ``policy``: ``scores`` is the scores frame (its ``policy.score`` signal is used,
     and every defined signal is also flagged on its own for ``Flags.flagged_by``) or a vector that
-    already is the flag score (higher = more suspicious)."""
+    already is the flag score (higher = more suspicious).
+
+    ``inherited_cutoff`` (method ``mixture``): flag scores at or above it instead of fitting a mixture
+    to this run (see ``inherited_cutoff`` in ``review.lineage``).
+    """
     if not isinstance(scores, pd.DataFrame):
-        return _flag_values(scores, policy)
-    flags = _flag_values(flag_score(scores, policy.score), policy)
+        return _flag_values(scores, policy, inherited_cutoff)
+    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff)
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:
@@ -205,7 +209,7 @@ def flag_scores(scores, policy: FlagPolicy) -> Flags:
     return replace(flags, flagged_by=flagged_by)
 
 
-def _flag_values(values, policy: FlagPolicy) -> Flags:
+def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = None) -> Flags:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise InfluenceInputError(f"flag policy: expected a non-empty vector of scores, got shape {values.shape}")
@@ -218,12 +222,13 @@ def _flag_values(values, policy: FlagPolicy) -> Flags:
     elif policy.method == "zscore":
         cutoff = median + policy.z_threshold * scale
         flagged = z > policy.z_threshold
+    elif inherited_cutoff is not None:
+        cutoff = float(inherited_cutoff)
+        flagged = values >= cutoff
     else:
         mixture = fit_mixture(values)
         # Above the low component's mean only: a wide high component also wins far in the low tail.
-        flagged = (mixture.high_posterior(values) > 0.5) & (values > mixture.means[0])
-        if mixture.separation <= policy.min_separation:
-            flagged[:] = False
+        flagged = (mixture.high_posterior(values) > policy.posterior) & (values > mixture.means[0])
         cutoff = float(values[flagged].min()) if flagged.any() else float("inf")
     if policy.max_flagged and flagged.sum() > policy.max_flagged:
         order = np.argsort(-values, kind="stable")

@@ -7,9 +7,9 @@ import pandas as pd
 from ...influence.atomic import atomic_output
 from ...influence.errors import InfluenceInputError
 from ...review import DecisionStore, build_review_queue, detection_quality, flag_scores, write_review_queue
-from ...review.lineage import LINEAGE_INFO_KEY, lineage_decisions
-from ...tracking import run_lineage
 from ...review.figures import histogram_png, image_grid_png, markdown_image
+from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
+from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
 from ..metadata import layout_for, markdown_table, path_metadata
@@ -40,7 +40,8 @@ def review_queue(
     predictions = pd.read_parquet(layout.predictions) if layout.predictions.exists() else None
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
     decisions = lineage_decisions(DecisionStore.open(), run_id, lineage)
-    flags = flag_scores(scores, policy)
+    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
+    flags = flag_scores(scores, policy, inherited_cutoff=None if inherited is None else inherited[0])
     queue = build_review_queue(scores, flags, train, pd.read_parquet(layout.train_losses), predictions, decisions)
     run = mlflow.fetch(run_id)
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
@@ -51,6 +52,7 @@ def review_queue(
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
         **lineage,
+        CALIBRATED_ON_KEY: run_id if inherited is None else inherited[1],
     }
     write_review_queue(queue, layout.review_queue, info)
 
