@@ -98,9 +98,10 @@ CASES: tuple[Case, ...] = (
 )
 
 # The Z0-Inf settings the suite compares (the window is a warm-up fraction of training, by step).
-WARMUPS = (0.0, 0.05, 0.1, 0.25, 0.5)
+WARMUPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5)
 NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
+NEIGHBOR_RULES = ("order", "distance")
 CENTERINGS = (False, True)
 
 
@@ -328,13 +329,13 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
         metrics = detection_scores(scores, flipped)
         return {"auprc": metrics.auprc, "auroc": metrics.auroc}
 
-    for warmup, k, eta, center in itertools.product(WARMUPS, NEIGHBORS, ETAS, CENTERINGS):
+    for warmup, k, eta, center, rule in itertools.product(WARMUPS, NEIGHBORS, ETAS, CENTERINGS, NEIGHBOR_RULES):
         gram, train_losses, _, lrs = windowed(z0, warmup)
         if k >= gram.shape[0]:
             continue
         si = self_influence(gram, train_losses, k, lrs if eta == "learning_rate" else None,
-                            center_losses=center).numpy()
-        report.add("z0_grid", quiet=True, case=name, warmup=warmup, k=k, eta=eta, center=center,
+                            center_losses=center, neighbor_rule=rule).numpy()
+        report.add("z0_grid", quiet=True, case=name, warmup=warmup, k=k, eta=eta, center=center, rule=rule,
                    spearman=spearman(si, truth), **detection(si))
 
     frame = signal_frame(z0, DEFAULT_ARGS)
@@ -375,14 +376,15 @@ def choose_defaults(report: Report) -> dict:
     """Z0's window, k, eta and centring by the suite-mean Spearman against SSRT; the flag score by the
     suite-mean AUPRC over the noisy cases (loss-table signals do not depend on the window). Never one case."""
     grid = report.frame("z0_grid")
-    keys = ["warmup", "k", "eta", "center"]
+    keys = ["warmup", "k", "eta", "center", "rule"]
     means = grid.groupby(keys)["spearman"].mean().sort_values(ascending=False)
-    warmup, k, eta, center = means.index[0]
+    warmup, k, eta, center, rule = means.index[0]
     signals = report.frame("signals")
     noisy = signals[signals["auprc"].notna()] if "auprc" in signals else signals[:0]
     flag_means = noisy.groupby("score")["auprc"].mean().sort_values(ascending=False)
     singles = flag_means[flag_means.index.isin(SIGNAL_COLUMNS)]
     return {"warmup_fraction": float(warmup), "neighbors": int(k), "eta": eta, "center_losses": bool(center),
+            "neighbor_rule": rule,
             "z0_mean_spearman": float(means.iloc[0]),
             "flag_score": singles.index[0] if len(singles) else None,
             "best_flag_score_any": flag_means.index[0] if len(flag_means) else None}
@@ -390,7 +392,8 @@ def choose_defaults(report: Report) -> dict:
 
 def coded_defaults() -> dict:
     return {"warmup_fraction": DEFAULT_ARGS.warmup_fraction, "neighbors": DEFAULT_ARGS.neighbors,
-            "eta": DEFAULT_ARGS.eta, "center_losses": DEFAULT_ARGS.center_losses, "flag_score": FlagPolicy().score}
+            "eta": DEFAULT_ARGS.eta, "center_losses": DEFAULT_ARGS.center_losses,
+            "neighbor_rule": DEFAULT_ARGS.neighbor_rule, "flag_score": FlagPolicy().score}
 
 
 def per_case_tables(report: Report) -> dict[str, pd.DataFrame]:
@@ -401,7 +404,8 @@ def per_case_tables(report: Report) -> dict[str, pd.DataFrame]:
     at = signals
     grid = report.frame("z0_grid")
     z0 = grid[(grid["warmup"] == coded["warmup_fraction"]) & (grid["k"] == coded["neighbors"])
-              & (grid["eta"] == coded["eta"]) & (grid["center"] == coded["center_losses"])].set_index("case")
+              & (grid["eta"] == coded["eta"]) & (grid["center"] == coded["center_losses"])
+              & (grid["rule"] == coded["neighbor_rule"])].set_index("case")
     peers = report.frame("peers")
     tables = {}
     for metric in ("spearman", "auprc", "auroc"):
@@ -485,14 +489,14 @@ def write_markdown(report: Report, out: Path, quick: bool, total_seconds: float)
     tables = per_case_tables(report)
     chosen, coded = report.notes["suite_choice"], coded_defaults()
     grid = report.frame("z0_grid")
-    grid_means = grid.groupby(["warmup", "k", "eta", "center"]).agg(
+    grid_means = grid.groupby(["warmup", "k", "eta", "center", "rule"]).agg(
         spearman=("spearman", "mean"), **({"auprc": ("auprc", "mean")} if "auprc" in grid else {})
     ).sort_values("spearman", ascending=False).reset_index()
     signals = report.frame("signals")
     flag_means = (signals.groupby("score")
                   .agg(auprc=("auprc", "mean"), auroc=("auroc", "mean"), spearman=("spearman", "mean"))
                   .sort_values("auprc", ascending=False).reset_index()) if "auprc" in signals else pd.DataFrame()
-    agrees = all(coded[k] == chosen[k] for k in ("warmup_fraction", "neighbors", "eta", "center_losses", "flag_score"))
+    agrees = all(coded[k] == chosen[k] for k in coded)
     text = f"""# Accuracy of every zeroth-order signal on a suite of {len(tables['spearman']) - 1} problems
 
 Written by `nice -n 10 python benchmarks/accuracy.py{' --quick' if quick else ''}` in {total_seconds:.0f} s on
@@ -535,7 +539,7 @@ noisy cases (a `a+b` score is the mean of the two signals' suspicion ranks), top
 
 {markdown(flag_means.head(12), None) if len(flag_means) else 'no noisy case'}
 
-Suite choice: window warm-up {chosen['warmup_fraction']}, k = {chosen['neighbors']}, eta = {chosen['eta']},
+Suite choice: window warm-up {chosen['warmup_fraction']}, k = {chosen['neighbors']} ({chosen['neighbor_rule']}), eta = {chosen['eta']},
 center_losses = {chosen['center_losses']} (mean Spearman {chosen['z0_mean_spearman']:.3f}); flag score (single signals,
 so that a cut-off keeps its meaning across runs) `{chosen['flag_score']}`; best of all candidates `{chosen['best_flag_score_any']}`.
 Coded defaults {'equal the suite choice' if agrees else 'DIFFER from the suite choice: ' + json.dumps(coded)}.

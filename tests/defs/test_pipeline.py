@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
-from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.influence.signals import flag_score
+from z0inf_pipeline.review import FlagPolicy, RunLayout, read_review_queue
 from z0inf_pipeline.tracking import fetch_run
 from z0inf_pipeline.training import load_dataset
 
@@ -48,7 +49,8 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     metrics = client.get_run(contract_run).data.metrics
     scores = pd.read_parquet(layout.self_influence)
     si = scores["self_influence"].to_numpy()
-    expected_flagged = set(scores.loc[si > np.quantile(si, 0.9), "example_id"])
+    flag = flag_score(scores, FlagPolicy().score)  # the default flag score, cut at the configured quantile
+    expected_flagged = set(scores.loc[flag > np.quantile(flag, 0.9), "example_id"])
     assert metrics["z0inf.self_influence_q90"] == pytest.approx(np.quantile(si, 0.9))
     assert metrics["z0inf.self_influence_max"] == pytest.approx(si.max())
     assert metrics["z0inf.flagged_fraction"] == pytest.approx(len(expected_flagged) / len(si))

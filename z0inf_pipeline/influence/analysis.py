@@ -29,8 +29,14 @@ from .signals import LOSS_KINDS, LossKind, loss_signals
 class InfluenceArguments:
     """How to estimate: neighbours per checkpoint, which parameters, which step weights."""
 
-    neighbors: int = 8
-    neighbor_rule: NeighborRule = "order"
+    neighbors: int = field(
+        default=12,
+        metadata={"help": "k neighbouring checkpoints per checkpoint (the window must hold at least k + 1)"},
+    )
+    neighbor_rule: NeighborRule = field(
+        default="distance",
+        metadata={"help": "neighbours nearest in parameter distance, or in training order", "choices": ("distance", "order")},
+    )
     parameters: tuple[str, ...] | None = None
     eta: Literal["uniform", "learning_rate"] = "uniform"
     center: bool = True
