@@ -282,7 +282,7 @@ def test_windowed_analysis_matches_materialised_on_the_kept_checkpoints(checkpoi
     eta = np.array([0.1 / (t + 1) for t in keep])
     Lw, Lzw = L[keep], Lz[keep]
     Lc, Lzc = Lw - Lw.mean(axis=1, keepdims=True), Lzw - Lzw.mean(axis=1, keepdims=True)
-    nbrs = brute_neighbors(W[keep], 2, "order")
+    nbrs = brute_neighbors(W[keep], 2, args.neighbor_rule)
     g = brute_g(W[keep], Lc, nbrs)
     frame = analysis.self_influence_frame()
     assert list(frame.columns) == ["example_id", *SIGNAL_COLUMNS]
