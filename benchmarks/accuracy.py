@@ -57,7 +57,7 @@ from z0inf_pipeline.influence import (
 from z0inf_pipeline.influence.analysis import InfluenceArguments
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
 from z0inf_pipeline.review.policy import FlagPolicy
-from z0inf_pipeline.training import TrainConfig, TrainResult, build_model, train
+from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,10 +113,10 @@ class Scale:
     holdout_models: int = 20
     trak_proj_dim: int = 256
     trak_checkpoints: int = 4
-    cases: int = len(CASES)
+    lds_test_examples: int | None = None  # None: every test example
 
 
-QUICK = Scale(ssrt_models=24, holdout_models=6, trak_proj_dim=128, trak_checkpoints=2, cases=len(CASES))
+QUICK = Scale(ssrt_models=24, holdout_models=6, trak_proj_dim=128, trak_checkpoints=2, lds_test_examples=100)
 
 
 @dataclass
@@ -343,25 +343,34 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
         values = flag_score(frame, score)
         report.add("signals", quiet=True, case=name, score=score, spearman=spearman(values, truth), **detection(values))
 
+    # LDS on the first ``lds_test_examples`` test examples (all of them in a full run)
+    shown = slice(None, scale.lds_test_examples)
+    test = run.bundle.test
+    lds_run = replace(run, bundle=replace(run.bundle, test=Split(test.example_ids[shown], test.features[shown],
+                                                                   test.labels[shown])))
+
+    def lds(scores: np.ndarray) -> float:
+        return linear_datamodeling_score(scores, holdout.masks, holdout.test_losses[:, shown]).mean
+
     for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
         gram, train_losses, test_losses, _ = windowed(z0, warmup)
-        inf = train_test_influence(gram, train_losses, test_losses, min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1),
-                                   center_losses=center, weight_by_correlation=weight).numpy()
-        report.add("z0_lds", quiet=True, case=name, warmup=warmup, center=center, weight=weight,
-                   lds=linear_datamodeling_score(inf, holdout.masks, holdout.test_losses).mean)
+        inf = train_test_influence(gram, train_losses, test_losses[:, shown],
+                                   min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1),
+                                   neighbor_rule=DEFAULT_ARGS.neighbor_rule, center_losses=center,
+                                   weight_by_correlation=weight).numpy()
+        report.add("z0_lds", quiet=True, case=name, warmup=warmup, center=center, weight=weight, lds=lds(inf))
 
     def peer(method: str, **row) -> None:
         report.add("peers", case=name, method=method, **row)
 
     values, seconds = tracin_self(run)
     peer("TracInCP", spearman=spearman(values, truth), seconds=seconds, **detection(values))
-    values, seconds = tracin_train_test(run)
-    peer("TracInCP train-test", lds=linear_datamodeling_score(values, holdout.masks, holdout.test_losses).mean,
-         seconds=seconds)
+    values, seconds = tracin_train_test(lds_run)
+    peer("TracInCP train-test", lds=lds(values), seconds=seconds)
     last = len(run.checkpoints) - 1
     positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
-    values, seconds = trak_train_test(run, positions, scale.trak_proj_dim)
-    peer("TRAK", lds=linear_datamodeling_score(values, holdout.masks, holdout.test_losses).mean, seconds=seconds)
+    values, seconds = trak_train_test(lds_run, positions, scale.trak_proj_dim)
+    peer("TRAK", lds=lds(values), seconds=seconds)
     if case.noisy:
         values, flags, seconds = cleanlab_scores(run, cache)
         peer("cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
@@ -579,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(notes={"ssrt_models": scale.ssrt_models, "holdout_models": scale.holdout_models})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
-        for case in CASES[: args.cases or scale.cases]:
+        for case in CASES[: args.cases]:
             with Stopwatch() as clock:
                 evaluate_case(report, case, Path(tmp), args.cache, scale)
             print(f"== {case.name}: {clock.seconds:.0f} s", flush=True)

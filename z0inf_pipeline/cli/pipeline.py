@@ -242,13 +242,14 @@ def _print_findings(layout) -> None:
     policy = info["policy"]
     print(
         f"  flagged           {len(queue)} of {info['training_examples']} training examples "
-        f"(flag score {policy['score']} >= {info['cutoff']:.4g}, policy {policy['method']})"
+        f"(flag score {policy['score']}, cut-off {info['cutoff']:.4g}, policy {policy['method']})"
     )
     if quality is not None:
         print(
             f"  vs injected flips precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
             f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue)"
         )
+        _print_default_policy_quality(layout, flipped)
     top = queue.head(8)
     print("  top of the review queue:")
     print(
@@ -267,6 +268,20 @@ def _print_findings(layout) -> None:
         )
         .to_string(index=False)
         .replace("\n", "\n    ")
+    )
+
+
+def _print_default_policy_quality(layout, flipped_ids) -> None:
+    """What the library's default flag policy would flag on the same scores, when the launchpad ran another."""
+    from ..review import FlagPolicy, detection_quality, flag_scores
+
+    scores = pd.read_parquet(layout.self_influence)
+    policy = FlagPolicy()
+    flags = flag_scores(scores, policy)
+    quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
+    print(
+        f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "
+        f"recall {quality['recall']:.3f} against the injected flips"
     )
 
 
