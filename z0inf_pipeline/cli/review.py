@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..influence.errors import InfluenceInputError
+from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore, RunLayout, evaluate_gate, lineage_decisions, read_review_queue
 from ..settings import data_dir
 
@@ -52,7 +53,10 @@ def _list(args) -> None:
         {
             "rank": shown["rank"],
             "id": shown["example_id"],
-            "self_influence": shown["self_influence"].map(lambda v: f"{v:.4g}"),
+            "flag score": shown["flag_score"].map(lambda v: f"{v:.4g}"),
+            "ranks SI/var/mean/final/conf/variab.": shown[[f"{c}_rank" for c in SIGNAL_COLUMNS]]
+            .astype("string").fillna("-").agg("/".join, axis=1),
+            "flagged by": shown["flagged_by"],
             "label": shown["label"],
             "predicted": shown["predicted_label"].astype("string").fillna("?"),
             "loss (first..last)": [_sparkline(t) for t in shown["loss_trajectory"]],
@@ -62,7 +66,8 @@ def _list(args) -> None:
     policy = info["policy"]
     print(
         f"run {args.run}: {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
-        f"{policy['method']} (cut-off {info['cutoff']:.4g}); decisions in {store.path}"
+        f"{policy['method']} on {policy.get('score', 'self_influence')} (cut-off {info['cutoff']:.4g}); "
+        f"decisions in {store.path}"
     )
     if len(table):
         print(table.to_string(index=False))
