@@ -109,7 +109,7 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         for e in result.get_asset_materialization_events()
         if e.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     )
-    assert "flagged_examples" not in metadata and "data:image/png;base64," in metadata["self_influence_histogram"].value
+    assert "flagged_examples" not in metadata and "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert not RunLayout.for_run(run_id).root.exists()
 
 
@@ -119,10 +119,12 @@ def test_reviewer_view_shows_percentiles_and_new_labels():
         {
             "rank": [1, 2],
             "example_id": [4, 6],
-            "self_influence": [10.0, 7.0],
+            "flag_score": [10.0, 7.0],
+            "flagged_by": ["mean_loss", "mean_loss"],
+            "mean_loss_rank": pd.array([1, 2], dtype="Int64"),
             "label": [1, 2],
             "predicted_label": pd.array([2, pd.NA], dtype="Int64"),
-            "confidence": [0.9, np.nan],
+            "predicted_probability": [0.9, np.nan],
             "loss_first": [2.3, 2.2],
             "loss_last": [0.01234, 1.5],
             "decision": [None, "relabel"],
@@ -130,7 +132,7 @@ def test_reviewer_view_shows_percentiles_and_new_labels():
         }
     )
     view = reviewer_view(queue, all_scores)
-    assert "robust_z" not in view.columns
+    assert "robust_z" not in view.columns and view["mean_loss rank"].tolist() == [1, 2]
     # brute force: share of all scores at or below each queued score
     assert view["percentile"].tolist() == [f"{100 * (all_scores <= s).mean():.1f}" for s in (10.0, 7.0)]
     assert view["decision"].tolist() == ["", "relabel -> 3"]

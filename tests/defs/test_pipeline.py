@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
-from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.influence.signals import flag_score
+from z0inf_pipeline.review import FlagPolicy, RunLayout, read_review_queue
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
@@ -42,7 +43,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {
         "z0inf/review_queue/review_queue.parquet",
-        "z0inf/review_queue/self_influence_histogram.png",
+        "z0inf/review_queue/flag_score_histogram.png",
         "z0inf/review_queue/flagged_examples.png",
     }
 
@@ -50,7 +51,8 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     metrics = client.get_run(contract_run).data.metrics
     scores = pd.read_parquet(layout.self_influence)
     si = scores["self_influence"].to_numpy()
-    expected_flagged = set(scores.loc[si > np.quantile(si, 0.9), "example_id"])
+    flag = flag_score(scores, FlagPolicy().score)  # the default flag score, cut at the configured quantile
+    expected_flagged = set(scores.loc[flag > np.quantile(flag, 0.9), "example_id"])
     assert metrics["z0inf.self_influence_q90"] == pytest.approx(np.quantile(si, 0.9))
     assert metrics["z0inf.self_influence_max"] == pytest.approx(si.max())
     assert metrics["z0inf.flagged_fraction"] == pytest.approx(len(expected_flagged) / len(si))
@@ -109,7 +111,7 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
     assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text
     assert "mlflow ui --backend-store-uri" in metadata["mlflow_run"].value
     assert metadata["flagged_fraction"].value == round(metadata["flagged_fraction"].value, 3)
-    assert "data:image/png;base64," in metadata["self_influence_histogram"].value
+    assert "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert "data:image/png;base64," in metadata["flagged_examples"].value
     # influence_job computes the scores and the queue but leaves the review gate to retrain_job.
     assert "review_gate" not in {e.check_name for e in result.get_asset_check_evaluations()}

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from z0inf_pipeline.influence import LossTable, gram_matrix, self_influence, train_test_influence
+from z0inf_pipeline.influence import LossTable, gram_matrix, self_influence, train_test_influence, warmup_window
+from z0inf_pipeline.influence.analysis import InfluenceArguments
 
 
 def run_cli(*args):
@@ -35,18 +36,21 @@ def test_help_answers_for_every_command():
 
 def test_cli_scores_match_the_library(run_files, tmp_path):
     folder, train, train_path, test, test_path = run_files
-    G = gram_matrix(folder)
+    keep = torch.from_numpy(warmup_window(train.steps, InfluenceArguments().warmup_fraction))  # the default window
+    G = gram_matrix(folder)[keep][:, keep]
+    train_values, test_values = train.values[keep], test.values[keep]
     assert run_cli("gram", folder, "-o", tmp_path / "g.parquet").returncode == 0
     result = run_cli("self-influence", folder, train_path, "-o", tmp_path / "si.parquet", "--gram", tmp_path / "g.parquet")
     assert result.returncode == 0, result.stderr
     si = pd.read_parquet(tmp_path / "si.parquet")
     np.testing.assert_array_equal(si["example_id"], train.example_ids)
-    np.testing.assert_allclose(si["self_influence"], self_influence(G, train.values).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(si["mean_loss"], train.values.mean(dim=0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(si["self_influence"], self_influence(G, train_values).numpy(), rtol=1e-6)
 
     result = run_cli("train-test", folder, train_path, test_path, "-o", tmp_path / "tt.parquet", "-k", "3")
     assert result.returncode == 0, result.stderr
     top = pd.read_parquet(tmp_path / "tt.parquet")
-    full = train_test_influence(G, train.values, test.values).numpy()  # (N, M)
+    full = train_test_influence(G, train_values, test_values).numpy()  # (N, M)
     for m, test_id in enumerate(test.example_ids):
         rows = top[top["test_example_id"] == test_id].sort_values("rank")
         np.testing.assert_array_equal(rows["proponent_id"], train.example_ids[np.argsort(-full[:, m], kind="stable")[:3]])

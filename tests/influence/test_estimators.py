@@ -181,3 +181,126 @@ def test_bad_input_gets_a_clear_error(call, message):
     L = torch.rand(4, 10, generator=gen, dtype=torch.float64)
     with pytest.raises(InfluenceInputError, match=message):
         call(G, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options of the reference code: checkpoint window, centred losses, correlation weights
+# ---------------------------------------------------------------------------------------------
+
+
+def brute_spearman_over_checkpoints(L: np.ndarray, Lz: np.ndarray) -> np.ndarray:
+    """rho(i, z): Pearson correlation of the per-example ranks over checkpoints (scipy's ties)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(L, axis=0)
+    rb = rankdata(Lz, axis=0)
+    rho = np.zeros((L.shape[1], Lz.shape[1]))
+    for i in range(L.shape[1]):
+        for z in range(Lz.shape[1]):
+            a, b = ra[:, i] - ra[:, i].mean(), rb[:, z] - rb[:, z].mean()
+            denom = np.sqrt(a.dot(a) * b.dot(b))
+            rho[i, z] = a.dot(b) / denom if denom > 0 else 0.0
+    return rho
+
+
+def _problem(T=8, N=13, M=5, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(T, 29)) + 2.0
+    L, Lz = rng.uniform(0, 3, size=(T, N)), rng.uniform(0, 3, size=(T, M))
+    if ties:  # repeated values inside trajectories, and one constant trajectory
+        L = np.round(L)
+        Lz = np.round(Lz)
+        L[:, 0] = 1.5
+    return W, L, Lz
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_centred_and_correlation_weighted_influence_match_materialised(center, weight, ties):
+    W, L, Lz = _problem(seed=3, ties=ties)
+    k, eta = 2, np.linspace(0.2, 1.0, W.shape[0])
+    Lc = L - L.mean(axis=1, keepdims=True) if center else L
+    Lzc = Lz - Lz.mean(axis=1, keepdims=True) if center else Lz
+    nbrs = brute_neighbors(W, k, "order")
+    want = np.einsum("t,tnd,tmd->nm", eta, brute_g(W, Lc, nbrs), brute_g(W, Lzc, nbrs))
+    if weight:
+        want = want * brute_spearman_over_checkpoints(Lc, Lzc)
+    G = gram_matrix(torch.from_numpy(W))
+    options = dict(center_losses=center, weight_by_correlation=weight)
+    got = train_test_influence(G, torch.from_numpy(L), torch.from_numpy(Lz), k, torch.from_numpy(eta), **options)
+    assert rel_err(got, want) < 1e-9
+    top = train_test_topk(G, torch.from_numpy(L), torch.from_numpy(Lz), 3, k, torch.from_numpy(eta),
+                          block_size=2, **options)
+    assert np.allclose(top.proponent_scores.numpy(), -np.sort(-want.T, axis=1)[:, :3], rtol=1e-9, atol=1e-12)
+    assert np.allclose(top.opponent_scores.numpy(), np.sort(want.T, axis=1)[:, :3], rtol=1e-9, atol=1e-12)
+    si = self_influence(G, torch.from_numpy(L), k, torch.from_numpy(eta), center_losses=center)
+    g = brute_g(W, Lc, nbrs)
+    assert rel_err(si, np.einsum("t,tnd,tnd->n", eta, g, g)) < 1e-9
+
+
+def test_correlation_weight_is_bounded_and_zero_for_a_constant_trajectory():
+    from z0inf_pipeline.influence import trajectory_rank_factors
+
+    _, L, Lz = _problem(ties=True)
+    rho = trajectory_rank_factors(torch.from_numpy(L), torch.float64) @ trajectory_rank_factors(
+        torch.from_numpy(Lz), torch.float64).T
+    assert np.allclose(rho.numpy(), brute_spearman_over_checkpoints(L, Lz), atol=1e-12)
+    assert (rho[0] == 0).all()  # column 0 of L is constant
+
+
+@pytest.mark.parametrize("fraction, kept", [(0.0, [0, 1, 2, 3, 4, 5]), (0.2, [2, 3, 4, 5]), (0.5, [3, 4, 5]),
+                                            (0.95, [4, 5])])
+def test_warmup_window_keeps_checkpoints_from_the_fraction_on(fraction, kept):
+    from z0inf_pipeline.influence import warmup_window
+
+    steps = [0, 5, 20, 50, 80, 100]
+    assert warmup_window(steps, fraction).tolist() == kept
+    with pytest.raises(InfluenceInputError, match="warmup_fraction"):
+        warmup_window(steps, 1.0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6])
+def test_windowed_analysis_matches_materialised_on_the_kept_checkpoints(checkpoint_dir, fraction):
+    """InfluenceAnalysis with a warm-up window = the brute-force estimator on the kept checkpoints only."""
+    from z0inf_pipeline.influence import LossTable
+    from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments
+    from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS
+
+    folder, states = checkpoint_dir(T=6)
+    names = sorted(SHAPES)
+    W = torch.stack([flatten(s, names) for s in states]).numpy()
+    rng = np.random.default_rng(5)
+    L, Lz = rng.uniform(0.01, 3, size=(6, 9)), rng.uniform(0.01, 3, size=(6, 4))
+    steps = tuple(range(0, 60, 10))
+    train = LossTable(np.arange(9, dtype=np.int64), steps, torch.from_numpy(L))
+    test = LossTable(np.arange(100, 104, dtype=np.int64), steps, torch.from_numpy(Lz))
+    args = InfluenceArguments(neighbors=2, warmup_fraction=fraction, eta="learning_rate", center_losses=True,
+                              weight_by_correlation=True, topk=2)
+    analysis = InfluenceAnalysis(folder, train, test, args)
+    keep = [t for t, s in enumerate(steps) if s >= fraction * 50]
+    eta = np.array([0.1 / (t + 1) for t in keep])
+    Lw, Lzw = L[keep], Lz[keep]
+    Lc, Lzc = Lw - Lw.mean(axis=1, keepdims=True), Lzw - Lzw.mean(axis=1, keepdims=True)
+    nbrs = brute_neighbors(W[keep], 2, args.neighbor_rule)
+    g = brute_g(W[keep], Lc, nbrs)
+    frame = analysis.self_influence_frame()
+    assert list(frame.columns) == ["example_id", *SIGNAL_COLUMNS]
+    assert rel_err(frame["self_influence"], np.einsum("t,tnd,tnd->n", eta, g, g)) < 1e-9
+    # the loss-table signals use every checkpoint, whatever the window
+    assert np.allclose(frame["mean_loss"], L.mean(axis=0))
+    assert np.allclose(frame["variance_self_influence"], L.var(axis=0))
+    assert np.allclose(frame["confidence"], np.exp(-L).mean(axis=0))
+    assert np.allclose(frame["variability"], np.exp(-L).std(axis=0))
+    assert np.allclose(frame["final_loss"], L[-1])
+    want = np.einsum("t,tnd,tmd->nm", eta, g, brute_g(W[keep], Lzc, nbrs)) * brute_spearman_over_checkpoints(Lc, Lzc)
+    top = analysis.topk_frame()
+    assert np.allclose(top["proponent_score"].to_numpy().reshape(4, 2), -np.sort(-want.T, axis=1)[:, :2])
+
+
+def test_confidence_is_nan_for_a_loss_that_is_not_cross_entropy():
+    from z0inf_pipeline.influence.signals import loss_signals
+
+    signals = loss_signals(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), "other")
+    assert np.isnan(signals["confidence"]).all() and np.isnan(signals["variability"]).all()
+    assert signals["mean_loss"].tolist() == [0.5, 1.0]

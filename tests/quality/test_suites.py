@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS
 from z0inf_pipeline.quality import (
     validate_curated_set,
     validate_loss_table,
@@ -80,8 +81,7 @@ def si_frame(ids) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "example_id": np.asarray(ids, dtype=np.int64),
-            "self_influence": rng.exponential(1.0, len(ids)),
-            "variance_self_influence": rng.exponential(1.0, len(ids)),
+            **{column: rng.exponential(1.0, len(ids)) for column in SIGNAL_COLUMNS},
         }
     )
 

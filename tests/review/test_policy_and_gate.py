@@ -61,3 +61,77 @@ def test_gate_counts_flagged_without_decision_against_training_set():
     assert "BLOCKED" in status.message() and "2 of 4" in status.message()
     assert evaluate_gate([1, 2, 3, 4], [2, 4], 100, max_unreviewed_fraction=0.02).passed
     assert evaluate_gate([1, 2], [1, 2], 100, 0.0).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture policy, review budget, which signals flag
+# ---------------------------------------------------------------------------------------------
+
+
+def _bimodal(seed=0, n_low=900, n_high=100):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(0.2, 0.05, n_low), rng.normal(2.0, 0.4, n_high)])
+
+
+def test_mixture_em_matches_sklearn_gaussian_mixture():
+    from sklearn.mixture import GaussianMixture
+
+    from z0inf_pipeline.review.policy import fit_mixture
+
+    x = _bimodal()
+    ours = fit_mixture(x)
+    theirs = GaussianMixture(2, tol=1e-12, max_iter=2000, random_state=0).fit(x[:, None])
+    order = np.argsort(theirs.means_[:, 0])
+    np.testing.assert_allclose(ours.means, theirs.means_[order, 0], rtol=1e-4)
+    np.testing.assert_allclose(ours.stds, np.sqrt(theirs.covariances_[order, 0, 0]), rtol=1e-3)
+    np.testing.assert_allclose(ours.weights, theirs.weights_[order], rtol=1e-4)
+    np.testing.assert_allclose(ours.high_posterior(x), theirs.predict_proba(x[:, None])[:, order[1]], atol=1e-4)
+
+
+def test_mixture_flags_the_high_group_and_an_inherited_cutoff_is_kept():
+    x = _bimodal()
+    flags = flag_scores(x, FlagPolicy())
+    assert flags.flagged[900:].all() and not flags.flagged[:900].any()
+    assert flags.cutoff == x[flags.flagged].min()
+    cleaner = x[:900]  # the same scale without the high group: nothing reaches the cut-off
+    assert flag_scores(cleaner, FlagPolicy(), inherited_cutoff=flags.cutoff).count == 0
+    # quantile and z-score ignore an inherited cut-off
+    assert flag_scores(cleaner, FlagPolicy(method="quantile"), inherited_cutoff=flags.cutoff).count == 90
+
+
+@pytest.mark.parametrize("method", ["mixture", "quantile", "zscore"])
+def test_review_budget_keeps_the_highest_scores(method):
+    x = _bimodal(seed=1)
+    capped = flag_scores(x, FlagPolicy(method=method, max_flagged=7))
+    assert capped.count == 7
+    np.testing.assert_array_equal(np.flatnonzero(capped.flagged), np.sort(np.argsort(-x)[:7]))
+    assert flag_scores(x, FlagPolicy(method=method, max_flagged=0)).count > 7
+
+
+def test_flag_score_is_chosen_from_the_frame_and_every_signal_says_whether_it_flags():
+    import pandas as pd
+
+    x = _bimodal(seed=2)
+    frame = pd.DataFrame(
+        {
+            "example_id": np.arange(len(x)),
+            "self_influence": x[::-1].copy(),  # flags the first 100 instead
+            "variance_self_influence": np.ones(len(x)),
+            "mean_loss": x,
+            "final_loss": x,
+            "confidence": np.exp(-x),
+            "variability": np.nan,  # undefined: never named
+        }
+    )
+    flags = flag_scores(frame, FlagPolicy(score="mean_loss"))
+    assert flags.flagged[900:].all() and flags.count == 100
+    assert flags.flagged_by[950] == "mean_loss, final_loss, confidence"
+    assert flags.flagged_by[10] == "self_influence"
+    assert flags.flagged_by[500] == ""
+    ranked = flag_scores(frame, FlagPolicy(score="mean_loss+confidence", method="quantile", quantile=0.95))
+    # both signals order examples the same way: their rank average keeps that order
+    np.testing.assert_array_equal(np.flatnonzero(ranked.flagged), np.sort(np.argsort(-x)[:50]))
+    with pytest.raises(InfluenceInputError, match="variability"):
+        flag_scores(frame, FlagPolicy(score="variability"))
+    with pytest.raises(InfluenceInputError, match="signal 'loss'"):
+        FlagPolicy(score="loss")

@@ -49,7 +49,7 @@ def test_queue_holds_flagged_examples_with_scores_labels_predictions_and_losses(
     predictions = pd.DataFrame(
         {"example_id": IDS, "predicted_label": (np.arange(10) + 1) % 3, "confidence": np.linspace(0.5, 0.9, 10)}
     )
-    flags = flag_scores(scores["self_influence"].to_numpy(), FlagPolicy(quantile=0.8))
+    flags = flag_scores(scores["self_influence"].to_numpy(), FlagPolicy(method="quantile", quantile=0.8))
     queue = build_review_queue(scores, flags, examples(), losses, predictions, decisions([(17, "drop", None)]))
 
     assert queue["example_id"].tolist() == [12, 17]  # highest self-influence first

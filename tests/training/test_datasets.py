@@ -179,3 +179,12 @@ def test_curate_train_keeps_clean_labels_and_flips_aligned():
     assert int(curated.train.labels[np.flatnonzero(ids == relabel_id)[0]]) == 0
     with pytest.raises(InfluenceInputError, match="exclude_ids: 1 example id"):
         curate_train(bundle, exclude_ids=[int(bundle.test.example_ids[0])])
+
+
+@pytest.mark.parametrize("name, classes, features", [("wine", 3, 13), ("mnist1d", 10, 40)])
+def test_bundled_wine_and_procedural_mnist1d_load_without_downloads(name, classes, features):
+    bundle = load_dataset(name)
+    assert bundle.num_classes == classes and bundle.input_shape == (features,)
+    assert np.intersect1d(bundle.train.example_ids, bundle.test.example_ids).size == 0
+    again = load_dataset(name)
+    assert torch.equal(bundle.train.features, again.train.features)  # generated deterministically

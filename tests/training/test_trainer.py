@@ -179,3 +179,25 @@ def test_bad_configs_are_rejected(changes, message):
         TrainConfig(**changes)
     with pytest.raises(InfluenceInputError, match="unknown field"):
         TrainConfig.from_dict({"epoch": 3})
+
+
+def test_fine_tuning_pretrains_on_a_clean_part_and_checkpoints_only_the_rest(tmp_path):
+    from z0inf_pipeline.training import load_dataset
+    from z0inf_pipeline.training.trainer import pretraining_data, training_data
+
+    config = TrainConfig(dataset="wine", epochs=3, checkpoints=4, label_noise=0.2, pretrain_fraction=0.4,
+                         pretrain_epochs=5)
+    full = load_dataset("wine", label_noise=config.noise)
+    pre, fine = pretraining_data(config), training_data(config)
+    assert len(pre) == round(0.4 * len(full.train))
+    assert set(pre.example_ids).isdisjoint(fine.train.example_ids)
+    assert set(pre.example_ids) | set(fine.train.example_ids) == set(full.train.example_ids)
+    clean = dict(zip(full.train.example_ids.tolist(), full.clean_train_labels.tolist()))
+    assert pre.labels.tolist() == [clean[i] for i in pre.example_ids.tolist()]  # pretraining sees no flips
+    assert set(fine.flipped_ids) <= set(fine.train.example_ids)
+    run = train(config, tmp_path / "fine")
+    scratch = train(TrainConfig(**{**config.to_dict(), "pretrain_fraction": 0.0, "pretrain_epochs": 0}),
+                    tmp_path / "scratch")
+    # step 0 of the fine-tuning run is the pretrained model, not the initialisation
+    assert run.metrics[0]["train_accuracy"] > scratch.metrics[0]["train_accuracy"] + 0.2
+    assert [r["step"] for r in run.metrics][-1] == 3 * math.ceil(len(fine.train) / config.batch_size)

@@ -197,7 +197,7 @@ def _demo(args) -> int:
             "      retraining did NOT run: the blocking review gate stops it until the flagged examples have decisions."
         )
         if args.auto_review:
-            exit_code = _auto_review(instance, run_id, layout, args, timings)
+            exit_code = _auto_review(instance, run_id, layout, args, timings, config)
         else:
             _print_review_instructions(run_id, layout)
     elif gated.success:
@@ -218,7 +218,7 @@ def _demo(args) -> int:
     return exit_code
 
 
-def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float]) -> int:
+def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float], config) -> int:
     from ..review import DecisionStore, read_review_queue
 
     queue, _ = read_review_queue(layout.review_queue)
@@ -240,7 +240,7 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float])
         print("\n".join(["retrain_job failed:", *retrain.failures]), file=sys.stderr)
         return 1
     print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
-    _print_retrained(layout)
+    _print_retrained(layout, recipe=config)
     return 0
 
 
@@ -264,15 +264,17 @@ def _print_findings(layout) -> None:
         layout.review_queue,
     ):
         print(f"                      {path.relative_to(layout.root)}")
+    policy = info["policy"]
     print(
         f"  flagged           {len(queue)} of {info['training_examples']} training examples "
-        f"(self-influence > {info['cutoff']:.4g}, policy {info['policy']['method']})"
+        f"(flag score {policy['score']}, cut-off {info['cutoff']:.4g}, policy {policy['method']})"
     )
     if quality is not None:
         print(
             f"  vs injected flips precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
             f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue)"
         )
+        _print_default_policy_quality(layout, flipped)
     top = queue.head(8)
     print("  top of the review queue:")
     print(
@@ -281,7 +283,9 @@ def _print_findings(layout) -> None:
             {
                 "rank": top["rank"],
                 "id": top["example_id"],
-                "self_influence": top["self_influence"].map("{:.4g}".format),
+                "flag score": top["flag_score"].map("{:.4g}".format),
+                "self_influence rank": top["self_influence_rank"],
+                "flagged by": top["flagged_by"],
                 "label": top["label"],
                 "predicted": top["predicted_label"].astype("string").fillna("?"),
                 "flipped on purpose": top["flipped"],
@@ -289,6 +293,20 @@ def _print_findings(layout) -> None:
         )
         .to_string(index=False)
         .replace("\n", "\n    ")
+    )
+
+
+def _print_default_policy_quality(layout, flipped_ids) -> None:
+    """What the library's default flag policy would flag on the same scores, when the launchpad ran another."""
+    from ..review import FlagPolicy, detection_quality, flag_scores
+
+    scores = pd.read_parquet(layout.self_influence)
+    policy = FlagPolicy()
+    flags = flag_scores(scores, policy)
+    quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
+    print(
+        f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "
+        f"recall {quality['recall']:.3f} against the injected flips"
     )
 
 
@@ -310,14 +328,42 @@ def _print_review_instructions(run_id: str, layout) -> None:
     print("  or see the whole flow at once: z0inf demo --auto-review")
 
 
-def _print_retrained(layout) -> None:
+def _print_retrained(layout, recipe=None) -> None:
+    """The retrained run against its parent; with the parent's ``recipe``, also against the same recipe
+    and seed trained without as many examples drawn at random, so the effect of curation is not
+    mistaken for the effect of having less data."""
     row = pd.read_parquet(layout.retrained).iloc[0]
     print(
         f"      retrained MLflow run {row['retrained_run_id']} (tag z0inf.parent_run_id={layout.run_id}): "
         f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
     )
     parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
-    print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
+    if recipe is None:
+        print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
+        return
+    random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
+    print(
+        f"      test accuracy: parent {parent:.4f}, without the {row['dropped']} flagged {retrained:.4f}, "
+        f"without {row['dropped']} random examples {random_drop:.4f} (same recipe and seed)"
+    )
+
+
+def _random_drop_accuracy(recipe, count: int) -> float:
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from ..training import train, training_data
+
+    ids = training_data(recipe).train.example_ids
+    dropped = np.random.default_rng(recipe.seed).choice(ids, size=min(count, len(ids) - 1), replace=False)
+    with tempfile.TemporaryDirectory(prefix="z0inf-random-drop.") as work:
+        result = train(replace(recipe, exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
+                       record_losses=False)
+    with torch.no_grad():
+        predicted = result.model(result.bundle.test.features).argmax(dim=1)
+    return float((predicted == result.bundle.test.labels).float().mean())
 
 
 def _print_steps(outcome: JobOutcome) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ReviewError
-from ..review import ACTIONS, DecisionStore, RunLayout, evaluate_gate, read_review_queue
+from ..influence.signals import SIGNAL_COLUMNS
+from ..review import ACTIONS, DecisionStore, RunLayout, evaluate_gate, lineage_decisions, read_review_queue
 from ..settings import data_dir
 
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -42,8 +43,8 @@ def _list(args) -> None:
         return
     layout = RunLayout.for_run(args.run)
     queue, info = read_review_queue(layout.review_queue)
-    current = store.current(args.run).set_index("example_id")
-    queue["decision"] = [_describe(current, i) for i in queue["example_id"]]
+    current = lineage_decisions(store, args.run, info).set_index("example_id")
+    queue["decision"] = [_describe(current, i, args.run) for i in queue["example_id"]]
     status = _gate(queue, info, current)
     if args.pending:
         queue = queue[queue["decision"] == ""]
@@ -52,7 +53,10 @@ def _list(args) -> None:
         {
             "rank": shown["rank"],
             "id": shown["example_id"],
-            "self_influence": shown["self_influence"].map(lambda v: f"{v:.4g}"),
+            "flag score": shown["flag_score"].map(lambda v: f"{v:.4g}"),
+            "ranks SI/var/mean/final/conf/variab.": shown[[f"{c}_rank" for c in SIGNAL_COLUMNS]]
+            .astype("string").fillna("-").agg("/".join, axis=1),
+            "flagged by": shown["flagged_by"],
             "label": shown["label"],
             "predicted": shown["predicted_label"].astype("string").fillna("?"),
             "loss (first..last)": [_sparkline(t) for t in shown["loss_trajectory"]],
@@ -62,7 +66,8 @@ def _list(args) -> None:
     policy = info["policy"]
     print(
         f"run {args.run}: {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
-        f"{policy['method']} (cut-off {info['cutoff']:.4g}); decisions in {store.location}"
+        f"{policy['method']} on {policy.get('score', 'self_influence')} (cut-off {info['cutoff']:.4g}); "
+        f"decisions in {store.location}"
     )
     if len(table):
         print(table.to_string(index=False))
@@ -77,7 +82,7 @@ def _decide(args) -> None:
     store = DecisionStore.open()
     ids = set(args.ids)
     if args.flagged:
-        decided = set(store.current(args.run)["example_id"].tolist())
+        decided = set(lineage_decisions(store, args.run, info)["example_id"].tolist())
         ids |= {int(i) for i in queue["example_id"] if int(i) not in decided}
     if not ids:
         raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
@@ -92,7 +97,7 @@ def _decide(args) -> None:
     count = store.record(args.run, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
     label = f" -> {args.label}" if args.action == "relabel" else ""
     print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")
-    print(_gate(queue, info, store.current(args.run).set_index("example_id")).message())
+    print(_gate(queue, info, lineage_decisions(store, args.run, info).set_index("example_id")).message())
 
 
 def _summary(store: DecisionStore) -> None:
@@ -100,7 +105,7 @@ def _summary(store: DecisionStore) -> None:
     rows = []
     for path in sorted(runs_dir.glob("*/review_queue.parquet")):
         queue, info = read_review_queue(path)
-        current = store.current(path.parent.name).set_index("example_id")
+        current = lineage_decisions(store, path.parent.name, info).set_index("example_id")
         status = _gate(queue, info, current)
         rows.append(
             {
@@ -123,11 +128,14 @@ def _gate(queue: pd.DataFrame, info: dict, current: pd.DataFrame):
     )
 
 
-def _describe(current: pd.DataFrame, example_id: int) -> str:
+def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
+    """The decision in force; one inherited from an earlier round names the run it was made on."""
     if example_id not in current.index:
         return ""
     row = current.loc[example_id]
-    return f"relabel {row['label']}" if row["action"] == "relabel" else str(row["action"])
+    action = f"relabel {row['label']}" if row["action"] == "relabel" else str(row["action"])
+    decided_on = row.get("decided_on_run")
+    return action if decided_on in (None, run_id) else f"{action} (decided on run {decided_on[:8]})"
 
 
 def _sparkline(values) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import evaluate_gate
+from ..review import evaluate_gate, lineage_decisions
 from .assets import (
     curated_training_set,
     loss_tables,
@@ -155,7 +155,7 @@ def review_gate(
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     run_id = run_id_of(context)
     queue, info = review_queue.queue, review_queue.info
-    current = decisions.open().current(run_id)
+    current = lineage_decisions(decisions.open(), run_id, info)
     status = evaluate_gate(
         queue["example_id"], current["example_id"], info["training_examples"], info["policy"]["max_unreviewed_fraction"]
     )

@@ -12,12 +12,15 @@ from .errors import InfluenceInputError
 from .estimators import (
     DegenerateCheckpointWarning,
     TopKInfluence,
+    center_per_checkpoint,
     checkpoint_kernels,
     neighbor_indices,
     self_influence,
     train_test_influence,
     train_test_topk,
+    trajectory_rank_factors,
     variance_self_influence,
+    warmup_window,
 )
 from .gram import gram_matrix
 from .loss_tables import LossTable, compute_loss_table, evaluate_losses, read_loss_table
@@ -28,6 +31,7 @@ __all__ = [
     "InfluenceInputError",
     "LossTable",
     "TopKInfluence",
+    "center_per_checkpoint",
     "checkpoint_kernels",
     "compute_loss_table",
     "evaluate_losses",
@@ -42,5 +46,7 @@ __all__ = [
     "self_influence",
     "train_test_influence",
     "train_test_topk",
+    "trajectory_rank_factors",
     "variance_self_influence",
+    "warmup_window",
 ]

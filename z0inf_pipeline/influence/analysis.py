@@ -20,9 +20,10 @@ import torch
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from .errors import InfluenceInputError
-from .estimators import NeighborRule, self_influence, train_test_topk, variance_self_influence
+from .estimators import NeighborRule, self_influence, train_test_topk, warmup_window
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
+from .signals import LOSS_KINDS, LossKind, loss_signals
 from ..settings_schema import check_choices, normalise_sequences
 
 _PROVENANCE_KEY = "z0inf.gram_provenance"
@@ -42,15 +43,44 @@ class InfluenceArguments:
                   "the default MLP); unset: every tensor", "metavar": "GLOB"},
     )
     center: bool = field(default=True, metadata={"help": "centre the weights over checkpoints before W W^T"})
-    neighbors: int = field(default=2, metadata={"help": "k neighbouring checkpoints per checkpoint"})
+    neighbors: int = field(
+        default=12,
+        metadata={"help": "k neighbouring checkpoints per checkpoint (the window must hold at least k + 1)"},
+    )
     neighbor_rule: NeighborRule = field(
-        default="order", metadata={"help": "neighbours by checkpoint order, or by weight-space distance"}
+        default="distance",
+        metadata={"help": "neighbours nearest in parameter distance, or in training order", "choices": ("distance", "order")},
     )
     eta: Literal["uniform", "learning_rate"] = field(
         default="uniform", metadata={"help": "per-checkpoint weights: uniform, or the recorded learning rate"}
     )
     topk: int = field(
         default=10, metadata={"help": "proponents and opponents kept per test example", "flags": ("-k", "--topk")}
+    )
+    warmup_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Z0 finite-difference and train-test influence leave out checkpoints before this fraction "
+            "of training (by step): the initialisation and the first transient, where every example's loss "
+            "falls at once; 0 keeps all"
+        },
+    )
+    center_losses: bool = field(
+        default=False,
+        metadata={"help": "subtract each checkpoint's mean loss over examples before taking differences"},
+    )
+    weight_by_correlation: bool = field(
+        default=False,
+        metadata={
+            "help": "train-test: multiply INF(i, z) by the Spearman correlation of the two loss trajectories"
+        },
+    )
+    loss_kind: LossKind = field(
+        default="cross_entropy",
+        metadata={
+            "help": "the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy",
+            "choices": LOSS_KINDS,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -59,6 +89,8 @@ class InfluenceArguments:
         for name in ("neighbors", "topk"):
             if getattr(self, name) < 1:
                 raise InfluenceInputError(f"influence arguments: {name}={getattr(self, name)!r} must be at least 1")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InfluenceInputError(f"influence arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,19 +203,37 @@ class InfluenceAnalysis:
             raise InfluenceInputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
         return torch.tensor([c.learning_rate for c in self.checkpoints], dtype=torch.float64)
 
+    @cached_property
+    def window(self) -> np.ndarray:
+        """Positions of the checkpoints the estimators use (``warmup_fraction``)."""
+        return warmup_window(self.steps, self.args.warmup_fraction)
+
+    def _windowed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix and step weights restricted to the window (a sub-block of G: the
+        differences of the kept checkpoints do not depend on the others)."""
+        keep = torch.from_numpy(self.window)
+        eta = None if self.eta is None else self.eta[keep]
+        return self.gram[keep][:, keep], eta
+
     def gram_frame(self) -> pd.DataFrame:
         return gram_to_frame(self.steps, self.gram, self.provenance)
 
     def self_influence_frame(self) -> pd.DataFrame:
-        losses = self.train.values.to(self.device)
+        """Every signal of every training example, one column each (``signals.SIGNAL_COLUMNS``).
+
+        The checkpoint window is an option of the Z0 finite-difference estimator only: the loss-table
+        signals (variance, mean, final loss, confidence, variability) always use every checkpoint.
+        """
+        gram, eta = self._windowed()
         scores = self_influence(
-            self.gram, losses, self.args.neighbors, self.eta, neighbor_rule=self.args.neighbor_rule
+            gram, self.train.values[torch.from_numpy(self.window)].to(self.device), self.args.neighbors, eta,
+            neighbor_rule=self.args.neighbor_rule, center_losses=self.args.center_losses,
         )
         frame = pd.DataFrame(
             {
                 "example_id": self.train.example_ids,
                 "self_influence": scores.double().cpu().numpy(),
-                "variance_self_influence": variance_self_influence(losses).double().cpu().numpy(),
+                **loss_signals(self.train.values, self.args.loss_kind),
             }
         )
         return require_finite_scores(frame, ["self_influence", "variance_self_influence"], "example_id", "train")
@@ -192,14 +242,18 @@ class InfluenceAnalysis:
         if self.test is None:
             raise InfluenceInputError("train-test influence needs a test loss table")
         k = min(self.args.topk, len(self.train.example_ids))
+        keep = torch.from_numpy(self.window)
+        gram, eta = self._windowed()
         top = train_test_topk(
-            self.gram,
-            self.train.values.to(self.device),
-            self.test.values.to(self.device),
+            gram,
+            self.train.values[keep].to(self.device),
+            self.test.values[keep].to(self.device),
             k=k,
             neighbors=self.args.neighbors,
-            eta=self.eta,
+            eta=eta,
             neighbor_rule=self.args.neighbor_rule,
+            center_losses=self.args.center_losses,
+            weight_by_correlation=self.args.weight_by_correlation,
         )
         M = len(self.test.example_ids)
         train_ids = torch.from_numpy(self.train.example_ids)

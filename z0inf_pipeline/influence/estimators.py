@@ -103,6 +103,55 @@ def checkpoint_kernels(
     return nbrs, kernels
 
 
+def warmup_window(steps, warmup_fraction: float) -> np.ndarray:
+    """Positions of the checkpoints at or after ``warmup_fraction`` of training (by step).
+
+    The reference code never checkpoints the initialisation; leaving out the random start and the
+    first transient (where every example's loss falls at once) keeps that shared movement from
+    dominating the scores. 0 keeps every checkpoint. At least two checkpoints always stay: the
+    last two, if the fraction would leave fewer.
+    """
+    steps = np.asarray(steps, dtype=np.float64).reshape(-1)
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise InfluenceInputError(f"warmup_fraction {warmup_fraction!r}: must be in [0, 1)")
+    if len(steps) < 2:
+        raise InfluenceInputError(f"warmup_window: needs at least 2 checkpoints, got {len(steps)}")
+    first, last = steps.min(), steps.max()
+    keep = np.flatnonzero(steps >= first + warmup_fraction * (last - first))
+    return keep if len(keep) >= 2 else np.arange(len(steps) - 2, len(steps))
+
+
+def center_per_checkpoint(losses: torch.Tensor) -> torch.Tensor:
+    """l_i(t) - mean_j l_j(t): the movement every example shares at a checkpoint removed (method note)."""
+    return losses - losses.mean(dim=1, keepdim=True)
+
+
+def trajectory_rank_factors(losses: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, T) standardised rank vectors of each example's loss trajectory, so that the Spearman
+    correlation over checkpoints of examples i and z is the inner product of their rows.
+
+    Ranks are taken over the T checkpoints of each example separately (ties: average rank). A
+    constant trajectory has no ranking: its row is zero, so its correlation with anything is 0.
+    """
+    values = losses.to(dtype).T  # (n, T)
+    order = values.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(values)
+    positions = torch.arange(values.shape[1], dtype=dtype, device=values.device).expand_as(values)
+    ranks.scatter_(1, order, positions)
+    # ties: every member of a run of equal values gets the run's mean rank
+    sorted_values = values.gather(1, order)
+    new_run = torch.ones_like(sorted_values, dtype=torch.bool)
+    new_run[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    run_id = new_run.cumsum(dim=1) - 1
+    run_sum = torch.zeros_like(values).scatter_add_(1, run_id, positions)
+    run_len = torch.zeros_like(values).scatter_add_(1, run_id, torch.ones_like(values))
+    mean_rank = (run_sum / run_len.clamp_min(1)).gather(1, run_id)
+    ranks.scatter_(1, order, mean_rank)
+    centred = ranks - ranks.mean(dim=1, keepdim=True)
+    norm = centred.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, centred / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
 def self_influence(
     gram: torch.Tensor,
     train_losses,
@@ -110,9 +159,15 @@ def self_influence(
     eta=None,
     *,
     neighbor_rule: NeighborRule = "order",
+    center_losses: bool = False,
 ) -> torch.Tensor:
-    """SI(i) = sum_t eta_t ||g_i(t)||^2 for every training example: (T, N) losses -> (N,)."""
+    """SI(i) = sum_t eta_t ||g_i(t)||^2 for every training example: (T, N) losses -> (N,).
+
+    ``center_losses``: the losses are centred per checkpoint first (``center_per_checkpoint``).
+    """
     losses = _check_losses(train_losses, gram, "train_losses")
+    if center_losses:
+        losses = center_per_checkpoint(losses.to(_compute_dtype(losses)))
     nbrs, kernels = checkpoint_kernels(gram.to(losses.device), neighbors, eta, neighbor_rule)
     dtype = _compute_dtype(losses)
     kernels = kernels.to(dtype)
@@ -133,10 +188,19 @@ def train_test_influence(
     eta=None,
     *,
     neighbor_rule: NeighborRule = "order",
+    center_losses: bool = False,
+    weight_by_correlation: bool = False,
 ) -> torch.Tensor:
-    """INF(i, z) = sum_t eta_t <g_i(t), g_z(t)>: the full (N, M) matrix, as one GEMM."""
-    train_features, test_features = _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule)
-    return train_features @ test_features.T
+    """INF(i, z) = sum_t eta_t <g_i(t), g_z(t)>: the full (N, M) matrix, as one GEMM.
+
+    ``center_losses``: train and test losses are each centred per checkpoint before the differences;
+    ``weight_by_correlation``: INF(i, z) is multiplied by the Spearman correlation over checkpoints of
+    the two (possibly centred) loss trajectories (see the method note).
+    """
+    features = _influence_features(
+        gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
+    )
+    return features.scores(slice(None))
 
 
 def train_test_topk(
@@ -149,12 +213,18 @@ def train_test_topk(
     *,
     neighbor_rule: NeighborRule = "order",
     block_size: int | None = None,
+    center_losses: bool = False,
+    weight_by_correlation: bool = False,
 ) -> TopKInfluence:
     """Top-k proponents and opponents of every test example, computed a block of test examples at a time.
 
-    Only an (N, block_size) slice of INF exists at once; the full N x M matrix never does.
+    Only an (N, block_size) slice of INF (and of the correlation weights) exists at once; the full
+    N x M matrix never does. Options as in ``train_test_influence``.
     """
-    train_features, test_features = _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule)
+    features = _influence_features(
+        gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
+    )
+    train_features, test_features = features.train, features.test
     N, M = train_features.shape[0], test_features.shape[0]
     if not isinstance(k, int) or not 1 <= k <= N:
         raise InfluenceInputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
@@ -163,7 +233,7 @@ def train_test_topk(
         raise InfluenceInputError(f"block_size must be positive, got {block_size}")
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, M, block):
-        scores = test_features[start : start + block] @ train_features.T  # (b, N)
+        scores = features.scores(slice(start, start + block)).T  # (b, N)
         top = torch.topk(scores, k, dim=1)
         bottom = torch.topk(scores, k, dim=1, largest=False)
         parts.append((top.indices, top.values, bottom.indices, bottom.values))
@@ -183,18 +253,44 @@ def variance_self_influence(train_losses) -> torch.Tensor:
     return losses.to(_compute_dtype(losses)).var(dim=0, correction=0)
 
 
-def _influence_features(gram, train_losses, test_losses, neighbors, eta, neighbor_rule):
+@dataclass(frozen=True)
+class _InfluenceFactors:
+    """INF = train @ test^T, optionally times rho = train_ranks @ test_ranks^T elementwise: two
+    low-rank products, so any block of test columns is formed without the N x M matrix."""
+
+    train: torch.Tensor  # (N, Tk)
+    test: torch.Tensor  # (M, Tk)
+    train_ranks: torch.Tensor | None  # (N, T) standardised rank vectors, or None (no correlation weight)
+    test_ranks: torch.Tensor | None
+
+    def scores(self, columns: slice) -> torch.Tensor:
+        """INF (times rho) for the test examples in ``columns``: (N, b)."""
+        scores = self.train @ self.test[columns].T
+        if self.train_ranks is not None:
+            scores *= self.train_ranks @ self.test_ranks[columns].T
+        return scores
+
+
+def _influence_features(
+    gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses=False, weight_by_correlation=False
+) -> _InfluenceFactors:
     """A = [Dtr_1 K_1 | ... | Dtr_T K_T] (N, Tk) and B = [Dte_1 | ... | Dte_T] (M, Tk), so INF = A B^T."""
     train = _check_losses(train_losses, gram, "train_losses")
     test = _check_losses(test_losses, gram, "test_losses").to(train.device)
     nbrs, kernels = checkpoint_kernels(gram.to(train.device), neighbors, eta, neighbor_rule)
     dtype = torch.promote_types(_compute_dtype(train), _compute_dtype(test))
+    if center_losses:
+        train, test = center_per_checkpoint(train.to(dtype)), center_per_checkpoint(test.to(dtype))
     d_train = _deltas(train, nbrs, dtype)  # (T, k, N)
     d_test = _deltas(test, nbrs, dtype)
     weighted = torch.bmm(kernels.to(dtype), d_train)  # K symmetric: (D^T K)^T = K D
     train_features = weighted.permute(2, 0, 1).reshape(train.shape[1], -1)
     test_features = d_test.permute(2, 0, 1).reshape(test.shape[1], -1)
-    return train_features, test_features
+    if not weight_by_correlation:
+        return _InfluenceFactors(train_features, test_features, None, None)
+    return _InfluenceFactors(
+        train_features, test_features, trajectory_rank_factors(train, dtype), trajectory_rank_factors(test, dtype)
+    )
 
 
 def _deltas(losses: torch.Tensor, nbrs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..influence.loss_tables import step_column
+from ..influence.signals import SIGNAL_COLUMNS
 
 FLOAT_MAX = float(np.finfo(np.float64).max)
 # Self-influence is a sum of squared norms, so >= 0 exactly; the quadratic form is evaluated in
@@ -110,9 +111,7 @@ def validate_self_influence(
     scale = float(np.abs(frame["self_influence"]).max()) if "self_influence" in frame and len(frame) else 0.0
     floor = -SELF_INFLUENCE_RTOL * scale if np.isfinite(scale) else 0.0
     expectations = [
-        gxe.ExpectTableColumnsToMatchOrderedList(
-            column_list=["example_id", "self_influence", "variance_self_influence"]
-        ),
+        gxe.ExpectTableColumnsToMatchOrderedList(column_list=["example_id", *SIGNAL_COLUMNS]),
         gxe.ExpectTableRowCountToEqual(value=len(loss_table_ids)),
         gxe.ExpectColumnValuesToBeUnique(column="example_id"),
         _ids_equal("example_id", loss_table_ids),

@@ -8,6 +8,7 @@ Pure: no Dagster here (the assets in ``z0inf_pipeline.defs`` drive these functio
 from .curation import CuratedSet, curate, retrain_config
 from .gate import GateStatus, evaluate_gate
 from .layout import RunLayout, check_run_id
+from .lineage import decisions_in_force, lineage_decisions, lineage_of
 from .policy import FlagPolicy, Flags, flag_scores, robust_z
 from .queue import QUEUE_COLUMNS, build_review_queue, detection_quality, read_review_queue, write_review_queue
 from .store import ACTIONS, DecisionStore, default_store_path
@@ -24,10 +25,13 @@ __all__ = [
     "build_review_queue",
     "check_run_id",
     "curate",
+    "decisions_in_force",
     "default_store_path",
     "detection_quality",
     "evaluate_gate",
     "flag_scores",
+    "lineage_decisions",
+    "lineage_of",
     "read_review_queue",
     "retrain_config",
     "robust_z",

@@ -99,7 +99,7 @@ class RunLayout:
 
     @property
     def histogram(self) -> UPath:
-        return self.root / "self_influence_histogram.png"
+        return self.root / "flag_score_histogram.png"
 
     @property
     def flagged_grid(self) -> UPath:

@@ -7,16 +7,20 @@ import pandas as pd
 
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import step_column, steps_of
+from ..influence.signals import SIGNAL_COLUMNS, suspicion_ranks
 from .policy import Flags
 
 QUEUE_COLUMNS = [
     "rank",
     "example_id",
-    "self_influence",
+    "flag_score",
+    "flagged_by",
     "robust_z",
+    *SIGNAL_COLUMNS,
+    *(f"{column}_rank" for column in SIGNAL_COLUMNS),
     "label",
     "predicted_label",
-    "confidence",
+    "predicted_probability",
     "original_label",
     "flipped",
     "loss_first",
@@ -24,6 +28,7 @@ QUEUE_COLUMNS = [
     "loss_trajectory",
     "decision",
     "decision_label",
+    "decided_on_run",
 ]
 
 
@@ -35,14 +40,24 @@ def build_review_queue(
     predictions: pd.DataFrame | None,
     decisions: pd.DataFrame,
 ) -> pd.DataFrame:
-    """Flagged examples, highest self-influence first (rank 1), with label, predicted label, the loss
-    at every checkpoint, and the decision recorded so far (a snapshot: the store stays authoritative)."""
+    """Flagged examples, highest flag score first (rank 1), with every signal and its rank among all
+    training examples (1 = most suspicious), the signals that flag it on their own, label, predicted
+    label, the loss at every checkpoint, and the decision in force so far (a snapshot: the store stays
+    authoritative). ``decisions`` may carry ``decided_on_run`` (the lineage run a decision came from)."""
     if len(flags.flagged) != len(scores):
         raise InfluenceInputError(f"review queue: {len(flags.flagged)} flags for {len(scores)} scores")
-    queue = scores.loc[flags.flagged, ["example_id", "self_influence"]].copy()
-    queue["robust_z"] = flags.robust_z[flags.flagged]
-    queue = queue.sort_values("self_influence", ascending=False, kind="stable").reset_index(drop=True)
+    signals = [c for c in SIGNAL_COLUMNS if c in scores]
+    everyone = scores[["example_id", *signals]].reset_index(drop=True)
+    everyone = pd.concat([everyone, suspicion_ranks(everyone, signals)], axis=1)
+    everyone["flag_score"] = flags.score
+    everyone["robust_z"] = flags.robust_z
+    everyone["flagged_by"] = flags.flagged_by if flags.flagged_by is not None else ""
+    queue = everyone[flags.flagged].sort_values("flag_score", ascending=False, kind="stable").reset_index(drop=True)
     queue.insert(0, "rank", np.arange(1, len(queue) + 1, dtype=np.int64))
+    for column in SIGNAL_COLUMNS:  # a scores frame without a signal: the column is there, empty
+        if column not in queue:
+            queue[column] = np.nan
+            queue[f"{column}_rank"] = pd.array([pd.NA] * len(queue), dtype="Int64")
 
     examples = train_examples.set_index("example_id")
     missing = np.setdiff1d(queue["example_id"], examples.index)
@@ -54,10 +69,10 @@ def build_review_queue(
     if predictions is not None:
         predicted = predictions.set_index("example_id").reindex(queue["example_id"])
         queue["predicted_label"] = predicted["predicted_label"].astype("Int64").to_numpy()
-        queue["confidence"] = predicted["confidence"].to_numpy(dtype=np.float64)
+        queue["predicted_probability"] = predicted["confidence"].to_numpy(dtype=np.float64)
     else:
         queue["predicted_label"] = pd.array([pd.NA] * len(queue), dtype="Int64")
-        queue["confidence"] = np.nan
+        queue["predicted_probability"] = np.nan
 
     step_columns = [step_column(s) for s in steps_of(train_losses.columns)]
     losses = train_losses.set_index("example_id").reindex(queue["example_id"])[step_columns].to_numpy(np.float32)
@@ -68,6 +83,9 @@ def build_review_queue(
     current = decisions.set_index("example_id").reindex(queue["example_id"])
     queue["decision"] = current["action"].to_numpy()
     queue["decision_label"] = current["label"].astype("Int64").to_numpy()
+    queue["decided_on_run"] = (
+        current["decided_on_run"].to_numpy(dtype=object) if "decided_on_run" in current else None
+    )
     return queue[QUEUE_COLUMNS]
 
 

@@ -29,6 +29,7 @@ from .layout import check_run_id
 Action = Literal["keep", "drop", "relabel"]
 ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel")
 DECISION_COLUMNS = ["example_id", "action", "label", "reviewer", "note", "decided_at"]
+LINEAGE_COLUMNS = [*DECISION_COLUMNS, "run_id", "sequence"]
 STORE_URL_ENV = "Z0INF_REVIEW_STORE_URL"
 # Any constant works: it only serialises schema creation between processes opening a new Postgres store.
 _SCHEMA_LOCK = 0x7A30696E66
@@ -151,6 +152,29 @@ class DecisionStore:
         )
         return self._frame(query)
 
+    def current_for_runs(self, run_ids: Iterable[str]) -> pd.DataFrame:
+        """The decision in force for each (run, example) of ``run_ids`` (for a run's lineage), with
+        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first."""
+        runs = list(dict.fromkeys(run_ids))
+        for run_id in runs:
+            check_run_id(run_id)
+        if not runs:
+            raise ReviewError("review store: current_for_runs needs at least one run id")
+        latest = (
+            sa.select(sa.func.max(decisions.c.id).label("id"))
+            .where(decisions.c.run_id.in_(runs))
+            .group_by(decisions.c.run_id, decisions.c.example_id)
+            .subquery()
+        )
+        query = (
+            sa.select(*_columns(), decisions.c.run_id, decisions.c.id)
+            .join(latest, decisions.c.id == latest.c.id)
+            .order_by(decisions.c.id)
+        )
+        frame = self._frame(query, LINEAGE_COLUMNS)
+        frame["sequence"] = frame["sequence"].astype("int64")
+        return frame
+
     def history(self, run_id: str) -> pd.DataFrame:
         """Every decision ever recorded for ``run_id``, oldest first."""
         check_run_id(run_id)
@@ -161,10 +185,10 @@ class DecisionStore:
         with self._transaction() as conn:
             return [row[0] for row in conn.execute(query)]
 
-    def _frame(self, query: sa.Select) -> pd.DataFrame:
+    def _frame(self, query: sa.Select, columns: list[str] = DECISION_COLUMNS) -> pd.DataFrame:
         with self._transaction() as conn:
             rows = conn.execute(query).fetchall()
-        frame = pd.DataFrame([tuple(r) for r in rows], columns=DECISION_COLUMNS)
+        frame = pd.DataFrame([tuple(r) for r in rows], columns=columns)
         frame["example_id"] = frame["example_id"].astype("int64")
         frame["label"] = frame["label"].astype("Int64")
         return frame

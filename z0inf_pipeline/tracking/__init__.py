@@ -3,6 +3,7 @@
 from .client import ensure_experiment, tracking_client
 from .config import MlflowConfig, active_config, embedded_config, load_mlflow_config, resolve_tracking_uri
 from .contract import CONTRACT_TAG, CONTRACT_VERSION, ContractError, RunFiles, validate_run_folder
+from .lineage import run_lineage
 from .logger import ContractLogger, train_and_log
 from .reader import (
     ContractRun,
@@ -28,6 +29,7 @@ __all__ = [
     "embedded_config",
     "ensure_experiment",
     "fetch_run",
+    "run_lineage",
     "list_contract_runs",
     "load_mlflow_config",
     "model_from_spec",

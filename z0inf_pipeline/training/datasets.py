@@ -8,6 +8,7 @@ and relabelling, so scores, review decisions and retraining all talk about the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
@@ -19,7 +20,7 @@ from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import ID_COLUMN
 
-BUILTIN_DATASETS = ("digits", "breast_cancer")
+BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
 NOISE_KINDS = ("uniform", "confusable")
 _DIGITS_IMAGE_SHAPE = (1, 8, 8)
 
@@ -175,10 +176,16 @@ def _split(ids: np.ndarray, features: np.ndarray, labels: np.ndarray, input_shap
 
 def _load_raw(name: str, label_column: str):
     """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors, feature names)."""
+    if name == "mnist1d":
+        features, labels = _mnist1d()
+        names = tuple(str(c) for c in range(10))
+        feature_names = tuple(f"x{i}" for i in range(features.shape[1]))
+        return np.arange(len(labels), dtype=np.int64), features, labels, names, name, feature_names
     if name in BUILTIN_DATASETS:
         from sklearn import datasets
 
-        data = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
+        data = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
+                "wine": datasets.load_wine}[name]()
         names = tuple(str(n) for n in data.target_names)
         features = data.data.astype(np.float64)
         feature_names = tuple(str(n) for n in getattr(data, "feature_names", range(features.shape[1])))
@@ -195,6 +202,22 @@ def _load_raw(name: str, label_column: str):
     except Exception as exc:  # noqa: BLE001 - any parser failure is bad input, reported with the file
         raise InfluenceInputError(f"dataset {path}: cannot be read ({exc})") from None
     return _from_frame(frame, label_column, str(path))
+
+
+@lru_cache(maxsize=1)
+def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-1D (Greydanus, 2020) as its package generates it procedurally with its default arguments
+    (fixed seed, nothing downloaded): its 4000 train and 1000 test examples pooled, ids = positions."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise InfluenceInputError("dataset mnist1d: needs the mnist1d package (pip install mnist1d)") from None
+    data = make_dataset(get_dataset_args())
+    features = np.concatenate([data["x"], data["x_test"]]).astype(np.float64)
+    labels = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    features.setflags(write=False)
+    labels.setflags(write=False)
+    return features, labels
 
 
 def _from_frame(frame: pd.DataFrame, label_column: str, source: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from ..errors import ConfigurationError
 from ..influence.errors import InfluenceInputError
 from ..settings_schema import check_choices, normalise_sequences
 from . import layout
-from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, curate_train, load_dataset
+from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, Split, curate_train, load_dataset, subset
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder
 
@@ -36,7 +36,12 @@ CHECKPOINT_UNITS = ("epoch", "step")
 @dataclass(frozen=True)
 class TrainConfig:
     """One training recipe. ``checkpoints`` = T evenly spaced checkpoints (first and last included),
-    unless ``checkpoint_every`` > 0 asks for one every n ``checkpoint_unit`` (plus first and last)."""
+    unless ``checkpoint_every`` > 0 asks for one every n ``checkpoint_unit`` (plus first and last).
+
+    Fine-tuning: with ``pretrain_fraction`` > 0 that share of the training split (its clean labels)
+    first trains the model for ``pretrain_epochs``, without checkpoints; the rest (with any label
+    noise) is the run's training set, and checkpoints are only taken while fine-tuning on it.
+    """
 
     dataset: str = field(default="digits", metadata={"help": "digits, breast_cancer, or a .csv/.parquet file"})
     model: str = field(default="mlp", metadata={"help": "model family", "choices": MODEL_KINDS})
@@ -83,6 +88,12 @@ class TrainConfig:
         default="epoch", metadata={"help": "unit of checkpoint_every", "choices": CHECKPOINT_UNITS}
     )
     label_column: str = field(default="label", metadata={"help": "label column of a .csv/.parquet dataset"})
+    pretrain_fraction: float = field(
+        default=0.0,
+        metadata={"help": "fine-tuning: share of the training split (clean labels) that first pretrains the model, "
+                  "without checkpoints; 0: train from scratch", "metavar": "FRACTION"},
+    )
+    pretrain_epochs: int = field(default=0, metadata={"help": "fine-tuning: epochs of pretraining"})
 
     def __post_init__(self) -> None:
         normalise_sequences(self)
@@ -100,6 +111,9 @@ class TrainConfig:
             (self.lr > 0, "lr", "positive"),
             (0.0 <= self.label_noise < 1.0, "label_noise", "in [0, 1)"),
             (0.0 < self.test_fraction < 1.0, "test_fraction", "between 0 and 1"),
+            (0.0 <= self.pretrain_fraction < 1.0, "pretrain_fraction", "in [0, 1)"),
+            ((self.pretrain_fraction > 0) == (self.pretrain_epochs > 0), "pretrain_epochs",
+             "positive exactly when pretrain_fraction is (both set, or both 0)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -169,13 +183,34 @@ def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
 
 
 def training_data(config: TrainConfig) -> DatasetBundle:
-    """The data exactly as ``config`` trains on it: same split and noise, then subset, drops and relabels."""
-    bundle = load_dataset(
+    """The data exactly as ``config`` trains on it: same split and noise, then subset, drops and relabels
+    (the pretraining part, if any, left out)."""
+    bundle = _loaded(config)
+    return curate_train(bundle, exclude_ids=(*config.exclude_ids, *_pretraining_ids(bundle, config)),
+                        relabels=config.relabels, train_subset=config.train_subset)
+
+
+def pretraining_data(config: TrainConfig) -> Split | None:
+    """The examples ``config`` pretrains on, with their clean labels; None without pretraining."""
+    if config.pretrain_fraction == 0:
+        return None
+    bundle = _loaded(config)
+    clean = replace(bundle.train, labels=bundle.clean_train_labels)
+    return subset(clean, _pretraining_ids(bundle, config))
+
+
+def _loaded(config: TrainConfig) -> DatasetBundle:
+    return load_dataset(
         config.dataset, seed=config.seed, test_fraction=config.test_fraction, label_noise=config.noise,
         label_column=config.label_column, image=config.model == "cnn",
     )
-    return curate_train(bundle, exclude_ids=config.exclude_ids, relabels=config.relabels,
-                        train_subset=config.train_subset)
+
+
+def _pretraining_ids(bundle: DatasetBundle, config: TrainConfig) -> np.ndarray:
+    """A seeded random ``pretrain_fraction`` of the training ids (none without pretraining)."""
+    ids = bundle.train.example_ids
+    count = int(round(config.pretrain_fraction * len(ids)))
+    return np.sort(np.random.default_rng(config.seed).permutation(ids)[:count])
 
 
 @dataclass(frozen=True)
@@ -224,6 +259,13 @@ def train(
     steps_per_epoch, total_steps, schedule = plan.steps_per_epoch, plan.total_steps, plan.checkpoint_schedule
     torch.manual_seed(config.seed)
     model = build_model(spec)
+    pretraining = pretraining_data(config)
+    if pretraining is not None:
+        pretrain_steps = config.pretrain_epochs * math.ceil(len(pretraining) / config.batch_size)
+        pretrain_shuffle = torch.Generator().manual_seed(config.seed + 1)
+        for _ in _updates(model, _optimizer(config, model), pretraining.features, pretraining.labels,
+                          config, config.pretrain_epochs, pretrain_steps, pretrain_shuffle):
+            pass
     shuffle = torch.Generator().manual_seed(config.seed)
 
     features, labels = bundle.train.features, bundle.train.labels
@@ -252,22 +294,12 @@ def train(
         take_checkpoint(step, config.lr)
         wanted = iter(schedule[1:])
         next_checkpoint = next(wanted, None)
-        model.train()
         bar = tqdm(total=total_steps, desc=f"train {bundle.name} {config.model}", unit="step", disable=not progress)
-        for _ in range(config.epochs):
-            order = torch.randperm(len(labels), generator=shuffle)
-            for batch in order.split(config.batch_size):
-                lr = config.lr * learning_rate_factor(config.schedule, step, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(features[batch]), labels[batch]).backward()
-                optimizer.step()
-                step += 1
-                bar.update()
-                if step == next_checkpoint:
-                    take_checkpoint(step, lr)
-                    next_checkpoint = next(wanted, None)
+        for step, lr in _updates(model, optimizer, features, labels, config, config.epochs, total_steps, shuffle):
+            bar.update()
+            if step == next_checkpoint:
+                take_checkpoint(step, lr)
+                next_checkpoint = next(wanted, None)
         bar.close()
 
         train_table = test_table = None
@@ -296,6 +328,23 @@ def train(
         train_losses=final(train_table), test_losses=final(test_table), examples=out_dir / layout.EXAMPLES,
         metrics=metrics, model=model.eval(),
     )
+
+
+def _updates(model, optimizer, features, labels, config: TrainConfig, epochs: int, total_steps: int, shuffle):
+    """Minibatch updates over ``epochs`` with the config's schedule; yields (step, lr) after each one."""
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=shuffle)
+        for batch in order.split(config.batch_size):
+            lr = config.lr * learning_rate_factor(config.schedule, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(features[batch]), labels[batch]).backward()
+            optimizer.step()
+            step += 1
+            yield step, lr
 
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -7,6 +7,8 @@ import pandas as pd
 from ...influence.errors import InfluenceInputError
 from ...review import build_review_queue, detection_quality, flag_scores
 from ...review.figures import histogram_png, image_grid_png, markdown_image
+from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
+from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
 from ..metadata import markdown_table, rounded, run_id_of
@@ -39,8 +41,10 @@ def review_queue(
     policy = config.to_policy()
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
-    current = decisions.open().current(run_id)
-    flags = flag_scores(self_influence["self_influence"].to_numpy(), policy)
+    lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
+    current = lineage_decisions(decisions.open(), run_id, lineage)
+    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
+    flags = flag_scores(self_influence, policy, inherited_cutoff=None if inherited is None else inherited[0])
     queue = build_review_queue(
         self_influence, flags, train, loss_tables.frame("train"), loss_tables.prediction_frame(), current
     )
@@ -52,8 +56,10 @@ def review_queue(
         "cutoff": flags.cutoff,
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
+        **lineage,
+        CALIBRATED_ON_KEY: run_id if inherited is None else inherited[1],
     }
-    histogram = histogram_png(self_influence["self_influence"], flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
+    histogram = histogram_png(flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
     grid = _flagged_grid(run, queue.head(GRID_IMAGES))
     metadata: dict = {
         **mlflow.run_metadata(run_id),
@@ -63,9 +69,9 @@ def review_queue(
         "policy": dg.MetadataValue.json(policy.to_dict()),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
-            markdown_table(reviewer_view(queue, self_influence["self_influence"]), PREVIEW_ROWS)
+            markdown_table(reviewer_view(queue, flags.score), PREVIEW_ROWS)
         ),
-        "self_influence_histogram": dg.MetadataValue.md(markdown_image(histogram, "self-influence histogram")),
+        "flag_score_histogram": dg.MetadataValue.md(markdown_image(histogram, f"histogram of the flag score ({policy.score})")),
         "dagster/row_count": len(queue),
     }
     metrics = {
@@ -97,25 +103,33 @@ def review_queue(
     return dg.Output(ReviewQueue(queue, info, histogram, grid), metadata=metadata)
 
 
-def reviewer_view(queue: pd.DataFrame, all_scores: pd.Series) -> pd.DataFrame:
-    """The queue as a reviewer reads it: the score's percentile among all training examples (not a raw
-    robust z), the loss trajectory's ends, and each decision with its new label."""
-    ordered = np.sort(all_scores.to_numpy(np.float64))
-    scores = queue["self_influence"].to_numpy(np.float64)
+def reviewer_view(queue: pd.DataFrame, all_scores: np.ndarray) -> pd.DataFrame:
+    """The queue as a reviewer reads it: the flag score's percentile among all training examples (not a
+    raw robust z), which signals flag the example and its rank under each, the loss trajectory's ends,
+    and each decision with its new label."""
+    ordered = np.sort(np.asarray(all_scores, dtype=np.float64))
+    scores = queue["flag_score"].to_numpy(np.float64)
     percentile = 100.0 * np.searchsorted(ordered, scores, side="right") / max(len(ordered), 1)
     decision = [
         "" if pd.isna(action) else f"relabel -> {label}" if action == "relabel" else str(action)
         for action, label in zip(queue["decision"], queue["decision_label"])
     ]
+    ranks = {
+        column.removesuffix("_rank") + " rank": queue[column]
+        for column in queue.columns
+        if column.endswith("_rank") and queue[column].notna().any()
+    }
     return pd.DataFrame(
         {
             "rank": queue["rank"],
             "example_id": queue["example_id"],
-            "self_influence": queue["self_influence"],
+            "flag_score": queue["flag_score"],
             "percentile": [f"{p:.1f}" for p in percentile],
+            "flagged_by": queue["flagged_by"],
+            **ranks,
             "label": queue["label"],
             "predicted_label": queue["predicted_label"],
-            "confidence": queue["confidence"],
+            "predicted_probability": queue["predicted_probability"],
             "loss first -> last": [f"{a:.3g} -> {b:.3g}" for a, b in zip(queue["loss_first"], queue["loss_last"])],
             "decision": decision,
         }
