@@ -88,4 +88,4 @@ def test_webserver_serves_assets_and_checks_over_graphql(dagster_home, tmp_path)
     assert checks == CHECKS
     repository = data["repositoriesOrError"]["nodes"][0]
     assert {"influence_job", "retrain_job", "pipeline_job", "train_job"} <= {j["name"] for j in repository["jobs"]}
-    assert [s["name"] for s in repository["sensors"]] == ["new_mlflow_runs"]
+    assert sorted(s["name"] for s in repository["sensors"]) == ["new_mlflow_runs", "orphaned_runs"]
