@@ -154,7 +154,8 @@ def create_app(site: ReviewSite) -> Flask:
         reviewer = (form.get("reviewer") or "").strip()
         ids = [_int(v, None) for v in form.getlist("example_id")]
         action = form.get("action", "")
-        label = _int(form.get("label"), None) if form.get("label", "") != "" else None
+        # the class picker is in every form: its value only counts for a relabel
+        label = _int(form.get("label"), -1) if action == "relabel" and form.get("label", "") != "" else None
         back = _filters(form, site.evidence(review))
         try:
             if not reviewer:
