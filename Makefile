@@ -40,10 +40,11 @@ dev: $(STAMP)
 review: $(STAMP)
 	$(BIN)/z0inf review serve $(REVIEW_ARGS)
 
-# the MLflow UI on the project's store, with the link straight to the model-training runs
+# the MLflow UI on the project's store, with the link straight to the model-training runs (no GenAI job
+# runner: it would start a pool of worker processes this store never uses)
 mlflow-ui: $(STAMP)
 	@$(BIN)/python -c "from z0inf_pipeline.tracking.previews import print_ui_links; print_ui_links('http://127.0.0.1:$(MLFLOW_PORT)')"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(Z0INF_DATA_DIR)/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(Z0INF_DATA_DIR)/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) data

@@ -127,8 +127,8 @@ def _decision(row: pd.Series) -> dict:
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),
         "reviewer": row["reviewer"],
-        "note": row["note"] or "",
-        "at": row["decided_at"],
+        "note": "" if pd.isna(row["note"]) else str(row["note"]),
+        "at": _minutes(row["decided_at"]),
     }
 
 
@@ -141,3 +141,8 @@ def _history(rows: pd.DataFrame, run_id: str) -> list[dict]:
         }
         for _, row in rows.iterrows()
     ]
+
+
+def _minutes(stamp: str) -> str:
+    """'2026-11-28T18:33:25+00:00' -> '2026-11-28 18:33 UTC' (the store writes UTC ISO stamps)."""
+    return f"{stamp[:10]} {stamp[11:16]} UTC" if isinstance(stamp, str) and len(stamp) >= 16 else str(stamp)

@@ -221,22 +221,20 @@ def test_a_mispredicted_test_example_shows_the_training_examples_behind_it(analy
     assert page.find_element(By.TAG_NAME, "h1").text == f"Test example #{test_id}"
     topk = pd.read_parquet(layout.topk)
     rows = topk[topk["test_example_id"] == test_id].sort_values("rank")
-    columns = page.find_elements(By.CSS_SELECTOR, ".columns section")
-    proponents = [int(c.get_attribute("data-id")) for c in columns[0].find_elements(By.CSS_SELECTOR, "article.card")]
-    opponents = [int(c.get_attribute("data-id")) for c in columns[1].find_elements(By.CSS_SELECTOR, "article.card")]
+    opponents = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "section.opponents article.card")]
+    proponents = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "section.proponents article.card")]
     assert proponents == rows["proponent_id"].tolist() and opponents == rows["opponent_id"].tolist()
-    score = columns[0].find_element(By.CSS_SELECTOR, "article.card .score").text
-    assert score == f"influence {rows['proponent_score'].iloc[0]:.3g}"
+    score = page.find_element(By.CSS_SELECTOR, "section.opponents article.card .score").text
+    assert score == f"influence {rows['opponent_score'].iloc[0]:.3g}"
     page.save_screenshot(str(tmp_path / "test-example.png"))
 
     # deciding from this view records the decision and comes back to it
     set_reviewer(page, "ana")
-    columns = page.find_elements(By.CSS_SELECTOR, ".columns section")
-    columns[0].find_element(By.CSS_SELECTOR, "article.card button[value=drop]").click()
+    page.find_element(By.CSS_SELECTOR, "section.opponents article.card button[value=drop]").click()
     wait_for(page, EC.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
     assert page.current_url.endswith(f"/tests/{test_id}")
     current = store_of(server).current(analysed_run.run_id)
-    assert current[["example_id", "action"]].values.tolist() == [[proponents[0], "drop"]]
+    assert current[["example_id", "action"]].values.tolist() == [[opponents[0], "drop"]]
 
 
 def test_unknown_run_is_a_404_and_index_lists_the_run(analysed_run, server):
