@@ -35,6 +35,19 @@ def wait_for(driver, condition, timeout: float = 30):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def reloading(driver, action) -> None:
+    """Do ``action`` (a click or keys that submit a form) and wait until the page it leads to has loaded."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    action()
+    wait_for(driver, EC.staleness_of(old))
+    wait_for(driver, lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def press(driver, *keys) -> None:
+    """Type ``keys`` on the page, the last of which decides (submits), and wait for the next page."""
+    reloading(driver, lambda: driver.find_element(By.TAG_NAME, "body").send_keys(*keys))
+
+
 def store_of(server) -> DecisionStore:
     return DecisionStore.open(server.data_dir / "review.db")
 
@@ -99,19 +112,18 @@ def test_decisions_by_click_and_by_key_reach_the_store(analysed_run, server, pag
     # a click: drop the first card, with a note
     first = page.find_element(By.ID, f"ex-{ids[0]}")
     first.find_element(By.NAME, "note").send_keys("smudged")
-    first.find_element(By.CSS_SELECTOR, "button[value=drop]").click()
-    wait_for(page, EC.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
+    reloading(page, first.find_element(By.CSS_SELECTOR, "button[value=drop]").click)
+    assert page.find_elements(By.CSS_SELECTOR, ".flash.ok")
     # after the decision the page lands on the next undecided example, ready for keys
     assert page.current_url.endswith(f"#ex-{ids[1]}")
     assert "current" in page.find_element(By.ID, f"ex-{ids[1]}").get_attribute("class")
 
-    body = page.find_element(By.TAG_NAME, "body")
-    body.send_keys("k")  # keep ids[1]
-    wait_for(page, lambda d: d.current_url.endswith(f"#ex-{ids[2]}"))
-    page.find_element(By.TAG_NAME, "body").send_keys("j", "r", "7")  # skip ids[2], relabel ids[3] as 7
-    wait_for(page, lambda d: d.current_url.endswith(f"#ex-{ids[4]}"))
-    page.find_element(By.TAG_NAME, "body").send_keys("u", Keys.ARROW_UP, "d")  # back up to ids[2]: drop it
-    wait_for(page, lambda d: d.current_url.endswith(f"#ex-{ids[4]}") and d.find_elements(By.CSS_SELECTOR, ".flash.ok"))
+    press(page, "k")  # keep ids[1]
+    assert page.current_url.endswith(f"#ex-{ids[2]}")
+    press(page, "j", "r", "7")  # skip ids[2], relabel ids[3] as 7
+    assert page.current_url.endswith(f"#ex-{ids[4]}")
+    press(page, "u", Keys.ARROW_UP, "d")  # back up to ids[2]: drop it
+    assert page.current_url.endswith(f"#ex-{ids[4]}")
 
     history = store_of(server).history(analysed_run.run_id)
     assert list(zip(history["example_id"], history["action"], history["label"].fillna(-1))) == [
@@ -139,9 +151,8 @@ def test_bad_decisions_are_refused_like_the_cli(analysed_run, server, page):
     set_reviewer(page, "ana")
     card = page.find_element(By.ID, f"ex-{queue['example_id'].iloc[0]}")
     Select(card.find_element(By.NAME, "label")).select_by_value("")  # no class chosen
-    card.find_element(By.CSS_SELECTOR, "button[value=relabel]").click()
-    error = wait_for(page, EC.presence_of_element_located((By.CSS_SELECTOR, ".flash.error")))
-    assert "needs the new label" in error.text
+    reloading(page, card.find_element(By.CSS_SELECTOR, "button[value=relabel]").click)
+    assert "needs the new label" in page.find_element(By.CSS_SELECTOR, ".flash.error").text
 
     session, csrf = csrf_session(server, f"/runs/{analysed_run.run_id}")
     examples = pd.read_parquet(RunLayout.for_run(analysed_run.run_id, server.data_dir).examples)
@@ -230,8 +241,8 @@ def test_a_mispredicted_test_example_shows_the_training_examples_behind_it(analy
 
     # deciding from this view records the decision and comes back to it
     set_reviewer(page, "ana")
-    page.find_element(By.CSS_SELECTOR, "section.opponents article.card button[value=drop]").click()
-    wait_for(page, EC.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
+    reloading(page, page.find_element(By.CSS_SELECTOR, "section.opponents article.card button[value=drop]").click)
+    assert page.find_elements(By.CSS_SELECTOR, ".flash.ok")
     assert page.current_url.endswith(f"/tests/{test_id}")
     current = store_of(server).current(analysed_run.run_id)
     assert current[["example_id", "action"]].values.tolist() == [[opponents[0], "drop"]]

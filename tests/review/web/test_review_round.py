@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions as EC
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import RunLayout, read_review_queue
 from z0inf_pipeline.tracking.logger import retrained_run_name
 
 from ...defs.conftest import execute
-from .test_review_page import open_fresh, set_reviewer, store_of, wait_for
+from .test_review_page import open_fresh, press, set_reviewer, store_of
 
 pytestmark = pytest.mark.browser
 
@@ -26,14 +25,14 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
         monkeypatch.setenv(key, value)
     run_id = analysed_run.run_id
     queue = read_review_queue(RunLayout.for_run(run_id).review_queue)[0]
-    first, second = (int(i) for i in queue["example_id"].iloc[:2])
+    second = int(queue["example_id"].iloc[1])
 
     open_fresh(page, f"{server.url}/runs/{run_id}")
     set_reviewer(page, "ana")
-    page.find_element(By.TAG_NAME, "body").send_keys("d")
-    wait_for(page, lambda d: d.current_url.endswith(f"#ex-{second}"))
-    page.find_element(By.TAG_NAME, "body").send_keys("r", "3")
-    wait_for(page, EC.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
+    press(page, "d")
+    assert page.current_url.endswith(f"#ex-{second}")
+    press(page, "r", "3")
+    assert "relabel → 3" in page.find_element(By.ID, f"ex-{second}").text
     assert "shut" in page.find_element(By.CSS_SELECTOR, ".progress").text
     # the rest on the command line: the same store, so the page sees them too
     assert main(["review", "decide", run_id, "--flagged", "--action", "keep", "--reviewer", "ben"]) == 0
