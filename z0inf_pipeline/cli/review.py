@@ -156,11 +156,21 @@ def _serve(args) -> None:
     if args.run is not None:
         RunReview.open(args.run)  # a clear error now rather than a 404 later
     site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config)
+    try:
+        server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
+                                        ident="z0inf-review")
+    except OSError as exc:
+        raise InfluenceInputError(f"review serve: cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/" + (f"runs/{args.run}" if args.run else "")
     print(f"review page: {url}{'?token=' + args.token if args.token else ''}")
-    print(f"decisions go to {site.store.path}; Ctrl-C stops the server")
-    waitress.serve(create_app(site), host=args.host, port=args.port, threads=8, ident="z0inf-review")
+    print(f"decisions go to {site.store.path}; Ctrl-C stops the server", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        print("review page stopped")
+    finally:
+        server.close()
 
 
 def _sheet(args) -> None:
