@@ -155,7 +155,8 @@ def _serve(args) -> None:
         )
     if args.run is not None:
         RunReview.open(args.run)  # a clear error now rather than a 404 later
-    site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config)
+    site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config,
+                      retrain=_retrain_and_analyse)
     try:
         server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
                                         ident="z0inf-review")
@@ -188,6 +189,27 @@ def _sheet(args) -> None:
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")
+
+
+def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
+    """The page's retrain button: the gated ``retrain_job`` for ``run_id``, then ``influence_job`` for the
+    retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
+    instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
+    from ..review import RunLayout
+    from .pipeline import dagster_instance, run_job
+
+    config = {"ops": {"review_queue": {"config": policy}}}
+    instance, _ = dagster_instance()
+    outcome = run_job(instance, "retrain_job", run_id, config)
+    if outcome.check_failed("review_gate"):
+        return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
+    if not outcome.success:
+        return None, "retrain_job failed: " + "; ".join(outcome.failures)
+    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    analysed = run_job(instance, "influence_job", child, config)
+    if not analysed.success:
+        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)
+    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue"
 
 
 def _train_config(run_id: str) -> dict | None:

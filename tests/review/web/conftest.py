@@ -126,7 +126,7 @@ def browser():
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(180)  # the retrain button waits for two Dagster jobs
     try:
         yield driver
     finally:

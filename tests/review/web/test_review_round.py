@@ -14,8 +14,7 @@ from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import RunLayout, read_review_queue
 from z0inf_pipeline.tracking.logger import retrained_run_name
 
-from ...defs.conftest import execute
-from .test_review_page import open_fresh, press, set_reviewer, store_of
+from .test_review_page import open_fresh, press, reloading, set_reviewer, store_of
 
 pytestmark = pytest.mark.browser
 
@@ -40,19 +39,21 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     assert "open" in page.find_element(By.CSS_SELECTOR, ".progress").text
     assert f"z0inf materialize retrain --run {run_id}" in page.find_element(By.CSS_SELECTOR, ".next").text
 
-    with dg.DagsterInstance.get() as instance:
-        assert execute(instance, "retrain_job", run_id).success
-        child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
-        client = MlflowClient(analysed_run.tracking_uri)
-        assert client.get_run(child).info.run_name == retrained_run_name(client.get_run(run_id).info.run_name)
-        page.get(f"{server.url}/runs/{run_id}")
-        assert f"z0inf materialize influence --run {child}" in page.find_element(By.CSS_SELECTOR, "section.runhead").text
-        assert execute(instance, "influence_job", child).success
+    # the gated retrain from the page's button: retrain_job, then influence_job on the retrained run
+    press_button = page.find_element(By.CSS_SELECTOR, "form.retrain button")
+    reloading(page, press_button.click)
+    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    assert f"/runs/{child}" in page.current_url and child in page.find_element(By.CSS_SELECTOR, ".flash.ok").text
+    client = MlflowClient(analysed_run.tracking_uri)
+    assert client.get_run(child).info.run_name == retrained_run_name(client.get_run(run_id).info.run_name)
+    with dg.DagsterInstance.get() as instance:  # the runs the button started are on the DAGSTER_HOME instance
+        jobs = [r.job_name for r in instance.get_runs() if r.tags.get("dagster/partition") in (run_id, child)]
+    assert {"retrain_job", "influence_job"} <= set(jobs)
 
     page.get(server.url)
     assert child in page.find_element(By.CSS_SELECTOR, "table.runs").text
     page.get(f"{server.url}/runs/{run_id}")
-    page.find_element(By.LINK_TEXT, "Review it").click()
+    reloading(page, page.find_element(By.LINK_TEXT, "Review it").click)
     assert child in page.find_element(By.TAG_NAME, "h1").text
     assert "retrain round 1" in page.find_element(By.CSS_SELECTOR, "section.runhead").text
 

@@ -52,8 +52,12 @@ class ReviewSite:
     base: Path | None = None
     token: str | None = None
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
+    # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
+    # None hides the page's retrain button (the page then only shows the command)
+    retrain: Callable[[str, dict], tuple[str | None, str]] | None = None
     _evidence: dict[str, tuple[int, RunEvidence]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _retraining: threading.Lock = field(default_factory=threading.Lock)
 
     def review(self, run_id: str) -> RunReview:
         try:
@@ -144,6 +148,7 @@ def create_app(site: ReviewSite) -> Flask:
             children=[c for c, p in parents.items() if p == run_id],
             retrained=_retrained(review),
             children_with_queue=set(runs_with_queue(site.base)),
+            can_retrain=site.retrain is not None,
             hidden=_hidden(filters),
         )
 
@@ -177,6 +182,22 @@ def create_app(site: ReviewSite) -> Flask:
         response = redirect(target, 303)
         response.set_cookie(REVIEWER_COOKIE, reviewer, samesite="Strict", max_age=_YEAR_S)
         return response
+
+    @app.post("/runs/<run_id>/retrain")
+    def retrain(run_id: str):
+        review = site.review(run_id)
+        if site.retrain is None:
+            abort(404, "this server does not run retrains; use `z0inf materialize retrain --run RUN`")
+        if not site._retraining.acquire(blocking=False):
+            flash("a retrain is already running on this server; try again when it has finished", "error")
+            return redirect(f"/runs/{run_id}", 303)
+        try:
+            child, message = site.retrain(run_id, review.info["policy"])
+        finally:
+            site._retraining.release()
+        flash(message, "ok" if child else "error")
+        target = f"/runs/{child}" if child and child in runs_with_queue(site.base) else f"/runs/{run_id}"
+        return redirect(target, 303)
 
     @app.post("/reviewer")
     def set_reviewer():
