@@ -31,6 +31,7 @@ def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, f
     html = review_sheet_html(evidence, store.current(analysed_run.run_id))
     assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', html)] == ids
     assert not re.search(r"<(script|form|link|iframe)\b", html)
+    assert '"Segoe UI"' in html.split("</style>")[0]  # the stylesheet is inlined as written, not escaped
     assert not re.search(r'(src|href)="(?!data:|#)', html)  # nothing to fetch: everything is inline
     first = html[html.index(f'id="ex-{ids[0]}"') : html.index(f'id="ex-{ids[1]}"')]
     assert "relabel → 4" in first and "a &lt;4&gt;" in first  # the note is escaped
