@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export Z0INF_DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: setup demo test bench dev clean
+REVIEW_ARGS ?=
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup demo test bench dev review mlflow-ui clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/z0inf demo --auto-review
+	@echo
+	@echo "next: make review (decide on http://127.0.0.1:8765), make dev (Dagster), make mlflow-ui (MLflow)"
+	@echo "to paste the z0inf / mlflow commands above into this shell, first run:"
+	@echo "  source $(VENV)/bin/activate && export DAGSTER_HOME=$(DAGSTER_HOME)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -28,6 +35,16 @@ bench: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1
+
+# the review page: every flagged example of every run, decisions into data/review.db
+review: $(STAMP)
+	$(BIN)/z0inf review serve $(REVIEW_ARGS)
+
+# the MLflow UI on the project's store, with the link straight to the model-training runs (no GenAI job
+# runner: it would start a pool of worker processes this store never uses)
+mlflow-ui: $(STAMP)
+	@$(BIN)/python -c "from z0inf_pipeline.tracking.previews import print_ui_links; print_ui_links('http://127.0.0.1:$(MLFLOW_PORT)')"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(Z0INF_DATA_DIR)/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) data

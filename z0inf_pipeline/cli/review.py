@@ -1,15 +1,18 @@
-"""``z0inf review list | decide``: read a run's review queue and record decisions in the durable store."""
+"""``z0inf review list | decide | serve | sheet``: read a run's review queue, record decisions in the durable
+store (on the command line or on the review page), write the self-contained review sheet."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ReviewError
+from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
-from ..review import ACTIONS, DecisionStore, RunLayout, evaluate_gate, lineage_decisions, read_review_queue
+from ..review import ACTIONS, DecisionStore
+from ..review.run_review import RunReview, runs_with_queue
 from ..settings import data_dir
 
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -35,17 +38,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     decide.add_argument("--note", help="free text kept with the decision")
     decide.set_defaults(handler=_decide)
 
+    serve = commands.add_parser("serve", help="the review page: see flagged examples and decide in a browser")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8765, help="(default: %(default)s)")
+    serve.add_argument(
+        "--token",
+        help="access token: the page answers 401 unless opened once with ?token=T (then a cookie) or sent "
+        "header X-Z0inf-Token (required when --host is not a loopback address)",
+    )
+    serve.add_argument("--run", help="MLflow run id: print the link straight to its review")
+    serve.set_defaults(handler=_serve)
+
+    sheet = commands.add_parser("sheet", help="write a run's self-contained HTML review sheet")
+    sheet.add_argument("run", help="MLflow run id")
+    sheet.add_argument("-o", "--output", required=True, help="the .html file to write")
+    sheet.set_defaults(handler=_sheet)
+
 
 def _list(args) -> None:
     store = DecisionStore.open()
     if args.run is None:
         _summary(store)
         return
-    layout = RunLayout.for_run(args.run)
-    queue, info = read_review_queue(layout.review_queue)
-    current = lineage_decisions(store, args.run, info).set_index("example_id")
+    review = RunReview.open(args.run)
+    queue, info = review.queue, review.info
+    current = review.decisions(store)
+    status = review.gate(current)
+    current = current.set_index("example_id")
     queue["decision"] = [_describe(current, i, args.run) for i in queue["example_id"]]
-    status = _gate(queue, info, current)
     if args.pending:
         queue = queue[queue["decision"] == ""]
     shown = queue if args.limit == 0 else queue.head(args.limit)
@@ -77,39 +97,28 @@ def _list(args) -> None:
 
 
 def _decide(args) -> None:
-    layout = RunLayout.for_run(args.run)
-    queue, info = read_review_queue(layout.review_queue)
+    review = RunReview.open(args.run)
     store = DecisionStore.open()
     ids = set(args.ids)
     if args.flagged:
-        decided = set(lineage_decisions(store, args.run, info)["example_id"].tolist())
-        ids |= {int(i) for i in queue["example_id"] if int(i) not in decided}
+        decided = set(review.decisions(store)["example_id"].tolist())
+        ids |= {int(i) for i in review.queue["example_id"] if int(i) not in decided}
     if not ids:
         raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
-    examples = pd.read_parquet(layout.examples)
-    train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
-    unknown = sorted(set(ids) - set(train_ids.tolist()))
-    if unknown:
-        raise ReviewError(f"review decide: id(s) {unknown[:10]} are not training examples of run {args.run}")
-    num_classes = info.get("num_classes")
-    if args.action == "relabel" and args.label is not None and num_classes and not 0 <= args.label < num_classes:
-        raise ReviewError(f"review decide: label {args.label} is outside the run's classes [0, {num_classes})")
-    count = store.record(args.run, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
+    count = review.record(store, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
     label = f" -> {args.label}" if args.action == "relabel" else ""
     print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")
-    print(_gate(queue, info, lineage_decisions(store, args.run, info).set_index("example_id")).message())
+    print(review.gate(review.decisions(store)).message())
 
 
 def _summary(store: DecisionStore) -> None:
-    runs_dir = data_dir() / "runs"
     rows = []
-    for path in sorted(runs_dir.glob("*/review_queue.parquet")):
-        queue, info = read_review_queue(path)
-        current = lineage_decisions(store, path.parent.name, info).set_index("example_id")
-        status = _gate(queue, info, current)
+    for run_id in runs_with_queue():
+        review = RunReview.open(run_id)
+        status = review.gate(review.decisions(store))
         rows.append(
             {
-                "run": path.parent.name,
+                "run": run_id,
                 "flagged": status.flagged,
                 "decided": status.reviewed,
                 "pending": status.unreviewed,
@@ -117,15 +126,9 @@ def _summary(store: DecisionStore) -> None:
             }
         )
     if not rows:
-        print(f"no review queues under {runs_dir} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
+        print(f"no review queues under {data_dir() / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
         return
     print(pd.DataFrame(rows).to_string(index=False))
-
-
-def _gate(queue: pd.DataFrame, info: dict, current: pd.DataFrame):
-    return evaluate_gate(
-        queue["example_id"], current.index, info["training_examples"], info["policy"]["max_unreviewed_fraction"]
-    )
 
 
 def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
@@ -145,3 +148,86 @@ def _sparkline(values) -> str:
         np.zeros(len(values), dtype=int) if high == low else ((values - low) / (high - low) * 7).round().astype(int)
     )
     return f"{values[0]:.3g} {''.join(_SPARKS[i] for i in scaled)} {values[-1]:.3g}"
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve(args) -> None:
+    import waitress
+
+    from ..review.web.app import ReviewSite, create_app
+
+    if args.host not in _LOOPBACK and not args.token:
+        raise ConfigurationError(
+            f"review serve: --host {args.host} exposes the page beyond this machine; give --token as well"
+        )
+    if args.run is not None:
+        RunReview.open(args.run)  # a clear error now rather than a 404 later
+    site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config,
+                      retrain=_retrain_and_analyse)
+    try:
+        server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
+                                        ident="z0inf-review")
+    except OSError as exc:
+        raise ConfigurationError(f"review serve: cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}/" + (f"runs/{args.run}" if args.run else "")
+    print(f"review page: {url}{'?token=' + args.token if args.token else ''}")
+    print(f"decisions go to {site.store.location}; Ctrl-C stops the server", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        print("review page stopped")
+    finally:
+        server.close()
+
+
+def _sheet(args) -> None:
+    from ..influence.atomic import atomic_output
+    from ..review.evidence import RunEvidence
+    from ..review.run_review import lineage_history
+    from ..review.sheet import review_sheet_html
+
+    review = RunReview.open(args.run)
+    store = DecisionStore.open()
+    current = review.decisions(store)
+    evidence = RunEvidence(review.layout, review.queue, review.info, _train_config(args.run))
+    history = lineage_history(store, review.lineage)
+    html = review_sheet_html(evidence, current, history, gate=review.gate(current))
+    with atomic_output(args.output) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")
+
+
+def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
+    """The page's retrain button: the gated ``retrain_job`` for ``run_id``, then ``influence_job`` for the
+    retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
+    instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
+    from ..review import RunLayout
+    from .pipeline import dagster_instance, run_job
+
+    config = {"ops": {"review_queue": {"config": policy}}}
+    instance, _ = dagster_instance()
+    outcome = run_job(instance, "retrain_job", run_id, config)
+    if outcome.check_failed("review_gate"):
+        return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
+    if not outcome.success:
+        return None, "retrain_job failed: " + "; ".join(outcome.failures)
+    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    analysed = run_job(instance, "influence_job", child, config)
+    if not analysed.success:
+        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)
+    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue"
+
+
+def _train_config(run_id: str) -> dict | None:
+    """The run's training recipe from its validated MLflow copy (cached after the first fetch), to draw its
+    examples; None when it cannot be had, and the page then shows examples without pictures."""
+    from ..tracking import fetch_run
+
+    try:
+        return fetch_run(run_id).train_config
+    except Exception as exc:  # noqa: BLE001 - pictures are optional: any failure only loses them, said once here
+        print(f"z0inf review: run {run_id}: no pictures ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None

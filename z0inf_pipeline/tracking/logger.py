@@ -93,16 +93,18 @@ def train_and_log(
     parent_run_id: str | None = None,
     tags: dict | None = None,
     progress: bool = False,
+    run_name: str | None = None,
 ) -> str:
     """Train ``config`` into a new contract run (metrics logged live, artifacts at the end); return its id.
 
-    The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind."""
+    The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind.
+    ``run_name`` defaults to dataset, model and label noise (``digits-mlp-noise0.1``)."""
     plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
     noise = f"-noise{config.label_noise:g}" if config.label_noise else ""
     writer = _RunWriter(
-        client, experiment, run_name=f"{Path(config.dataset).stem}-{config.model}{noise}",
+        client, experiment, run_name=run_name or f"{Path(config.dataset).stem}-{config.model}{noise}",
         tags={SOURCE_TAG: "train_and_log", DATASET_TAG: dataset, **(tags or {})}, parent_run_id=parent_run_id,
     )
     try:
@@ -118,6 +120,18 @@ def train_and_log(
         writer.abort(exc)
         raise
     return writer.run_id
+
+
+_RETRAIN_SUFFIX = re.compile(r"^(?P<base>.*) · retrain (?P<round>\d+)$")
+
+
+def retrained_run_name(parent_name: str | None) -> str:
+    """The name of a run retrained from ``parent_name``, telling the round: ``digits-mlp · retrain 1``,
+    and from that one ``digits-mlp · retrain 2`` (MLflow lists parent and child apart at a glance)."""
+    match = _RETRAIN_SUFFIX.match(parent_name or "")
+    if match:
+        return f"{match['base']} · retrain {int(match['round']) + 1}"
+    return f"{parent_name or 'run'} · retrain 1"
 
 
 SplitLike = Split | tuple[Any, torch.Tensor, torch.Tensor]

@@ -7,6 +7,7 @@ import pandas as pd
 from ...influence.errors import InfluenceInputError
 from ...review import CuratedSet, retrain_config
 from ...tracking import train_and_log
+from ...tracking.logger import retrained_run_name
 from ...training import TrainConfig
 from ..config import RetrainConfig
 from ..metadata import rounded, run_id_of
@@ -44,18 +45,19 @@ def retrained_run(
     context.log.info(
         f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
     )
+    client = mlflow.client()
     child_id = train_and_log(
         child_config,
         tracking_uri=mlflow.uri(),
         experiment=config.experiment,
         parent_run_id=parent.run_id,
+        run_name=retrained_run_name(client.get_run(parent.run_id).info.run_name),
         tags={
             "z0inf.dropped": len(curated.dropped_ids),
             "z0inf.relabelled": len(curated.relabels),
             "z0inf.dagster_run_id": context.run.run_id,
         },
     )
-    client = mlflow.client()
     parent_accuracy = client.get_run(parent.run_id).data.metrics.get("test_accuracy", np.nan)
     child_accuracy = client.get_run(child_id).data.metrics.get("test_accuracy", np.nan)
     summary = pd.DataFrame(

@@ -1,0 +1,70 @@
+"""A whole review round from the page: decide, see the gate open, retrain through the real Dagster
+job, and find the retrained run (named after its parent and round in MLflow) with the parent's
+decisions in its cards' history."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from selenium.webdriver.common.by import By
+
+from z0inf_pipeline.cli import main
+from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.tracking.logger import retrained_run_name
+
+from .test_review_page import open_fresh, press, reloading, set_reviewer, store_of
+
+pytestmark = pytest.mark.browser
+
+
+def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server, page, monkeypatch, capsys):
+    for key, value in analysed_run.env(server.data_dir).items():
+        monkeypatch.setenv(key, value)
+    run_id = analysed_run.run_id
+    queue = read_review_queue(RunLayout.for_run(run_id).review_queue)[0]
+    second = int(queue["example_id"].iloc[1])
+
+    open_fresh(page, f"{server.url}/runs/{run_id}")
+    set_reviewer(page, "ana")
+    press(page, "d")
+    assert page.current_url.endswith(f"#ex-{second}")
+    press(page, "r", "3")
+    assert "relabel → 3" in page.find_element(By.ID, f"ex-{second}").text
+    assert "shut" in page.find_element(By.CSS_SELECTOR, ".progress").text
+    # the rest on the command line: the same store, so the page sees them too
+    assert main(["review", "decide", run_id, "--flagged", "--action", "keep", "--reviewer", "ben"]) == 0
+    page.get(f"{server.url}/runs/{run_id}")
+    assert "open" in page.find_element(By.CSS_SELECTOR, ".progress").text
+    assert f"z0inf materialize retrain --run {run_id}" in page.find_element(By.CSS_SELECTOR, ".next").text
+
+    # the gated retrain from the page's button: retrain_job, then influence_job on the retrained run
+    press_button = page.find_element(By.CSS_SELECTOR, "form.retrain button")
+    reloading(page, press_button.click)
+    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    assert f"/runs/{child}" in page.current_url and child in page.find_element(By.CSS_SELECTOR, ".flash.ok").text
+    client = MlflowClient(analysed_run.tracking_uri)
+    assert client.get_run(child).info.run_name == retrained_run_name(client.get_run(run_id).info.run_name)
+    with dg.DagsterInstance.get() as instance:  # the runs the button started are on the DAGSTER_HOME instance
+        jobs = [r.job_name for r in instance.get_runs() if r.tags.get("dagster/partition") in (run_id, child)]
+    assert {"retrain_job", "influence_job"} <= set(jobs)
+
+    page.get(server.url)
+    assert child in page.find_element(By.CSS_SELECTOR, "table.runs").text
+    page.get(f"{server.url}/runs/{run_id}")
+    reloading(page, page.find_element(By.LINK_TEXT, "Review it").click)
+    assert child in page.find_element(By.TAG_NAME, "h1").text
+    assert "retrain round 1" in page.find_element(By.CSS_SELECTOR, "section.runhead").text
+
+    # an example decided on the parent and flagged again shows the parent's decision in its history
+    child_queue = read_review_queue(RunLayout.for_run(child).review_queue)[0]
+    parent_history = store_of(server).history(run_id)
+    again = sorted(set(child_queue["example_id"]) & set(parent_history["example_id"]))
+    assert again, "a kept example is flagged again in the retrained run"
+    card = page.find_element(By.ID, f"ex-{again[0]}")
+    history = card.find_element(By.CSS_SELECTOR, "details.history")
+    assert history.get_attribute("open") is not None  # open while the example waits for a decision here
+    entry = history.find_element(By.CSS_SELECTOR, "li.carried").text
+    expected = parent_history.set_index("example_id").loc[again[0]]
+    assert f"{expected['action']} by {expected['reviewer']}" in entry and run_id[:8] in entry

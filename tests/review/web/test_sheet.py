@@ -1,0 +1,51 @@
+"""The review sheet is one self-contained HTML file: every flagged example as a card, pictures inlined
+(and true to the data), decisions with their new labels, nothing fetched from anywhere."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from z0inf_pipeline.cli import main
+from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review.evidence import RunEvidence
+from z0inf_pipeline.review.sheet import review_sheet_html
+from z0inf_pipeline.tracking import fetch_run
+
+
+def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, fresh_data, monkeypatch, tmp_path):
+    for key, value in analysed_run.env(fresh_data).items():
+        monkeypatch.setenv(key, value)
+    layout = RunLayout.for_run(analysed_run.run_id)
+    evidence = RunEvidence.load(layout, fetch_run(analysed_run.run_id).train_config)
+    ids = evidence.queue["example_id"].tolist()
+    store = DecisionStore.open()
+    store.record(analysed_run.run_id, [ids[0]], "relabel", label=4, reviewer="ana", note="a <4>")
+    store.record(analysed_run.run_id, [ids[1]], "drop", reviewer="ben")
+
+    html = review_sheet_html(evidence, store.current(analysed_run.run_id))
+    assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', html)] == ids
+    assert not re.search(r"<(script|form|link|iframe)\b", html)
+    assert '"Segoe UI"' in html.split("</style>")[0]  # the stylesheet is inlined as written, not escaped
+    assert not re.search(r'(src|href)="(?!data:|#)', html)  # nothing to fetch: everything is inline
+    first = html[html.index(f'id="ex-{ids[0]}"') : html.index(f'id="ex-{ids[1]}"')]
+    assert "relabel → 4" in first and "a &lt;4&gt;" in first  # the note is escaped
+    assert "drop" in html[html.index(f'id="ex-{ids[1]}"') : html.index(f'id="ex-{ids[2]}"')]
+
+    # the picture of the first card is that training example's 8x8 digit, dark ink on white
+    src = re.search(r'<img class="payload" src="data:image/png;base64,([^"]+)"', first).group(1)
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(src))).convert("L"), dtype=np.float64)
+    assert pixels.shape == (64, 64)
+    raw = load_digits().images[ids[0]]
+    expected = 255 * (1 - (raw - raw.min()) / (raw.max() - raw.min()))
+    np.testing.assert_allclose(pixels[::8, ::8], expected, atol=1.0)
+
+    output = tmp_path / "sheet.html"
+    assert main(["review", "sheet", analysed_run.run_id, "-o", str(output)]) == 0
+    written = output.read_text(encoding="utf-8")
+    assert len(re.findall(r"<article ", written)) == len(ids) and "review gate BLOCKED" in written

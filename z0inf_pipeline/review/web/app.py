@@ -1,0 +1,340 @@
+"""The review page: a small server-rendered Flask app over the review queues and the decision store.
+
+Every page works without JavaScript (plain links and POST forms, redirect after each decision); an
+inline script adds keyboard shortcuts. Decisions go through ``RunReview.record``, the same check
+the CLI uses, into the append-only ``DecisionStore``, so reviewers deciding at once lose nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlencode, urlsplit
+
+import numpy as np
+import pandas as pd
+from flask import Flask, abort, flash, redirect, render_template, request
+from markupsafe import Markup
+
+from ...influence.errors import InfluenceInputError
+from ..cards import decision_text, test_example_cards, training_cards
+from ..evidence import RunEvidence, sparkline_svg, split_names
+from ..run_review import (
+    RunReview,
+    decisions_needed,
+    lineage_history,
+    retrain_parents,
+    runs_with_queue,
+)
+from ..sheet import review_sheet_html
+from ..store import DecisionStore
+
+PAGE_SIZE = 100
+TESTS_SHOWN = 200
+TOKEN_COOKIE = "z0inf_review_token"
+TOKEN_HEADER = "X-Z0inf-Token"
+REVIEWER_COOKIE = "z0inf_reviewer"
+_YEAR_S = 365 * 24 * 3600
+
+
+@dataclass
+class ReviewSite:
+    """What the app serves: where runs live, the store, an optional access token, and how to find a
+    run's training recipe (to draw its examples)."""
+
+    store: DecisionStore
+    base: Path | None = None
+    token: str | None = None
+    train_config_for: Callable[[str], dict | None] = lambda run_id: None
+    # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
+    # None hides the page's retrain button (the page then only shows the command)
+    retrain: Callable[[str, dict], tuple[str | None, str]] | None = None
+    _evidence: dict[str, tuple[int, RunEvidence]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _retraining: threading.Lock = field(default_factory=threading.Lock)
+
+    def review(self, run_id: str) -> RunReview:
+        try:
+            return RunReview.open(run_id, self.base)
+        except InfluenceInputError:
+            abort(404, f"run {run_id}: no review queue (materialise its review_queue first)")
+
+    def evidence(self, review: RunReview) -> RunEvidence:
+        """The run's evidence, loaded once per materialisation of its queue."""
+        stamp = review.layout.review_queue.stat().st_mtime_ns
+        with self._lock:
+            cached = self._evidence.get(review.run_id)
+            if cached is None or cached[0] != stamp:
+                evidence = RunEvidence(review.layout, review.queue, review.info, self.train_config_for(review.run_id))
+                cached = self._evidence[review.run_id] = (stamp, evidence)
+            return cached[1]
+
+
+def create_app(site: ReviewSite) -> Flask:
+    app = Flask(__name__)
+    app.secret_key = secrets.token_bytes(32)
+    csrf_token = secrets.token_urlsafe(24)
+
+    @app.context_processor
+    def _common():
+        return {"csrf": csrf_token, "reviewer": request.cookies.get(REVIEWER_COOKIE, "")}
+
+    @app.before_request
+    def _guard():
+        if site.token is not None:
+            given = request.args.get("token")
+            if given is not None and hmac.compare_digest(given, site.token):
+                query = {k: v for k, v in request.args.items() if k != "token"}
+                response = redirect(request.path + (f"?{urlencode(query)}" if query else ""), 303)
+                response.set_cookie(TOKEN_COOKIE, site.token, httponly=True, samesite="Strict", max_age=_YEAR_S)
+                return response
+            presented = request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE) or ""
+            if not hmac.compare_digest(presented, site.token):
+                return "access token required: open the link with ?token=... printed by `z0inf review serve`", 401
+        if request.method == "POST":
+            origin = request.headers.get("Origin") or request.headers.get("Referer")
+            if origin and urlsplit(origin).netloc != request.host:
+                return f"refused: a form posted from {origin} to {request.host}", 403
+            if not hmac.compare_digest(request.form.get("csrf", ""), csrf_token):
+                return "refused: the form is stale or not from this page; reload the page", 403
+
+    @app.get("/")
+    def index():
+        parents = retrain_parents(site.base)
+        children = {p: c for c, p in parents.items()}
+        rows = []
+        for run_id in runs_with_queue(site.base):
+            review = site.review(run_id)
+            status = review.gate(review.decisions(site.store))
+            rows.append({"run_id": run_id, "status": status, "parent": parents.get(run_id),
+                         "child": children.get(run_id), "round": len(review.lineage) - 1})
+        return render_template("index.html", rows=rows)
+
+    @app.get("/runs/<run_id>")
+    def run_page(run_id: str):
+        review = site.review(run_id)
+        evidence = site.evidence(review)
+        current = review.decisions(site.store)
+        status = review.gate(current)
+        filters = _filters(request.args, evidence)
+        ordered = _ordered_ids(evidence, current, filters)
+        pages = max(1, math.ceil(len(ordered) / PAGE_SIZE))
+        page = min(max(1, _int(request.args.get("page"), 1)), pages)
+        shown = ordered[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        history = lineage_history(site.store, review.lineage)
+        cards = training_cards(evidence, shown, current, history)
+        return render_template(
+            "run.html",
+            run_id=run_id,
+            info=review.info,
+            evidence=evidence,
+            status=status,
+            needed=decisions_needed(status),
+            cards=cards,
+            filters=filters,
+            query=_query(filters),
+            page=page,
+            pages=pages,
+            matching=len(ordered),
+            chain=chain,
+            children=[c for c, p in parents.items() if p == run_id],
+            retrained=_retrained(review),
+            children_with_queue=set(runs_with_queue(site.base)),
+            can_retrain=site.retrain is not None,
+            hidden=_hidden(filters),
+        )
+
+    @app.post("/runs/<run_id>/decide")
+    def decide(run_id: str):
+        review = site.review(run_id)
+        form = request.form
+        reviewer = (form.get("reviewer") or "").strip()
+        ids = [_int(v, None) for v in form.getlist("example_id")]
+        action = form.get("action", "")
+        # the class picker is in every form: its value only counts for a relabel
+        label = _int(form.get("label"), -1) if action == "relabel" and form.get("label", "") != "" else None
+        back = _filters(form, site.evidence(review))
+        try:
+            if not reviewer:
+                raise InfluenceInputError("review decide: give your name as reviewer (it is kept with the decision)")
+            if None in ids:
+                raise InfluenceInputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
+            review.record(site.store, ids, action, label=label, reviewer=reviewer,
+                          note=(form.get("note") or "").strip() or None)
+        except InfluenceInputError as exc:
+            flash(str(exc), "error")
+            anchor = ids[0] if ids and ids[0] is not None else None
+            return redirect(_run_url(site, review, back, anchor), 303)
+        flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label)} (by {reviewer})", "ok")
+        follow = form.get("then", "")
+        if follow.startswith(f"/runs/{run_id}/tests/") and follow[len(f"/runs/{run_id}/tests/"):].isdigit():
+            target = follow
+        else:
+            target = _run_url(site, review, back, _next_pending(site, review, back, ids[-1]))
+        response = redirect(target, 303)
+        response.set_cookie(REVIEWER_COOKIE, reviewer, samesite="Strict", max_age=_YEAR_S)
+        return response
+
+    @app.post("/runs/<run_id>/retrain")
+    def retrain(run_id: str):
+        review = site.review(run_id)
+        if site.retrain is None:
+            abort(404, "this server does not run retrains; use `z0inf materialize retrain --run RUN`")
+        if not site._retraining.acquire(blocking=False):
+            flash("a retrain is already running on this server; try again when it has finished", "error")
+            return redirect(f"/runs/{run_id}", 303)
+        try:
+            child, message = site.retrain(run_id, review.info["policy"])
+        finally:
+            site._retraining.release()
+        flash(message, "ok" if child else "error")
+        target = f"/runs/{child}" if child and child in runs_with_queue(site.base) else f"/runs/{run_id}"
+        return redirect(target, 303)
+
+    @app.post("/reviewer")
+    def set_reviewer():
+        response = redirect(_local(request.form.get("then", "/")), 303)
+        response.set_cookie(REVIEWER_COOKIE, (request.form.get("reviewer") or "").strip(), samesite="Strict",
+                            max_age=_YEAR_S)
+        return response
+
+    @app.get("/runs/<run_id>/tests")
+    def test_list(run_id: str):
+        review = site.review(run_id)
+        evidence = site.evidence(review)
+        wrong = evidence.mispredicted_tests()
+        cards = test_example_cards(evidence, wrong["example_id"].head(TESTS_SHOWN))
+        return render_template("tests.html", run_id=run_id, cards=cards, total=len(wrong),
+                               tests=int((evidence.examples["split"] == "test").sum()))
+
+    @app.get("/runs/<run_id>/tests/<int:test_id>")
+    def test_view(run_id: str, test_id: int):
+        review = site.review(run_id)
+        evidence = site.evidence(review)
+        try:
+            proponents, opponents = evidence.neighbours(test_id)
+        except InfluenceInputError as exc:
+            abort(404, str(exc))
+        current = review.decisions(site.store)
+        history = lineage_history(site.store, review.lineage)
+        test_card = test_example_cards(evidence, [test_id])[0]
+        return render_template(
+            "test.html",
+            run_id=run_id,
+            evidence=evidence,
+            test=test_card,
+            spark=Markup(sparkline_svg(evidence.loss_trajectories([test_id], split="test")[test_id])),
+            proponents=training_cards(evidence, proponents["example_id"], current, history,
+                                      dict(zip(proponents["example_id"], proponents["score"]))),
+            opponents=training_cards(evidence, opponents["example_id"], current, history,
+                                     dict(zip(opponents["example_id"], opponents["score"]))),
+            filters={},
+            query="",
+        )
+
+    @app.get("/runs/<run_id>/sheet.html")
+    def sheet(run_id: str):
+        review = site.review(run_id)
+        evidence = site.evidence(review)
+        html = review_sheet_html(evidence, review.decisions(site.store), lineage_history(site.store, review.lineage))
+        return html, 200, {"Content-Type": "text/html; charset=utf-8",
+                           "Content-Disposition": f'attachment; filename="review-{run_id}.html"'}
+
+    @app.after_request
+    def _headers(response):
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    return app
+
+
+def _filters(args, evidence: RunEvidence) -> dict:
+    """pending: only undecided; cls: only this label; signal: flagged by it (or, without a
+    ``flagged_by`` column, sorted by it)."""
+    signal = args.get("signal", "")
+    valid_signals = set(evidence.signal_columns) | set(evidence.flag_signal_names)
+    return {
+        "pending": args.get("pending", "") in ("1", "on", "true"),
+        "cls": _int(args.get("cls"), None),
+        "signal": signal if signal in valid_signals else "",
+    }
+
+
+def _query(filters: dict, **extra) -> str:
+    pairs = {"pending": "1" if filters.get("pending") else None, "cls": filters.get("cls"),
+             "signal": filters.get("signal") or None, **extra}
+    return urlencode({k: v for k, v in pairs.items() if v is not None})
+
+
+def _ordered_ids(evidence: RunEvidence, current: pd.DataFrame, filters: dict, *, pending: bool | None = None) -> list[int]:
+    queue = evidence.queue
+    keep = np.ones(len(queue), dtype=bool)
+    if filters["pending"] if pending is None else pending:
+        keep &= ~queue["example_id"].isin(current["example_id"]).to_numpy()
+    if filters["cls"] is not None:
+        keep &= (queue["label"] == filters["cls"]).to_numpy()
+    shown = queue[keep]
+    signal = filters["signal"]
+    if signal and signal in evidence.flag_signal_names:
+        shown = shown[[signal in split_names(v) for v in shown["flagged_by"]]]
+    if signal and signal in evidence.signal_columns:
+        shown = shown.sort_values(signal, ascending=False, kind="stable")
+    return [int(i) for i in shown["example_id"]]
+
+
+def _next_pending(site: ReviewSite, review: RunReview, filters: dict, after: int | None) -> int | None:
+    """The first undecided example after ``after`` in the page's order (wrapping round), so the
+    reviewer lands on the next one to decide."""
+    evidence = site.evidence(review)
+    current = review.decisions(site.store)
+    order = _ordered_ids(evidence, current, filters, pending=False)
+    pending = set(_ordered_ids(evidence, current, filters, pending=True))
+    start = order.index(after) + 1 if after in order else 0
+    for i in order[start:] + order[:start]:
+        if i in pending:
+            return i
+    return None
+
+
+def _run_url(site: ReviewSite, review: RunReview, filters: dict, anchor: int | None) -> str:
+    """The run page with the same filters, on the page that holds ``anchor``, scrolled to it."""
+    order = _ordered_ids(site.evidence(review), review.decisions(site.store), filters)
+    page = order.index(anchor) // PAGE_SIZE + 1 if anchor in order else 1
+    query = _query(filters, page=page if page > 1 else None)
+    url = f"/runs/{review.run_id}" + (f"?{query}" if query else "")
+    return url + (f"#ex-{anchor}" if anchor is not None else "")
+
+
+def _hidden(filters: dict) -> dict[str, str]:
+    """The filters as hidden form fields, so a decision returns to the same view."""
+    return {
+        "pending": "1" if filters["pending"] else "",
+        "cls": "" if filters["cls"] is None else str(filters["cls"]),
+        "signal": filters["signal"],
+    }
+
+
+def _retrained(review: RunReview) -> dict | None:
+    path = review.layout.retrained
+    if not path.exists():
+        return None
+    return pd.read_parquet(path).iloc[0].to_dict()
+
+
+def _local(target: str) -> str:
+    """Only redirect within this site."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+def _int(value, default):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
