@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,10 @@ from ..settings_schema import check_choices, normalise_sequences
 _PROVENANCE_KEY = "z0inf.gram_provenance"
 # |G - G^T| allowed, relative to the largest squared norm: float64 products summed in another order.
 _SYMMETRY_TOLERANCE = 1e-9
+
+
+class NeighborsClampedWarning(UserWarning):
+    """The run has fewer checkpoints in its window than ``neighbors + 1``: k was lowered to fit."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,20 @@ class InfluenceAnalysis:
         """Positions of the checkpoints the estimators use (``warmup_fraction``)."""
         return warmup_window(self.steps, self.args.warmup_fraction)
 
+    @cached_property
+    def neighbors(self) -> int:
+        """k as asked, at most every other checkpoint of the window: a short run (few checkpoints) uses
+        all of them rather than failing; the clamp is announced with a warning."""
+        available = len(self.window) - 1
+        if self.args.neighbors > available:
+            warnings.warn(
+                f"neighbors={self.args.neighbors} but the checkpoint window holds {available + 1} checkpoints: "
+                f"using k={available}",
+                NeighborsClampedWarning,
+                stacklevel=2,
+            )
+        return min(self.args.neighbors, available)
+
     def _windowed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Gram matrix and step weights restricted to the window (a sub-block of G: the
         differences of the kept checkpoints do not depend on the others)."""
@@ -226,7 +245,7 @@ class InfluenceAnalysis:
         """
         gram, eta = self._windowed()
         scores = self_influence(
-            gram, self.train.values[torch.from_numpy(self.window)].to(self.device), self.args.neighbors, eta,
+            gram, self.train.values[torch.from_numpy(self.window)].to(self.device), self.neighbors, eta,
             neighbor_rule=self.args.neighbor_rule, center_losses=self.args.center_losses,
         )
         frame = pd.DataFrame(
@@ -249,7 +268,7 @@ class InfluenceAnalysis:
             self.train.values[keep].to(self.device),
             self.test.values[keep].to(self.device),
             k=k,
-            neighbors=self.args.neighbors,
+            neighbors=self.neighbors,
             eta=eta,
             neighbor_rule=self.args.neighbor_rule,
             center_losses=self.args.center_losses,
