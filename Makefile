@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements/constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -145,3 +145,17 @@ def test_curated_set_suite():
     report = validate_curated_set(frame, train_ids, [0, 1, 2], {5: 3})
     assert ("expect_column_values_to_not_be_in_set", "example_id") in failed(report)
     assert ("relabels_applied", "label") in failed(report)
+
+
+def test_failures_name_the_count_and_the_offending_values():
+    frame = loss_frame()
+    frame.loc[2, "step_5"] = np.nan
+    frame.loc[4, "step_10"] = -3.0
+    report = validate_loss_table(frame, STEPS, expected_rows=6, expected_ids=np.arange(101, 107))
+    observed = {(f.expectation, f.column): f.observed for f in report.failures}
+    assert observed == {
+        ("expect_column_values_to_not_be_null", "step_5"): "1 missing value(s), e.g. [2] (row positions)",
+        ("expect_column_values_to_be_between", "step_10"): "1 value(s) outside [0, 1.798e+308], e.g. [-3.0]",
+        ("expect_column_distinct_values_to_equal_set", "example_id"): "missing 1 id(s) [106]; 1 unexpected [100]",
+    }
+    assert report.evaluated == 5 + 2 * len(STEPS) and report.rows == 6

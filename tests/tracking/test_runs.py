@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from z0inf_pipeline.influence import read_loss_table
+from z0inf_pipeline.influence.analysis import InfluenceAnalysis
 from z0inf_pipeline.training import (
     LabelNoise,
     ModelSpec,
@@ -145,9 +146,10 @@ def test_label_noise_run_records_the_flipped_ids(store, tmp_path):
     assert run.params["n_flipped"] == "135" and run.tags["purpose"] == "test"
 
 
-def _log_folder_as_run(client: MlflowClient, experiment: str, folder: Path, metrics: list[dict]) -> str:
+def _log_folder_as_run(client: MlflowClient, experiment: str, folder: Path, metrics: list[dict],
+                       version: str = CONTRACT_VERSION) -> str:
     """What a producer does: contract tags, params, one metrics row per checkpoint, the folder as artifacts."""
-    run_id = client.create_run(ensure_experiment(client, experiment), tags={CONTRACT_TAG: CONTRACT_VERSION}).info.run_id
+    run_id = client.create_run(ensure_experiment(client, experiment), tags={CONTRACT_TAG: version}).info.run_id
     examples = pd.read_parquet(folder / layout.EXAMPLES)
     client.log_batch(run_id, params=[Param("n_train", str((examples.split == "train").sum())),
                                       Param("n_test", str((examples.split == "test").sum()))])
@@ -316,3 +318,25 @@ def test_list_contract_runs(store, small_folder):
     everything = list_contract_runs(tracking_uri=store, status=None, experiment_names=[experiment, "no-such-exp"])
     assert [r.run_id for r in everything] == [first, second, running.info.run_id]
     assert {first, second} <= {r.run_id for r in list_contract_runs(tracking_uri=store)}
+
+
+def test_a_contract_v1_run_is_still_listed_read_and_analysed(store, small_folder, tmp_path):
+    """A v1 producer's run (tag "1"; its layout is v2 without the optional parts) keeps working."""
+    folder, result = small_folder
+    run_id = _log_folder_as_run(MlflowClient(store), "v1", folder, result.metrics, version="1")
+    assert run_id in [r.run_id for r in list_contract_runs(tracking_uri=store, experiment_names=["v1"])]
+    fetched = fetch_run(run_id, tracking_uri=store, cache_dir=tmp_path / "cache")
+    assert fetched.tags[CONTRACT_TAG] == "1" and fetched.steps == [m["step"] for m in result.metrics]
+    analysed = InfluenceAnalysis(fetched.checkpoints, fetched.train_losses, fetched.test_losses)
+    local = InfluenceAnalysis(result.checkpoints, result.train_losses, result.test_losses)
+    pd.testing.assert_frame_equal(analysed.self_influence_frame(), local.self_influence_frame())
+    pd.testing.assert_frame_equal(analysed.topk_frame(), local.topk_frame())
+    assert analysed.self_influence_frame()["self_influence"].gt(0).all()
+
+
+def test_runs_of_an_unknown_contract_version_are_not_listed_and_refused(store, small_folder, tmp_path):
+    folder, result = small_folder
+    run_id = _log_folder_as_run(MlflowClient(store), "v9", folder, result.metrics, version="9")
+    assert list_contract_runs(tracking_uri=store, experiment_names=["v9"]) == []
+    with pytest.raises(ContractError, match="'z0inf.contract' is '9'; this reader understands versions"):
+        fetch_run(run_id, tracking_uri=store, cache_dir=tmp_path / "cache")

@@ -29,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after showing the gate block, record 'drop' for every flagged example and retrain",
     )
+    demo.add_argument(
+        "--recipe",
+        choices=["digits", "lm"],
+        default="digits",
+        help="digits: the MLP on flipped labels; lm: a tiny GPT-2 fine-tuned on string reversal with 10%% of the "
+        "answers wrong, through the Hugging Face callback (needs the [hf] extra; --epochs etc. do not apply)",
+    )
     add_arguments(
         demo.add_argument_group("the demo's recipe"),
         TrainConfig,
@@ -159,11 +166,17 @@ def _demo(args) -> int:
 
     started = time.perf_counter()
     config = from_namespace(TrainConfig, args, base=DEMO_CONFIG)
+    if args.recipe == "lm":
+        from ..training.lm import LM_DEMO_RECIPE as config
     instance, persistent = dagster_instance()
     tracking_uri = resolve_tracking_uri()
     print(
         f"z0inf demo: {config.dataset}, {config.model} {list(config.hidden)}, {config.epochs} epochs, "
         f"{config.checkpoints} checkpoints, {config.label_noise:.0%} of training labels flipped on purpose"
+        if args.recipe == "digits"
+        else f"z0inf demo --recipe lm: tiny GPT-2 ({config.n_layer} layers, width {config.n_embd}) pretrained "
+        f"{config.pretrain_steps} steps, fine-tuned {config.epochs} epochs on {config.n_train} string reversals, "
+        f"{config.corrupt_fraction:.0%} of answers wrong on purpose, {config.checkpoints} checkpoints"
     )
     print(f"  MLflow: {tracking_uri}")
     print(f"  Dagster: {os.environ['DAGSTER_HOME'] if persistent else 'in-memory instance (DAGSTER_HOME not set)'}\n")
@@ -272,7 +285,8 @@ def _print_findings(layout) -> None:
     if quality is not None:
         print(
             f"  vs injected flips precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
-            f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue)"
+            f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue; "
+            f"base rate {quality['flipped'] / info['training_examples']:.3f})"
         )
         _print_default_policy_quality(layout, flipped)
     top = queue.head(8)
@@ -289,6 +303,7 @@ def _print_findings(layout) -> None:
                 "label": top["label"],
                 "predicted": top["predicted_label"].astype("string").fillna("?"),
                 "flipped on purpose": top["flipped"],
+                **{c: top[c] for c in ("prompt", "target") if c in top},
             }
         )
         .to_string(index=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -9,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, iter_weight_slices, open_checkpoints, select_parameters
+from .devices import single_thread
 from .errors import InfluenceInputError
 
 # Columns widened to float64 at a time on the CPU: small enough that the shifted copy is still
@@ -70,18 +72,20 @@ def gram_matrix(
     gram = torch.zeros(rows, rows, dtype=torch.float64, device=device)
     chunk = max_elements if on_gpu else _COMPUTE_CHUNK
     work = torch.empty(rows, min(chunk, max_elements), dtype=torch.float64, device=device)
-    for _, block in tqdm(blocks(), desc="gram", unit="slice", total=total, disable=not progress):
-        block = block.to(device, non_blocking=True)
-        for start in range(0, block.shape[1], work.shape[1]):
-            part = block[:, start : start + work.shape[1]]
-            x = work[:, : part.shape[1]]
-            if center:
-                torch.sub(part, part[:1].double(), out=x)  # one pass: widened to float64 and shifted, exactly
-            else:
-                x.copy_(part)
-            gram.addmm_(x, x.T)
-        if on_gpu:  # the copy from the pinned read buffer must finish before that buffer is refilled
-            torch.cuda.synchronize(device)
+    # On a CPU the products are small ((T x 4096) slices): one compute thread, beside the reading thread.
+    with contextlib.nullcontext() if on_gpu else single_thread():
+        for _, block in tqdm(blocks(), desc="gram", unit="slice", total=total, disable=not progress):
+            block = block.to(device, non_blocking=True)
+            for start in range(0, block.shape[1], work.shape[1]):
+                part = block[:, start : start + work.shape[1]]
+                x = work[:, : part.shape[1]]
+                if center:
+                    torch.sub(part, part[:1].double(), out=x)  # one pass: widened to float64 and shifted, exactly
+                else:
+                    x.copy_(part)
+                gram.addmm_(x, x.T)
+            if on_gpu:  # the copy from the pinned read buffer must finish before that buffer is refilled
+                torch.cuda.synchronize(device)
     if not torch.isfinite(gram).all():
         _raise_non_finite(blocks, where)
     return gram.cpu()

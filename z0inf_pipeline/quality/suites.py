@@ -1,10 +1,11 @@
 """Great Expectations 1.x suites for the pipeline's tables: pure data checks that know nothing of Dagster.
 
-Each ``validate_*`` function builds an ExpectationSuite for one kind of table, runs it on a
-pandas DataFrame through an ephemeral GX context (pandas datasource -> dataframe asset ->
-whole-dataframe batch definition) and returns a ``SuiteReport``: the caller decides what a
-failure means (the Dagster asset checks in ``z0inf_pipeline.defs.checks`` turn it into a
-blocking check result).
+Each ``validate_*`` function evaluates the expectations of one kind of table as vectorised
+counts over whole columns (GX's own names: ``expect_column_values_to_be_between`` on ``step_40``
+...), then validates that profile through an ephemeral GX context (pandas datasource -> dataframe
+asset -> whole-dataframe batch definition, one validation per table) and returns a ``SuiteReport``:
+the caller decides what a failure means (the Dagster asset checks in ``z0inf_pipeline.defs.checks``
+turn it into a blocking check result).
 """
 
 from __future__ import annotations
@@ -55,22 +56,57 @@ class SuiteReport:
         return "\n".join(lines)
 
 
-def run_suite(name: str, frame: pd.DataFrame, expectations: Sequence) -> SuiteReport:
-    """Validate ``frame`` against ``expectations`` in a throwaway GX context."""
+@dataclass(frozen=True)
+class Check:
+    """One expectation evaluated on the whole table by vectorised pandas/numpy: how many values break it."""
+
+    expectation: str
+    column: str | None
+    violations: int
+    observed: str = ""
+
+
+def run_suite(name: str, rows: int, checks: Sequence[Check]) -> SuiteReport:
+    """Validate the checks' profile (one row per expectation, its violation count) in a throwaway GX context.
+
+    Why a profile: GX evaluates every expectation on its own pass over a pandas frame, with a fixed
+    overhead each; at 10^5 rows x 20 columns the suites cost more than the assets they check (34 s
+    against 15 s). The counts are aggregated in one vectorised pass per column instead, and GX runs
+    one validation on the small profile: every count must be 0, and every expectation must be present.
+    """
     import great_expectations as gx
+    import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    profile = pd.DataFrame({
+        "expectation": [c.expectation for c in checks],
+        "column": [c.column or "" for c in checks],
+        "violations": np.asarray([c.violations for c in checks], dtype=np.int64),
+    })
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     batch_definition = (
         context.data_sources.add_pandas(name="z0inf")
         .add_dataframe_asset(name=name)
-        .add_batch_definition_whole_dataframe(name="whole_table")
+        .add_batch_definition_whole_dataframe(name="profile")
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=list(expectations)))
-    result = batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
-    failures = tuple(_describe(r) for r in result.results if not r.success)
-    return SuiteReport(name, bool(result.success), len(result.results), len(frame), failures)
+    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=[
+        gxe.ExpectTableRowCountToEqual(value=len(checks)),
+        gxe.ExpectColumnValuesToNotBeNull(column="violations"),
+        gxe.ExpectColumnValuesToBeBetween(column="violations", min_value=0, max_value=0),
+    ]))
+    result = batch_definition.get_batch(batch_parameters={"dataframe": profile}).validate(
+        suite, result_format={"result_format": "COMPLETE"}
+    )
+    broken: set[int] = set()
+    for outcome in result.results:
+        if not outcome.success:
+            broken |= set((outcome.result or {}).get("unexpected_index_list") or range(len(checks)))
+    failures = tuple(
+        ExpectationFailure(checks[i].expectation, checks[i].column, checks[i].observed or "not met")
+        for i in sorted(broken)
+    )
+    return SuiteReport(name, bool(result.success), len(checks), rows, failures)
 
 
 def validate_loss_table(
@@ -84,46 +120,37 @@ def validate_loss_table(
 ) -> SuiteReport:
     """A loss table: ``example_id`` then one column per checkpoint in step order, one row per example,
     unique ids, every loss finite (and >= 0 for a non-negative loss such as cross-entropy)."""
-    import great_expectations.expectations as gxe
-
     step_columns = [step_column(s) for s in steps]
     low = 0.0 if nonnegative else -FLOAT_MAX
-    expectations = [
-        gxe.ExpectTableColumnsToMatchOrderedList(column_list=["example_id", *step_columns]),
-        gxe.ExpectTableRowCountToEqual(value=int(expected_rows)),
-        gxe.ExpectColumnValuesToNotBeNull(column="example_id"),
-        gxe.ExpectColumnValuesToBeUnique(column="example_id"),
+    checks = [
+        _columns_in_order(frame, ["example_id", *step_columns]),
+        _row_count(frame, expected_rows),
+        _not_null(frame, "example_id"),
+        _unique(frame, "example_id"),
     ]
     if expected_ids is not None:
-        expectations.append(_ids_equal("example_id", expected_ids))
+        checks.append(_ids_equal(frame, "example_id", expected_ids))
     for column in step_columns:
-        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
-        expectations.append(gxe.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=FLOAT_MAX))
-    return run_suite(name, frame, expectations)
+        checks += [_not_null(frame, column), _between(frame, column, low, FLOAT_MAX)]
+    return run_suite(name, len(frame), checks)
 
 
 def validate_self_influence(
     frame: pd.DataFrame, loss_table_ids: Sequence[int], *, name: str = "self_influence"
 ) -> SuiteReport:
     """Self-influence scores: finite, >= 0 (up to float32 rounding), one row per loss-table example."""
-    import great_expectations.expectations as gxe
-
     scale = float(np.abs(frame["self_influence"]).max()) if "self_influence" in frame and len(frame) else 0.0
     floor = -SELF_INFLUENCE_RTOL * scale if np.isfinite(scale) else 0.0
-    expectations = [
-        gxe.ExpectTableColumnsToMatchOrderedList(column_list=["example_id", *SIGNAL_COLUMNS]),
-        gxe.ExpectTableRowCountToEqual(value=len(loss_table_ids)),
-        gxe.ExpectColumnValuesToBeUnique(column="example_id"),
-        _ids_equal("example_id", loss_table_ids),
+    checks = [
+        _columns_in_order(frame, ["example_id", *SIGNAL_COLUMNS]),
+        _row_count(frame, len(loss_table_ids)),
+        _unique(frame, "example_id"),
+        _ids_equal(frame, "example_id", loss_table_ids),
     ]
     for column in ("self_influence", "variance_self_influence"):
-        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
-        expectations.append(
-            gxe.ExpectColumnValuesToBeBetween(
-                column=column, min_value=floor if column == "self_influence" else 0.0, max_value=FLOAT_MAX
-            )
-        )
-    return run_suite(name, frame, expectations)
+        low = floor if column == "self_influence" else 0.0
+        checks += [_not_null(frame, column), _between(frame, column, low, FLOAT_MAX)]
+    return run_suite(name, len(frame), checks)
 
 
 def validate_topk(
@@ -131,25 +158,20 @@ def validate_topk(
 ) -> SuiteReport:
     """Top-k train-test influence: k finite rows per test example, ids from the loss tables,
     proponents scored at least as high as opponents."""
-    import great_expectations.expectations as gxe
-
     columns = ["test_example_id", "rank", "proponent_id", "proponent_score", "opponent_id", "opponent_score"]
-    expectations = [
-        gxe.ExpectTableColumnsToMatchOrderedList(column_list=columns),
-        gxe.ExpectTableRowCountToEqual(value=len(test_ids) * int(k)),
-        _ids_equal("test_example_id", test_ids),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["test_example_id", "rank"]),
-        gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=int(k)),
-        gxe.ExpectColumnValuesToBeInSet(column="proponent_id", value_set=_as_int_list(train_ids)),
-        gxe.ExpectColumnValuesToBeInSet(column="opponent_id", value_set=_as_int_list(train_ids)),
-        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="proponent_score", column_B="opponent_score", or_equal=True
-        ),
+    checks = [
+        _columns_in_order(frame, columns),
+        _row_count(frame, len(test_ids) * int(k)),
+        _ids_equal(frame, "test_example_id", test_ids),
+        _compound_unique(frame, ["test_example_id", "rank"]),
+        _between(frame, "rank", 1, int(k)),
+        _in_set(frame, "proponent_id", train_ids),
+        _in_set(frame, "opponent_id", train_ids),
+        _pair_at_least(frame, "proponent_score", "opponent_score"),
     ]
     for column in ("proponent_score", "opponent_score"):
-        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
-        expectations.append(gxe.ExpectColumnValuesToBeBetween(column=column, min_value=-FLOAT_MAX, max_value=FLOAT_MAX))
-    return run_suite(name, frame, expectations)
+        checks += [_not_null(frame, column), _between(frame, column, -FLOAT_MAX, FLOAT_MAX)]
+    return run_suite(name, len(frame), checks)
 
 
 def validate_curated_set(
@@ -161,24 +183,108 @@ def validate_curated_set(
     name: str = "curated_training_set",
 ) -> SuiteReport:
     """A curated training set: training ids only, no dropped id, every relabel applied."""
-    import great_expectations.expectations as gxe
-
-    kept = sorted(set(_as_int_list(train_ids)) - set(_as_int_list(dropped_ids)))
-    expectations = [
-        gxe.ExpectColumnValuesToBeUnique(column="example_id"),
-        _ids_equal("example_id", kept),
-        gxe.ExpectColumnValuesToNotBeNull(column="label"),
-    ]
-    if dropped_ids:  # implied by the id set above, but names the failure precisely: a dropped id came back
-        expectations.append(
-            gxe.ExpectColumnValuesToNotBeInSet(column="example_id", value_set=_as_int_list(dropped_ids))
-        )
-    report = run_suite(name, frame, expectations)
+    kept = np.setdiff1d(_as_ids(train_ids), _as_ids(dropped_ids))
+    checks = [_unique(frame, "example_id"), _ids_equal(frame, "example_id", kept), _not_null(frame, "label")]
+    if len(dropped_ids):  # implied by the id set above, but names the failure precisely: a dropped id came back
+        checks.append(_not_in_set(frame, "example_id", dropped_ids))
     wrong = _relabels_not_applied(frame, relabels)
-    if not wrong:
-        return report
-    failure = ExpectationFailure("relabels_applied", "label", f"{len(wrong)} relabel(s) missing, e.g. {wrong[:5]}")
-    return SuiteReport(name, False, report.evaluated + 1, report.rows, (*report.failures, failure))
+    checks.append(Check("relabels_applied", "label", len(wrong), f"{len(wrong)} relabel(s) missing, e.g. {wrong[:5]}"))
+    return run_suite(name, len(frame), checks)
+
+
+# Vectorised checks: each counts the violations of one expectation over a whole column -----------------
+
+
+def _columns_in_order(frame: pd.DataFrame, expected: list[str]) -> Check:
+    actual = [str(c) for c in frame.columns]
+    return Check("expect_table_columns_to_match_ordered_list", None, int(actual != expected),
+                 f"observed {_short(actual, 12)}, expected {_short(expected, 12)}")
+
+
+def _row_count(frame: pd.DataFrame, expected: int) -> Check:
+    return Check("expect_table_row_count_to_equal", None, abs(len(frame) - int(expected)),
+                 f"observed {len(frame)} rows, expected {int(expected)}")
+
+
+def _missing(frame: pd.DataFrame, expectation: str, columns: list[str]) -> Check | None:
+    absent = [c for c in columns if c not in frame.columns]
+    return Check(expectation, ", ".join(columns), 1, f"column(s) {absent} missing") if absent else None
+
+
+def _not_null(frame: pd.DataFrame, column: str) -> Check:
+    expectation = "expect_column_values_to_not_be_null"
+    if absent := _missing(frame, expectation, [column]):
+        return absent
+    nulls = frame[column].isna().to_numpy()
+    return Check(expectation, column, int(nulls.sum()), _unexpected(frame, nulls, "missing value(s)"))
+
+
+def _between(frame: pd.DataFrame, column: str, low: float, high: float) -> Check:
+    """Values outside [low, high]; inf counts as outside, NaN is left to the null check (as GX does)."""
+    expectation = "expect_column_values_to_be_between"
+    if absent := _missing(frame, expectation, [column]):
+        return absent
+    values = frame[column].to_numpy(np.float64, na_value=np.nan)
+    outside = ~((values >= low) & (values <= high)) & ~np.isnan(values)
+    return Check(expectation, column, int(outside.sum()),
+                 _unexpected(frame, outside, f"value(s) outside [{low:.4g}, {high:.4g}]", column))
+
+
+def _unique(frame: pd.DataFrame, column: str) -> Check:
+    return _compound_unique(frame, [column], "expect_column_values_to_be_unique")
+
+
+def _compound_unique(frame: pd.DataFrame, columns: list[str],
+                     expectation: str = "expect_compound_columns_to_be_unique") -> Check:
+    if absent := _missing(frame, expectation, columns):
+        return absent
+    repeated = frame.duplicated(subset=columns, keep=False).to_numpy()
+    return Check(expectation, ", ".join(columns), int(repeated.sum()),
+                 _unexpected(frame, repeated, "repeated value(s)", columns[0]))
+
+
+def _ids_equal(frame: pd.DataFrame, column: str, ids) -> Check:
+    expectation = "expect_column_distinct_values_to_equal_set"
+    if absent := _missing(frame, expectation, [column]):
+        return absent
+    present = np.unique(frame[column].to_numpy())
+    wanted = np.unique(_as_ids(ids))
+    missing, extra = np.setdiff1d(wanted, present), np.setdiff1d(present, wanted)
+    return Check(expectation, column, len(missing) + len(extra),
+                 f"missing {len(missing)} id(s) {_short(missing.tolist())}; {len(extra)} unexpected {_short(extra.tolist())}")
+
+
+def _in_set(frame: pd.DataFrame, column: str, ids) -> Check:
+    expectation = "expect_column_values_to_be_in_set"
+    if absent := _missing(frame, expectation, [column]):
+        return absent
+    outside = ~np.isin(frame[column].to_numpy(), _as_ids(ids))
+    return Check(expectation, column, int(outside.sum()), _unexpected(frame, outside, "value(s) not in the set", column))
+
+
+def _not_in_set(frame: pd.DataFrame, column: str, ids) -> Check:
+    expectation = "expect_column_values_to_not_be_in_set"
+    if absent := _missing(frame, expectation, [column]):
+        return absent
+    inside = np.isin(frame[column].to_numpy(), _as_ids(ids))
+    return Check(expectation, column, int(inside.sum()), _unexpected(frame, inside, "value(s) in the set", column))
+
+
+def _pair_at_least(frame: pd.DataFrame, a: str, b: str) -> Check:
+    expectation = "expect_column_pair_values_a_to_be_greater_than_b"
+    if absent := _missing(frame, expectation, [a, b]):
+        return absent
+    smaller = (frame[a].to_numpy(np.float64) < frame[b].to_numpy(np.float64))
+    return Check(expectation, f"{a}, {b}", int(smaller.sum()), _unexpected(frame, smaller, f"row(s) with {a} < {b}", a))
+
+
+def _unexpected(frame: pd.DataFrame, mask: np.ndarray, what: str, column: str | None = None) -> str:
+    """``count what, e.g. [values]`` (computed only when something is wrong)."""
+    count = int(mask.sum())
+    if not count:
+        return ""
+    where = frame.loc[mask, column].head(8).tolist() if column else frame.index[mask][:8].tolist()
+    return f"{count} {what}, e.g. {_short(where)}" + ("" if column else " (row positions)")
 
 
 def _relabels_not_applied(frame: pd.DataFrame, relabels: dict[int, int]) -> list[tuple[int, int, int | None]]:
@@ -189,40 +295,8 @@ def _relabels_not_applied(frame: pd.DataFrame, relabels: dict[int, int]) -> list
     return [(i, y, labels.get(i)) for i, y in sorted(relabels.items()) if labels.get(i) != y]
 
 
-def _ids_equal(column: str, ids: Sequence[int]):
-    import great_expectations.expectations as gxe
-
-    return gxe.ExpectColumnDistinctValuesToEqualSet(column=column, value_set=_as_int_list(ids))
-
-
-def _as_int_list(ids) -> list[int]:
-    return [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
-
-
-def _describe(result) -> ExpectationFailure:
-    config = result.expectation_config
-    kwargs = config.kwargs or {}
-    column = kwargs.get("column") or (
-        ", ".join(kwargs["column_list"])
-        if "column_list" in kwargs and config.type != "expect_table_columns_to_match_ordered_list"
-        else None
-    )
-    details = result.result or {}
-    parts = []
-    if details.get("observed_value") is not None:
-        parts.append(f"observed {_short(details['observed_value'])}")
-    if details.get("unexpected_count"):
-        parts.append(
-            f"{details['unexpected_count']} unexpected value(s), e.g. {_short(details.get('partial_unexpected_list'))}"
-        )
-    if details.get("partial_missing_list"):
-        parts.append(f"missing {_short(details['partial_missing_list'])}")
-    info = result.exception_info or {}
-    if isinstance(info, dict) and info.get("raised_exception"):
-        parts.append(f"could not be evaluated: {info.get('exception_message')}")
-    if not parts:
-        parts.append("column missing or not evaluable" if column else "not met")
-    return ExpectationFailure(config.type, column, "; ".join(parts))
+def _as_ids(ids) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 
 def _short(value, limit: int = 8) -> str:

@@ -8,6 +8,7 @@ import pandas as pd
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import step_column, steps_of
 from ..influence.signals import SIGNAL_COLUMNS, suspicion_ranks
+from ..training.layout import TEXT_COLUMNS
 from .policy import Flags
 
 QUEUE_COLUMNS = [
@@ -86,7 +87,10 @@ def build_review_queue(
     queue["decided_on_run"] = (
         current["decided_on_run"].to_numpy(dtype=object) if "decided_on_run" in current else None
     )
-    return queue[QUEUE_COLUMNS]
+    text = [c for c in TEXT_COLUMNS if c in examples.columns]  # prompt / answer / file: what a reviewer reads
+    for column in text:
+        queue[column] = examples.loc[queue["example_id"], column].to_numpy()
+    return queue[QUEUE_COLUMNS + text]
 
 
 def detection_quality(flagged_ids, flipped_ids) -> dict[str, float] | None:

@@ -2,6 +2,7 @@
 
 from .client import ensure_experiment, tracking_client
 from .config import MlflowConfig, active_config, embedded_config, load_mlflow_config, resolve_tracking_uri
+from .curation import Curation, curation_of
 from .contract import CONTRACT_TAG, CONTRACT_VERSION, ContractError, RunFiles, validate_run_folder
 from .lineage import run_lineage
 from .logger import ContractLogger, train_and_log
@@ -21,10 +22,12 @@ __all__ = [
     "ContractError",
     "ContractLogger",
     "ContractRun",
+    "Curation",
     "MlflowConfig",
     "RunFiles",
     "RunSummary",
     "active_config",
+    "curation_of",
     "default_cache_dir",
     "embedded_config",
     "ensure_experiment",

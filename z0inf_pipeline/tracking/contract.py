@@ -1,12 +1,18 @@
-"""The run contract (version 1): what an MLflow run must hold for Z0-Inf to use it, and its checks.
+"""The run contract: what an MLflow run must hold for Z0-Inf to use it, and its checks.
 
-- tags: ``z0inf.contract`` = ``"1"``, ``z0inf.num_checkpoints`` (set when the run finishes);
-  optional ``z0inf.source``, ``z0inf.dataset``, ``z0inf.parent_run_id``.
+Version 2 (written now) is version 1 (still read) opened to any model and data:
+
+- tags: ``z0inf.contract`` = ``"2"`` (or ``"1"``), ``z0inf.num_checkpoints`` (set when the run finishes);
+  optional ``z0inf.source``, ``z0inf.dataset``, ``z0inf.parent_run_id``; v2 adds ``z0inf.loss`` (the
+  per-example loss the tables hold) and ``z0inf.checkpoint_parameters`` (``all``, or ``trainable`` /
+  ``selected`` when checkpoints hold only some parameters: the Gram reads whatever is stored).
 - params: ``n_train``, ``n_test`` (plus the training recipe for runs made by ``train_and_log``).
 - metrics at every checkpoint step: ``train_loss`` and ``test_loss`` (means of the loss tables),
   ``train_accuracy`` / ``test_accuracy`` when the model outputs class scores, ``lr``, ``epoch``.
 - artifacts: the folder layout of ``z0inf_pipeline.training.layout`` (checkpoints, loss tables,
   examples table, model spec, optional train config), listed with sizes and SHA-256 in ``manifest.json``.
+  In v2 an example is an id plus optional columns: ``label`` (-1: no class label), and text
+  ``prompt`` / ``target`` / ``uri``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..influence.checkpoints import Checkpoint, open_checkpoints
@@ -26,7 +33,10 @@ from ..influence.loss_tables import LossTable, read_loss_table
 from ..training import layout
 
 CONTRACT_TAG = "z0inf.contract"
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"
+SUPPORTED_VERSIONS = ("1", "2")
+LOSS_TAG = "z0inf.loss"
+CHECKPOINT_PARAMETERS_TAG = "z0inf.checkpoint_parameters"
 NUM_CHECKPOINTS_TAG = "z0inf.num_checkpoints"
 SOURCE_TAG = "z0inf.source"
 DATASET_TAG = "z0inf.dataset"
@@ -179,9 +189,9 @@ def check_metrics(run_id: str, histories: dict[str, dict[int, float]], files: Ru
 
 def check_tags_and_params(run_id: str, tags: dict, params: dict, files: RunFiles | None = None) -> None:
     version = tags.get(CONTRACT_TAG)
-    if version != CONTRACT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ContractError(
-            f"run {run_id}: tag {CONTRACT_TAG!r} is {version!r}; this reader understands version {CONTRACT_VERSION!r}"
+            f"run {run_id}: tag {CONTRACT_TAG!r} is {version!r}; this reader understands versions {SUPPORTED_VERSIONS}"
         )
     missing = [p for p in REQUIRED_PARAMS if p not in params]
     if missing:
@@ -208,6 +218,10 @@ def _check_examples(run_id: str, path: Path, train: LossTable, test: LossTable) 
     missing = [c for c in layout.EXAMPLE_COLUMNS if c not in table.column_names]
     if missing:
         raise ContractError(f"run {run_id}: artifact '{layout.EXAMPLES}' lacks column(s) {missing}")
+    odd = [c for c in layout.TEXT_COLUMNS if c in table.column_names
+           and not (pa.types.is_string(table.schema.field(c).type) or pa.types.is_large_string(table.schema.field(c).type))]
+    if odd:
+        raise ContractError(f"run {run_id}: artifact '{layout.EXAMPLES}' column(s) {odd} must hold text")
     frame = table.select(list(layout.EXAMPLE_COLUMNS)).to_pandas()
     for split, losses in (("train", train), ("test", test)):
         ids = frame.loc[frame["split"] == split, "example_id"].to_numpy(np.int64)

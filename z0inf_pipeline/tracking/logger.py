@@ -7,25 +7,36 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 from ..influence.checkpoints import save_checkpoint
-from ..influence.loss_tables import LossFn
+from ..influence.loss_tables import ID_COLUMN, LossFn
 from ..training import layout
 from ..training.datasets import Split
+from ..training.lm import LMRecipe
 from ..training.models import ModelSpec
-from ..training.recording import SplitRecorder, cross_entropy_per_example
+from ..training.recording import (
+    BatchLossFn,
+    BatchLossRecorder,
+    IdsFn,
+    SplitRecorder,
+    cross_entropy_per_example,
+    ids_from_batch,
+)
 from ..training.trainer import TrainConfig, plan_training, train
 from .client import ensure_experiment, tracking_client
 from .contract import (
+    CHECKPOINT_PARAMETERS_TAG,
     CONTRACT_TAG,
     CONTRACT_VERSION,
     DATASET_TAG,
+    LOSS_TAG,
     NUM_CHECKPOINTS_TAG,
     PARENT_TAG,
     SOURCE_TAG,
@@ -40,8 +51,12 @@ class _RunWriter:
     """One MLflow run with the contract tags: metrics as they come, the artifact folder at the end."""
 
     def __init__(self, client: MlflowClient, experiment: str, *, run_name: str | None, tags: Mapping[str, Any],
-                 parent_run_id: str | None) -> None:
+                 parent_run_id: str | None, nested_in: str | None = None) -> None:
+        """``parent_run_id``: the run this one retrains; ``nested_in``: a run it is only shown under (the
+        run a framework's own MLflow reporting opened, say)."""
         all_tags = {CONTRACT_TAG: CONTRACT_VERSION, **{k: str(v) for k, v in tags.items()}}
+        if nested_in:
+            all_tags[MLFLOW_PARENT_TAG] = nested_in
         if parent_run_id:
             all_tags.update({PARENT_TAG: parent_run_id, MLFLOW_PARENT_TAG: parent_run_id})
         self.client = client
@@ -86,7 +101,7 @@ def train_params(config: TrainConfig) -> dict[str, Any]:
 
 
 def train_and_log(
-    config: TrainConfig,
+    config: TrainConfig | LMRecipe,
     *,
     tracking_uri: str | None = None,
     experiment: str = "z0inf",
@@ -98,7 +113,13 @@ def train_and_log(
     """Train ``config`` into a new contract run (metrics logged live, artifacts at the end); return its id.
 
     The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind.
-    ``run_name`` defaults to dataset, model and label noise (``digits-mlp-noise0.1``)."""
+    ``run_name`` defaults to dataset, model and label noise (``digits-mlp-noise0.1``).
+    An ``LMRecipe`` (see ``recipe_from_dict``) is fine-tuned through the Hugging Face callback instead."""
+    if isinstance(config, LMRecipe):
+        from ..training.lm import train_and_log_lm
+
+        return train_and_log_lm(config, tracking_uri=tracking_uri, experiment=experiment,
+                                parent_run_id=parent_run_id, tags=tags, run_name=run_name)
     plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
@@ -134,23 +155,33 @@ def retrained_run_name(parent_name: str | None) -> str:
     return f"{parent_name or 'run'} · retrain 1"
 
 
-SplitLike = Split | tuple[Any, torch.Tensor, torch.Tensor]
+SplitLike = Split | tuple[Any, torch.Tensor, torch.Tensor] | Iterable
+CHECKPOINT_SELECTIONS = ("all", "trainable")
 
 
 class ContractLogger:
-    """Turn a team's own PyTorch loop into a contract run::
+    """Turn a team's own PyTorch loop into a contract run (contract v2)::
 
-        with ContractLogger(model_spec=spec, train=(ids, x, y), test=(test_ids, x_test, y_test),
-                            loss_fn=my_per_example_loss) as run:
+        with ContractLogger(model_spec=spec, train=train_loader, test=probe_loader,
+                            loss_fn=per_example_loss, ids_fn=lambda batch: batch["example_id"]) as run:
             for step in ...:
                 ...
                 if step in checkpoint_steps:
                     run.on_checkpoint(model, step, epoch=epoch, lr=lr)
         print(run.run_id)
 
+    ``train`` / ``test`` are either any re-iterable source of batches (a ``DataLoader`` with
+    ``shuffle=False``, a list), with ``loss_fn(model, batch) -> (B,)`` and ``ids_fn(batch)`` (default
+    ``batch["example_id"]``): the data never has to sit in memory at once; or, as before, in-memory
+    ``(example_ids, features, labels)`` tuples with ``loss_fn(outputs, targets) -> (B,)`` (default:
+    cross-entropy). ``examples`` (a DataFrame keyed by ``example_id``) adds per-example columns to
+    the examples table: ``label`` (class label; default -1, none), ``prompt`` / ``target`` / ``uri``.
+    ``checkpoint_parameters="trainable"`` stores only parameters with ``requires_grad`` (fine-tuning
+    often updates few; the Gram reads whatever is stored).
+
     ``model_spec`` rebuilds the network: a ``ModelSpec``, or ``{"factory": "package.module:function",
-    "kwargs": {...}}`` for a network of your own. ``loss_fn(outputs, targets)`` returns one loss per
-    example (default: cross-entropy). If the block raises, the run is marked failed and nothing is uploaded.
+    "kwargs": {...}}`` for a network of your own. If the block raises (bad batches, a wrong loss
+    shape, NaN losses, a changed probe set), the run is marked FAILED and nothing is uploaded.
     """
 
     def __init__(
@@ -159,16 +190,22 @@ class ContractLogger:
         model_spec: ModelSpec | Mapping[str, Any],
         train: SplitLike,
         test: SplitLike,
-        loss_fn: LossFn = cross_entropy_per_example,
+        loss_fn: LossFn | BatchLossFn = cross_entropy_per_example,
+        ids_fn: IdsFn = ids_from_batch,
+        examples: pd.DataFrame | None = None,
+        checkpoint_parameters: str = "all",
+        loss_name: str | None = None,
         experiment: str = "z0inf",
         tracking_uri: str | None = None,
         run_name: str | None = None,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        nested_in: str | None = None,
         dataset: str = "custom",
         original_train_labels: torch.Tensor | np.ndarray | None = None,
         flipped_ids: np.ndarray | None = None,
+        train_config: Mapping[str, Any] | None = None,
         expected_checkpoints: int = 20,
     ) -> None:
         self.model_spec = model_spec.to_dict() if isinstance(model_spec, ModelSpec) else dict(model_spec)
@@ -177,21 +214,41 @@ class ContractLogger:
         elif not re.fullmatch(r"[\w.]+:[\w.]+", str(self.model_spec["factory"])):
             raise ContractError(f"ContractLogger: model_spec factory {self.model_spec['factory']!r} is not "
                                 "'package.module:function'")
-        self.train, self.test = (_as_split(train, "train"), _as_split(test, "test"))
-        self.recorders = [
-            SplitRecorder(split.example_ids, split.features, split.labels, loss_fn=loss_fn,
-                          capacity=expected_checkpoints, name=name)
-            for name, split in (("train", self.train), ("test", self.test))
-        ]
-        labels = self.train.labels if original_train_labels is None else original_train_labels
-        self.original_train_labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
-        if len(self.original_train_labels) != len(self.train):
-            raise ContractError(f"ContractLogger: {len(self.original_train_labels)} original_train_labels for "
-                                f"{len(self.train)} training examples")
+        if checkpoint_parameters not in CHECKPOINT_SELECTIONS:
+            raise ContractError(f"ContractLogger: checkpoint_parameters={checkpoint_parameters!r} must be one of "
+                                f"{list(CHECKPOINT_SELECTIONS)}")
+        self.checkpoint_parameters = checkpoint_parameters
+        in_memory = [_is_in_memory(data) for data in (train, test)]
+        if in_memory[0] != in_memory[1]:
+            raise ContractError("ContractLogger: train and test must both be in-memory (ids, features, labels) "
+                                "or both iterables of batches")
+        self.in_memory = in_memory[0]
+        if self.in_memory:
+            self.train, self.test = (_as_split(train, "train"), _as_split(test, "test"))
+            self.recorders = [
+                SplitRecorder(split.example_ids, split.features, split.labels, loss_fn=loss_fn,
+                              capacity=expected_checkpoints, name=name)
+                for name, split in (("train", self.train), ("test", self.test))
+            ]
+        else:
+            self.recorders = [
+                BatchLossRecorder(data, loss_fn, ids_fn=ids_fn, capacity=expected_checkpoints, name=name)
+                for name, data in (("train", train), ("test", test))
+            ]
+        self.examples = _example_columns(examples)
+        self.original_train_labels = original_train_labels
+        if self.in_memory:
+            labels = self.train.labels if original_train_labels is None else original_train_labels
+            self.original_train_labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
+            if len(self.original_train_labels) != len(self.train):
+                raise ContractError(f"ContractLogger: {len(self.original_train_labels)} original_train_labels for "
+                                    f"{len(self.train)} training examples")
         self.flipped_ids = np.asarray([] if flipped_ids is None else flipped_ids, dtype=np.int64)
+        self.train_config = None if train_config is None else dict(train_config)
         self._setup = dict(experiment=experiment, tracking_uri=tracking_uri, run_name=run_name,
                            params=dict(params or {}), tags=dict(tags or {}), parent_run_id=parent_run_id,
-                           dataset=dataset)
+                           nested_in=nested_in, dataset=dataset,
+                           loss=loss_name or getattr(loss_fn, "__name__", type(loss_fn).__name__))
         self._writer: _RunWriter | None = None
         self._work: Path | None = None
 
@@ -205,12 +262,16 @@ class ContractLogger:
         s = self._setup
         self._writer = _RunWriter(
             tracking_client(s["tracking_uri"]), s["experiment"], run_name=s["run_name"],
-            tags={SOURCE_TAG: "ContractLogger", DATASET_TAG: s["dataset"], **s["tags"]},
-            parent_run_id=s["parent_run_id"],
+            tags={SOURCE_TAG: "ContractLogger", DATASET_TAG: s["dataset"], LOSS_TAG: s["loss"],
+                  CHECKPOINT_PARAMETERS_TAG: self.checkpoint_parameters, **s["tags"]},
+            parent_run_id=s["parent_run_id"], nested_in=s["nested_in"],
         )
         self._work = Path(tempfile.mkdtemp(prefix="z0inf-logger-"))
         try:
-            self._writer.log_params({**s["params"], "n_train": len(self.train), "n_test": len(self.test)})
+            params = dict(s["params"])
+            if self.in_memory:
+                params.update(n_train=len(self.train), n_test=len(self.test))
+            self._writer.log_params(params)
         except BaseException as exc:
             self._close(exc)
             raise
@@ -224,7 +285,7 @@ class ContractLogger:
         row: dict[str, float] = {"step": int(step)}
         for recorder in self.recorders:
             row.update(recorder.record(model, int(step)))
-        save_checkpoint(self._work / layout.checkpoint_name(step), model.state_dict(),
+        save_checkpoint(self._work / layout.checkpoint_name(step), self._checkpoint_state(model),
                         step=int(step), epoch=epoch, learning_rate=lr)
         row.update({k: v for k, v in (("epoch", epoch), ("lr", lr)) if v is not None})
         row.update(metrics or {})
@@ -235,6 +296,14 @@ class ContractLogger:
         self._close(exc)
         return False
 
+    def _checkpoint_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if self.checkpoint_parameters == "trainable":
+            state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if not state:
+                raise ContractError("ContractLogger: checkpoint_parameters='trainable' but no parameter requires grad")
+            return state
+        return model.state_dict()
+
     def _close(self, exc: BaseException | None) -> None:
         writer, work = self._writer, self._work
         try:
@@ -243,6 +312,9 @@ class ContractLogger:
                 return
             try:
                 self._write_tables(work)
+                if not self.in_memory:
+                    train, test = (r.table() for r in self.recorders)
+                    writer.log_params({"n_train": len(train.example_ids), "n_test": len(test.example_ids)})
                 writer.finish(work)
             except BaseException as failure:
                 writer.abort(failure)
@@ -251,17 +323,65 @@ class ContractLogger:
             shutil.rmtree(work, ignore_errors=True)
 
     def _write_tables(self, work: Path) -> None:
-        train_rec, test_rec = self.recorders
-        train_rec.table().write(work / layout.TRAIN_LOSSES)
-        test_rec.table().write(work / layout.TEST_LOSSES)
+        tables = [recorder.table() for recorder in self.recorders]
+        tables[0].write(work / layout.TRAIN_LOSSES)
+        tables[1].write(work / layout.TEST_LOSSES)
+        train_ids, test_ids = (t.example_ids for t in tables)
+        columns = self._columns_for(np.concatenate([train_ids, test_ids]))
+        if self.in_memory:
+            train_labels, test_labels = self.train.labels.cpu().numpy(), self.test.labels.cpu().numpy()
+            original = self.original_train_labels
+        else:
+            labels = columns.pop("label", np.full(len(train_ids) + len(test_ids), layout.NO_LABEL))
+            train_labels, test_labels = labels[: len(train_ids)], labels[len(train_ids) :]
+            original = train_labels if self.original_train_labels is None else np.asarray(
+                self.original_train_labels, dtype=np.int64)
+            if len(original) != len(train_ids):
+                raise ContractError(f"ContractLogger: {len(original)} original_train_labels for "
+                                    f"{len(train_ids)} training examples")
+        columns.pop("label", None)
+        unknown_flips = np.setdiff1d(self.flipped_ids, train_ids)
+        if len(unknown_flips):
+            raise ContractError(f"ContractLogger: flipped_ids {unknown_flips[:5].tolist()} are not training examples")
         layout.write_examples(
             work / layout.EXAMPLES,
-            train_ids=self.train.example_ids, train_labels=self.train.labels.cpu().numpy(),
-            original_train_labels=self.original_train_labels, flipped_ids=self.flipped_ids,
-            test_ids=self.test.example_ids, test_labels=self.test.labels.cpu().numpy(),
+            train_ids=train_ids, train_labels=train_labels, original_train_labels=original,
+            flipped_ids=self.flipped_ids, test_ids=test_ids, test_labels=test_labels, text=columns,
         )
         layout.write_json(work / layout.MODEL_SPEC, self.model_spec)
+        if self.train_config is not None:
+            layout.write_json(work / layout.TRAIN_CONFIG, self.train_config)
         layout.write_manifest(work)
+
+    def _columns_for(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The ``examples`` columns in the order of ``ids``; ids it does not describe get no text and label -1."""
+        if self.examples is None:
+            return {}
+        picked = self.examples.reindex(ids)
+        columns = {c: np.asarray([None if pd.isna(v) else str(v) for v in picked[c]], dtype=object)
+                   for c in layout.TEXT_COLUMNS if c in picked}
+        if "label" in picked:
+            columns["label"] = picked["label"].fillna(layout.NO_LABEL).to_numpy(np.int64)
+        return columns
+
+
+def _is_in_memory(data: Any) -> bool:
+    return isinstance(data, Split) or (isinstance(data, tuple) and len(data) == 3
+                                       and isinstance(data[1], (torch.Tensor, np.ndarray)))
+
+
+def _example_columns(examples: pd.DataFrame | None) -> pd.DataFrame | None:
+    if examples is None:
+        return None
+    if ID_COLUMN not in examples:
+        raise ContractError(f"ContractLogger: examples has no {ID_COLUMN!r} column (columns: {list(examples)})")
+    unknown = sorted(set(examples.columns) - {ID_COLUMN, "label", *layout.TEXT_COLUMNS})
+    if unknown:
+        raise ContractError(f"ContractLogger: examples column(s) {unknown} are not among "
+                            f"{['label', *layout.TEXT_COLUMNS]}")
+    if examples[ID_COLUMN].duplicated().any():
+        raise ContractError(f"ContractLogger: examples repeats ids in {ID_COLUMN!r}")
+    return examples.set_index(ID_COLUMN)
 
 
 def _as_split(data: SplitLike, name: str) -> Split:

@@ -29,9 +29,9 @@ from .client import tracking_client
 from .config import TRUSTED_FACTORIES_ENV, trusted_factory_prefixes
 from .contract import (
     CONTRACT_TAG,
-    CONTRACT_VERSION,
     OPTIONAL_STEP_METRICS,
     REQUIRED_METRICS,
+    SUPPORTED_VERSIONS,
     ContractError,
     RunFiles,
     check_artifact_path,
@@ -89,15 +89,21 @@ class ContractRun:
         return model.eval()
 
 
+# This project's own model builders, named exactly (not by prefix): they only build a network from
+# keyword arguments, so the built-in recipes' runs (``z0inf demo --recipe lm``) need no configuration.
+BUILTIN_FACTORIES = frozenset({"z0inf_pipeline.training.lm:build_model"})
+
+
 def check_factory_trusted(run_id: str, spec: dict) -> None:
-    """Refuse a ``factory`` model spec unless its module is under a trusted prefix (``$Z0INF_TRUSTED_FACTORIES``,
-    empty by default): rebuilding the model imports and calls it, so ``os:system`` would run a command."""
+    """Refuse a ``factory`` model spec unless it is one of this project's own builders or its module is
+    under a trusted prefix (``$Z0INF_TRUSTED_FACTORIES``, empty by default): rebuilding the model imports
+    and calls it, so ``os:system`` would run a command."""
     if "factory" not in spec:
         return
     factory = str(spec["factory"])
     module_name, _, attribute = factory.partition(":")
     trusted = trusted_factory_prefixes()
-    allowed = any(module_name == p or module_name.startswith(f"{p}.") for p in trusted)
+    allowed = factory in BUILTIN_FACTORIES or any(module_name == p or module_name.startswith(f"{p}.") for p in trusted)
     if not allowed or not attribute:
         raise ContractError(
             f"run {run_id}: model spec factory {factory!r} is not in a trusted module (${TRUSTED_FACTORIES_ENV}: "
@@ -130,7 +136,7 @@ def list_contract_runs(
     status: str | None = "FINISHED",
     experiment_names: list[str] | None = None,
 ) -> list[RunSummary]:
-    """Runs tagged with this contract version (``status=None``: any status), oldest first."""
+    """Runs tagged with a contract version this reader understands (``status=None``: any status), oldest first."""
     client = tracking_client(tracking_uri)
     if experiment_names is None:
         experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
@@ -138,7 +144,7 @@ def list_contract_runs(
         experiments = [e for e in map(client.get_experiment_by_name, experiment_names) if e is not None]
     if not experiments:
         return []
-    query = f"tags.`{CONTRACT_TAG}` = '{CONTRACT_VERSION}'"
+    query = f"tags.`{CONTRACT_TAG}` LIKE '%'"  # MLflow has no IN for tags: versions are filtered below
     if status:
         query += f" and attributes.status = '{status.upper()}'"
     summaries: list[RunSummary] = []
@@ -152,6 +158,7 @@ def list_contract_runs(
             RunSummary(r.info.run_id, r.info.run_name, r.info.status, r.info.start_time, r.info.experiment_id,
                        dict(r.data.tags), dict(r.data.metrics))
             for r in page
+            if r.data.tags.get(CONTRACT_TAG) in SUPPORTED_VERSIONS
         ]
         token = page.token
         if not token:

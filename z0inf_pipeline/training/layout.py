@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,9 @@ TRAIN_CONFIG = "train_config.json"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = (MODEL_SPEC, EXAMPLES, TRAIN_LOSSES, TEST_LOSSES)
 EXAMPLE_COLUMNS = ("example_id", "split", "label", "original_label", "flipped")
+# Optional text columns of contract v2 (sequence tasks, files): shown to reviewers, never parsed.
+TEXT_COLUMNS = ("prompt", "target", "uri")
+NO_LABEL = -1  # the label of an example that has no class (a sequence, a regression target)
 
 
 def checkpoint_name(step: int) -> str:
@@ -78,16 +82,27 @@ def write_examples(
     flipped_ids: np.ndarray,
     test_ids: np.ndarray,
     test_labels: np.ndarray,
+    text: Mapping[str, Sequence[str | None]] | None = None,
 ) -> Path:
-    """The examples table: which ids were trained / tested on, with the label used and the label before noise."""
+    """The examples table: which ids were trained / tested on, with the label used and the label before noise;
+    ``text`` adds ``TEXT_COLUMNS`` given in the same order (train ids, then test ids)."""
     train_ids = np.asarray(train_ids, dtype=np.int64)
     test_ids = np.asarray(test_ids, dtype=np.int64)
+    text = dict(text or {})
+    unknown = sorted(set(text) - set(TEXT_COLUMNS))
+    wrong_length = [c for c, v in text.items() if len(v) != len(train_ids) + len(test_ids)]
+    if unknown or wrong_length:
+        raise InfluenceInputError(
+            f"examples table: text columns must be among {list(TEXT_COLUMNS)} (got {unknown}) and hold one "
+            f"value per example (wrong length: {wrong_length})"
+        )
     table = pa.table({
         "example_id": np.concatenate([train_ids, test_ids]),
         "split": pa.array(["train"] * len(train_ids) + ["test"] * len(test_ids), pa.string()),
         "label": np.concatenate([train_labels, test_labels]).astype(np.int64),
         "original_label": np.concatenate([original_train_labels, test_labels]).astype(np.int64),
         "flipped": np.concatenate([np.isin(train_ids, flipped_ids), np.zeros(len(test_ids), dtype=bool)]),
+        **{c: pa.array(list(v), pa.string()) for c, v in text.items()},
     })
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)

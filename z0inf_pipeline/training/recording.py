@@ -1,6 +1,9 @@
 """Per-example losses of one split at every checkpoint, recorded while training runs.
 
-One ``no_grad`` pass per checkpoint (``evaluate_losses``) yields both the loss row and, for
+``SplitRecorder`` is for in-memory tensors and ``loss_fn(outputs, targets)``; ``BatchLossRecorder``
+for any iterable of batches carrying example ids and ``loss_fn(model, batch)``.
+
+For tensors, one ``no_grad`` pass per checkpoint (``evaluate_losses``) yields both the loss row and, for
 class-score outputs, which examples are classified correctly; rows go into a preallocated
 (T, N) table that grows only if more checkpoints come than announced.
 """
@@ -8,6 +11,7 @@ class-score outputs, which examples are classified correctly; rows go into a pre
 from __future__ import annotations
 
 import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -84,3 +88,155 @@ class SplitRecorder:
     def table(self) -> LossTable:
         return LossTable(self.example_ids, tuple(self.steps), self._values[: len(self.steps)])
 
+
+
+BatchLossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+IdsFn = Callable[[Any], Any]
+ID_KEY = "example_id"
+
+
+def ids_from_batch(batch: Any) -> Any:
+    """The default way to read example ids: ``batch["example_id"]`` (dict-like batches, as HF collators make)."""
+    return batch[ID_KEY]
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested) dict / list / tuple batch on ``device``; anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [move_batch(v, device) for v in batch]
+    if isinstance(batch, tuple):
+        items = [move_batch(v, device) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    return batch
+
+
+class BatchLossRecorder:
+    """Loss table of one split read from any re-iterable source of batches (a ``DataLoader``, a list,
+    a generator factory's output), so the data never has to sit in one tensor: memory is one batch
+    plus the (T, N) float32 table.
+
+    ``loss_fn(model, batch)`` returns one loss per example of the batch (any loss: token-mean NLL,
+    0-1 error, a negative reward); ``ids_fn(batch)`` returns the batch's example ids. The first
+    checkpoint fixes the split's ids and their order; every later checkpoint must see exactly the
+    same ids in the same order, or the loss table would mix different examples under one id.
+    """
+
+    def __init__(self, batches: Iterable, loss_fn: BatchLossFn, *, ids_fn: IdsFn = ids_from_batch,
+                 capacity: int = 16, name: str = "split") -> None:
+        if isinstance(batches, Iterator):
+            raise InfluenceInputError(
+                f"{name}: batches are a one-shot iterator; pass something iterable once per checkpoint "
+                "(a DataLoader, a list, an object with __iter__)"
+            )
+        self.batches, self.loss_fn, self.ids_fn, self.name = batches, loss_fn, ids_fn, name
+        self.example_ids: np.ndarray | None = None
+        self.steps: list[int] = []
+        self._capacity = max(capacity, 1)
+        self._values: torch.Tensor | None = None
+
+    def record(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """One ``no_grad`` pass over the batches; return the split's mean loss."""
+        if self.steps and step <= self.steps[-1]:
+            raise InfluenceInputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        ids_seen: list[np.ndarray] = []
+        losses_seen: list[torch.Tensor] = []
+        filled = 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for number, batch in enumerate(self.batches):
+                    ids = self._batch_ids(batch, number, step)
+                    losses = self._batch_losses(model, move_batch(batch, device), ids, number, step)
+                    if self.example_ids is None:
+                        ids_seen.append(ids)
+                        losses_seen.append(losses)
+                    else:
+                        self._check_same_ids(ids, filled, number, step)
+                        self._row(len(self.steps))[filled : filled + len(ids)] = losses
+                    filled += len(ids)
+        finally:
+            model.train(was_training)
+        if self.example_ids is None:
+            self._fix_ids(ids_seen, step)
+            self._row(0)[:] = torch.cat(losses_seen)
+        elif filled != len(self.example_ids):
+            raise InfluenceInputError(
+                f"{self.name}: at step {step} the batches hold {filled} examples, but {len(self.example_ids)} at "
+                f"step {self.steps[0]}; the set must not change between checkpoints"
+            )
+        self.steps.append(int(step))
+        return {f"{self.name}_loss": float(self._values[len(self.steps) - 1].double().mean())}
+
+    def table(self) -> LossTable:
+        if self.example_ids is None:
+            raise InfluenceInputError(f"{self.name}: no checkpoint was recorded")
+        return LossTable(self.example_ids, tuple(self.steps), self._values[: len(self.steps)])
+
+    def _batch_ids(self, batch: Any, number: int, step: int) -> np.ndarray:
+        try:
+            raw = self.ids_fn(batch)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise InfluenceInputError(
+                f"{self.name}: batch {number} at step {step} carries no example ids ({type(exc).__name__}: {exc}); "
+                f"put them in the batch (default: batch[{ID_KEY!r}]) or pass ids_fn"
+            ) from None
+        ids = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InfluenceInputError(
+                f"{self.name}: batch {number} at step {step}: example ids must be a 1-d sequence of integers, "
+                f"got {ids.dtype} of shape {ids.shape}"
+            )
+        return ids.astype(np.int64, copy=False)
+
+    def _batch_losses(self, model, batch, ids: np.ndarray, number: int, step: int) -> torch.Tensor:
+        losses = self.loss_fn(model, batch)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (len(ids),):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise InfluenceInputError(
+                f"{self.name}: loss_fn returned {shape} for batch {number} of {len(ids)} examples at step {step}; "
+                "it must return one value per example, shape (B,)"
+            )
+        losses = losses.detach().to("cpu", torch.float32)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            first = int(ids[int(torch.argmin(finite.to(torch.int8)))])
+            raise InfluenceInputError(
+                f"{self.name}: loss_fn returned {int((~finite).sum())} NaN/inf loss(es) in batch {number} at step "
+                f"{step} (first at example_id {first})"
+            )
+        return losses
+
+    def _fix_ids(self, ids_seen: list[np.ndarray], step: int) -> None:
+        if not ids_seen:
+            raise InfluenceInputError(f"{self.name}: the batches are empty at step {step}")
+        ids = np.concatenate(ids_seen)
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(unique) != len(ids):
+            repeated = unique[counts > 1]
+            raise InfluenceInputError(
+                f"{self.name}: {len(repeated)} example id(s) appear more than once across batches, e.g. "
+                f"{repeated[:5].tolist()}; every example must come exactly once per pass (no shuffling "
+                "sampler that draws with replacement, no drop_last)"
+            )
+        self.example_ids = ids
+        self._values = torch.empty((self._capacity, len(ids)), dtype=torch.float32)
+
+    def _check_same_ids(self, ids: np.ndarray, offset: int, number: int, step: int) -> None:
+        expected = self.example_ids[offset : offset + len(ids)]
+        if len(expected) != len(ids) or not np.array_equal(expected, ids):
+            raise InfluenceInputError(
+                f"{self.name}: batch {number} at step {step} holds ids {ids[:5].tolist()}..., where step "
+                f"{self.steps[0]} had {expected[:5].tolist()}...; the set and its order must not change between "
+                "checkpoints (use shuffle=False)"
+            )
+
+    def _row(self, row: int) -> torch.Tensor:
+        if row == len(self._values):
+            self._values = torch.cat([self._values, torch.empty_like(self._values)])
+        return self._values[row]

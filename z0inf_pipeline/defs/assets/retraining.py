@@ -8,7 +8,7 @@ from ...influence.errors import InfluenceInputError
 from ...review import CuratedSet, retrain_config
 from ...tracking import train_and_log
 from ...tracking.logger import retrained_run_name
-from ...training import TrainConfig
+from ...training.lm import recipe_from_dict
 from ..config import RetrainConfig
 from ..metadata import rounded, run_id_of
 from ..partitions import PER_RUN
@@ -41,7 +41,7 @@ def retrained_run(
             f"run {parent.run_id}: has no training config (train_config.json), so its recipe cannot be retrained here"
         )
     curated = curated_from_frame(curated_training_set, training_run)
-    child_config = retrain_config(TrainConfig.from_dict(parent.train_config), curated)
+    child_config = retrain_config(recipe_from_dict(parent.train_config), curated)
     context.log.info(
         f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
     )

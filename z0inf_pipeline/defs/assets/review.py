@@ -10,6 +10,7 @@ from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
+from ...training.layout import TEXT_COLUMNS
 from ..config import FlagPolicyConfig
 from ..metadata import markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
@@ -132,6 +133,7 @@ def reviewer_view(queue: pd.DataFrame, all_scores: np.ndarray) -> pd.DataFrame:
             "predicted_probability": queue["predicted_probability"],
             "loss first -> last": [f"{a:.3g} -> {b:.3g}" for a, b in zip(queue["loss_first"], queue["loss_last"])],
             "decision": decision,
+            **{column: queue[column] for column in TEXT_COLUMNS if column in queue.columns},
         }
     )
 
@@ -140,8 +142,8 @@ def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
     """A grid of the flagged images with label and predicted label; None for data that are not images."""
     if run.train_config is None or flagged.empty:
         return None
-    config = TrainConfig.from_dict(run.train_config)
     try:
+        config = TrainConfig.from_dict(run.train_config)
         bundle = load_dataset(
             config.dataset,
             seed=config.seed,

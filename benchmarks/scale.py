@@ -1,0 +1,329 @@
+"""What the pipeline costs at the sizes teams have: contract runs at N = 10^4 and 10^5 training examples.
+
+    nice -n 10 python benchmarks/scale.py            # full sizes (about 15 minutes on 2 cores)
+    python benchmarks/scale.py --quick               # N = 10^3 / 10^4, D = 10^6: a smoke run
+    python benchmarks/scale.py --only topk gram      # some sections
+
+Sections, each figure printed next to its limit:
+
+- ``pipeline``: synthetic contract runs (M = N/10 probe examples, T = 20 checkpoints of D float32
+  weights, losses as real parquet files) logged to a SQLite MLflow store, then ``influence_job``
+  in a fresh process (its own peak RSS): wall time per asset and per data check;
+- ``topk``: train-test top-k at N = 10^6, M = 10^5, k = 10 against a bare GEMM of the same shape;
+- ``loss``: loss tables recorded from a DataLoader against a bare ``no_grad`` loop over the same loader;
+- ``gram``: the streaming Gram against a cold read of the same files and a bare in-memory float64 product.
+
+Timings on a shared machine swing with its load: read the ratios, which are measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimators import _evict, _peak_rss_bytes, median_seconds  # noqa: E402
+
+from z0inf_pipeline.influence import gram_matrix, save_checkpoint, train_test_topk  # noqa: E402
+from z0inf_pipeline.influence.estimators import _influence_features  # noqa: E402
+from z0inf_pipeline.influence.loss_tables import LossTable  # noqa: E402
+from z0inf_pipeline.training import layout  # noqa: E402
+from z0inf_pipeline.training.recording import BatchLossRecorder  # noqa: E402
+
+GB = 2**30
+T = 20
+CHECKS = ("loss_tables_are_valid", "gram_is_valid", "self_influence_is_valid", "train_test_influence_is_valid")
+
+
+def limit(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+# ---------------------------------------------------------------- synthetic runs and influence_job
+
+
+def write_run_folder(folder: Path, n_train: int, n_test: int, dim: int, seed: int) -> list[dict]:
+    """A contract run folder: T checkpoints of ``dim`` float32 weights drifting like training, loss tables
+    that fall over the steps, an examples table; returns the metric rows a producer logs."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(dim, generator=gen)
+    steps = [t * 50 for t in range(T)]
+    for step in steps:
+        state = {"body.weight": weights[: dim // 2].reshape(-1, 100), "head.weight": weights[dim // 2 :]}
+        save_checkpoint(folder / layout.checkpoint_name(step), state, step=step, learning_rate=0.1)
+        weights = weights + 0.01 * torch.randn(dim, generator=gen)
+    rows = []
+    tables = {}
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, n_train)):
+        decay = torch.linspace(1.0, 0.2, T)[:, None]
+        values = (decay * torch.rand(1, n, generator=gen) * 3 + 0.05 * torch.rand(T, n, generator=gen)).float()
+        table = LossTable(np.arange(offset, offset + n, dtype=np.int64), tuple(steps), values)
+        table.write(folder / (layout.TRAIN_LOSSES if split == "train" else layout.TEST_LOSSES))
+        tables[split] = values.double().mean(dim=1)
+    labels = np.random.default_rng(seed).integers(0, 10, n_train + n_test)
+    layout.write_examples(folder / layout.EXAMPLES, train_ids=np.arange(n_train), train_labels=labels[:n_train],
+                          original_train_labels=labels[:n_train], flipped_ids=np.array([], dtype=np.int64),
+                          test_ids=np.arange(n_train, n_train + n_test), test_labels=labels[n_train:])
+    layout.write_json(folder / layout.MODEL_SPEC, {"factory": "torch.nn:Identity", "kwargs": {}})
+    layout.write_manifest(folder)
+    for t, step in enumerate(steps):
+        rows.append({"step": step, "train_loss": float(tables["train"][t]), "test_loss": float(tables["test"][t])})
+    return rows
+
+
+def log_synthetic_run(tracking_uri: str, n_train: int, dim: int, work: Path) -> str:
+    from z0inf_pipeline.tracking.client import tracking_client
+    from z0inf_pipeline.tracking.contract import SOURCE_TAG
+    from z0inf_pipeline.tracking.logger import _RunWriter
+
+    folder = work / f"run-{n_train}"
+    rows = write_run_folder(folder, n_train, n_train // 10, dim, seed=n_train)
+    writer = _RunWriter(tracking_client(tracking_uri), "scale", run_name=f"synthetic-N{n_train}",
+                        tags={SOURCE_TAG: "benchmarks/scale.py"}, parent_run_id=None)
+    writer.log_params({"n_train": n_train, "n_test": n_train // 10})
+    for row in rows:
+        writer.log_row(row)
+    writer.finish(folder)
+    return writer.run_id
+
+
+def influence_child(run_id: str) -> None:
+    """In a fresh process: influence_job on the run; prints per-step seconds and this process's peak RSS."""
+    from z0inf_pipeline.cli.pipeline import dagster_instance, run_job
+
+    instance, _ = dagster_instance()
+    start = time.perf_counter()
+    outcome = run_job(instance, "influence_job", run_id)
+    print(json.dumps({"success": outcome.success, "seconds": time.perf_counter() - start,
+                      "steps": outcome.step_seconds, "failures": outcome.failures, "peak_rss": _peak_rss_bytes()}))
+
+
+def section_pipeline(args) -> None:
+    sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    dim = 1_000_000 if args.quick else 10_000_000
+    print(f"\n## influence_job on synthetic contract runs: T = {T}, D = {dim:,} float32, M = N/10")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="z0inf-scale-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "Z0INF_DATA_DIR": str(work / "data"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        (work / "dagster").mkdir()
+        (work / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        for n in sizes:
+            start = time.perf_counter()
+            run_id = log_synthetic_run(env["MLFLOW_TRACKING_URI"], n, dim, work)
+            print(f"N = {n:,}: run {run_id} generated and logged in {time.perf_counter() - start:.0f} s")
+            out = subprocess.run([sys.executable, __file__, "--influence-child", run_id], env=env,
+                                 capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode or not lines:
+                print(out.stdout[-3000:], out.stderr[-3000:])
+                raise SystemExit(f"influence_job child failed for N = {n}")
+            results[n] = json.loads(lines[-1])
+            if not results[n]["success"]:
+                print("\n".join(results[n]["failures"]))
+    for n, r in results.items():
+        assets = {k: v for k, v in r["steps"].items() if not any(k.endswith(c) for c in CHECKS)}
+        checks = {k: v for k, v in r["steps"].items() if k not in assets}
+        checked_assets = sum(v for k, v in assets.items() if k in ("loss_tables", "weight_gram", "self_influence",
+                                                                     "train_test_influence"))
+        print(f"\nN = {n:,}, M = {n // 10:,}: influence_job {r['seconds']:.1f} s "
+              f"({'succeeded' if r['success'] else 'FAILED'}), peak RSS {r['peak_rss'] / GB:.2f} GB")
+        for key, seconds in r["steps"].items():
+            print(f"  {seconds:7.2f} s  {key}")
+        print(f"  data checks {sum(checks.values()):.1f} s vs the assets they check {checked_assets:.1f} s "
+              f"(ratio {sum(checks.values()) / checked_assets:.2f}, limit <= 1: {limit(sum(checks.values()) <= checked_assets)})")
+        if n == 100_000:
+            print(f"  limits at N = 10^5, D = 10^7: time {r['seconds']:.0f} s <= 300 s: {limit(r['seconds'] <= 300)}; "
+                  f"peak RSS {r['peak_rss'] / GB:.2f} GB <= 3 GB: {limit(r['peak_rss'] <= 3 * GB)}")
+    small, large = sizes
+    ratio_n = large / small
+    print(f"\ngrowth from N = {small:,} to N = {large:,} (N ratio {ratio_n:.0f}; limit for stages linear in N: "
+          f"time ratio at most {1.3 * ratio_n:.0f}, i.e. N ratio + 30%; a ratio far below it means fixed costs "
+          "(process, MLflow, Dagster step) still dominate at these sizes)")
+    for key in results[small]["steps"]:
+        a, b = results[small]["steps"][key], results[large]["steps"].get(key, float("nan"))
+        kind = ("independent of N (D fixed)" if key.startswith("weight_gram") else
+                "N x M = N^2/10" if key.startswith("train_test_influence") else "linear in N")
+        verdict = limit(b / a <= 1.3 * ratio_n) if kind == "linear in N" else "-"
+        print(f"  {key:<60} {a:7.2f} s -> {b:7.2f} s  ratio {b / a:6.1f}  ({kind}) {verdict}")
+
+
+# ---------------------------------------------------------------- top-k vs a bare GEMM
+
+
+def topk_child(n: int, m: int, m_timed: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    weights = torch.randn(T, 64, generator=gen, dtype=torch.float64).cumsum(0)
+    gram = weights @ weights.T
+    train = (torch.rand(T, n, generator=gen) * torch.linspace(2, 0.2, T)[:, None]).float()
+    test = (torch.rand(T, m_timed, generator=gen) * torch.linspace(2, 0.2, T)[:, None]).float()
+    base = _peak_rss_bytes()
+    start = time.perf_counter()
+    train_test_topk(gram, train, test, k=10)
+    t_topk = time.perf_counter() - start
+    peak_topk = _peak_rss_bytes()
+    a, b = _influence_features(gram, train, test, 2, None, "order")
+    block = max(1, (1 << 26) // n)
+    start = time.perf_counter()
+    for s in range(0, m_timed, block):
+        torch.mm(b[s : s + block], a.T)  # the same products, blocks and layout; nothing selected
+    t_gemm = time.perf_counter() - start
+    print(json.dumps({"topk": t_topk, "gemm": t_gemm, "base": base, "peak": peak_topk}))
+
+
+def section_topk(args) -> None:
+    n, m = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
+    m_timed = m if args.quick else 10_000
+    print(f"\n## train-test top-k, N = {n:,}, M = {m:,}, k = 10, T = {T} (k = 2 neighbours: {2 * T} features)")
+    out = subprocess.run([sys.executable, __file__, "--topk-child", str(n), str(m), str(m_timed)],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.splitlines()[-1])
+    scale = m / m_timed
+    note = "" if scale == 1 else f" ({m_timed:,} test examples timed, x{scale:.0f}: blocks are independent, cost is linear in M)"
+    print(f"top-k {r['topk'] * scale:.1f} s vs bare GEMM of the same shape {r['gemm'] * scale:.1f} s{note}: "
+          f"ratio {r['topk'] / r['gemm']:.2f}x, limit <= 2x: {limit(r['topk'] <= 2 * r['gemm'])}")
+    print(f"peak RSS {r['peak'] / GB:.2f} GB (interpreter + torch {r['base'] / GB:.2f} GB), limit <= 2 GB: "
+          f"{limit(r['peak'] <= 2 * GB)}")
+
+
+# ---------------------------------------------------------------- loss tables from a DataLoader
+
+
+class GeneratedItems(Dataset):
+    """Examples generated item by item (nothing precomputed), as a Dataset that reads files would serve them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"example_id": i, "x": torch.randn(64, generator=g), "y": i % 10}
+
+
+def section_loss(args) -> None:
+    n = 5_000 if args.quick else 100_000  # a pass of about a second: shorter ones swing with the load
+    print(f"\n## loss tables from a DataLoader vs a bare no_grad loop over the same loader, N = {n:,}, 3-layer MLP")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    loader = DataLoader(GeneratedItems(n), batch_size=512)
+    cross_entropy = nn.CrossEntropyLoss(reduction="none")
+
+    def loss_fn(net, batch):
+        return cross_entropy(net(batch["x"]), batch["y"])
+
+    def bare():
+        with torch.no_grad():
+            return torch.cat([loss_fn(model, batch) for batch in loader])
+
+    recorder = BatchLossRecorder(loader, loss_fn, capacity=64, name="train")
+    step = iter(range(10**6))
+
+    def ours():
+        recorder.record(model, next(step))
+
+    t_bare, t_ours = [], []
+    for _ in range(7):  # interleaved, so load swings hit both alike
+        t_bare.append(median_seconds(bare, repeats=1, warmup=0))
+        t_ours.append(median_seconds(ours, repeats=1, warmup=0))
+    tb, to = statistics.median(t_bare), statistics.median(t_ours)
+    print(f"one pass: bare loop {tb:.2f} s | BatchLossRecorder {to:.2f} s (ratio {to / tb:.2f}x, limit <= 1.25x: "
+          f"{limit(to <= 1.25 * tb)})")
+
+
+# ---------------------------------------------------------------- streaming Gram vs its two limits
+
+
+def gram_child(kind: str, folder: str) -> None:
+    paths = sorted(Path(folder).glob("*.safetensors"))
+    start = time.perf_counter()
+    if kind == "gram":
+        gram_matrix(paths)
+    elif kind == "read":
+        buffer = bytearray(64 << 20)
+        for path in paths:
+            with open(path, "rb", buffering=0) as fh:
+                while fh.readinto(buffer):
+                    pass
+    else:  # the bare in-memory float64 product of the same values (loading not timed)
+        from safetensors.torch import load_file
+
+        w = torch.stack([torch.cat([t.reshape(-1) for t in load_file(str(p)).values()]).double() for p in paths])
+        w -= w[0].clone()
+        start = time.perf_counter()
+        w @ w.T
+    print(time.perf_counter() - start)
+
+
+def section_gram(args) -> None:
+    dim = 2_500_000 if args.quick else 10_000_000
+    print(f"\n## streaming Gram vs max(cold read, bare in-memory float64 product), T = {T}, D = {dim:,} float32")
+    with tempfile.TemporaryDirectory() as folder:
+        gen = torch.Generator().manual_seed(3)
+        w = torch.randn(dim, generator=gen)
+        for t in range(T):
+            save_checkpoint(Path(folder) / f"c{t:03d}.safetensors",
+                            {"a": w[: dim // 2].reshape(-1, 100), "b": w[dim // 2 :]}, step=t)
+            w = w + 0.01 * torch.randn(dim, generator=gen)
+        os.sync()
+
+        def child(kind: str, cold: bool) -> float:
+            if cold:
+                _evict(folder)
+            out = subprocess.run([sys.executable, __file__, "--gram-child", kind, folder],
+                                 capture_output=True, text=True, check=True)
+            return float(out.stdout.split()[-1])
+
+        for cold in (True, False):
+            child("read", False)
+            reads = [child("read", cold) for _ in range(3)]
+            grams = [child("gram", cold) for _ in range(3)]
+            product = [child("product", False) for _ in range(3)]
+            t_read, t_gram, t_product = (statistics.median(x) for x in (reads, grams, product))
+            bound = max(t_read, t_product)
+            label = "cold files" if cold else "files in the page cache"
+            print(f"{label:>24}: Gram {t_gram:.2f} s | read {t_read:.2f} s | in-memory float64 product "
+                  f"{t_product:.2f} s -> ratio {t_gram / bound:.2f}x of the larger, limit <= 1.5x: "
+                  f"{limit(t_gram <= 1.5 * bound)}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].endswith("-child"):
+        kind = sys.argv[1]
+        if kind == "--influence-child":
+            influence_child(sys.argv[2])
+        elif kind == "--topk-child":
+            topk_child(*map(int, sys.argv[2:5]))
+        else:
+            gram_child(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", nargs="+", choices=["pipeline", "topk", "loss", "gram"])
+    args = parser.parse_args()
+    print(f"# z0inf scale benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    for name, fn in {"pipeline": section_pipeline, "topk": section_topk, "loss": section_loss,
+                     "gram": section_gram}.items():
+        if not args.only or name in args.only:
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The LM recipe: the generated task, a real fine-tune logged as a contract run, and its retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+pytest.importorskip("transformers")
+
+from z0inf_pipeline.influence import InfluenceInputError  # noqa: E402
+from z0inf_pipeline.review import CuratedSet, retrain_config  # noqa: E402
+from z0inf_pipeline.tracking import fetch_run, train_and_log  # noqa: E402
+from z0inf_pipeline.training import TrainConfig  # noqa: E402
+import torch  # noqa: E402
+
+from z0inf_pipeline.training.lm import (  # noqa: E402
+    EOS,
+    VOCAB,
+    answer_accuracy,
+    IGNORE_INDEX,
+    LMRecipe,
+    SequenceDataset,
+    decode,
+    recipe_from_dict,
+    reversal_task,
+)
+
+SMALL = LMRecipe(n_train=60, n_probe=10, corrupt_fraction=0.2, pretrain_steps=5, epochs=1, checkpoints=3,
+                 batch_size=16, n_embd=16)
+
+
+def test_the_task_has_exactly_the_corrupted_fraction_wrong_and_probes_right():
+    train, probe = reversal_task(LMRecipe(n_train=500, n_probe=50, corrupt_fraction=0.1))
+    right = np.array([p[:-1][::-1] == t for p, t in zip(train["prompt"], train["target"])])
+    np.testing.assert_array_equal(~right, train["corrupted"].to_numpy())
+    assert train["corrupted"].sum() == 50 and not probe["corrupted"].any()
+    assert all(p[:-1][::-1] == t for p, t in zip(probe["prompt"], probe["target"]))
+    assert set(train["example_id"]).isdisjoint(probe["example_id"])
+
+
+def test_only_answer_tokens_are_labels():
+    train, _ = reversal_task(SMALL)
+    item = SequenceDataset(train, SMALL.sequence_length)[0]
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert labelled[-1] == EOS and decode(labelled) == train.at[0, "target"]
+    assert item["example_id"] == train.at[0, "example_id"]
+
+
+def test_recipes_round_trip_and_refuse_relabels():
+    assert recipe_from_dict(SMALL.to_dict()) == SMALL
+    assert recipe_from_dict(TrainConfig().to_dict()) == TrainConfig()
+    with pytest.raises(InfluenceInputError, match="relabels"):
+        retrain_config(SMALL, CuratedSet(pd.DataFrame(), (), {3: 1}))
+
+
+def test_a_logged_lm_run_retrains_without_the_dropped_examples(tracking_uri, tmp_path):
+    parent_id = train_and_log(SMALL, tracking_uri=tracking_uri)
+    parent = fetch_run(parent_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
+    assert parent.tags["z0inf.contract"] == "2" and len(parent.steps) == 3
+    examples = pd.read_parquet(parent.examples)
+    train = examples[examples.split == "train"]
+    assert train.flipped.sum() == 12 and train.prompt.str.endswith(">").all()
+    child_recipe = retrain_config(recipe_from_dict(parent.train_config), CuratedSet(pd.DataFrame(), (3, 7), {}))
+    child_id = train_and_log(child_recipe, tracking_uri=tracking_uri, parent_run_id=parent_id)
+    child = fetch_run(child_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
+    child_train = pd.read_parquet(child.examples).query("split == 'train'")
+    assert set(train.example_id) - set(child_train.example_id) == {3, 7}
+    assert child.tags["z0inf.parent_run_id"] == parent_id and child.train_config["exclude_ids"] == [3, 7]
+    assert 0.0 <= MlflowClient(tracking_uri).get_run(child_id).data.metrics["test_accuracy"] <= 1.0
+
+
+def test_answer_accuracy_counts_whole_answers():
+    train, _ = reversal_task(SMALL)
+    dataset = SequenceDataset(train.head(4), SMALL.sequence_length)
+    batch = {k: torch.stack([dataset[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask", "labels")}
+
+    class Oracle(torch.nn.Module):
+        """Predicts the next token of each sequence exactly, except one answer token of sequence 2."""
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.full((*input_ids.shape, len(VOCAB)), -10.0)
+            nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+            logits.scatter_(2, nxt[..., None], 10.0)
+            logits[2, SMALL.sequence_length - 4] = 0.0  # inside sequence 2's answer: argmax now token 0
+            return type("Out", (), {"logits": logits})()
+
+    assert answer_accuracy(Oracle(), [batch]) == 0.75

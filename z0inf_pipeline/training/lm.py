@@ -1,0 +1,240 @@
+"""The paper's setting, offline and small: fine-tuning a tiny causal LM, with some answers wrong on purpose.
+
+A GPT-2-style model (random init, ~10^5 parameters, nothing downloaded) is pretrained briefly on
+a generated copying corpus, then fine-tuned through ``Z0InfCallback`` and a real
+``transformers.Trainer`` on string reversal (prompt ``"abcde>"``, answer ``"edcba"``), where a
+known fraction of the training answers is replaced by a random string. The run carries the
+recipe as its ``train_config.json`` (``"recipe": "lm"``), so ``retrained_run`` can fine-tune it
+again without the dropped examples. Needs the ``[hf]`` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..influence.devices import single_thread
+from ..influence.errors import InfluenceInputError
+
+RECIPE = "lm"
+ALPHABET = "abcdefgh"
+# 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
+VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
+PAD, BOS, EOS = 0, 1, 2
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LMRecipe:
+    """String reversal fine-tuning of a pretrained tiny GPT-2, ``corrupt_fraction`` of answers wrong."""
+
+    recipe: str = RECIPE
+    seed: int = 0
+    n_train: int = 1200
+    n_probe: int = 200
+    string_length: int = 5
+    corrupt_fraction: float = 0.1
+    pretrain_steps: int = 300
+    epochs: int = 4
+    checkpoints: int = 12
+    lr: float = 2e-3
+    batch_size: int = 32
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 2
+    exclude_ids: tuple[int, ...] = ()
+    relabels: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude_ids", tuple(int(i) for i in self.exclude_ids))
+        object.__setattr__(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
+        checks = [
+            (self.recipe == RECIPE, "recipe", repr(RECIPE)),
+            (self.relabels == (), "relabels", "empty: a sequence answer has no class to relabel to (drop it instead)"),
+            (0.0 <= self.corrupt_fraction < 1.0, "corrupt_fraction", "in [0, 1)"),
+            (self.n_train >= 2 and self.n_probe >= 1, "n_train", "at least 2 (and n_probe at least 1)"),
+            (self.checkpoints >= 2, "checkpoints", "at least 2"),
+            (2 <= self.string_length <= 8, "string_length", "between 2 and 8"),
+        ]
+        broken = next(((name, expected) for ok, name, expected in checks if not ok), None)
+        if broken:
+            raise InfluenceInputError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # JSON as train_config.json holds it: tuples become lists
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMRecipe":
+        if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
+            raise InfluenceInputError(f"lm recipe: unknown field(s) {unknown}")
+        return cls(**d)
+
+    @property
+    def sequence_length(self) -> int:
+        return 2 * self.string_length + 3  # <s> prompt > answer </s>
+
+
+# The LM demo: 1,200 reversal prompts, 10% of the answers wrong, 12 checkpoints over 4 epochs.
+LM_DEMO_RECIPE = LMRecipe()
+
+
+def recipe_from_dict(config: dict):
+    """A run's ``train_config.json`` as the recipe object that retrains it: ``LMRecipe`` when it says
+    ``"recipe": "lm"``, else ``TrainConfig``."""
+    from .trainer import TrainConfig
+
+    return LMRecipe.from_dict(config) if config.get("recipe") == RECIPE else TrainConfig.from_dict(config)
+
+
+def encode(text: str) -> list[int]:
+    return [VOCAB.index(ch) for ch in text]
+
+
+def decode(ids) -> str:
+    return "".join(VOCAB[i] for i in ids if i > EOS)
+
+
+def build_model(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> torch.nn.Module:
+    """The recipe's network, randomly initialised (the model spec's factory)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(VOCAB), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return GPT2LMHeadModel(config)
+
+
+def model_kwargs(recipe: LMRecipe) -> dict:
+    return {"n_embd": recipe.n_embd, "n_layer": recipe.n_layer, "n_head": recipe.n_head,
+            "n_positions": recipe.sequence_length}
+
+
+def reversal_task(recipe: LMRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, probe) frames: ``example_id``, ``prompt``, ``target`` (as trained), ``corrupted``. Probe
+    answers are always right; a ``corrupt_fraction`` of training answers is a random other string."""
+    rng = np.random.default_rng(recipe.seed)
+    total = recipe.n_train + recipe.n_probe
+    letters = rng.integers(0, len(ALPHABET), size=(total, recipe.string_length))
+    strings = ["".join(ALPHABET[i] for i in row) for row in letters]
+    targets = [s[::-1] for s in strings]
+    corrupted = np.zeros(total, dtype=bool)
+    corrupted[rng.choice(recipe.n_train, size=round(recipe.corrupt_fraction * recipe.n_train), replace=False)] = True
+    for i in np.flatnonzero(corrupted):
+        wrong = "".join(ALPHABET[j] for j in rng.integers(0, len(ALPHABET), size=recipe.string_length))
+        targets[i] = wrong if wrong != targets[i] else wrong[1:] + wrong[:1]
+    frame = pd.DataFrame({"example_id": np.arange(total, dtype=np.int64), "prompt": [s + ">" for s in strings],
+                          "target": targets, "corrupted": corrupted})
+    return frame.iloc[: recipe.n_train].reset_index(drop=True), frame.iloc[recipe.n_train :].reset_index(drop=True)
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Prompt/answer pairs as fixed-length token sequences; only the answer tokens (and </s>) are labels."""
+
+    def __init__(self, frame: pd.DataFrame, length: int) -> None:
+        self.ids = frame["example_id"].to_numpy(np.int64)
+        self.prompts, self.targets, self.length = list(frame["prompt"]), list(frame["target"]), length
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        prompt, answer = [BOS, *encode(self.prompts[index])], [*encode(self.targets[index]), EOS]
+        tokens = prompt + answer
+        pad = self.length - len(tokens)
+        labels = [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * pad
+        return {"example_id": int(self.ids[index]), "input_ids": torch.tensor(tokens + [PAD] * pad),
+                "attention_mask": torch.tensor([1] * len(tokens) + [0] * pad), "labels": torch.tensor(labels)}
+
+
+def answer_accuracy(model: torch.nn.Module, batches) -> float:
+    """Share of examples whose every answer token (and </s>) is the model's top prediction, teacher-forced."""
+    right = total = 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        wrong = (logits.argmax(dim=-1) != labels) & (labels != IGNORE_INDEX)
+        right += int((~wrong.any(dim=1)).sum())
+        total += len(labels)
+    return right / total
+
+
+def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
+    """The base model: random init, then ``pretrain_steps`` of next-token training on generated copying
+    text (``"abcde=abcde"``). Deterministic in the seed, so a retraining starts from the same base."""
+    torch.manual_seed(recipe.seed)
+    model = build_model(**model_kwargs(recipe))
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    model.train()
+    for _ in range(recipe.pretrain_steps):
+        letters = torch.randint(3 + 2, len(VOCAB), (recipe.batch_size, recipe.string_length), generator=generator)
+        tokens = torch.cat([torch.full((recipe.batch_size, 1), BOS), letters,
+                            torch.full((recipe.batch_size, 1), VOCAB.index("=")), letters,
+                            torch.full((recipe.batch_size, 1), EOS)], dim=1)
+        logits = model(input_ids=tokens).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def train_and_log_lm(
+    recipe: LMRecipe,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = "z0inf",
+    parent_run_id: str | None = None,
+    tags: dict | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
+    return the contract run's id."""
+    with single_thread():
+        return _train_and_log_lm(recipe, tracking_uri=tracking_uri, experiment=experiment,
+                                 parent_run_id=parent_run_id, tags=tags, run_name=run_name)
+
+
+def _train_and_log_lm(recipe: LMRecipe, *, tracking_uri, experiment, parent_run_id, tags, run_name) -> str:
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from ..integrations.hf import Z0InfCallback, id_batches
+    from ..tracking.contract import SOURCE_TAG
+
+    train, probe = reversal_task(recipe)
+    train = train[~train["example_id"].isin(recipe.exclude_ids)].reset_index(drop=True)
+    train_set, probe_set = (SequenceDataset(f, recipe.sequence_length) for f in (train, probe))
+    model = pretrained_model(recipe)
+    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
+    probe_batches = id_batches(probe_set, default_data_collator, 256)
+    callback = Z0InfCallback(
+        train_batches=id_batches(train_set, default_data_collator, 256),
+        probe_batches=probe_batches,
+        metrics_fn=lambda net: {"test_accuracy": answer_accuracy(net, probe_batches)},
+        num_checkpoints=recipe.checkpoints,
+        model_spec={"factory": f"{__name__}:build_model", "kwargs": model_kwargs(recipe)},
+        examples=pd.concat([train, probe])[["example_id", "prompt", "target"]],
+        flipped_ids=train.loc[train["corrupted"], "example_id"].to_numpy(),
+        train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
+        run_name=run_name or f"lm-reversal-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
+        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset="generated-reversal",
+        params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
+    )
+    with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=recipe.epochs * steps_per_epoch, per_device_train_batch_size=recipe.batch_size,
+            learning_rate=recipe.lr, lr_scheduler_type="cosine", weight_decay=0.0, seed=recipe.seed,
+            report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
+            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
+                          callbacks=[callback])
+        with callback:
+            trainer.train()
+    return callback.run_id
