@@ -6,8 +6,11 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 import pytest
 
+from z0inf_pipeline.review import FlagPolicy
 from z0inf_pipeline.tracking import train_and_log
 from z0inf_pipeline.training import TrainConfig
 
@@ -24,6 +27,27 @@ STAGES = [
     "curated_training_set",
     "retrained_run",
 ]
+
+
+def flagged_by_default_policy(scores: pd.DataFrame) -> set[int]:
+    """The example ids the default flag policy flags in a fresh run, recomputed with scikit-learn's EM
+    (not the pipeline's): the high component of a two-Gaussian mixture on mean_loss, posterior > 0.5
+    and above the low mean, at most ``max_flagged`` highest. Started as the policy documents (lower
+    half, top tenth) so that both fits find the same optimum."""
+    from sklearn.mixture import GaussianMixture
+
+    policy = FlagPolicy()
+    assert (policy.score, policy.method, policy.posterior) == ("mean_loss", "mixture", 0.5), "defaults changed"
+    x = scores["mean_loss"].to_numpy(dtype=np.float64)
+    groups = [x[x <= np.quantile(x, 0.5)], x[x >= np.quantile(x, 0.9)]]
+    mixture = GaussianMixture(
+        2, tol=1e-12, max_iter=2000, reg_covar=1e-6 * x.var(),
+        weights_init=[0.9, 0.1], means_init=[[g.mean()] for g in groups], precisions_init=[[[1 / g.var()]] for g in groups],
+    ).fit(x[:, None])
+    high, low = np.argmax(mixture.means_[:, 0]), np.argmin(mixture.means_[:, 0])
+    flagged = (mixture.predict_proba(x[:, None])[:, high] > 0.5) & (x > mixture.means_[low, 0])
+    ids = scores["example_id"].to_numpy()[flagged]
+    return set(ids[np.argsort(-x[flagged], kind="stable")[: policy.max_flagged]].tolist())
 
 
 def pytest_configure(config):

@@ -11,12 +11,11 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
-from z0inf_pipeline.influence.signals import flag_score
-from z0inf_pipeline.review import FlagPolicy, RunLayout, read_review_queue
+from z0inf_pipeline.review import RunLayout, read_review_queue
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
-from .conftest import STAGES, TINY, execute
+from .conftest import STAGES, TINY, execute, flagged_by_default_policy
 
 GATE_OPEN = {"ops": {"review_queue": {"config": {"max_unreviewed_fraction": 1.0}}}}
 
@@ -51,8 +50,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     metrics = client.get_run(contract_run).data.metrics
     scores = pd.read_parquet(layout.self_influence)
     si = scores["self_influence"].to_numpy()
-    flag = flag_score(scores, FlagPolicy().score)  # the default flag score, cut at the configured quantile
-    expected_flagged = set(scores.loc[flag > np.quantile(flag, 0.9), "example_id"])
+    expected_flagged = flagged_by_default_policy(scores)
     assert metrics["z0inf.self_influence_q90"] == pytest.approx(np.quantile(si, 0.9))
     assert metrics["z0inf.self_influence_max"] == pytest.approx(si.max())
     assert metrics["z0inf.flagged_fraction"] == pytest.approx(len(expected_flagged) / len(si))
@@ -105,7 +103,7 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
         if m.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     ]
     metadata = queue_events[0].event_specific_data.materialization.metadata
-    assert metadata["review_queue"].value.startswith("| rank | example_id | self_influence | percentile |")
+    assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | flagged_by |")
     run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
     assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
     assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text

@@ -40,9 +40,12 @@ def test_a_reused_gram_must_come_from_the_same_parameters_and_checkpoints(files,
     assert f"gram file {head_gram}: was computed from parameters ['head.bias', 'head.weight'], not the selected" in err
 
     # the same selection is accepted, and gives the scores of the checkpoints themselves
-    code, err = cli(capsys, "self-influence", folder, train_path, "-o", out, "--gram", head_gram, "--parameters", "head.*")
+    # (every checkpoint and explicit estimator settings, so the expected scores do not follow the defaults)
+    estimator = dict(neighbors=2, neighbor_rule="order")
+    code, err = cli(capsys, "self-influence", folder, train_path, "-o", out, "--gram", head_gram, "--parameters", "head.*",
+                    "--warmup-fraction", "0", "--neighbors", "2", "--neighbor-rule", "order")
     assert code == 0, err
-    expected = self_influence(gram_matrix(folder, parameters=["head.*"]), train.values).numpy()
+    expected = self_influence(gram_matrix(folder, parameters=["head.*"]), train.values, **estimator).numpy()
     np.testing.assert_allclose(pd.read_parquet(out)["self_influence"], expected, rtol=1e-6)
 
     # other checkpoints with the same steps (another run): refused, naming the steps that differ

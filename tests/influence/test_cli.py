@@ -36,21 +36,26 @@ def test_help_answers_for_every_command():
 
 def test_cli_scores_match_the_library(run_files, tmp_path):
     folder, train, train_path, test, test_path = run_files
-    keep = torch.from_numpy(warmup_window(train.steps, InfluenceArguments().warmup_fraction))  # the default window
+    defaults = InfluenceArguments()
+    keep = torch.from_numpy(warmup_window(train.steps, defaults.warmup_fraction))  # the default window
     G = gram_matrix(folder)[keep][:, keep]
     train_values, test_values = train.values[keep], test.values[keep]
+    # 5 checkpoints, 4 in the window: the default k = 12 is lowered to the 3 other checkpoints.
+    assert len(keep) == 4 and defaults.neighbors > 3
+    estimator = dict(neighbors=3, neighbor_rule=defaults.neighbor_rule)
     assert run_cli("gram", folder, "-o", tmp_path / "g.parquet").returncode == 0
     result = run_cli("self-influence", folder, train_path, "-o", tmp_path / "si.parquet", "--gram", tmp_path / "g.parquet")
     assert result.returncode == 0, result.stderr
+    assert "NeighborsClampedWarning" in result.stderr and "using k=3" in result.stderr
     si = pd.read_parquet(tmp_path / "si.parquet")
     np.testing.assert_array_equal(si["example_id"], train.example_ids)
     np.testing.assert_allclose(si["mean_loss"], train.values.mean(dim=0).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(si["self_influence"], self_influence(G, train_values).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(si["self_influence"], self_influence(G, train_values, **estimator).numpy(), rtol=1e-6)
 
     result = run_cli("train-test", folder, train_path, test_path, "-o", tmp_path / "tt.parquet", "-k", "3")
     assert result.returncode == 0, result.stderr
     top = pd.read_parquet(tmp_path / "tt.parquet")
-    full = train_test_influence(G, train_values, test_values).numpy()  # (N, M)
+    full = train_test_influence(G, train_values, test_values, **estimator).numpy()  # (N, M)
     for m, test_id in enumerate(test.example_ids):
         rows = top[top["test_example_id"] == test_id].sort_values("rank")
         np.testing.assert_array_equal(rows["proponent_id"], train.example_ids[np.argsort(-full[:, m], kind="stable")[:3]])
@@ -69,8 +74,8 @@ def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
     result = run_cli("self-influence", folder, train_path, "-o", out)
     assert result.returncode == 2 and "both claim step 0" in result.stderr
     (folder / "extra.safetensors").unlink()
-    result = run_cli("self-influence", folder, train_path, "-o", out, "--neighbors", "5")
-    assert result.returncode == 2 and "neighbors must be" in result.stderr
+    result = run_cli("self-influence", folder, train_path, "-o", out, "--neighbors", "0")
+    assert result.returncode == 2 and "neighbors=0 must be at least 1" in result.stderr
     shifted = LossTable(train.example_ids, (0, 10, 20, 30, 45), train.values).write(tmp_path / "shifted.parquet")
     result = run_cli("self-influence", folder, shifted, "-o", out)
     assert result.returncode == 2 and "shifted.parquet" in result.stderr

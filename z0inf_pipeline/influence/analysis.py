@@ -50,7 +50,8 @@ class InfluenceArguments:
     center: bool = field(default=True, metadata={"help": "centre the weights over checkpoints before W W^T"})
     neighbors: int = field(
         default=12,
-        metadata={"help": "k neighbouring checkpoints per checkpoint (the window must hold at least k + 1)"},
+        metadata={"help": "k neighbouring checkpoints per checkpoint (a window of at most k checkpoints uses all "
+                  "the others, with a warning)"},
     )
     neighbor_rule: NeighborRule = field(
         default="distance",
@@ -223,7 +224,7 @@ class InfluenceAnalysis:
                 f"neighbors={self.args.neighbors} but the checkpoint window holds {available + 1} checkpoints: "
                 f"using k={available}",
                 NeighborsClampedWarning,
-                stacklevel=2,
+                stacklevel=3,  # past functools' cached_property, to the estimate that asked
             )
         return min(self.args.neighbors, available)
 
