@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
+from ..influence.signals import signal
 from .evidence import RunEvidence, short_number, sparkline_svg
 
 
@@ -26,7 +27,8 @@ def training_cards(
 ) -> list[dict]:
     """Cards for training examples, in the order given.
 
-    ``current``: the decisions in force for the run (``DecisionStore.current``); ``history``: every
+    ``current``: the decisions in force for the run (``RunReview.decisions``, with ``decided_on_run``
+    when a decision was made on an earlier run of the lineage); ``history``: every
     decision on the run and the runs it was retrained from (``run_id`` plus the store's columns),
     oldest first; ``scores``: an influence score to show on each card (the test-example view).
     """
@@ -35,6 +37,8 @@ def training_cards(
     examples = evidence.examples
     predictions = evidence.predictions
     ranks = evidence.signal_ranks
+    standing = evidence.flag_standing
+    total = int(evidence.info.get("training_examples", len(examples)))
     losses = evidence.loss_trajectories(ids)
     payloads = evidence.payloads(ids)
     effects = evidence.effects(ids)
@@ -47,7 +51,7 @@ def training_cards(
     cards = []
     for i in ids:
         label = int(examples.at[i, "label"])
-        predicted = _prediction(predictions, i)
+        predicted = _prediction(predictions, i, queue)
         trajectory = losses.get(i, np.array([]))
         decision = decided.loc[i] if i in decided.index else None
         helps, hurts = effects[i]
@@ -56,10 +60,11 @@ def training_cards(
                 "id": i,
                 "in_queue": i in queue.index,
                 "rank": int(queue.at[i, "rank"]) if i in queue.index else None,
+                "flag": _flag(standing, i, total, evidence.info["policy"]["score"]),
                 "label": label,
                 "label_name": names[label] if label < len(names) else str(label),
                 "predicted": predicted[0],
-                "confidence": predicted[1],
+                "probability": predicted[1],
                 "disagrees": predicted[0] is not None and predicted[0] != label,
                 "signals": _signals(ranks, i),
                 "flagged_by": evidence.flagged_by(i) if i in queue.index else (),
@@ -70,7 +75,7 @@ def training_cards(
                 "payload": payloads.get(i),
                 "helps": [dict(test_cards[int(t)], score=short_number(s)) for t, s in helps.itertuples(index=False)],
                 "hurts": [dict(test_cards[int(t)], score=short_number(s)) for t, s in hurts.itertuples(index=False)],
-                "decision": None if decision is None else _decision(decision),
+                "decision": None if decision is None else _decision(decision, evidence.run_id),
                 "history": [] if i not in by_example else _history(by_example[i], evidence.run_id),
             }
         )
@@ -83,14 +88,14 @@ def test_example_cards(evidence: RunEvidence, example_ids) -> list[dict]:
     payloads = evidence.payloads(ids)
     cards = []
     for i in ids:
-        predicted, confidence = _prediction(evidence.predictions, i)
+        predicted, probability = _prediction(evidence.predictions, i)
         label = int(evidence.examples.at[i, "label"]) if i in evidence.examples.index else None
         cards.append(
             {
                 "id": i,
                 "label": label,
                 "predicted": predicted,
-                "confidence": confidence,
+                "probability": probability,
                 "wrong": predicted is not None and label is not None and predicted != label,
                 "payload": payloads.get(i),
             }
@@ -98,11 +103,31 @@ def test_example_cards(evidence: RunEvidence, example_ids) -> list[dict]:
     return cards
 
 
-def _prediction(predictions: pd.DataFrame | None, example_id: int) -> tuple[int | None, str]:
+def _prediction(predictions: pd.DataFrame | None, example_id: int, queue: pd.DataFrame | None = None) -> tuple[int | None, str]:
+    """(predicted label, the model's probability of it): the queue's ``predicted_probability`` for a
+    flagged example, else the predictions file's (where that column is still called ``confidence``;
+    the queue's ``confidence`` is the data-map signal)."""
+    if queue is not None and example_id in queue.index and pd.notna(queue.at[example_id, "predicted_label"]):
+        row = queue.loc[example_id]
+        return int(row["predicted_label"]), short_number(row["predicted_probability"])
     if predictions is None or example_id not in predictions.index:
         return None, ""
     row = predictions.loc[example_id]
     return int(row["predicted_label"]), short_number(row["confidence"])
+
+
+def _flag(standing: pd.DataFrame, example_id: int, total: int, score_name: str) -> dict | None:
+    """The flag score of a queued example with its percentile and rank among all training examples."""
+    if example_id not in standing.index:
+        return None
+    row = standing.loc[example_id]
+    return {
+        "name": score_name,
+        "score": short_number(row["score"]),
+        "percentile": "" if pd.isna(row["percentile"]) else f"{row['percentile']:.1f}",
+        "rank": None if pd.isna(row["rank"]) else int(row["rank"]),
+        "of": total,
+    }
 
 
 def _signals(ranks: pd.DataFrame, example_id: int) -> list[dict]:
@@ -116,13 +141,17 @@ def _signals(ranks: pd.DataFrame, example_id: int) -> list[dict]:
             "value": short_number(row[(name, "value")]),
             "rank": "" if pd.isna(row[(name, "rank")]) else int(row[(name, "rank")]),
             "of": int(row[(name, "of")]),
+            "meaning": signal(name).meaning,
         }
         for name in names
     ]
 
 
-def _decision(row: pd.Series) -> dict:
+def _decision(row: pd.Series, run_id: str) -> dict:
+    """A decision in force; ``carried_from``: the earlier run of the lineage it was made on, if any."""
+    made_on = row.get("decided_on_run")
     return {
+        "carried_from": made_on if isinstance(made_on, str) and made_on != run_id else None,
         "text": decision_text(row["action"], row["label"]),
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),
@@ -137,7 +166,7 @@ def _history(rows: pd.DataFrame, run_id: str) -> list[dict]:
         {
             "run_id": row["run_id"],
             "carried": row["run_id"] != run_id,
-            **_decision(row),
+            **_decision(row, row["run_id"]),
         }
         for _, row in rows.iterrows()
     ]

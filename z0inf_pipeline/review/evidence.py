@@ -15,15 +15,10 @@ import pandas as pd
 
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import step_column, steps_of
+from ..influence.signals import SIGNAL_COLUMNS, flag_score
 from .layout import RunLayout
 from .queue import read_review_queue
 
-# Queue columns that describe the example or its decision; every other numeric column is a flag signal.
-_NOT_SIGNALS = {
-    "rank", "example_id", "label", "predicted_label", "confidence", "original_label", "flipped",
-    "loss_first", "loss_last", "decision_label",
-}
-_RANK_SUFFIX = "_rank"
 EFFECTS_SHOWN = 3
 TEXT_LIMIT = 600
 FEATURES_SHOWN = 16
@@ -91,49 +86,43 @@ class RunEvidence:
 
     @cached_property
     def signal_columns(self) -> list[str]:
-        """Numeric queue columns that score an example (``self_influence``, ``robust_z``, any added later)."""
-        return [
-            c
-            for c in self.queue.columns
-            if c not in _NOT_SIGNALS
-            and not c.endswith(_RANK_SUFFIX)
-            and pd.api.types.is_numeric_dtype(self.queue[c])
-            and not pd.api.types.is_bool_dtype(self.queue[c])
-        ]
+        """The signals of ``influence.signals`` that this run defines (confidence and variability are
+        undefined for a loss that is not cross-entropy)."""
+        return [c for c in SIGNAL_COLUMNS if c in self.queue.columns and self.queue[c].notna().any()]
 
     @cached_property
     def signal_ranks(self) -> pd.DataFrame:
-        """(value, rank, out of) per signal for every queued id: the queue's own ``<signal>_rank`` when it
-        has one, else the rank among all training examples when the score file holds the signal, else
-        the rank within the queue (1 = highest)."""
+        """(value, rank, out of) per defined signal for every queued id: the rank among all training
+        examples that the queue carries (``<signal>_rank``, 1 = most suspicious)."""
         queue = self.queue.set_index("example_id")
+        total = int(self.info.get("training_examples", len(queue)))
         columns = {}
         for name in self.signal_columns:
-            if f"{name}{_RANK_SUFFIX}" in queue.columns:
-                rank, total = queue[f"{name}{_RANK_SUFFIX}"], self.info.get("training_examples", len(queue))
-            elif self.all_scores is not None and name in self.all_scores.columns:
-                ranked = self.all_scores[name].rank(ascending=False, method="min")
-                rank, total = ranked.reindex(queue.index), len(ranked)
-            else:
-                rank, total = queue[name].rank(ascending=False, method="min"), len(queue)
             columns[(name, "value")] = queue[name]
-            columns[(name, "rank")] = rank
+            columns[(name, "rank")] = queue[f"{name}_rank"]
             columns[(name, "of")] = total
         return pd.DataFrame(columns, index=queue.index)
 
+    @cached_property
+    def flag_standing(self) -> pd.DataFrame:
+        """Per queued id: its flag score, the score's percentile among all training examples and its
+        rank among them (1 = highest); percentile and rank are missing without the run's score file."""
+        queue = self.queue.set_index("example_id")
+        standing = pd.DataFrame({"score": queue["flag_score"], "percentile": np.nan, "rank": np.nan}, index=queue.index)
+        if self.all_scores is not None:
+            everyone = flag_score(self.all_scores, self.info["policy"]["score"])
+            standing["percentile"], standing["rank"] = flag_score_standing(standing["score"], everyone)
+        return standing
+
     def flagged_by(self, example_id: int) -> tuple[str, ...]:
-        """The signals that flagged the example, when the queue says so (a ``flagged_by`` column)."""
-        if "flagged_by" not in self.queue.columns:
-            return ()
-        value = self.queue.set_index("example_id").at[example_id, "flagged_by"]
-        return split_names(value)
+        """The signals that flag the example on their own under the run's policy (``flagged_by``)."""
+        return split_names(self.queue.set_index("example_id").at[example_id, "flagged_by"])
 
     @cached_property
     def flag_signal_names(self) -> tuple[str, ...]:
-        """Every signal named in the ``flagged_by`` column (empty when the queue has none)."""
-        if "flagged_by" not in self.queue.columns:
-            return ()
-        return tuple(sorted({n for value in self.queue["flagged_by"] for n in split_names(value)}))
+        """The signals that flag at least one queued example on their own, in ``SIGNAL_COLUMNS`` order."""
+        named = {n for value in self.queue["flagged_by"] for n in split_names(value)}
+        return tuple(c for c in SIGNAL_COLUMNS if c in named)
 
     @cached_property
     def loss_steps(self) -> list[int]:
@@ -242,6 +231,16 @@ def _strongest(top: pd.DataFrame, id_column: str, score_column: str, ids: np.nda
     rows = rows.sort_values(score_column, ascending=ascending, kind="stable").groupby(id_column).head(EFFECTS_SHOWN)
     rows = rows.rename(columns={score_column: "score"})
     return {int(i): group[["test_example_id", "score"]].reset_index(drop=True) for i, group in rows.groupby(id_column)}
+
+
+def flag_score_standing(scores, all_scores) -> tuple[np.ndarray, np.ndarray]:
+    """(percentile, rank) of each of ``scores`` among ``all_scores`` (every training example's flag
+    score): the percentage of training examples scoring at most as high, and 1 + the number scoring
+    higher. Reviewers read "99.3rd percentile, #7 of 900" more easily than a raw score or a robust z."""
+    ordered = np.sort(np.asarray(all_scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)
+    at_most = np.searchsorted(ordered, scores, side="right")
+    return 100.0 * at_most / max(len(ordered), 1), len(ordered) - at_most + 1
 
 
 def split_names(value) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
 
 from ...conftest import _stop
@@ -92,8 +93,30 @@ def test_every_flagged_example_is_a_card_with_its_evidence(analysed_run, server,
     assert card.find_element(By.CSS_SELECTOR, "img.payload").get_attribute("src").startswith("data:image/png;base64,")
     text = card.text
     assert f"label {top['label']}" in text
-    assert f"predicted {predictions.at[top['example_id'], 'predicted_label']}" in text
-    assert f"{top['self_influence']:.3g}" in text and "#1 of" in text
+    # the prediction with the model's probability of it, from the predictions file
+    predicted = predictions.loc[top["example_id"]]
+    assert f"predicted {predicted['predicted_label']} (p {predicted['confidence']:.3g})" in text
+    # the flag score with its percentile and rank among all training examples, from the score file
+    info = read_review_queue(layout.review_queue)[1]
+    scores = pd.read_parquet(layout.self_influence)
+    assert info["policy"]["score"] == "mean_loss"  # the default policy: a mixture on mean_loss
+    everyone = scores["mean_loss"].to_numpy()
+    percentile = 100 * np.mean(everyone <= top["flag_score"])
+    rank = int(np.sum(everyone > top["flag_score"])) + 1
+    assert f"flag score {top['flag_score']:.3g} mean_loss · {percentile:.1f}th percentile · #{rank} of {len(scores)}" in text
+    assert "robust" not in text.lower()
+    # every signal with its rank among all training examples (1 = most suspicious; low confidence is)
+    rows = {r.find_element(By.TAG_NAME, "th").text: r for r in card.find_elements(By.CSS_SELECTOR, "table.signals tr")}
+    assert list(rows) == list(SIGNAL_COLUMNS)
+    me = scores["example_id"] == top["example_id"]
+    for name in SIGNAL_COLUMNS:
+        oriented = -scores[name] if name == "confidence" else scores[name]
+        expected_rank = int((oriented > oriented[me].iloc[0]).sum()) + 1
+        assert rows[name].text == f"{name} {scores.loc[me, name].iloc[0]:.3g} #{expected_rank} of {len(scores)}"
+    # the signals that flag it on their own are named and stand out in the table
+    flagging = [r for r, row in rows.items() if "flagging" in (row.get_attribute("class") or "")]
+    assert flagging == [n for n in SIGNAL_COLUMNS if n in top["flagged_by"].split(", ")] and "mean_loss" in flagging
+    assert f"flagged by {top['flagged_by']}" in text
     assert card.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
     # the test examples it helps most are the ones where it is a proponent with the highest scores
     topk = pd.read_parquet(layout.topk)
@@ -142,7 +165,17 @@ def test_decisions_by_click_and_by_key_reach_the_store(analysed_run, server, pag
     label = int(queue["label"].iloc[0])
     page.get(f"{server.url}/runs/{analysed_run.run_id}?cls={label}")
     shown = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
-    assert shown == queue.loc[queue["label"] == label, "example_id"].tolist()
+    assert shown == queue.loc[queue["label"] == label, "example_id"].tolist()[:100]
+    # the signal filter offers every signal: the examples it flags on its own, most suspicious by it
+    # first (highest loss, lowest confidence), computed here from the values, not the queue's ranks
+    offered = [o.get_attribute("value") for o in page.find_elements(By.CSS_SELECTOR, "select[name=signal] option")]
+    assert offered == ["", *SIGNAL_COLUMNS]
+    for name in ("final_loss", "confidence"):
+        page.get(f"{server.url}/runs/{analysed_run.run_id}?signal={name}")
+        shown = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
+        by_it = queue[[name in v.split(", ") for v in queue["flagged_by"]]] if (queue["flagged_by"].str.contains(name)).any() else queue
+        ordered = by_it.sort_values(name, ascending=name == "confidence", kind="stable")
+        assert shown == ordered["example_id"].tolist()[:100]
 
 
 def test_bad_decisions_are_refused_like_the_cli(analysed_run, server, page):

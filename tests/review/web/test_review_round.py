@@ -1,6 +1,6 @@
 """A whole review round from the page: decide, see the gate open, retrain through the real Dagster
 job, and find the retrained run (named after its parent and round in MLflow) with the parent's
-decisions in its cards' history."""
+decisions in force on its page and counted by its gate."""
 
 from __future__ import annotations
 
@@ -57,14 +57,26 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     assert child in page.find_element(By.TAG_NAME, "h1").text
     assert "retrain round 1" in page.find_element(By.CSS_SELECTOR, "section.runhead").text
 
-    # an example decided on the parent and flagged again shows the parent's decision in its history
+    # decisions made on the parent stay in force on the retrained run: an example decided there and
+    # flagged again shows as decided here, the parent's decision named with its run, not pending
     child_queue = read_review_queue(RunLayout.for_run(child).review_queue)[0]
-    parent_history = store_of(server).history(run_id)
-    again = sorted(set(child_queue["example_id"]) & set(parent_history["example_id"]))
+    parent_decisions = store_of(server).current(run_id).set_index("example_id")
+    again = sorted(set(child_queue["example_id"]) & set(parent_decisions.index))
     assert again, "a kept example is flagged again in the retrained run"
+    assert store_of(server).history(child).empty  # nothing was decided on the retrained run itself
+    expected = parent_decisions.loc[again[0]]
     card = page.find_element(By.ID, f"ex-{again[0]}")
+    assert f"decided {expected['action']}" in card.get_attribute("class")
+    carried = card.find_element(By.CSS_SELECTOR, ".decided-by.carried").text
+    assert f"{expected['action']} by {expected['reviewer']}" in carried and run_id[:8] in carried
     history = card.find_element(By.CSS_SELECTOR, "details.history")
-    assert history.get_attribute("open") is not None  # open while the example waits for a decision here
-    entry = history.find_element(By.CSS_SELECTOR, "li.carried").text
-    expected = parent_history.set_index("example_id").loc[again[0]]
-    assert f"{expected['action']} by {expected['reviewer']}" in entry and run_id[:8] in entry
+    history.find_element(By.TAG_NAME, "summary").click()
+    assert run_id[:8] in history.find_element(By.CSS_SELECTOR, "li.carried").text
+    # ... and they count toward the retrained run's gate: its progress counts exactly those examples
+    assert set(child_queue.loc[child_queue["decided_on_run"].notna(), "example_id"]) == set(again)
+    progress = page.find_element(By.CSS_SELECTOR, ".progress").text
+    assert f"{len(again)} of {len(child_queue)} flagged decided" in progress
+    assert ("open" if len(again) == len(child_queue) else "shut") in progress
+    page.get(f"{server.url}/runs/{child}?pending=1")
+    pending = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
+    assert pending == [i for i in child_queue["example_id"] if i not in set(again)][:100]

@@ -141,8 +141,7 @@ def create_app(site: ReviewSite) -> Flask:
             page=page,
             pages=pages,
             matching=len(ordered),
-            chain=chain,
-            children=[c for c, p in parents.items() if p == run_id],
+            lineage=review.lineage,
             retrained=_retrained(review),
             children_with_queue=set(runs_with_queue(site.base)),
             can_retrain=site.retrain is not None,
@@ -256,10 +255,10 @@ def create_app(site: ReviewSite) -> Flask:
 
 
 def _filters(args, evidence: RunEvidence) -> dict:
-    """pending: only undecided; cls: only this label; signal: flagged by it (or, without a
-    ``flagged_by`` column, sorted by it)."""
+    """pending: only undecided; cls: only this label; signal: most suspicious by this signal first,
+    and only the examples it flags on its own when it flags any."""
     signal = args.get("signal", "")
-    valid_signals = set(evidence.signal_columns) | set(evidence.flag_signal_names)
+    valid_signals = set(evidence.signal_columns)
     return {
         "pending": args.get("pending", "") in ("1", "on", "true"),
         "cls": _int(args.get("cls"), None),
@@ -282,10 +281,10 @@ def _ordered_ids(evidence: RunEvidence, current: pd.DataFrame, filters: dict, *,
         keep &= (queue["label"] == filters["cls"]).to_numpy()
     shown = queue[keep]
     signal = filters["signal"]
-    if signal and signal in evidence.flag_signal_names:
+    if signal in evidence.flag_signal_names:
         shown = shown[[signal in split_names(v) for v in shown["flagged_by"]]]
-    if signal and signal in evidence.signal_columns:
-        shown = shown.sort_values(signal, ascending=False, kind="stable")
+    if signal:  # its rank, not its value: confidence is suspicious when low
+        shown = shown.sort_values(f"{signal}_rank", kind="stable")
     return [int(i) for i in shown["example_id"]]
 
 
