@@ -3,13 +3,16 @@ model-training runs view, and small tables previewable as CSV and HTML."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from z0inf_pipeline.tracking import train_and_log
 from z0inf_pipeline.tracking.logger import retrained_run_name
-from z0inf_pipeline.tracking.previews import experiment_runs_url, training_runs_url, write_table_previews
+from z0inf_pipeline.review.artifacts import table_previews
+from z0inf_pipeline.tracking.previews import experiment_runs_url, training_runs_url
 from z0inf_pipeline.training import TrainConfig
 
 
@@ -39,13 +42,14 @@ def test_training_runs_link_names_the_experiment_and_the_model_training_view(tra
     assert experiment_runs_url("http://h:5000", tracking_uri=tracking_uri) == training_runs_url("http://h:5000", experiment_id)
 
 
-def test_table_previews_are_the_table_as_csv_and_rounded_html(tmp_path):
+def test_table_previews_are_the_table_as_csv_and_rounded_html():
     frame = pd.DataFrame({"example_id": np.arange(5), "score": [0.10022271714922049, 1e-7, np.nan, 3.0, 12345.678],
                           "note": ["<b>", "a", None, "c", "d"]})
-    csv, html = write_table_previews(frame, tmp_path / "out", "review_queue", max_rows=4)
-    assert [csv.name, html.name] == ["review_queue.csv", "review_queue.html"]
-    pd.testing.assert_frame_equal(pd.read_csv(csv), frame.head(4).astype({"note": object}), check_dtype=False)
-    text = html.read_text()
+    files = table_previews(frame, "review_queue", max_rows=4)
+    assert list(files) == ["review_queue.csv", "review_queue.html"]
+    pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(files["review_queue.csv"])), frame.head(4).astype({"note": object}),
+                                  check_dtype=False)
+    text = files["review_queue.html"].decode("utf-8")
     assert "0.1002" in text and "0.10022271714922049" not in text and "1e-07" in text
     assert "&lt;b&gt;" in text and "<b>" not in text
     assert "first 4 of 5 rows" in text

@@ -186,15 +186,11 @@ def _serve(args) -> None:
 def _sheet(args) -> None:
     from ..influence.atomic import atomic_output
     from ..review.evidence import RunEvidence
-    from ..review.run_review import lineage_history
-    from ..review.sheet import review_sheet_html
+    from ..review.sheet import run_review_sheet
 
     review = RunReview.open(args.run)
-    store = DecisionStore.open()
-    current = review.decisions(store)
     evidence = RunEvidence(review.layout, review.queue, review.info, _train_config(args.run))
-    history = lineage_history(store, review.lineage)
-    html = review_sheet_html(evidence, current, history, gate=review.gate(current))
+    html = run_review_sheet(review, evidence, DecisionStore.open())
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")

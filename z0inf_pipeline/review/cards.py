@@ -109,11 +109,16 @@ def _prediction(predictions: pd.DataFrame | None, example_id: int, queue: pd.Dat
     the queue's ``confidence`` is the data-map signal)."""
     if queue is not None and example_id in queue.index and pd.notna(queue.at[example_id, "predicted_label"]):
         row = queue.loc[example_id]
-        return int(row["predicted_label"]), short_number(row["predicted_probability"])
+        return int(row["predicted_label"]), _probability(row["predicted_probability"])
     if predictions is None or example_id not in predictions.index:
         return None, ""
     row = predictions.loc[example_id]
-    return int(row["predicted_label"]), short_number(row["confidence"])
+    return int(row["predicted_label"]), _probability(row["confidence"])
+
+
+def _probability(value) -> str:
+    """Three decimals, so that 0.9996 reads 1.000 and not a certainty of 1."""
+    return "" if pd.isna(value) else f"{float(value):.3f}"
 
 
 def _flag(standing: pd.DataFrame, example_id: int, total: int, score_name: str) -> dict | None:

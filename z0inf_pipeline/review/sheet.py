@@ -11,7 +11,8 @@ import pandas as pd
 from .cards import training_cards
 from .evidence import RunEvidence
 from .gate import GateStatus
-from .run_review import decisions_needed
+from .run_review import RunReview, decisions_needed, lineage_history
+from .store import DecisionStore
 
 
 def review_sheet_html(
@@ -36,3 +37,9 @@ def review_sheet_html(
         needed=None if gate is None else decisions_needed(gate),
         decided=int(evidence.queue["example_id"].isin(current["example_id"]).sum()),
     )
+
+
+def run_review_sheet(review: RunReview, evidence: RunEvidence, store: DecisionStore) -> str:
+    """The sheet of a run as of now: the decisions in force across its lineage, their history, the gate."""
+    current = review.decisions(store)
+    return review_sheet_html(evidence, current, lineage_history(store, review.lineage), gate=review.gate(current))

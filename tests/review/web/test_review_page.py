@@ -95,7 +95,7 @@ def test_every_flagged_example_is_a_card_with_its_evidence(analysed_run, server,
     assert f"label {top['label']}" in text
     # the prediction with the model's probability of it, from the predictions file
     predicted = predictions.loc[top["example_id"]]
-    assert f"predicted {predicted['predicted_label']} (p {predicted['confidence']:.3g})" in text
+    assert f"predicted {predicted['predicted_label']} (p {predicted['confidence']:.3f})" in text
     # the flag score with its percentile and rank among all training examples, from the score file
     info = read_review_queue(layout.review_queue)[1]
     scores = pd.read_parquet(layout.self_influence)
@@ -103,20 +103,22 @@ def test_every_flagged_example_is_a_card_with_its_evidence(analysed_run, server,
     everyone = scores["mean_loss"].to_numpy()
     percentile = 100 * np.mean(everyone <= top["flag_score"])
     rank = int(np.sum(everyone > top["flag_score"])) + 1
-    assert f"flag score {top['flag_score']:.3g} mean_loss · {percentile:.1f}th percentile · #{rank} of {len(scores)}" in text
+    assert f"flag score {top['flag_score']:.3g} mean_loss · #{rank} of {len(scores)} · percentile {percentile:.1f}" in text
     assert "robust" not in text.lower()
-    # every signal with its rank among all training examples (1 = most suspicious; low confidence is)
-    rows = {r.find_element(By.TAG_NAME, "th").text: r for r in card.find_elements(By.CSS_SELECTOR, "table.signals tr")}
+    # every signal with its rank among all training examples (1 = most suspicious; low confidence is),
+    # the signals that flag it on their own marked
+    rows = {r.find_element(By.TAG_NAME, "th").text: r for r in card.find_elements(By.CSS_SELECTOR, "table.signals tr:not(.head)")}
     assert list(rows) == list(SIGNAL_COLUMNS)
+    assert f"rank of {len(scores)}" in card.find_element(By.CSS_SELECTOR, "table.signals tr.head").text
+    flagging = top["flagged_by"].split(", ")
+    assert "mean_loss" in flagging  # the flag score's own signal flags every flagged example
     me = scores["example_id"] == top["example_id"]
     for name in SIGNAL_COLUMNS:
         oriented = -scores[name] if name == "confidence" else scores[name]
         expected_rank = int((oriented > oriented[me].iloc[0]).sum()) + 1
-        assert rows[name].text == f"{name} {scores.loc[me, name].iloc[0]:.3g} #{expected_rank} of {len(scores)}"
-    # the signals that flag it on their own are named and stand out in the table
-    flagging = [r for r, row in rows.items() if "flagging" in (row.get_attribute("class") or "")]
-    assert flagging == [n for n in SIGNAL_COLUMNS if n in top["flagged_by"].split(", ")] and "mean_loss" in flagging
-    assert f"flagged by {top['flagged_by']}" in text
+        marker = " flags it" if name in flagging else ""
+        assert rows[name].text == f"{name} {scores.loc[me, name].iloc[0]:.3g} #{expected_rank}{marker}"
+        assert ("flagging" in (rows[name].get_attribute("class") or "")) == (name in flagging)
     assert card.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
     # the test examples it helps most are the ones where it is a proponent with the highest scores
     topk = pd.read_parquet(layout.topk)

@@ -8,11 +8,13 @@ import io
 import re
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from z0inf_pipeline.cli import main
-from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.review.artifacts import review_artifacts
 from z0inf_pipeline.review.evidence import RunEvidence
 from z0inf_pipeline.review.sheet import review_sheet_html
 from z0inf_pipeline.tracking import fetch_run
@@ -49,3 +51,31 @@ def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, f
     assert main(["review", "sheet", analysed_run.run_id, "-o", str(output)]) == 0
     written = output.read_text(encoding="utf-8")
     assert len(re.findall(r"<article ", written)) == len(ids) and "review gate BLOCKED" in written
+
+
+def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(analysed_run, fresh_data, monkeypatch):
+    for key, value in analysed_run.env(fresh_data).items():
+        monkeypatch.setenv(key, value)
+    layout = RunLayout.for_run(analysed_run.run_id)
+    queue, info = read_review_queue(layout.review_queue)
+    ids = queue["example_id"].tolist()
+    store = DecisionStore.open()
+    store.record(analysed_run.run_id, [ids[2]], "relabel", label=5, reviewer="ana")
+
+    files = review_artifacts(layout, queue, info, store, fetch_run(analysed_run.run_id).train_config)
+    assert sorted(files) == ["review_queue.csv", "review_queue.html", "review_sheet.html"]
+    sheet = files["review_sheet.html"].decode("utf-8")
+    assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', sheet)] == ids
+    assert "relabel → 5" in sheet and "review gate BLOCKED" in sheet
+
+    table = pd.read_csv(io.BytesIO(files["review_queue.csv"]))
+    assert table["example_id"].tolist() == ids
+    # the flag score's percentile and rank among all training examples, recomputed from the scores
+    everyone = pd.read_parquet(layout.self_influence)[info["policy"]["score"]].to_numpy()
+    np.testing.assert_allclose(table["percentile"], [round(100 * np.mean(everyone <= s), 1) for s in queue["flag_score"]])
+    assert table["rank among all"].tolist() == [int(np.sum(everyone > s)) + 1 for s in queue["flag_score"]]
+    assert table["mean_loss rank"].tolist() == queue["mean_loss_rank"].tolist()
+    assert table["decision"].fillna("").tolist() == ["relabel → 5" if i == ids[2] else "" for i in ids]
+    assert "robust_z" not in table.columns
+    html = files["review_queue.html"].decode("utf-8")
+    assert html.count("<tr") == len(ids) + 1 and "predicted_probability" in html

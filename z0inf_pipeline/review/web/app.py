@@ -31,7 +31,7 @@ from ..run_review import (
     retrain_parents,
     runs_with_queue,
 )
-from ..sheet import review_sheet_html
+from ..sheet import run_review_sheet
 from ..store import DecisionStore
 
 PAGE_SIZE = 100
@@ -240,7 +240,7 @@ def create_app(site: ReviewSite) -> Flask:
     def sheet(run_id: str):
         review = site.review(run_id)
         evidence = site.evidence(review)
-        html = review_sheet_html(evidence, review.decisions(site.store), lineage_history(site.store, review.lineage))
+        html = run_review_sheet(review, evidence, site.store)
         return html, 200, {"Content-Type": "text/html; charset=utf-8",
                            "Content-Disposition": f'attachment; filename="review-{run_id}.html"'}
 
