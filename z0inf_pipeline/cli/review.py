@@ -186,11 +186,11 @@ def _serve(args) -> None:
 def _sheet(args) -> None:
     from ..influence.atomic import atomic_output
     from ..review.evidence import RunEvidence
-    from ..review.sheet import run_review_sheet
+    from ..review.sheet import run_review_sheet, stored_histogram
 
     review = RunReview.open(args.run)
     evidence = RunEvidence(review.layout, review.queue, review.info, _train_config(args.run))
-    html = run_review_sheet(review, evidence, DecisionStore.open())
+    html = run_review_sheet(review, evidence, DecisionStore.open(), stored_histogram(review))
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")

@@ -28,14 +28,16 @@ def review_artifacts(
     info: dict,
     store: DecisionStore,
     train_config: dict | None = None,
+    histogram: bytes | None = None,
 ) -> dict[str, bytes]:
     """``{"review_sheet.html", "review_queue.csv", "review_queue.html": bytes}`` for a run's review
     queue as ``build_review_queue`` made it and ``info`` as the asset writes it (policy, cut-off,
     lineage). Reads the run's other outputs through ``layout`` (examples, losses, predictions, scores,
-    top-k: written before the queue); ``train_config`` (``ContractRun.train_config``) gives pictures."""
+    top-k: written before the queue); ``train_config`` (``ContractRun.train_config``) gives pictures;
+    ``histogram``: the flag score histogram (PNG) made with the queue, shown at the sheet's head."""
     review = RunReview(layout, queue, info)
     evidence = RunEvidence(layout, queue, info, train_config)
-    sheet = run_review_sheet(review, evidence, store)
+    sheet = run_review_sheet(review, evidence, store, histogram)
     table = reviewer_table(evidence, review.decisions(store))
     return {SHEET_NAME: sheet.encode("utf-8"), **table_previews(table, TABLE_STEM)}
 

@@ -1,4 +1,4 @@
-"""Figures for the review UI: a self-influence histogram with the flag cut-off, a grid of flagged images."""
+"""Figures for the review UI: a histogram of the flag score with its cut-off, a grid of flagged images."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def histogram_png(scores, cutoff: float, title: str) -> bytes:
-    """Histogram of self-influence on a log axis (scores are heavy-tailed), the cut-off as a red line."""
+def histogram_png(scores, cutoff: float, title: str, *, flagged: int | None = None, axis_label: str = "flag score") -> bytes:
+    """Histogram of the flag score, on a log axis when it is positive (losses and self-influence are
+    heavy-tailed), the cut-off as a red line. ``flagged``: the policy's count (``Flags.count``; the
+    review budget can flag fewer than score at or above the cut-off), else those at or above it."""
     scores = np.asarray(scores, dtype=np.float64)
     fig = _figure(7, 3.2)
     ax = fig.subplots()
@@ -35,9 +37,9 @@ def histogram_png(scores, cutoff: float, title: str) -> bytes:
     else:
         positive, bins = scores, 60
     ax.hist(positive, bins=bins, color="#4c72b0")
-    flagged = int((scores > cutoff).sum())
+    flagged = int((scores >= cutoff).sum()) if flagged is None else int(flagged)
     ax.axvline(cutoff, color="#c44e52", linewidth=2, label=f"cut-off {cutoff:.3g}: {flagged} flagged")
-    ax.set_xlabel("self-influence")
+    ax.set_xlabel(axis_label)
     ax.set_ylabel("training examples")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)

@@ -4,6 +4,7 @@ every flagged example, without the forms."""
 
 from __future__ import annotations
 
+import base64
 from importlib import resources
 
 import pandas as pd
@@ -21,10 +22,11 @@ def review_sheet_html(
     history: pd.DataFrame | None = None,
     *,
     gate: GateStatus | None = None,
+    histogram: bytes | None = None,
 ) -> str:
-    """Render the sheet. ``current``: the run's decisions in force (``DecisionStore.current``);
+    """Render the sheet. ``current``: the run's decisions in force (``RunReview.decisions``);
     ``history``: decisions on the run and its ancestors with a ``run_id`` column (optional);
-    ``gate``: the gate status to print (optional)."""
+    ``gate``: the gate status to print (optional); ``histogram``: the flag score histogram (PNG)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(
@@ -36,10 +38,20 @@ def review_sheet_html(
         run_id=evidence.run_id, info=evidence.info, evidence=evidence, cards=cards, css=css, gate=gate,
         needed=None if gate is None else decisions_needed(gate),
         decided=int(evidence.queue["example_id"].isin(current["example_id"]).sum()),
+        histogram=None if histogram is None else "data:image/png;base64," + base64.b64encode(histogram).decode("ascii"),
     )
 
 
-def run_review_sheet(review: RunReview, evidence: RunEvidence, store: DecisionStore) -> str:
+def run_review_sheet(
+    review: RunReview, evidence: RunEvidence, store: DecisionStore, histogram: bytes | None = None
+) -> str:
     """The sheet of a run as of now: the decisions in force across its lineage, their history, the gate."""
     current = review.decisions(store)
-    return review_sheet_html(evidence, current, lineage_history(store, review.lineage), gate=review.gate(current))
+    history = lineage_history(store, review.lineage)
+    return review_sheet_html(evidence, current, history, gate=review.gate(current), histogram=histogram)
+
+
+def stored_histogram(review: RunReview) -> bytes | None:
+    """The flag score histogram written with the run's review queue, if there is one."""
+    path = review.layout.histogram
+    return path.read_bytes() if path.exists() else None

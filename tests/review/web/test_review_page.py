@@ -289,3 +289,9 @@ def test_unknown_run_is_a_404_and_index_lists_the_run(analysed_run, server):
     index = requests.get(server.url, timeout=30).text
     assert analysed_run.run_id in index and "shut" in index
     assert np.isin([len(queue_of(analysed_run, server))], [int(n) for n in re.findall(r"<td>(\d+)</td>", index)])[0]
+    # the flag score histogram written with the queue is linked from the run page and served as is
+    run_page = requests.get(f"{server.url}/runs/{analysed_run.run_id}", timeout=30).text
+    assert f'href="/runs/{analysed_run.run_id}/flag_score_histogram.png"' in run_page
+    picture = requests.get(f"{server.url}/runs/{analysed_run.run_id}/flag_score_histogram.png", timeout=30)
+    layout = RunLayout.for_run(analysed_run.run_id, server.data_dir)
+    assert picture.headers["Content-Type"] == "image/png" and picture.content == layout.histogram.read_bytes()

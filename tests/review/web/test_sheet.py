@@ -51,6 +51,8 @@ def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, f
     assert main(["review", "sheet", analysed_run.run_id, "-o", str(output)]) == 0
     written = output.read_text(encoding="utf-8")
     assert len(re.findall(r"<article ", written)) == len(ids) and "review gate BLOCKED" in written
+    histogram = re.search(r'<img class="histogram" src="data:image/png;base64,([^"]+)"', written).group(1)
+    assert base64.b64decode(histogram) == layout.histogram.read_bytes()  # the run's flag score histogram
 
 
 def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(analysed_run, fresh_data, monkeypatch):
@@ -62,11 +64,13 @@ def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(anal
     store = DecisionStore.open()
     store.record(analysed_run.run_id, [ids[2]], "relabel", label=5, reviewer="ana")
 
-    files = review_artifacts(layout, queue, info, store, fetch_run(analysed_run.run_id).train_config)
+    files = review_artifacts(layout, queue, info, store, fetch_run(analysed_run.run_id).train_config,
+                             histogram=layout.histogram.read_bytes())
     assert sorted(files) == ["review_queue.csv", "review_queue.html", "review_sheet.html"]
     sheet = files["review_sheet.html"].decode("utf-8")
     assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', sheet)] == ids
     assert "relabel → 5" in sheet and "review gate BLOCKED" in sheet
+    assert base64.b64encode(layout.histogram.read_bytes()).decode("ascii") in sheet
 
     table = pd.read_csv(io.BytesIO(files["review_queue.csv"]))
     assert table["example_id"].tolist() == ids

@@ -31,7 +31,7 @@ from ..run_review import (
     retrain_parents,
     runs_with_queue,
 )
-from ..sheet import run_review_sheet
+from ..sheet import run_review_sheet, stored_histogram
 from ..store import DecisionStore
 
 PAGE_SIZE = 100
@@ -142,6 +142,7 @@ def create_app(site: ReviewSite) -> Flask:
             pages=pages,
             matching=len(ordered),
             lineage=review.lineage,
+            histogram=review.layout.histogram.exists(),
             retrained=_retrained(review),
             children_with_queue=set(runs_with_queue(site.base)),
             can_retrain=site.retrain is not None,
@@ -236,11 +237,18 @@ def create_app(site: ReviewSite) -> Flask:
             query="",
         )
 
+    @app.get("/runs/<run_id>/flag_score_histogram.png")
+    def histogram(run_id: str):
+        picture = stored_histogram(site.review(run_id))
+        if picture is None:
+            abort(404, f"run {run_id}: no flag score histogram")
+        return picture, 200, {"Content-Type": "image/png"}
+
     @app.get("/runs/<run_id>/sheet.html")
     def sheet(run_id: str):
         review = site.review(run_id)
         evidence = site.evidence(review)
-        html = run_review_sheet(review, evidence, site.store)
+        html = run_review_sheet(review, evidence, site.store, stored_histogram(review))
         return html, 200, {"Content-Type": "text/html; charset=utf-8",
                            "Content-Disposition": f'attachment; filename="review-{run_id}.html"'}
 
