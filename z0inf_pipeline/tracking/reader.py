@@ -90,8 +90,11 @@ class ContractRun:
 
 
 # This project's own model builders, named exactly (not by prefix): they only build a network from
-# keyword arguments, so the built-in recipes' runs (``z0inf demo --recipe lm``) need no configuration.
-BUILTIN_FACTORIES = frozenset({"z0inf_pipeline.training.lm:build_model"})
+# keyword arguments, so the built-in recipes' runs (``z0inf demo --recipe lm``) and the runs of the
+# Hugging Face callback (a ``transformers`` class by name, from its config) need no configuration.
+BUILTIN_FACTORIES = frozenset(
+    {"z0inf_pipeline.training.lm:build_model", "z0inf_pipeline.integrations.hf:model_from_config"}
+)
 
 
 def check_factory_trusted(run_id: str, spec: dict) -> None:
