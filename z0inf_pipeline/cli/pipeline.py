@@ -253,7 +253,8 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float],
         print("\n".join(["retrain_job failed:", *retrain.failures]), file=sys.stderr)
         return 1
     print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
-    _print_retrained(layout, recipe=config)
+    # The random-drop baseline retrains a TrainConfig recipe in-process; the LM recipe trains through MLflow.
+    _print_retrained(layout, recipe=config if isinstance(config, TrainConfig) else None)
     return 0
 
 
