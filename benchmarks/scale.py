@@ -118,8 +118,9 @@ def section_pipeline(args) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="z0inf-scale-") as tmp:
         work = Path(tmp)
+        # the synthetic runs name torch.nn:Identity as their factory (never called: logged tables are used)
         env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "Z0INF_DATA_DIR": str(work / "data"),
-               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "Z0INF_TRUSTED_FACTORIES": "torch.nn"}
         (work / "dagster").mkdir()
         (work / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         for n in sizes:
@@ -176,7 +177,8 @@ def topk_child(n: int, m: int, m_timed: int) -> None:
     train_test_topk(gram, train, test, k=10)
     t_topk = time.perf_counter() - start
     peak_topk = _peak_rss_bytes()
-    a, b = _influence_features(gram, train, test, 2, None, "order")
+    features = _influence_features(gram, train, test, 2, None, "order")
+    a, b = features.train, features.test
     block = max(1, (1 << 26) // n)
     start = time.perf_counter()
     for s in range(0, m_timed, block):

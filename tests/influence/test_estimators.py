@@ -116,14 +116,15 @@ def test_linear_loss_recovers_gradient_projection_on_neighbour_span():
 
 
 @pytest.mark.parametrize("block_size", [1, 3, None])
+@pytest.mark.parametrize("tile_rows", [None, 7])  # 7: tiles of 7 training examples, the last one of 1 < k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_streaming_topk_equals_topk_of_full_matrix(block_size, dtype):
+def test_streaming_topk_equals_topk_of_full_matrix(block_size, tile_rows, dtype):
     gen = torch.Generator().manual_seed(3)
     T, N, M, k = 8, 50, 13, 5
     G = gram_matrix(torch.randn(T, 20, generator=gen, dtype=torch.float64))
     L, Lz = torch.rand(T, N, generator=gen, dtype=dtype), torch.rand(T, M, generator=gen, dtype=dtype)
     full = train_test_influence(G, L, Lz, 3).T  # (M, N)
-    top = train_test_topk(G, L, Lz, k=k, neighbors=3, block_size=block_size)
+    top = train_test_topk(G, L, Lz, k=k, neighbors=3, block_size=block_size, tile_rows=tile_rows)
     assert top.proponents.shape == (M, k)
     assert torch.equal(top.proponents, full.topk(k, dim=1).indices)
     assert torch.equal(top.opponents, full.topk(k, dim=1, largest=False).indices)
@@ -231,7 +232,7 @@ def test_centred_and_correlation_weighted_influence_match_materialised(center, w
     got = train_test_influence(G, torch.from_numpy(L), torch.from_numpy(Lz), k, torch.from_numpy(eta), **options)
     assert rel_err(got, want) < 1e-9
     top = train_test_topk(G, torch.from_numpy(L), torch.from_numpy(Lz), 3, k, torch.from_numpy(eta),
-                          block_size=2, **options)
+                          block_size=2, tile_rows=4, **options)
     assert np.allclose(top.proponent_scores.numpy(), -np.sort(-want.T, axis=1)[:, :3], rtol=1e-9, atol=1e-12)
     assert np.allclose(top.opponent_scores.numpy(), np.sort(want.T, axis=1)[:, :3], rtol=1e-9, atol=1e-12)
     si = self_influence(G, torch.from_numpy(L), k, torch.from_numpy(eta), center_losses=center)

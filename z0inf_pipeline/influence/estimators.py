@@ -200,7 +200,7 @@ def train_test_influence(
     features = _influence_features(
         gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
     )
-    return features.scores(slice(None))
+    return features.scores().T  # (N, M): a view of the test-major product
 
 
 def train_test_topk(
@@ -213,35 +213,64 @@ def train_test_topk(
     *,
     neighbor_rule: NeighborRule = "order",
     block_size: int | None = None,
+    tile_rows: int | None = None,
     center_losses: bool = False,
     weight_by_correlation: bool = False,
 ) -> TopKInfluence:
-    """Top-k proponents and opponents of every test example, computed a block of test examples at a time.
+    """Top-k proponents and opponents of every test example, a tile of INF at a time.
 
-    Only an (N, block_size) slice of INF (and of the correlation weights) exists at once; the full
-    N x M matrix never does. Options as in ``train_test_influence``.
+    A tile is ``block_size`` test examples by ``tile_rows`` training examples; each tile's own top k
+    is merged into a running top k per test example. The full N x M matrix never exists, and a tile
+    small enough to stay in cache is selected from while still there: selecting from a slice of all
+    N training examples read it back from memory twice (largest, smallest), which cost more than
+    the product itself. Options as in ``train_test_influence``.
     """
     features = _influence_features(
         gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
     )
-    train_features, test_features = features.train, features.test
-    N, M = train_features.shape[0], test_features.shape[0]
+    N, M = features.train.shape[0], features.test.shape[0]
     if not isinstance(k, int) or not 1 <= k <= N:
         raise InfluenceInputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
-    block = block_size if block_size is not None else max(1, _block_elements(train_features.device) // max(N, 1))
-    if block < 1:
-        raise InfluenceInputError(f"block_size must be positive, got {block_size}")
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for start in range(0, M, block):
-        scores = features.scores(slice(start, start + block)).T  # (b, N)
-        top = torch.topk(scores, k, dim=1)
-        bottom = torch.topk(scores, k, dim=1, largest=False)
-        parts.append((top.indices, top.values, bottom.indices, bottom.values))
+    for name, value in (("block_size", block_size), ("tile_rows", tile_rows)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InfluenceInputError(f"{name} must be a positive integer, got {value!r}")
+    device = features.train.device
+    elements = _TOPK_TILE_ELEMENTS.get(device.type, _TOPK_TILE_ELEMENTS["cpu"])
+    block = block_size or min(max(M, 1), _TOPK_TEST_BLOCK.get(device.type, _TOPK_TEST_BLOCK["cpu"]))
+    rows = max(k, tile_rows or elements // block)  # a tile holds at least k candidates
+    parts = [_block_topk(features, slice(start, start + block), N, rows, k) for start in range(0, M, block)]
     if not parts:
-        empty_i = torch.empty(0, k, dtype=torch.long, device=train_features.device)
-        empty_v = torch.empty(0, k, dtype=train_features.dtype, device=train_features.device)
+        empty_i = torch.empty(0, k, dtype=torch.long, device=device)
+        empty_v = torch.empty(0, k, dtype=features.train.dtype, device=device)
         return TopKInfluence(empty_i, empty_v, empty_i, empty_v)
     return TopKInfluence(*(torch.cat(p) for p in zip(*parts)))
+
+
+# Top-k tiles: on a CPU a tile of INF (float32) that stays in cache; on a GPU few, large launches.
+_TOPK_TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+_TOPK_TEST_BLOCK = {"cpu": 64, "cuda": 4096}
+
+
+def _block_topk(features: "_InfluenceFactors", columns: slice, N: int, rows: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Top and bottom k over all N training examples for one block of test examples, tile by tile."""
+    best: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices) for largest, smallest
+    for first in range(0, N, rows):
+        scores = features.scores(columns, slice(first, first + rows))  # (b, n), one row per test example
+        kk = min(k, scores.shape[1])
+        tile = [scores.topk(kk, dim=1, largest=largest) for largest in (True, False)]
+        tile = [(t.values, t.indices + first) for t in tile]
+        if best:
+            tile = [_merge_topk(b, t, k, largest) for b, t, largest in zip(best, tile, (True, False))]
+        best = tile
+    (top_v, top_i), (bottom_v, bottom_i) = best
+    return top_i, top_v, bottom_i, bottom_v
+
+
+def _merge_topk(best, tile, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (or smallest) of two candidate sets (values, global indices), strongest first."""
+    values, indices = torch.cat([best[0], tile[0]], dim=1), torch.cat([best[1], tile[1]], dim=1)
+    chosen = values.topk(k, dim=1, largest=largest)
+    return chosen.values, indices.gather(1, chosen.indices)
 
 
 def variance_self_influence(train_losses) -> torch.Tensor:
@@ -263,11 +292,12 @@ class _InfluenceFactors:
     train_ranks: torch.Tensor | None  # (N, T) standardised rank vectors, or None (no correlation weight)
     test_ranks: torch.Tensor | None
 
-    def scores(self, columns: slice) -> torch.Tensor:
-        """INF (times rho) for the test examples in ``columns``: (N, b)."""
-        scores = self.train @ self.test[columns].T
+    def scores(self, columns: slice = slice(None), rows: slice = slice(None)) -> torch.Tensor:
+        """INF (times rho) of the test examples in ``columns`` with the training examples in ``rows``:
+        (b, n), one row per test example, the layout top-k selects along."""
+        scores = self.test[columns] @ self.train[rows].T
         if self.train_ranks is not None:
-            scores *= self.train_ranks @ self.test_ranks[columns].T
+            scores *= self.test_ranks[columns] @ self.train_ranks[rows].T
         return scores
 
 
