@@ -19,7 +19,6 @@ from z0inf_pipeline.defs.assets import (
     training_run,
     weight_gram,
 )
-from z0inf_pipeline.defs.assets.review import reviewer_view
 from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig, LossTableConfig
 from z0inf_pipeline.defs.metadata import rounded
 from z0inf_pipeline.defs.provenance import SOURCE_ATTR, content_hash, verify_scores
@@ -111,32 +110,6 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
     )
     assert "flagged_examples" not in metadata and "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert not RunLayout.for_run(run_id).root.exists()
-
-
-def test_reviewer_view_shows_percentiles_and_new_labels():
-    all_scores = pd.Series([0.5, 3.0, 1.0, 2.0, 10.0, 0.1, 7.0, 0.2, 0.3, 0.4])
-    queue = pd.DataFrame(
-        {
-            "rank": [1, 2],
-            "example_id": [4, 6],
-            "flag_score": [10.0, 7.0],
-            "flagged_by": ["mean_loss", "mean_loss"],
-            "mean_loss_rank": pd.array([1, 2], dtype="Int64"),
-            "label": [1, 2],
-            "predicted_label": pd.array([2, pd.NA], dtype="Int64"),
-            "predicted_probability": [0.9, np.nan],
-            "loss_first": [2.3, 2.2],
-            "loss_last": [0.01234, 1.5],
-            "decision": [None, "relabel"],
-            "decision_label": pd.array([pd.NA, 3], dtype="Int64"),
-        }
-    )
-    view = reviewer_view(queue, all_scores)
-    assert "robust_z" not in view.columns and view["mean_loss rank"].tolist() == [1, 2]
-    # brute force: share of all scores at or below each queued score
-    assert view["percentile"].tolist() == [f"{100 * (all_scores <= s).mean():.1f}" for s in (10.0, 7.0)]
-    assert view["decision"].tolist() == ["", "relabel -> 3"]
-    assert view["loss first -> last"].tolist() == ["2.3 -> 0.0123", "2.2 -> 1.5"]
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
         "z0inf/review_queue/review_queue.parquet",
         "z0inf/review_queue/flag_score_histogram.png",
         "z0inf/review_queue/flagged_examples.png",
+        "z0inf/review_queue/review_sheet.html",  # MLflow previews HTML and CSV, not parquet
+        "z0inf/review_queue/review_queue.csv",
+        "z0inf/review_queue/review_queue.html",
     }
 
     # Summary metrics on the source run, against numbers recomputed here from the parquet outputs.
@@ -103,7 +106,7 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
         if m.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     ]
     metadata = queue_events[0].event_specific_data.materialization.metadata
-    assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | flagged_by |")
+    assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | rank among all | flagged_by |")
     run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
     assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
     assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text

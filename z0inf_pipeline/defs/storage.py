@@ -154,16 +154,23 @@ class Gram:
 @dataclass(frozen=True)
 class ReviewQueue:
     """The flagged examples with what a reviewer needs, ``info`` (policy, cut-off, training-set size),
-    and the pictures: a self-influence histogram and, for image data, a grid of the flagged images."""
+    the pictures (the flag score's histogram and, for image data, a grid of the flagged images) and the
+    files people open from MLflow, which previews HTML and CSV but not parquet: the review sheet and
+    the queue as a readable table."""
 
     queue: pd.DataFrame
     info: dict
     histogram: bytes | None = None
     flagged_grid: bytes | None = None
+    review_sheet: bytes | None = None
+    review_table_csv: bytes | None = None
+    review_table_html: bytes | None = None
+
+    _ATTACHMENTS = ("histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html")
 
     def write_into(self, files: dict[str, Path]) -> None:
         write_review_queue(self.queue, files["review_queue"], self.info)
-        for name in ("histogram", "flagged_grid"):
+        for name in self._ATTACHMENTS:
             if getattr(self, name) is not None:
                 files[name].write_bytes(getattr(self, name))
 
@@ -171,8 +178,8 @@ class ReviewQueue:
     def load(cls, files: dict[str, UPath]) -> "ReviewQueue":
         with local_copy(files["review_queue"]) as path:
             queue, info = read_review_queue(path)
-        pictures = [files[n].read_bytes() if files[n].exists() else None for n in ("histogram", "flagged_grid")]
-        return cls(queue, info, *pictures)
+        attached = {n: files[n].read_bytes() for n in cls._ATTACHMENTS if files[n].exists()}
+        return cls(queue, info, **attached)
 
 
 # Outputs that are not a single frame; every other asset stores one DataFrame in its one file.

@@ -29,14 +29,16 @@ def review_artifacts(
     store: DecisionStore,
     train_config: dict | None = None,
     histogram: bytes | None = None,
+    frames: dict[str, pd.DataFrame | None] | None = None,
 ) -> dict[str, bytes]:
     """``{"review_sheet.html", "review_queue.csv", "review_queue.html": bytes}`` for a run's review
     queue as ``build_review_queue`` made it and ``info`` as the asset writes it (policy, cut-off,
     lineage). Reads the run's other outputs through ``layout`` (examples, losses, predictions, scores,
     top-k: written before the queue); ``train_config`` (``ContractRun.train_config``) gives pictures;
-    ``histogram``: the flag score histogram (PNG) made with the queue, shown at the sheet's head."""
+    ``histogram``: the flag score histogram (PNG) made with the queue, shown at the sheet's head;
+    ``frames``: outputs already in memory (``RunEvidence.frames``), read through ``layout`` otherwise."""
     review = RunReview(layout, queue, info)
-    evidence = RunEvidence(layout, queue, info, train_config)
+    evidence = RunEvidence(layout, queue, info, train_config, frames or {})
     sheet = run_review_sheet(review, evidence, store, histogram)
     table = reviewer_table(evidence, review.decisions(store))
     return {SHEET_NAME: sheet.encode("utf-8"), **table_previews(table, TABLE_STEM)}

@@ -42,6 +42,9 @@ class RunEvidence:
     queue: pd.DataFrame
     info: dict
     train_config: dict | None = None
+    # The run's outputs already in memory (the Dagster asset has them as inputs), by RunLayout
+    # property name; anything not given is read through ``layout``.
+    frames: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
     _payloads: dict[int, Payload] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -55,26 +58,32 @@ class RunEvidence:
     def run_id(self) -> str:
         return self.layout.run_id
 
+    def _output(self, name: str) -> pd.DataFrame | None:
+        """One of the run's outputs (a RunLayout property name): given in ``frames``, else read; None when
+        the run has none (no predictions for runs whose data cannot be rebuilt)."""
+        if name in self.frames:
+            return self.frames[name]
+        path = getattr(self.layout, name)
+        return pd.read_parquet(path) if path.exists() else None
+
     @cached_property
     def examples(self) -> pd.DataFrame:
-        return pd.read_parquet(self.layout.examples).set_index("example_id")
+        return self._output("examples").set_index("example_id")
 
     @cached_property
     def predictions(self) -> pd.DataFrame | None:
-        if not self.layout.predictions.exists():
-            return None
-        return pd.read_parquet(self.layout.predictions).set_index("example_id")
+        frame = self._output("predictions")
+        return None if frame is None else frame.set_index("example_id")
 
     @cached_property
     def topk(self) -> pd.DataFrame | None:
-        return pd.read_parquet(self.layout.topk) if self.layout.topk.exists() else None
+        return self._output("topk")
 
     @cached_property
     def all_scores(self) -> pd.DataFrame | None:
         """Per-example scores of every training example (ranks are taken among all of them)."""
-        if not self.layout.self_influence.exists():
-            return None
-        return pd.read_parquet(self.layout.self_influence).set_index("example_id")
+        frame = self._output("self_influence")
+        return None if frame is None else frame.set_index("example_id")
 
     @cached_property
     def class_names(self) -> tuple[str, ...]:
@@ -126,7 +135,7 @@ class RunEvidence:
 
     @cached_property
     def loss_steps(self) -> list[int]:
-        return steps_of(pd.read_parquet(self.layout.train_losses).columns)
+        return steps_of(self._output("train_losses").columns)
 
     def effects(self, example_ids) -> dict[int, tuple[pd.DataFrame, pd.DataFrame]]:
         """For each training id: (test examples it helps most, test examples it hurts most), best first,
@@ -160,8 +169,7 @@ class RunEvidence:
         return proponents.reset_index(drop=True), opponents.reset_index(drop=True)
 
     def loss_trajectories(self, example_ids, split: str = "train") -> dict[int, np.ndarray]:
-        path = self.layout.train_losses if split == "train" else self.layout.test_losses
-        table = pd.read_parquet(path).set_index("example_id")
+        table = self._output("train_losses" if split == "train" else "test_losses").set_index("example_id")
         columns = [step_column(s) for s in steps_of(table.columns)]
         ids = [int(i) for i in example_ids]
         values = table.reindex(ids)[columns].to_numpy(np.float64)

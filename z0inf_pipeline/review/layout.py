@@ -29,7 +29,7 @@ RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
     "weight_gram": ("gram",),
     "self_influence": ("self_influence",),
     "train_test_influence": ("topk",),
-    "review_queue": ("review_queue", "histogram", "flagged_grid"),
+    "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
     "curated_training_set": ("curated_set",),
     "retrained_run": ("retrained",),
 }
@@ -100,6 +100,19 @@ class RunLayout:
     @property
     def histogram(self) -> UPath:
         return self.root / "flag_score_histogram.png"
+
+    @property
+    def review_sheet(self) -> UPath:
+        """The self-contained HTML review sheet (MLflow previews HTML, not parquet)."""
+        return self.root / "review_sheet.html"
+
+    @property
+    def review_table_csv(self) -> UPath:
+        return self.root / "review_queue.csv"
+
+    @property
+    def review_table_html(self) -> UPath:
+        return self.root / "review_queue.html"
 
     @property
     def flagged_grid(self) -> UPath:

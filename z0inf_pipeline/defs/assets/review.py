@@ -5,37 +5,38 @@ import numpy as np
 import pandas as pd
 
 from ...influence.errors import InfluenceInputError
-from ...review import build_review_queue, detection_quality, flag_scores
+from ...review import RunLayout, build_review_queue, detection_quality, flag_scores
+from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
+from ...review.evidence import RunEvidence
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
-from ...training.layout import TEXT_COLUMNS
 from ..config import FlagPolicyConfig
 from ..metadata import markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import LossTables, ReviewQueue
-from .topk import train_test_influence
 
 GRID_IMAGES = 40
 PREVIEW_ROWS = 25
 
 
-# After train_test_influence (without reading it), so that its blocking check also stops the queue.
-@dg.asset(**PER_RUN, deps=[train_test_influence], kinds={"parquet"})
+@dg.asset(**PER_RUN, kinds={"parquet"})
 def review_queue(
     context: dg.AssetExecutionContext,
     config: FlagPolicyConfig,
     self_influence: pd.DataFrame,
     training_run: pd.DataFrame,
     loss_tables: LossTables,
+    train_test_influence: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
 ) -> dg.Output[ReviewQueue]:
-    """Training examples whose self-influence is above the flag policy's cut-off, highest first, each
-    with its score, label, predicted label and loss trajectory. Built only from the scores that passed
+    """Training examples flagged by the policy (a flag score, a cut-off, a review budget), highest first,
+    each with every signal and its rank, label, prediction and loss trajectory; the test examples each
+    one helps and hurts most go into the review sheet. Built only from the scores that passed
     ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
     re-materialising never touches."""
     run_id = run_id_of(context)
@@ -60,8 +61,24 @@ def review_queue(
         **lineage,
         CALIBRATED_ON_KEY: run_id if inherited is None else inherited[1],
     }
-    histogram = histogram_png(flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}")
+    histogram = histogram_png(
+        flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}", flagged=flags.count,
+        axis_label=f"flag score ({policy.score})",
+    )
     grid = _flagged_grid(run, queue.head(GRID_IMAGES))
+    frames = {
+        "examples": training_run,
+        "predictions": loss_tables.prediction_frame(),
+        "train_losses": loss_tables.frame("train"),
+        "test_losses": loss_tables.frame("test"),
+        "self_influence": self_influence,
+        "topk": train_test_influence,
+    }
+    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
+    readable = review_artifacts(
+        layout, queue, info, decisions.open(), run.train_config, histogram=histogram, frames=frames
+    )
+    evidence = RunEvidence(layout, queue, info, frames=frames)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
         "flagged": flags.count,
@@ -70,7 +87,7 @@ def review_queue(
         "policy": dg.MetadataValue.json(policy.to_dict()),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
-            markdown_table(reviewer_view(queue, flags.score), PREVIEW_ROWS)
+            markdown_table(reviewer_table(evidence, current), PREVIEW_ROWS)
         ),
         "flag_score_histogram": dg.MetadataValue.md(markdown_image(histogram, f"histogram of the flag score ({policy.score})")),
         "dagster/row_count": len(queue),
@@ -101,41 +118,12 @@ def review_queue(
             "against the injected label flips"
         )
     )
-    return dg.Output(ReviewQueue(queue, info, histogram, grid), metadata=metadata)
-
-
-def reviewer_view(queue: pd.DataFrame, all_scores: np.ndarray) -> pd.DataFrame:
-    """The queue as a reviewer reads it: the flag score's percentile among all training examples (not a
-    raw robust z), which signals flag the example and its rank under each, the loss trajectory's ends,
-    and each decision with its new label."""
-    ordered = np.sort(np.asarray(all_scores, dtype=np.float64))
-    scores = queue["flag_score"].to_numpy(np.float64)
-    percentile = 100.0 * np.searchsorted(ordered, scores, side="right") / max(len(ordered), 1)
-    decision = [
-        "" if pd.isna(action) else f"relabel -> {label}" if action == "relabel" else str(action)
-        for action, label in zip(queue["decision"], queue["decision_label"])
-    ]
-    ranks = {
-        column.removesuffix("_rank") + " rank": queue[column]
-        for column in queue.columns
-        if column.endswith("_rank") and queue[column].notna().any()
+    previews = {
+        "review_sheet": readable[SHEET_NAME],
+        "review_table_csv": readable[f"{TABLE_STEM}.csv"],
+        "review_table_html": readable[f"{TABLE_STEM}.html"],
     }
-    return pd.DataFrame(
-        {
-            "rank": queue["rank"],
-            "example_id": queue["example_id"],
-            "flag_score": queue["flag_score"],
-            "percentile": [f"{p:.1f}" for p in percentile],
-            "flagged_by": queue["flagged_by"],
-            **ranks,
-            "label": queue["label"],
-            "predicted_label": queue["predicted_label"],
-            "predicted_probability": queue["predicted_probability"],
-            "loss first -> last": [f"{a:.3g} -> {b:.3g}" for a, b in zip(queue["loss_first"], queue["loss_last"])],
-            "decision": decision,
-            **{column: queue[column] for column in TEXT_COLUMNS if column in queue.columns},
-        }
-    )
+    return dg.Output(ReviewQueue(queue, info, histogram, grid, **previews), metadata=metadata)
 
 
 def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
