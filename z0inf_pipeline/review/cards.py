@@ -62,7 +62,7 @@ def training_cards(
                 "rank": int(queue.at[i, "rank"]) if i in queue.index else None,
                 "flag": _flag(standing, i, total, evidence.info["policy"]["score"]),
                 "label": label,
-                "label_name": names[label] if label < len(names) else str(label),
+                "label_name": names[label] if 0 <= label < len(names) else str(label),
                 "predicted": predicted[0],
                 "probability": predicted[1],
                 "disagrees": predicted[0] is not None and predicted[0] != label,

@@ -223,7 +223,10 @@ class RunEvidence:
             return None
         from ..training import TrainConfig, load_dataset
 
-        config = TrainConfig.from_dict(self.train_config)
+        try:
+            config = TrainConfig.from_dict(self.train_config)
+        except InfluenceInputError:  # another recipe (the LM recipe): its examples are shown by their text
+            return None
         options = dict(seed=config.seed, test_fraction=config.test_fraction, label_column=config.label_column)
         for image in (True, False):
             try:
