@@ -44,12 +44,13 @@ def review_queue(
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
-    current = lineage_decisions(decisions.open(), run_id, lineage)
+    store = decisions.open()
+    current = lineage_decisions(store, run_id, lineage)
     inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
     flags = flag_scores(self_influence, policy, inherited_cutoff=None if inherited is None else inherited[0])
-    queue = build_review_queue(
-        self_influence, flags, train, loss_tables.frame("train"), loss_tables.prediction_frame(), current
-    )
+    # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
+    train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
+    queue = build_review_queue(self_influence, flags, train, train_losses, predictions, current)
     run = mlflow.fetch(run_id)
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
     info = {
@@ -68,16 +69,14 @@ def review_queue(
     grid = _flagged_grid(run, queue.head(GRID_IMAGES))
     frames = {
         "examples": training_run,
-        "predictions": loss_tables.prediction_frame(),
-        "train_losses": loss_tables.frame("train"),
+        "predictions": predictions,
+        "train_losses": train_losses,
         "test_losses": loss_tables.frame("test"),
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
     layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
-    readable = review_artifacts(
-        layout, queue, info, decisions.open(), run.train_config, histogram=histogram, frames=frames
-    )
+    readable = review_artifacts(layout, queue, info, store, run.train_config, histogram=histogram, frames=frames)
     evidence = RunEvidence(layout, queue, info, frames=frames)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
