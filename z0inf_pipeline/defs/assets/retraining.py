@@ -46,19 +46,20 @@ def retrained_run(
         f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
     )
     client = mlflow.client()
+    parent_record = client.get_run(parent.run_id)  # its name and metrics, asked once
     child_id = train_and_log(
         child_config,
         tracking_uri=mlflow.uri(),
         experiment=config.experiment,
         parent_run_id=parent.run_id,
-        run_name=retrained_run_name(client.get_run(parent.run_id).info.run_name),
+        run_name=retrained_run_name(parent_record.info.run_name),
         tags={
             "z0inf.dropped": len(curated.dropped_ids),
             "z0inf.relabelled": len(curated.relabels),
             "z0inf.dagster_run_id": context.run.run_id,
         },
     )
-    parent_accuracy = client.get_run(parent.run_id).data.metrics.get("test_accuracy", np.nan)
+    parent_accuracy = parent_record.data.metrics.get("test_accuracy", np.nan)
     child_accuracy = client.get_run(child_id).data.metrics.get("test_accuracy", np.nan)
     summary = pd.DataFrame(
         [
