@@ -121,7 +121,7 @@ class DecisionStoreResource(dg.ConfigurableResource):
     def open(self):
         from ..review import DecisionStore
 
-        return DecisionStore.open(self.url) if self.url else DecisionStore.open()
+        return DecisionStore.open(self.url or None)
 
 
 class ComputeResource(dg.ConfigurableResource):
