@@ -23,7 +23,9 @@ _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="train on digits with 10%% label noise and run the whole pipeline")
+    demo = sub.add_parser(
+        "demo", help="train a demo recipe (digits with 10%% label noise, or --recipe lm) and run the whole pipeline"
+    )
     demo.add_argument(
         "--auto-review",
         action="store_true",
@@ -279,17 +281,19 @@ def _print_findings(layout) -> None:
     ):
         print(f"                      {path.relative_to(layout.root)}")
     policy = info["policy"]
+    # The `flipped` column marks what was corrupted on purpose: a label (digits) or an answer (the LM recipe).
+    injected, corrupted = ("errors", "wrong answers") if "target" in queue else ("flips", "flipped labels")
     print(
         f"  flagged           {len(queue)} of {info['training_examples']} training examples "
         f"(flag score {policy['score']}, cut-off {info['cutoff']:.4g}, policy {policy['method']})"
     )
     if quality is not None:
         print(
-            f"  vs injected flips precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
-            f"({int(quality['true_positives'])} of the {int(quality['flipped'])} flipped labels are in the queue; "
+            f"  {'vs injected ' + injected:<17} precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
+            f"({int(quality['true_positives'])} of the {int(quality['flipped'])} {corrupted} are in the queue; "
             f"base rate {quality['flipped'] / info['training_examples']:.3f})"
         )
-        _print_default_policy_quality(layout, flipped)
+        _print_default_policy_quality(layout, policy, flipped, injected)
     top = queue.head(8)
     print("  top of the review queue:")
     print(
@@ -303,7 +307,7 @@ def _print_findings(layout) -> None:
                 "flagged by": top["flagged_by"],
                 "label": top["label"],
                 "predicted": top["predicted_label"].astype("string").fillna("?"),
-                "flipped on purpose": top["flipped"],
+                f"{corrupted.split()[0]} on purpose": top["flipped"],
                 **{c: top[c] for c in ("prompt", "target") if c in top},
             }
         )
@@ -312,17 +316,20 @@ def _print_findings(layout) -> None:
     )
 
 
-def _print_default_policy_quality(layout, flipped_ids) -> None:
-    """What the library's default flag policy would flag on the same scores, when the launchpad ran another."""
+def _print_default_policy_quality(layout, queue_policy: dict, flipped_ids, injected: str) -> None:
+    """What the library's default flag policy would flag on the same scores, when the launchpad ran another
+    (nothing when the queue's policy flags as the default does: only the review gate's share differs)."""
     from ..review import FlagPolicy, detection_quality, flag_scores
 
-    scores = pd.read_parquet(layout.self_influence)
     policy = FlagPolicy()
+    if {**queue_policy, "max_unreviewed_fraction": policy.max_unreviewed_fraction} == policy.to_dict():
+        return
+    scores = pd.read_parquet(layout.self_influence)
     flags = flag_scores(scores, policy)
     quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
     print(
         f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "
-        f"recall {quality['recall']:.3f} against the injected flips"
+        f"recall {quality['recall']:.3f} against the injected {injected}"
     )
 
 
