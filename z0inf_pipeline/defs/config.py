@@ -91,7 +91,7 @@ TopKConfig = config_class(
 EstimatorConfig = config_class(
     InfluenceArguments,
     "EstimatorConfig",
-    "How self-influence is estimated from the Gram matrix and the loss tables.",
+    "How the per-example signals (self-influence and the loss-table signals) are estimated.",
     exclude=(*GRAM_SETTINGS, "topk"),
 )
 

@@ -1,4 +1,4 @@
-"""Stage 4: Z0 self-influence of every training example."""
+"""Stage 4: every per-example signal of every training example (Z0 self-influence and the loss-table signals)."""
 
 from dataclasses import replace
 
@@ -42,8 +42,9 @@ def self_influence(
     mlflow: MlflowResource,
     compute: ComputeResource,
 ) -> dg.Output[pd.DataFrame]:
-    """SI(i) = sum_t eta_t ||g_i(t)||^2 (high: the model had to move far just for i), and the cheap
-    variance estimator beside it."""
+    """One column per signal of ``influence.signals`` (the flag policy's ``score`` picks among them):
+    SI(i) = sum_t eta_t ||g_i(t)||^2 (high: the model had to move far just for i), the cheap variance
+    estimator, and the loss-table signals (mean and final loss, confidence, variability)."""
     run = mlflow.fetch(run_id_of(context))
     args = config.to_arguments()
     frame = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device()).self_influence_frame()
