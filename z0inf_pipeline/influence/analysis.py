@@ -24,7 +24,7 @@ from .errors import InfluenceInputError
 from .estimators import NeighborRule, self_influence, train_test_topk, warmup_window
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
-from .signals import LOSS_KINDS, LossKind, loss_signals
+from .signals import LossKind, loss_signals
 from ..settings_schema import check_choices, normalise_sequences
 
 _PROVENANCE_KEY = "z0inf.gram_provenance"
@@ -55,7 +55,7 @@ class InfluenceArguments:
     )
     neighbor_rule: NeighborRule = field(
         default="distance",
-        metadata={"help": "neighbours nearest in parameter distance, or in training order", "choices": ("distance", "order")},
+        metadata={"help": "neighbours nearest in parameter distance, or in training order"},
     )
     eta: Literal["uniform", "learning_rate"] = field(
         default="uniform", metadata={"help": "per-checkpoint weights: uniform, or the recorded learning rate"}
@@ -83,10 +83,7 @@ class InfluenceArguments:
     )
     loss_kind: LossKind = field(
         default="cross_entropy",
-        metadata={
-            "help": "the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy",
-            "choices": LOSS_KINDS,
-        },
+        metadata={"help": "the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy"},
     )
 
     def __post_init__(self) -> None:

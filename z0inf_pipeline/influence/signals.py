@@ -11,6 +11,7 @@ examples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import typing
 from typing import Literal
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from .errors import InfluenceInputError
 
 LossKind = Literal["cross_entropy", "other"]
-LOSS_KINDS: tuple[str, ...] = ("cross_entropy", "other")
+LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
 
 @dataclass(frozen=True)
