@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
 from ..review import evaluate_gate, lineage_decisions
+from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
     loss_tables,
@@ -189,9 +190,7 @@ def curated_set_matches_decisions(
     run_id = run_id_of(context)
     current = decisions.open().current(run_id)
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
-    relabelled = current[current["action"] == "relabel"]
-    relabels = {int(i): int(y) for i, y in zip(relabelled["example_id"], relabelled["label"])}
-    report = validate_curated_set(curated_training_set, _split_ids(training_run), dropped, relabels)
+    report = validate_curated_set(curated_training_set, _split_ids(training_run), dropped, relabels_of(current))
     return _result(mlflow, run_id, report)
 
 

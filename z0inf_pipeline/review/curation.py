@@ -23,6 +23,12 @@ class CuratedSet:
         return len(self.frame)
 
 
+def relabels_of(frame: pd.DataFrame) -> dict[int, int]:
+    """``{example_id: new label}`` of the rows whose ``action`` is relabel (decisions or a curated set)."""
+    rows = frame[frame["action"] == "relabel"]
+    return {int(i): int(y) for i, y in zip(rows["example_id"], rows["label"])}
+
+
 def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None) -> CuratedSet:
     """Apply the decisions in force to the run's training examples; decisions must name training ids."""
     ids = train_examples["example_id"].to_numpy(np.int64)
@@ -34,8 +40,7 @@ def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: i
         )
     by_action = decisions.groupby("action")["example_id"]
     dropped = tuple(sorted(int(i) for i in by_action.get_group("drop"))) if "drop" in by_action.groups else ()
-    relabel_rows = decisions[decisions["action"] == "relabel"]
-    relabels = {int(i): int(y) for i, y in zip(relabel_rows["example_id"], relabel_rows["label"])}
+    relabels = relabels_of(decisions)
     if num_classes is not None:
         bad = {i: y for i, y in relabels.items() if not 0 <= y < num_classes}
         if bad:

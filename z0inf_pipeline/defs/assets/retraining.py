@@ -6,6 +6,7 @@ import pandas as pd
 
 from ...influence.errors import InfluenceInputError
 from ...review import CuratedSet, retrain_config
+from ...review.curation import relabels_of
 from ...tracking import train_and_log
 from ...tracking.logger import retrained_run_name
 from ...training.lm import recipe_from_dict
@@ -19,9 +20,7 @@ def curated_from_frame(curated: pd.DataFrame, examples: pd.DataFrame) -> Curated
     """The curation exactly as materialised: drops = training ids missing from the curated set."""
     train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
     dropped = np.setdiff1d(train_ids, curated["example_id"].to_numpy(np.int64))
-    relabelled = curated[curated["action"] == "relabel"]
-    relabels = {int(i): int(y) for i, y in zip(relabelled["example_id"], relabelled["label"])}
-    return CuratedSet(curated, tuple(int(i) for i in dropped), relabels)
+    return CuratedSet(curated, tuple(int(i) for i in dropped), relabels_of(curated))
 
 
 @dg.asset(**PER_RUN, kinds={"pytorch", "mlflow"})
