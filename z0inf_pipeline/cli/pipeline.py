@@ -64,7 +64,12 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
-    return {"ops": {"review_queue": {"config": plain_values(from_namespace(FlagPolicy, args))}}}
+    return policy_run_config(plain_values(from_namespace(FlagPolicy, args)))
+
+
+def policy_run_config(policy: dict) -> dict:
+    """The run config that builds the review queue with ``policy`` (a ``FlagPolicy`` as plain values)."""
+    return {"ops": {"review_queue": {"config": policy}}}
 
 
 @dataclass

@@ -12,6 +12,7 @@ import pandas as pd
 from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
+from ..review.cards import decision_text
 from ..review.run_review import RunReview, runs_with_queue
 from ..settings import data_dir
 
@@ -136,7 +137,7 @@ def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
     if example_id not in current.index:
         return ""
     row = current.loc[example_id]
-    action = f"relabel {row['label']}" if row["action"] == "relabel" else str(row["action"])
+    action = decision_text(row["action"], row["label"])
     decided_on = row.get("decided_on_run")
     return action if decided_on in (None, run_id) else f"{action} (decided on run {decided_on[:8]})"
 
@@ -201,9 +202,9 @@ def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
     retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
     instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
     from ..review import RunLayout
-    from .pipeline import dagster_instance, run_job
+    from .pipeline import dagster_instance, policy_run_config, run_job
 
-    config = {"ops": {"review_queue": {"config": policy}}}
+    config = policy_run_config(policy)
     instance, _ = dagster_instance()
     outcome = run_job(instance, "retrain_job", run_id, config)
     if outcome.check_failed("review_gate"):
