@@ -74,7 +74,7 @@ def load_dataset(
     label_column: str = "label",
     image: bool = False,
 ) -> DatasetBundle:
-    """Load ``digits``, ``breast_cancer`` or a ``.csv`` / ``.parquet`` table; split it stratified.
+    """Load a built-in dataset (``BUILTIN_DATASETS``) or a ``.csv`` / ``.parquet`` table; split it stratified.
 
     Features are standardised with statistics of the training split only (per feature; for
     digits as images, one mean and scale for all pixels so the picture keeps its contrast).

@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 
 from ..influence.checkpoints import save_checkpoint
 from ..errors import ConfigurationError
-from ..influence.errors import InfluenceInputError
 from ..settings_schema import check_choices, normalise_sequences
 from . import layout
-from .datasets import NOISE_KINDS, DatasetBundle, LabelNoise, Split, curate_train, load_dataset, subset
+from .datasets import BUILTIN_DATASETS, NOISE_KINDS, DatasetBundle, LabelNoise, Split, curate_train, load_dataset, subset
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder
 
@@ -43,7 +42,9 @@ class TrainConfig:
     noise) is the run's training set, and checkpoints are only taken while fine-tuning on it.
     """
 
-    dataset: str = field(default="digits", metadata={"help": "digits, breast_cancer, or a .csv/.parquet file"})
+    dataset: str = field(
+        default="digits", metadata={"help": f"{', '.join(BUILTIN_DATASETS)}, or a .csv/.parquet file"}
+    )
     model: str = field(default="mlp", metadata={"help": "model family", "choices": MODEL_KINDS})
     hidden: tuple[int, ...] = field(
         default=(64,), metadata={"help": "hidden layer widths, e.g. 128,64", "metavar": "W[,W...]"}
@@ -185,16 +186,22 @@ def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
 def training_data(config: TrainConfig) -> DatasetBundle:
     """The data exactly as ``config`` trains on it: same split and noise, then subset, drops and relabels
     (the pretraining part, if any, left out)."""
-    bundle = _loaded(config)
-    return curate_train(bundle, exclude_ids=(*config.exclude_ids, *_pretraining_ids(bundle, config)),
-                        relabels=config.relabels, train_subset=config.train_subset)
+    return _curated(_loaded(config), config)
 
 
 def pretraining_data(config: TrainConfig) -> Split | None:
     """The examples ``config`` pretrains on, with their clean labels; None without pretraining."""
+    return None if config.pretrain_fraction == 0 else _pretraining_split(_loaded(config), config)
+
+
+def _curated(bundle: DatasetBundle, config: TrainConfig) -> DatasetBundle:
+    return curate_train(bundle, exclude_ids=(*config.exclude_ids, *_pretraining_ids(bundle, config)),
+                        relabels=config.relabels, train_subset=config.train_subset)
+
+
+def _pretraining_split(bundle: DatasetBundle, config: TrainConfig) -> Split | None:
     if config.pretrain_fraction == 0:
         return None
-    bundle = _loaded(config)
     clean = replace(bundle.train, labels=bundle.clean_train_labels)
     return subset(clean, _pretraining_ids(bundle, config))
 
@@ -219,6 +226,7 @@ class TrainingPlan:
     (and before an MLflow run exists, so a rejected recipe leaves no failed run behind)."""
 
     data: DatasetBundle
+    pretraining: Split | None  # ``pretraining_data``, from the same load as ``data``
     model_spec: ModelSpec
     steps_per_epoch: int
     total_steps: int
@@ -227,7 +235,8 @@ class TrainingPlan:
 
 def plan_training(config: TrainConfig) -> TrainingPlan:
     """Load the data, build the model once and lay out the checkpoint steps; any problem is a named error."""
-    bundle = training_data(config)
+    loaded = _loaded(config)
+    bundle = _curated(loaded, config)
     spec = ModelSpec(config.model, bundle.input_shape, bundle.num_classes, config.hidden)
     build_model(spec)
     steps_per_epoch = math.ceil(len(bundle.train) / config.batch_size)
@@ -235,7 +244,7 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     unit_steps = steps_per_epoch if config.checkpoint_unit == "epoch" else 1
     schedule = checkpoint_steps(total_steps, count=config.checkpoints, every=config.checkpoint_every,
                                 unit_steps=unit_steps)
-    return TrainingPlan(bundle, spec, steps_per_epoch, total_steps, schedule)
+    return TrainingPlan(bundle, _pretraining_split(loaded, config), spec, steps_per_epoch, total_steps, schedule)
 
 
 def train(
@@ -259,7 +268,7 @@ def train(
     steps_per_epoch, total_steps, schedule = plan.steps_per_epoch, plan.total_steps, plan.checkpoint_schedule
     torch.manual_seed(config.seed)
     model = build_model(spec)
-    pretraining = pretraining_data(config)
+    pretraining = plan.pretraining
     if pretraining is not None:
         pretrain_steps = config.pretrain_epochs * math.ceil(len(pretraining) / config.batch_size)
         pretrain_shuffle = torch.Generator().manual_seed(config.seed + 1)
