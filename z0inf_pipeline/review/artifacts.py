@@ -12,7 +12,6 @@ import pandas as pd
 from ..training.layout import TEXT_COLUMNS
 from .cards import decision_text
 from .evidence import RunEvidence
-from .layout import RunLayout
 from .run_review import RunReview
 from .sheet import run_review_sheet
 from .store import DecisionStore
@@ -22,23 +21,13 @@ TABLE_STEM = "review_queue"
 PREVIEW_ROWS = 1000
 
 
-def review_artifacts(
-    layout: RunLayout,
-    queue: pd.DataFrame,
-    info: dict,
-    store: DecisionStore,
-    train_config: dict | None = None,
-    histogram: bytes | None = None,
-    frames: dict[str, pd.DataFrame | None] | None = None,
-) -> dict[str, bytes]:
-    """``{"review_sheet.html", "review_queue.csv", "review_queue.html": bytes}`` for a run's review
-    queue as ``build_review_queue`` made it and ``info`` as the asset writes it (policy, cut-off,
-    lineage). Reads the run's other outputs through ``layout`` (examples, losses, predictions, scores,
-    top-k: written before the queue); ``train_config`` (``ContractRun.train_config``) gives pictures;
-    ``histogram``: the flag score histogram (PNG) made with the queue, shown at the sheet's head;
-    ``frames``: outputs already in memory (``RunEvidence.frames``), read through ``layout`` otherwise."""
-    review = RunReview(layout, queue, info)
-    evidence = RunEvidence(layout, queue, info, train_config, frames or {})
+def review_artifacts(evidence: RunEvidence, store: DecisionStore, histogram: bytes | None = None) -> dict[str, bytes]:
+    """``{"review_sheet.html", "review_queue.csv", "review_queue.html": bytes}`` for the run's review
+    queue in ``evidence`` (as ``build_review_queue`` made it, ``info`` as the asset writes it: policy,
+    cut-off, lineage). The caller builds the evidence once and may reuse it (the asset's metadata
+    table is ``reviewer_table`` of the same evidence); ``histogram``: the flag score histogram (PNG)
+    made with the queue, shown at the sheet's head."""
+    review = RunReview(evidence.layout, evidence.queue, evidence.info)
     sheet = run_review_sheet(review, evidence, store, histogram)
     table = reviewer_table(evidence, review.decisions(store))
     return {SHEET_NAME: sheet.encode("utf-8"), **table_previews(table, TABLE_STEM)}

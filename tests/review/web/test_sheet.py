@@ -64,8 +64,8 @@ def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(anal
     store = DecisionStore.open()
     store.record(analysed_run.run_id, [ids[2]], "relabel", label=5, reviewer="ana")
 
-    files = review_artifacts(layout, queue, info, store, fetch_run(analysed_run.run_id).train_config,
-                             histogram=layout.histogram.read_bytes())
+    evidence = RunEvidence(layout, queue, info, fetch_run(analysed_run.run_id).train_config)
+    files = review_artifacts(evidence, store, histogram=layout.histogram.read_bytes())
     assert sorted(files) == ["review_queue.csv", "review_queue.html", "review_sheet.html"]
     sheet = files["review_sheet.html"].decode("utf-8")
     assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', sheet)] == ids

@@ -76,8 +76,8 @@ def review_queue(
         "topk": train_test_influence,
     }
     layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
-    readable = review_artifacts(layout, queue, info, store, run.train_config, histogram=histogram, frames=frames)
-    evidence = RunEvidence(layout, queue, info, frames=frames)
+    evidence = RunEvidence(layout, queue, info, run.train_config, frames)
+    readable = review_artifacts(evidence, store, histogram)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
         "flagged": flags.count,
