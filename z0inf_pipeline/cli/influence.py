@@ -24,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(gram)
     gram.set_defaults(handler=_gram)
 
-    si = sub.add_parser("self-influence", help="Z0 self-influence of every training example")
+    si = sub.add_parser(
+        "self-influence",
+        help="every signal of every training example: Z0 self-influence and the loss-table ones "
+        "(variance, mean and final loss, confidence, variability)",
+    )
     _add_checkpoint_args(si)
     si.add_argument("train_losses", help="training loss table (parquet)")
     _add_estimator_args(si)
