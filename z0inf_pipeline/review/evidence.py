@@ -133,10 +133,6 @@ class RunEvidence:
         named = {n for value in self.queue["flagged_by"] for n in split_names(value)}
         return tuple(c for c in SIGNAL_COLUMNS if c in named)
 
-    @cached_property
-    def loss_steps(self) -> list[int]:
-        return steps_of(self._output("train_losses").columns)
-
     def effects(self, example_ids) -> dict[int, tuple[pd.DataFrame, pd.DataFrame]]:
         """For each training id: (test examples it helps most, test examples it hurts most), best first,
         from the train-test top-k table (where the id is among a test example's proponents or opponents)."""
