@@ -142,14 +142,13 @@ class Z0InfCallback(TrainerCallback):
         self._framework_run_id = framework_run.info.run_id if framework_run else None
         self.logger = ContractLogger(
             model_spec=self._model_spec or model_spec_of(model), params=params,
-            nested_in=framework_run.info.run_id if framework_run else None, expected_checkpoints=len(steps),
-            **self._logger_args,
+            nested_in=self._framework_run_id, expected_checkpoints=len(steps), **self._logger_args,
         )
         self.logger.__enter__()
         self.run_id = self.logger.run_id
-        if framework_run is not None:
-            tracking_client(self._logger_args.get("tracking_uri")).set_tag(framework_run.info.run_id, CONTRACT_RUN_TAG,
-                                                                       self.run_id)
+        if self._framework_run_id is not None:
+            tracking_client(self._logger_args.get("tracking_uri")).set_tag(self._framework_run_id, CONTRACT_RUN_TAG,
+                                                                           self.run_id)
         self._checkpoint(model, state, kwargs.get("lr_scheduler"), args.learning_rate)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..influence.devices import single_thread
-from ..influence.errors import InfluenceInputError
+from ..errors import ConfigurationError
 
 RECIPE = "lm"
 ALPHABET = "abcdefgh"
@@ -65,7 +65,7 @@ class LMRecipe:
         ]
         broken = next(((name, expected) for ok, name, expected in checks if not ok), None)
         if broken:
-            raise InfluenceInputError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
+            raise ConfigurationError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # JSON as train_config.json holds it: tuples become lists
@@ -73,7 +73,7 @@ class LMRecipe:
     @classmethod
     def from_dict(cls, d: dict) -> "LMRecipe":
         if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
-            raise InfluenceInputError(f"lm recipe: unknown field(s) {unknown}")
+            raise ConfigurationError(f"lm recipe: unknown field(s) {unknown}")
         return cls(**d)
 
     @property
@@ -173,7 +173,8 @@ def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     model.train()
     for _ in range(recipe.pretrain_steps):
-        letters = torch.randint(3 + 2, len(VOCAB), (recipe.batch_size, recipe.string_length), generator=generator)
+        letters = torch.randint(len(VOCAB) - len(ALPHABET), len(VOCAB), (recipe.batch_size, recipe.string_length),
+                                generator=generator)
         tokens = torch.cat([torch.full((recipe.batch_size, 1), BOS), letters,
                             torch.full((recipe.batch_size, 1), VOCAB.index("=")), letters,
                             torch.full((recipe.batch_size, 1), EOS)], dim=1)

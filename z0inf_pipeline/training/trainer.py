@@ -23,7 +23,16 @@ from ..influence.checkpoints import save_checkpoint
 from ..errors import ConfigurationError
 from ..settings_schema import check_choices, normalise_sequences
 from . import layout
-from .datasets import BUILTIN_DATASETS, NOISE_KINDS, DatasetBundle, LabelNoise, Split, curate_train, load_dataset, subset
+from .datasets import (
+    BUILTIN_DATASETS,
+    NOISE_KINDS,
+    DatasetBundle,
+    LabelNoise,
+    Split,
+    curate_train,
+    load_dataset,
+    subset,
+)
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder
 
