@@ -13,9 +13,8 @@ import pandas as pd
 
 from ..errors import ReviewError
 from ..influence.errors import InfluenceInputError
-from ..settings import data_dir
 from .gate import GateStatus, evaluate_gate
-from .layout import RunLayout, check_run_id
+from .layout import RunLayout, check_run_id, outputs_base
 from .lineage import lineage_decisions, lineage_of
 from .queue import read_review_queue
 from .store import DecisionStore
@@ -103,13 +102,17 @@ def decisions_needed(status: GateStatus) -> int:
     return max(0, status.flagged - tolerated)
 
 
-def runs_with_queue(base: Path | None = None) -> list[str]:
-    """Run ids under ``<data dir>/runs/`` whose review queue has been materialised, by name."""
-    runs_dir = (data_dir() if base is None else Path(base)) / "runs"
+def _run_folders(base: Path | None = None) -> list[str]:
+    """Run ids with an outputs folder under ``<outputs base>/runs/`` (the base ``RunLayout`` uses), by name."""
+    runs_dir = outputs_base(base) / "runs"
     if not runs_dir.is_dir():
         return []
-    names = sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
-    return [n for n in names if _is_run_id(n) and RunLayout.for_run(n, base).review_queue.exists()]
+    return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and _is_run_id(p.name))
+
+
+def runs_with_queue(base: Path | None = None) -> list[str]:
+    """Run ids whose review queue has been materialised, by name."""
+    return [n for n in _run_folders(base) if RunLayout.for_run(n, base).review_queue.exists()]
 
 
 def _is_run_id(name: str) -> bool:
@@ -122,14 +125,9 @@ def _is_run_id(name: str) -> bool:
 
 def retrain_parents(base: Path | None = None) -> dict[str, str]:
     """Retrained run id -> the run it was retrained from, as the parents' ``retrained_run`` outputs say."""
-    runs_dir = (data_dir() if base is None else Path(base)) / "runs"
     parents: dict[str, str] = {}
-    if not runs_dir.is_dir():
-        return parents
-    for folder in sorted(runs_dir.iterdir()):
-        if not (folder.is_dir() and _is_run_id(folder.name)):
-            continue
-        path = RunLayout.for_run(folder.name, base).retrained
+    for run_id in _run_folders(base):
+        path = RunLayout.for_run(run_id, base).retrained
         if path.exists():
             summary = pd.read_parquet(path, columns=["parent_run_id", "retrained_run_id"])
             parents.update(zip(summary["retrained_run_id"].astype(str), summary["parent_run_id"].astype(str)))
