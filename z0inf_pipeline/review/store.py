@@ -139,12 +139,7 @@ class DecisionStore:
     def current(self, run_id: str) -> pd.DataFrame:
         """The decision in force for each decided example of ``run_id`` (the latest one), by example id."""
         check_run_id(run_id)
-        latest = (
-            sa.select(sa.func.max(decisions.c.id).label("id"))
-            .where(decisions.c.run_id == run_id)
-            .group_by(decisions.c.example_id)
-            .subquery()
-        )
+        latest = _latest_ids(decisions.c.run_id == run_id, decisions.c.example_id)
         query = (
             sa.select(*_columns())
             .join(latest, decisions.c.id == latest.c.id)
@@ -160,12 +155,7 @@ class DecisionStore:
             check_run_id(run_id)
         if not runs:
             raise ReviewError("review store: current_for_runs needs at least one run id")
-        latest = (
-            sa.select(sa.func.max(decisions.c.id).label("id"))
-            .where(decisions.c.run_id.in_(runs))
-            .group_by(decisions.c.run_id, decisions.c.example_id)
-            .subquery()
-        )
+        latest = _latest_ids(decisions.c.run_id.in_(runs), decisions.c.run_id, decisions.c.example_id)
         query = (
             sa.select(*_columns(), decisions.c.run_id, decisions.c.id)
             .join(latest, decisions.c.id == latest.c.id)
@@ -208,6 +198,11 @@ class DecisionStore:
             return make_url(self.url)
         except sa.exc.ArgumentError:
             raise ReviewError(f"review store: {self.url!r} is not a database URL or a file path") from None
+
+
+def _latest_ids(where, *group_by: sa.Column) -> sa.Subquery:
+    """The id of the latest decision (the highest id) of each ``group_by`` group among the rows ``where`` selects."""
+    return sa.select(sa.func.max(decisions.c.id).label("id")).where(where).group_by(*group_by).subquery()
 
 
 def _columns() -> list[sa.Column]:
