@@ -25,7 +25,7 @@ from .assets import (
     weight_gram,
 )
 from .assets.retraining import curated_from_frame
-from .metadata import rounded, run_id_of
+from .metadata import rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
@@ -51,10 +51,6 @@ def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra)
     return dg.AssetCheckResult(passed=passed, metadata=metadata, description=summary)
 
 
-def _split_ids(examples: pd.DataFrame, split: str = "train") -> np.ndarray:
-    return examples.loc[examples["split"] == split, "example_id"].to_numpy(np.int64)
-
-
 @dg.asset_check(asset=loss_tables, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
 def loss_tables_are_valid(
     context: dg.AssetCheckExecutionContext, loss_tables: LossTables, training_run: pd.DataFrame, mlflow: MlflowResource
@@ -66,7 +62,7 @@ def loss_tables_are_valid(
     nonnegative = run.train_config is not None
     reports = []
     for split in ("train", "test"):
-        ids = _split_ids(training_run, split)
+        ids = split_ids(training_run, split)
         reports.append(
             validate_loss_table(
                 loss_tables.frame(split),
@@ -190,7 +186,7 @@ def curated_set_matches_decisions(
     run_id = run_id_of(context)
     current = decisions.open().current(run_id)
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
-    report = validate_curated_set(curated_training_set, _split_ids(training_run), dropped, relabels_of(current))
+    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current))
     return _result(mlflow, run_id, report)
 
 
@@ -215,7 +211,7 @@ def retrained_run_follows_curation(
     trained = child_examples[child_examples["split"] == "train"][["example_id", "label"]]
     curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
-        trained, _split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set"
+        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set"
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")
     result = _result(mlflow, run_id, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))

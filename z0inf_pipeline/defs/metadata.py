@@ -16,6 +16,11 @@ def run_id_of(context) -> str:
     return context.partition_key
 
 
+def split_ids(examples: pd.DataFrame, split: str = "train") -> np.ndarray:
+    """The example ids of one split of a run's examples table (the ``training_run`` output)."""
+    return examples.loc[examples["split"] == split, "example_id"].to_numpy(np.int64)
+
+
 def rounded(value, digits: int = 3) -> float:
     """``value`` to ``digits`` significant digits, as a reader wants to see it (0.1002227 -> 0.1)."""
     value = float(value)

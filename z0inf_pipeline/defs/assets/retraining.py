@@ -11,15 +11,14 @@ from ...tracking import train_and_log
 from ...tracking.logger import retrained_run_name
 from ...training.lm import recipe_from_dict
 from ..config import RetrainConfig
-from ..metadata import rounded, run_id_of
+from ..metadata import rounded, run_id_of, split_ids
 from ..partitions import PER_RUN
 from ..resources import MlflowResource
 
 
 def curated_from_frame(curated: pd.DataFrame, examples: pd.DataFrame) -> CuratedSet:
     """The curation exactly as materialised: drops = training ids missing from the curated set."""
-    train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)
-    dropped = np.setdiff1d(train_ids, curated["example_id"].to_numpy(np.int64))
+    dropped = np.setdiff1d(split_ids(examples), curated["example_id"].to_numpy(np.int64))
     return CuratedSet(curated, tuple(int(i) for i in dropped), relabels_of(curated))
 
 
