@@ -21,15 +21,22 @@ TABLE_STEM = "review_queue"
 PREVIEW_ROWS = 1000
 
 
-def review_artifacts(evidence: RunEvidence, store: DecisionStore, histogram: bytes | None = None) -> dict[str, bytes]:
+def review_artifacts(
+    evidence: RunEvidence,
+    store: DecisionStore,
+    histogram: bytes | None = None,
+    current: pd.DataFrame | None = None,
+) -> dict[str, bytes]:
     """``{"review_sheet.html", "review_queue.csv", "review_queue.html": bytes}`` for the run's review
     queue in ``evidence`` (as ``build_review_queue`` made it, ``info`` as the asset writes it: policy,
     cut-off, lineage). The caller builds the evidence once and may reuse it (the asset's metadata
     table is ``reviewer_table`` of the same evidence); ``histogram``: the flag score histogram (PNG)
-    made with the queue, shown at the sheet's head."""
+    made with the queue, shown at the sheet's head; ``current``: the decisions in force across the
+    run's lineage (``RunReview.decisions``) when the caller has them, else asked of the store once."""
     review = RunReview(evidence.layout, evidence.queue, evidence.info)
-    sheet = run_review_sheet(review, evidence, store, histogram)
-    table = reviewer_table(evidence, review.decisions(store))
+    current = review.decisions(store) if current is None else current
+    sheet = run_review_sheet(review, evidence, store, histogram, current)
+    table = reviewer_table(evidence, current)
     return {SHEET_NAME: sheet.encode("utf-8"), **table_previews(table, TABLE_STEM)}
 
 

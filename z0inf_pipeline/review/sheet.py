@@ -43,10 +43,15 @@ def review_sheet_html(
 
 
 def run_review_sheet(
-    review: RunReview, evidence: RunEvidence, store: DecisionStore, histogram: bytes | None = None
+    review: RunReview,
+    evidence: RunEvidence,
+    store: DecisionStore,
+    histogram: bytes | None = None,
+    current: pd.DataFrame | None = None,
 ) -> str:
-    """The sheet of a run as of now: the decisions in force across its lineage, their history, the gate."""
-    current = review.decisions(store)
+    """The sheet of a run as of now: the decisions in force across its lineage (``current`` when the
+    caller already has them, else asked of the store), their history, the gate."""
+    current = review.decisions(store) if current is None else current
     history = lineage_history(store, review.lineage)
     return review_sheet_html(evidence, current, history, gate=review.gate(current), histogram=histogram)
 

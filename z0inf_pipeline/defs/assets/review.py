@@ -77,7 +77,7 @@ def review_queue(
     }
     layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
     evidence = RunEvidence(layout, queue, info, run.train_config, frames)
-    readable = review_artifacts(evidence, store, histogram)
+    readable = review_artifacts(evidence, store, histogram, current)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
         "flagged": flags.count,
