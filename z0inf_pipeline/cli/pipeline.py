@@ -287,14 +287,14 @@ def _print_findings(layout) -> None:
         print(f"                      {path.relative_to(layout.root)}")
     policy = info["policy"]
     # The `flipped` column marks what was corrupted on purpose: a label (digits) or an answer (the LM recipe).
-    injected, corrupted = ("errors", "wrong answers") if "target" in queue else ("flips", "flipped labels")
+    injected, corrupted = ("wrong answers",) * 2 if "target" in queue else ("injected flips", "flipped labels")
     print(
         f"  flagged           {len(queue)} of {info['training_examples']} training examples "
         f"(flag score {policy['score']}, cut-off {info['cutoff']:.4g}, policy {policy['method']})"
     )
     if quality is not None:
         print(
-            f"  {'vs injected ' + injected:<17} precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
+            f"  {'vs ' + injected:<17} precision {quality['precision']:.3f}, recall {quality['recall']:.3f} "
             f"({int(quality['true_positives'])} of the {int(quality['flipped'])} {corrupted} are in the queue; "
             f"base rate {quality['flipped'] / info['training_examples']:.3f})"
         )
@@ -334,7 +334,7 @@ def _print_default_policy_quality(layout, queue_policy: dict, flipped_ids, injec
     quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
     print(
         f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "
-        f"recall {quality['recall']:.3f} against the injected {injected}"
+        f"recall {quality['recall']:.3f} against the {injected}"
     )
 
 
