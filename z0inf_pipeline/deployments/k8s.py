@@ -17,6 +17,8 @@ from dagster_k8s import k8s_job_executor
 
 from .. import definitions as local
 from ..defs.resources import GPU_RESOURCE_TAG
+
+# GPU steps of one run that may run at once (the executor's tag concurrency limit).
 GPU_STEPS_PER_RUN = 1
 # Environment variables copied from the run pod into every step pod (a bare name copies its value).
 PASSED_ENV = [
