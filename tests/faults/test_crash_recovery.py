@@ -62,9 +62,11 @@ def runs_of_pid(pid: int) -> list:
 
 
 def kill_materialize_mid_run(run_id: str, copies: int = 2) -> list[str]:
-    """Start ``copies`` concurrent ``z0inf materialize influence`` processes and SIGKILL each once its
-    Dagster run has started a step. (Started one after another, a later one would already clean up the
-    run of the one killed before it: see ``fail_orphaned_runs`` in ``run_job``.)"""
+    """Start ``copies`` concurrent ``z0inf materialize influence`` processes and SIGKILL each as soon as its
+    Dagster run has started a step. All of them are watched at once: waiting for one after another, a
+    later one could finish its whole (small) run while an earlier one is awaited. (Started one after
+    another, a later one would already clean up the run of the one killed before it: see
+    ``fail_orphaned_runs`` in ``run_job``.)"""
     processes = [
         subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
@@ -78,15 +80,21 @@ def kill_materialize_mid_run(run_id: str, copies: int = 2) -> list[str]:
             with dg.DagsterInstance.get() as instance:
                 return runs[0].run_id if instance.get_run_step_stats(runs[0].run_id) else None
 
-        killed = []
-        for process in processes:
-            killed.append(wait_for(lambda: started_step(process), 240, "a materialize run to start a step"))
-            process.send_signal(signal.SIGKILL)
+        killed: dict[int, str] = {}
+
+        def kill_those_mid_run():
+            for process in processes:
+                if process.pid not in killed and (started := started_step(process)):
+                    process.send_signal(signal.SIGKILL)
+                    killed[process.pid] = started
+            return len(killed) == len(processes)
+
+        wait_for(kill_those_mid_run, 240, f"{copies} materialize runs to start a step", poll_s=0.1)
     finally:
         for process in processes:
             process.kill()
             process.wait()
-    return killed
+    return [killed[p.pid] for p in processes]
 
 
 @pytest.mark.dagster_daemon
