@@ -107,7 +107,11 @@ def build_model(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> tor
 
     config = GPT2Config(vocab_size=len(VOCAB), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers infers the loss from the class name, which "GPT2LMHeadModel" does not spell: without this
+    # it warns "`loss_type=None` ... unrecognized" and then uses the causal-LM loss anyway
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def model_kwargs(recipe: LMRecipe) -> dict:
