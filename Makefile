@@ -24,7 +24,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/z0inf demo
 	@echo
-	@echo "next: make review (decide on http://127.0.0.1:8765), make dev (Dagster), make mlflow-ui (MLflow)"
+	@echo "next: make review (round 2 is pending on http://127.0.0.1:8765), make dev (Dagster), make mlflow-ui (MLflow)"
 	@echo "to paste the z0inf / mlflow commands above into this shell, first run:"
 	@echo "  source $(VENV)/bin/activate && export DAGSTER_HOME=$(DAGSTER_HOME)"
 
