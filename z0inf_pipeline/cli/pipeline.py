@@ -217,7 +217,7 @@ def _demo(args) -> int:
     if gated.check_failed("review_gate"):
         print(f"\n[3/3] retrain_job: {gated.checks['review_gate'][1]}")
         print(
-            "      retraining did NOT run: the blocking review gate stops it until the flagged examples have decisions."
+            "      retraining did NOT run: it is skipped while the review gate is shut (until the flagged examples have decisions)."
         )
         if args.stop_at_gate:
             _print_review_instructions(run_id, layout)

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import evaluate_gate, lineage_decisions
+from ..review import RunLayout
+from ..review.run_review import RunReview
 from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
@@ -141,7 +142,10 @@ def _configured_topk(context: dg.AssetCheckExecutionContext, run_id: str) -> int
     return int(records[0].asset_materialization.metadata["estimator"].value["topk"])
 
 
-@dg.asset_check(asset=review_queue, blocking=True, partitions_def=mlflow_runs)
+# Not blocking: a shut gate is the expected state while a review is under way, not a failed run.
+# curated_training_set evaluates the same gate and yields nothing while it is shut, so the retrain's
+# steps are skipped and the run ends successful, with this check's message saying why.
+@dg.asset_check(asset=review_queue, blocking=False, partitions_def=mlflow_runs)
 def review_gate(
     context: dg.AssetCheckExecutionContext,
     review_queue: ReviewQueue,
@@ -151,11 +155,7 @@ def review_gate(
     """Retraining waits for review: fails while the flagged examples without a decision exceed the
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     run_id = run_id_of(context)
-    queue, info = review_queue.queue, review_queue.info
-    current = lineage_decisions(decisions.open(), run_id, info)
-    status = evaluate_gate(
-        queue["example_id"], current["example_id"], info["training_examples"], info["policy"]["max_unreviewed_fraction"]
-    )
+    status = RunReview(RunLayout.for_run(run_id), review_queue.queue, review_queue.info).gate(store=decisions.open())
     metadata = {
         **mlflow.run_metadata(run_id),
         "flagged": status.flagged,

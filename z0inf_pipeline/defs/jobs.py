@@ -1,5 +1,5 @@
-"""Jobs. The review gate is a blocking check, and a blocking check only stops later steps of its own
-run, so the gate runs in the same job as the retraining it guards (``retrain_job``)."""
+"""Jobs. The review gate is checked in the same job as the retraining it guards (``retrain_job``): while
+it is shut, ``curated_training_set`` yields nothing and the retraining steps are skipped."""
 
 import dagster as dg
 
@@ -23,8 +23,8 @@ retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
     partitions_def=mlflow_runs,
-    description="Rebuild the review queue, pass the blocking review gate, curate the training set and "
-    "retrain: the gate and the retraining it guards are in one run.",
+    description="Rebuild the review queue, check the review gate, curate the training set and retrain: while "
+    "the gate is shut the run succeeds with curation and retraining skipped.",
 )
 
 pipeline_job = dg.define_asset_job(

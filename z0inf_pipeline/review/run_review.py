@@ -167,8 +167,9 @@ class RunReview:
         """The decisions in force for this run's examples, made on it or on any run of its lineage."""
         return lineage_decisions(store, self.run_id, self.info)
 
-    def gate(self, current: pd.DataFrame) -> GateStatus:
-        """The review gate for the decisions in force (``decisions``)."""
+    def gate(self, current: pd.DataFrame | None = None, store: DecisionStore | None = None) -> GateStatus:
+        """The review gate for the decisions in force: ``current`` (``decisions``), else asked of ``store``."""
+        current = self.decisions(store) if current is None else current
         return evaluate_gate(
             self.queue["example_id"],
             current["example_id"],

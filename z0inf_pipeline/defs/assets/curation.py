@@ -3,26 +3,33 @@
 import dagster as dg
 import pandas as pd
 
-from ...review import curate
+from ...review import RunLayout, curate
+from ...review.run_review import RunReview
 from ..metadata import markdown_table, run_id_of
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
 
 
-@dg.asset(**PER_RUN, kinds={"parquet"})
+@dg.asset(**PER_RUN, kinds={"parquet"}, output_required=False)
 def curated_training_set(
     context: dg.AssetExecutionContext,
     review_queue: ReviewQueue,
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
-) -> dg.Output[pd.DataFrame]:
-    """Every decision in force for the run (flagged or not) applied to its training examples. Runs only
-    after the blocking review gate on ``review_queue`` passed in the same run."""
+):
+    """Every decision in force for the run (flagged or not) applied to its training examples, once the
+    review gate is open. While it is shut nothing is curated: no output, so ``retrained_run`` is skipped
+    and the run ends successful with the gate's message (``review_gate`` reports the same state)."""
     run_id = run_id_of(context)
+    store = decisions.open()
+    gate = RunReview(RunLayout.for_run(run_id), review_queue.queue, review_queue.info).gate(store=store)
+    if not gate.passed:
+        context.log.info(f"nothing curated or retrained: {gate.message()}")
+        return
     train = training_run[training_run["split"] == "train"]
-    current = decisions.open().current(run_id)
+    current = store.current(run_id)
     curated = curate(train, current, num_classes=review_queue.info.get("num_classes"))
     relabelled = curated.frame[curated.frame["action"] == "relabel"]
     mlflow.log_metrics(
@@ -37,7 +44,7 @@ def curated_training_set(
         f"curated training set: {curated.size} of {len(train)} examples kept, "
         f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled"
     )
-    return dg.Output(
+    yield dg.Output(
         curated.frame,
         metadata={
             **mlflow.run_metadata(run_id),
