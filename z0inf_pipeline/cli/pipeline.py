@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -91,6 +92,18 @@ class JobOutcome:
         return name in self.checks and not self.checks[name][0]
 
 
+class _ShutGateNotice(logging.Filter):
+    """Drops Dagster's warning that a blocking check "emitted no result": it is logged when
+    ``curated_training_set`` yields nothing because the review gate is shut, which the gate's own
+    message already says (the retrain's steps are skipped, as intended)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "emitted no result" not in record.getMessage()
+
+
+_PLAN_LOGGER = logging.getLogger("dagster._core.execution.plan.active")
+
+
 def dagster_instance():
     """The DAGSTER_HOME instance (runs show up in the UI), else a throwaway one."""
     import dagster as dg
@@ -108,6 +121,8 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     from ..defs.recovery import fail_orphaned_runs, process_tags
 
     fail_orphaned_runs(instance)  # runs of killed z0inf processes would hold queue slots for ever
+    if not any(isinstance(f, _ShutGateNotice) for f in _PLAN_LOGGER.filters):
+        _PLAN_LOGGER.addFilter(_ShutGateNotice())
     if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
         instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
     result = defs.resolve_job_def(job).execute_in_process(
@@ -422,7 +437,8 @@ def _print_retrained(layout, recipe=None) -> None:
         f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
     )
     parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
-    if recipe is None:
+    # the random-drop baseline only tells something when examples were dropped (not when only relabelled)
+    if recipe is None or row["dropped"] == 0:
         print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
         return
     random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
