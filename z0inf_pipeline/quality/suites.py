@@ -40,10 +40,12 @@ FLAGGING_SUITE = "flagging"
 FLAG_SCORE_COLUMN = "flag_score"
 # Results that need no per-row lists: counts and a 20-value sample of what broke an expectation.
 BASIC = {"result_format": "BASIC"}
-# The flagging suite lists its unexpected rows by example id: they are the review queue.
-FLAGGED_ROWS = {"result_format": "COMPLETE", "unexpected_index_column_names": ["example_id"],
+# The flagging suite lists its unexpected rows by example id: they are the review queue (its Data Docs
+# page shows a sample of up to 200 of them, GX's most; the stored result lists every one).
+FLAGGED_ROWS = {"result_format": "COMPLETE", "unexpected_index_column_names": ["example_id"], "partial_unexpected_count": 200,
                 "return_unexpected_index_query": False}
 DATA_DOCS = Path("uncommitted") / "data_docs" / "local_site"
+VALIDATIONS = Path("uncommitted") / "validations"
 
 
 def gx_project_dir() -> Path:
@@ -78,25 +80,26 @@ class SuiteReport:
     rows: int
     failures: tuple[ExpectationFailure, ...] = field(default=())
     validation_result: Path | None = None
-    data_docs: Path | None = None
+    data_docs: Path | None = None  # the run's index of validations (``<run gx folder>/index.html``)
     gx_suite: str = ""  # the project's suite that was applied (``suite`` names the validated table)
 
     @property
     def pages(self) -> list[Path]:
-        """The files a reader needs: the stored result, its page, the suite's page and the index."""
+        """The files a reader needs: the stored result, its page, the suite's page and both indexes."""
         if self.validation_result is None or self.data_docs is None:
             return []
-        return [self.validation_result, self.data_docs_page,
-                self.data_docs.parent / "expectations" / f"{self.gx_suite}.html", self.data_docs]
+        site = self.data_docs.parent / DATA_DOCS
+        return [self.validation_result, self.data_docs_page, site / "expectations" / f"{self.gx_suite}.html",
+                site / "index.html", self.data_docs]
 
     @property
     def data_docs_page(self) -> Path | None:
-        """This validation's own Data Docs page (beside the index, under ``validations/``)."""
+        """This validation's own Data Docs page (plain HTML: it opens offline)."""
         if self.validation_result is None or self.data_docs is None:
             return None
         stored = self.validation_result.parts
         relative = Path(*stored[stored.index("validations") + 1 :]).with_suffix(".html")
-        return self.data_docs.parent / "validations" / relative
+        return self.data_docs.parent / DATA_DOCS / "validations" / relative
 
     def summary(self) -> str:
         if self.success:
@@ -131,6 +134,10 @@ def validate(
     """
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
     from great_expectations.data_context import EphemeralDataContext
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -176,12 +183,15 @@ def validate(
             result_format=result_format,
             run_id=RunIdentifier(run_name=batch),
         )
-        docs = None
+        docs = stored = None
         if folder is not None:
-            with _quiet_suite_page_renderer():
-                context.build_data_docs()
-            docs = folder / DATA_DOCS / "index.html"
-    stored = _stored_result(folder, suite_name, batch) if folder is not None else None
+            stored = _stored_result(folder, suite_name, batch)
+            with _quiet_suite_page_renderer():  # this validation's and its suite's pages, and the index
+                context.build_data_docs(resource_identifiers=[
+                    ValidationResultIdentifier.from_tuple(stored.relative_to(folder / VALIDATIONS).with_suffix("").parts),
+                    ExpectationSuiteIdentifier(name=suite_name),
+                ])
+            docs = _write_offline_index(folder)
     report = SuiteReport(batch, bool(result.success), len(result.results), len(frame),
                          tuple(_failure(r) for r in result.results if not r.success), stored, docs, suite_name)
     return report, result
@@ -195,6 +205,35 @@ def _docs_site(folder: Path) -> dict:
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder / DATA_DOCS)},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }
+
+
+def _write_offline_index(folder: Path) -> Path:
+    """``<folder>/index.html``: every stored validation of the run, newest first, linking to its Data Docs
+    page. GX's own index fills its table with JavaScript from public CDNs, so offline it is empty; the
+    validation pages themselves are plain HTML."""
+    import html
+    import json
+
+    from ..influence.atomic import atomic_output
+
+    rows = []
+    for result in sorted((folder / VALIDATIONS).glob("*/*/*/*.json"), reverse=True):
+        suite, table, stamp = result.parts[-4:-1]
+        page = (DATA_DOCS / "validations" / suite / table / stamp / result.name).with_suffix(".html").as_posix()
+        success = json.loads(result.read_text()).get("success")
+        rows.append(f'<tr><td><a href="{html.escape(page)}">{html.escape(table)}</a></td><td>{html.escape(suite)}</td>'
+                    f'<td>{"passed" if success else "FAILED"}</td><td>{html.escape(stamp)}</td></tr>')
+    text = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>GX validations of this run</title></head><body>'
+        "<h1>GX validations of this run</h1><p>Suites from the repository's <code>gx/</code> project; "
+        f'<a href="{(DATA_DOCS / "index.html").as_posix()}">GX Data Docs index</a> (needs internet for its table).</p>'
+        "<table><thead><tr><th>table</th><th>suite</th><th>result</th><th>validated (UTC)</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></body></html>"
+    )
+    index = folder / "index.html"
+    with atomic_output(index) as tmp:
+        Path(tmp).write_text(text)
+    return index
 
 
 class _quiet_suite_page_renderer:
@@ -237,10 +276,9 @@ class _locked:
             self.handle.close()
 
 
-def _stored_result(folder: Path, suite_name: str, batch: str) -> Path | None:
+def _stored_result(folder: Path, suite_name: str, batch: str) -> Path:
     """The newest stored validation result of ``batch`` (GX names it by run name and time)."""
-    found = sorted((folder / "uncommitted" / "validations" / suite_name / batch).glob("*/*.json"))
-    return found[-1] if found else None
+    return sorted((folder / VALIDATIONS / suite_name / batch).glob("*/*.json"))[-1]
 
 
 def _failure(outcome) -> ExpectationFailure:
