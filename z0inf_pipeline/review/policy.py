@@ -25,6 +25,7 @@ import pandas as pd
 from ..influence.errors import InfluenceInputError
 from ..influence.signals import SIGNAL_COLUMNS, flag_score, parse_flag_score
 from ..settings_schema import check_choices
+from ..training.layout import NO_LABEL
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
@@ -238,8 +239,9 @@ def flag_scores(scores, policy: FlagPolicy, *, labels=None, inherited_cutoff: fl
 
 
 def given_labels(examples: pd.DataFrame, scores: pd.DataFrame) -> np.ndarray | None:
-    """The label of each row of ``scores`` from a run's examples table (None when it has no labels)."""
-    if "label" not in examples:
+    """The label of each row of ``scores`` from a run's examples table (None when it has no labels, or its
+    examples have no class: a text answer's label is NO_LABEL, and its loss is no class probability)."""
+    if "label" not in examples or (examples["label"] == NO_LABEL).any():
         return None
     train = examples[examples["split"] == "train"] if "split" in examples else examples
     labels = train.set_index("example_id")["label"].reindex(scores["example_id"].to_numpy())
