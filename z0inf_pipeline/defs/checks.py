@@ -161,7 +161,8 @@ def review_gate(
     """Retraining waits for review: fails while the flagged examples without a decision exceed the
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     run_id = run_id_of(context)
-    status = RunReview(RunLayout.for_run(run_id), review_queue.queue, review_queue.info).gate(store=decisions.open())
+    info = review_queue.info
+    status = RunReview(RunLayout.for_run(run_id), review_queue.queue, info).gate(store=decisions.open())
     metadata = {
         **mlflow.run_metadata(run_id),
         "flagged": status.flagged,
