@@ -13,6 +13,7 @@ from z0inf_pipeline.cli import main
 from z0inf_pipeline.cli.pipeline import AUTO_REVIEWER, DEMO_CONFIG
 from z0inf_pipeline.defs.config import TrainingConfig
 from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.training import TrainConfig
 from z0inf_pipeline.tracking import fetch_run
 
@@ -24,7 +25,7 @@ def test_demo_then_review_then_materialize_retrain(dagster_home, tracking_uri, c
     assert "review gate BLOCKED" in out and "retraining did NOT run" in out
     assert f"z0inf review decide {run_id}" in out and "z0inf demo --auto-review" in out
     precision, recall = map(float, re.search(r"precision ([0-9.]+), recall ([0-9.]+)", out).groups())
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     examples = pd.read_parquet(layout.examples)
     queue = pd.read_parquet(layout.review_queue)
     flipped = set(examples.loc[examples["flipped"], "example_id"])
@@ -70,7 +71,7 @@ def test_demo_auto_review_runs_the_whole_graph_as_make_demo_does(dagster_home, t
     out = capsys.readouterr().out
     run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
     assert "review gate BLOCKED" in out and "review gate open" in out and "Traceback" not in out
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     queue = pd.read_parquet(layout.review_queue)
     history = DecisionStore.open().history(run_id)
     assert set(history["reviewer"]) == {AUTO_REVIEWER} and set(history["action"]) == {"drop"}

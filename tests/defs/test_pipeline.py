@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
@@ -36,7 +37,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     assert len(evaluations) == len(all_checks) == 7
     assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
 
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
     assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
@@ -132,7 +133,7 @@ def test_zero_one_loss_tables_recomputed_on_the_compute_device(instance, contrac
     result = execute(instance, "influence_job", contract_run, config)
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     test = read_loss_table(layout.test_losses)
     assert set(np.unique(test.values.numpy())) <= {0.0, 1.0}
     # The last column's mean error is one minus the test accuracy the trainer logged at the last step.

@@ -31,6 +31,7 @@ from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
 from ..influence.atomic import atomic_output
 from ..influence.loss_tables import ID_COLUMN, LossTable, read_loss_table, step_column
 from ..review import RunLayout, read_review_queue, write_review_queue
+from ..review.layout import outputs_base
 from .provenance import SOURCE_ATTR
 from .resources import MlflowResource
 
@@ -207,7 +208,9 @@ def sha256_of(path: Path) -> str:
 
 class RunOutputsIOManager(dg.ConfigurableIOManager):
     """Stores each asset's output in its MLflow run's folder (``RunLayout``): parquet for tables, PNG
-    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory (``outputs_base``).
+    A deployment may set it with ``dg.EnvVar``; assets that read other runs' outputs take this resource
+    (``ResourceParam``) and ask it for ``outputs_base``, so Dagster config alone moves every path."""
 
     base_url: Optional[str] = Field(
         default=None, description="folder or fsspec URL holding runs/<run id>/ (e.g. s3://bucket/z0inf, memory://z0inf)"
@@ -215,8 +218,11 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
     log_to_mlflow: bool = Field(default=True, description="also log each file to the source MLflow run")
     mlflow: MlflowResource
 
+    def outputs_base(self) -> UPath:
+        return outputs_base(self.base_url)
+
     def layout(self, run_id: str) -> RunLayout:
-        return RunLayout.for_run(run_id, self.base_url)
+        return RunLayout.for_run(run_id, self.outputs_base())
 
     def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
         asset = context.asset_key.to_user_string()

@@ -10,11 +10,12 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from upath import UPath
 
 from ..errors import ReviewError
 from ..influence.errors import InfluenceInputError
 from .gate import GateStatus, evaluate_gate
-from .layout import RunLayout, check_run_id, outputs_base
+from .layout import RunLayout, check_run_id
 from .lineage import lineage_decisions, lineage_of
 from .queue import read_review_queue
 from .store import DecisionStore
@@ -29,7 +30,7 @@ class RunReview:
     info: dict
 
     @classmethod
-    def open(cls, run_id: str, base: Path | None = None) -> "RunReview":
+    def open(cls, run_id: str, base: Path) -> "RunReview":
         layout = RunLayout.for_run(run_id, base)
         queue, info = read_review_queue(layout.review_queue)
         return cls(layout, queue, info)
@@ -102,15 +103,15 @@ def decisions_needed(status: GateStatus) -> int:
     return max(0, status.flagged - tolerated)
 
 
-def _run_folders(base: Path | None = None) -> list[str]:
+def _run_folders(base: Path) -> list[str]:
     """Run ids with an outputs folder under ``<outputs base>/runs/`` (the base ``RunLayout`` uses), by name."""
-    runs_dir = outputs_base(base) / "runs"
+    runs_dir = UPath(base) / "runs"
     if not runs_dir.is_dir():
         return []
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and _is_run_id(p.name))
 
 
-def runs_with_queue(base: Path | None = None) -> list[str]:
+def runs_with_queue(base: Path) -> list[str]:
     """Run ids whose review queue has been materialised, by name."""
     return [n for n in _run_folders(base) if RunLayout.for_run(n, base).review_queue.exists()]
 
@@ -123,7 +124,7 @@ def _is_run_id(name: str) -> bool:
     return True
 
 
-def retrain_parents(base: Path | None = None) -> dict[str, str]:
+def retrain_parents(base: Path) -> dict[str, str]:
     """Retrained run id -> the run it was retrained from, as the parents' ``retrained_run`` outputs say."""
     parents: dict[str, str] = {}
     for run_id in _run_folders(base):

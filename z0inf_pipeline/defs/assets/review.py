@@ -17,7 +17,7 @@ from ..metadata import markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
-from ..storage import LossTables, ReviewQueue
+from ..storage import LossTables, ReviewQueue, RunOutputsIOManager
 
 GRID_IMAGES = 40
 PREVIEW_ROWS = 25
@@ -33,6 +33,7 @@ def review_queue(
     train_test_influence: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.Output[ReviewQueue]:
     """Training examples flagged by the policy (a flag score, a cut-off, a review budget), highest first,
     each with every signal and its rank, label, prediction and loss trajectory; the test examples each
@@ -40,13 +41,14 @@ def review_queue(
     ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
     re-materialising never touches."""
     run_id = run_id_of(context)
+    base = run_outputs.outputs_base()  # where the ancestors' queues are, as Dagster config set it
     policy = config.to_policy()
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
     store = decisions.open()
     current = lineage_decisions(store, run_id, lineage)
-    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
+    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy, base)
     flags = flag_scores(self_influence, policy, inherited_cutoff=None if inherited is None else inherited[0])
     # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
     train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
@@ -75,7 +77,7 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
+    layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
     evidence = RunEvidence(layout, queue, info, run.train_config, frames)
     readable = review_artifacts(evidence, store, histogram, current)
     metadata: dict = {
