@@ -19,7 +19,7 @@ from z0inf_pipeline.defs.assets import (
     training_run,
     weight_gram,
 )
-from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig, LossTableConfig
+from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig
 from z0inf_pipeline.defs.metadata import rounded
 from z0inf_pipeline.defs.provenance import SOURCE_ATTR, content_hash, verify_scores
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
@@ -47,11 +47,13 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
             examples = _value(training_run(context, mlflow=mlflow))
             pd.testing.assert_frame_equal(examples, pd.read_parquet(run.examples))
 
-            tables = _value(
-                loss_tables(
-                    context, LossTableConfig(source="logged"), training_run=examples, mlflow=mlflow, compute=compute
-                )
-            )
+            tables = dg.materialize_to_memory(
+                [training_run, loss_tables],
+                partition_key=run_id,
+                instance=instance,
+                resources={"mlflow": mlflow, "compute": compute},
+                run_config={"ops": {"loss_tables": {"config": {"source": "logged"}}}},
+            ).output_for_node("loss_tables")
             assert isinstance(tables, LossTables) and tables.predictions is None
             logged = pd.read_parquet(run.train_losses)
             pd.testing.assert_frame_equal(tables.frame("train"), logged, check_dtype=False)

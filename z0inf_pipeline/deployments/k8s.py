@@ -41,9 +41,14 @@ GPU_STEP_K8S_CONFIG = {
 
 
 def gpu_steps(assets) -> list[str]:
-    """Step keys (op names) of the assets tagged ``z0inf/resources: gpu``."""
+    """Names of the ops tagged ``z0inf/resources: gpu``, inside graph-backed assets too (the loss-table
+    shards); the executor matches per-step settings on op names."""
     return sorted(
-        a.op.name for a in assets if isinstance(a, dg.AssetsDefinition) and a.op.tags.get(GPU_RESOURCE_TAG) == "gpu"
+        op.name
+        for a in assets
+        if isinstance(a, dg.AssetsDefinition)
+        for op in a.node_def.iterate_op_defs()
+        if op.tags.get(GPU_RESOURCE_TAG) == "gpu"
     )
 
 
