@@ -61,7 +61,7 @@ def plan_loss_shards(
             "for runs whose training config rebuilds their data; use source='logged' with loss='cross_entropy'"
         )
     if data is None:
-        context.log.warning(f"run {run.run_id}: using the logged loss tables (source={config.source!r}), no predictions")
+        context.log.info(f"run {run.run_id}: using the logged loss tables (source={config.source!r})")
         shards = [LossShard(split, 0, -1, "logged", config.loss) for split in SPLITS]
     else:
         sizes = {"train": len(data.train), "test": len(data.test)}
@@ -100,7 +100,11 @@ def compute_loss_shard(
 
 @dg.op(out=dg.Out(LossTables, io_manager_key=RUN_OUTPUTS_KEY))
 def assemble_loss_tables(
-    context: dg.OpExecutionContext, parts: list, mlflow: MlflowResource, compute: ComputeResource
+    context: dg.OpExecutionContext,
+    parts: list,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+    compute: ComputeResource,
 ) -> dg.Output[LossTables]:
     """The train and test tables filled in shard by shard (one shard's losses in memory beside them),
     checked against the logged tables when recomputed with cross-entropy. ``parts`` are the shards'
@@ -137,8 +141,15 @@ def assemble_loss_tables(
                 f"run {run.run_id}: losses recomputed from the checkpoints differ from the logged loss tables "
                 f"by up to {deviation:.3g} (tolerance {LOGGED_TOLERANCE}); checkpoints and tables do not match"
             )
-    prediction_frame = pd.concat(predictions, ignore_index=True) if predictions else None
-    if prediction_frame is not None:
+    if first.source == "logged":
+        prediction_frame = _text_answers(run, training_run)
+        if prediction_frame is None:
+            context.log.warning(f"run {run.run_id}: logged loss tables, no predictions")
+        else:
+            test_rows = prediction_frame[prediction_frame["split"] == "test"]
+            metadata["final_test_accuracy"] = rounded(test_rows["correct"].mean())
+    else:
+        prediction_frame = pd.concat(predictions, ignore_index=True)
         test_rows = prediction_frame[prediction_frame["split"] == "test"]
         metadata["final_test_accuracy"] = rounded((test_rows["predicted_label"] == test_rows["label"]).mean())
     train, test = tables["train"], tables["test"]
@@ -162,6 +173,16 @@ def assemble_loss_tables(
     return dg.Output(LossTables(train, test, prediction_frame), metadata=metadata)
 
 
+def _text_answers(run, training_run: pd.DataFrame) -> pd.DataFrame | None:
+    """For a run of the LM recipe (its data is text, not rebuilt as tensors): the last checkpoint's answer
+    to every example, right or wrong, so the review page can list wrong answers; None for other runs."""
+    from ...training.lm import RECIPE, LMRecipe, answer_predictions
+
+    if not run.train_config or run.train_config.get("recipe") != RECIPE:
+        return None
+    return answer_predictions(run.load_model(), training_run, LMRecipe.from_dict(run.train_config))
+
+
 def _shard_config(config: LossTableConfig) -> dict:
     """The asset's launchpad config (``ops: loss_tables: config: ...``) handed to the planning step;
     Dagster passes it as the checked dict."""
@@ -181,4 +202,4 @@ def loss_tables(training_run: pd.DataFrame):
     checkpoint's predictions for the review queue."""
     shards = plan_loss_shards(training_run)
     parts = shards.map(lambda shard: compute_loss_shard(shard, training_run))
-    return assemble_loss_tables(parts.collect())
+    return assemble_loss_tables(parts.collect(), training_run)
