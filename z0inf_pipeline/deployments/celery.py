@@ -23,6 +23,7 @@ from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
 from .. import definitions as local
 from ..errors import CeleryBrokerUnavailable
+from . import configured_executor, with_executor
 
 BROKER_ENV = "Z0INF_CELERY_BROKER"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -93,27 +94,10 @@ def checked_celery_executor(init_context) -> CheckedCeleryExecutor:
     )
 
 
-def celery_executor_for(settings: dict) -> dg.ExecutorDefinition:
-    """The checked executor configured with ``settings``, the configuration checked when the
-    definitions load (``dagster definitions validate`` catches a mistake)."""
-    executor = checked_celery_executor.configured(settings, name="z0inf_celery_executor")
-    checked = executor.apply_config_mapping({})
-    if not checked.success:
-        raise dg.DagsterInvalidConfigError("z0inf celery executor: invalid configuration", checked.errors, settings)
-    return executor
-
-
 def celery_definitions(base: dg.Definitions, settings: dict) -> dg.Definitions:
-    """``base`` (assets, checks, jobs, sensors, resources) with the Celery executor."""
-    return dg.Definitions(
-        assets=base.assets,
-        asset_checks=base.asset_checks,
-        jobs=base.jobs,
-        sensors=base.sensors,
-        schedules=base.schedules,
-        resources=base.resources,
-        executor=celery_executor_for(settings),
-    )
+    """``base`` (assets, checks, jobs, sensors, resources) with the checked Celery executor configured
+    with ``settings``."""
+    return with_executor(base, configured_executor(checked_celery_executor, settings, "z0inf_celery_executor"))
 
 
 defs = celery_definitions(
