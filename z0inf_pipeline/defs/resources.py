@@ -84,6 +84,16 @@ class MlflowResource(dg.ConfigurableResource):
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_gx(self, run_id: str, folder: Path, files: list[Path]) -> None:
+        """Attach files of a run's GX folder under ``gx/`` at their paths inside it (so that the Data Docs
+        pages' links hold), with the Data Docs' shared styles the first time."""
+        client = self.client()
+        static = folder / "uncommitted" / "data_docs" / "local_site" / "static"
+        if static.is_dir() and not client.list_artifacts(run_id, "gx/uncommitted/data_docs/local_site/static"):
+            client.log_artifacts(run_id, str(static), "gx/uncommitted/data_docs/local_site/static")
+        for path in files:
+            client.log_artifact(run_id, str(path), str(Path("gx") / path.parent.relative_to(folder)))
+
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         """Log summary metrics to a run in one request."""
         import time
