@@ -14,7 +14,7 @@ from z0inf_pipeline.defs.assets import ALL_ASSETS, loss_tables, training_run, we
 from z0inf_pipeline.defs.checks import ALL_CHECKS
 from z0inf_pipeline.defs.jobs import ALL_JOBS
 from z0inf_pipeline.defs.resources import ComputeResource, MlflowResource
-from z0inf_pipeline.defs.storage import LossTables, RunOutputsIOManager, StoredTable
+from z0inf_pipeline.defs.storage import LossShardsIOManager, LossTables, RunOutputsIOManager, StoredTable
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.influence.analysis import read_gram
 from z0inf_pipeline.review import FlagPolicy, RunLayout, read_review_queue, write_review_queue
@@ -32,7 +32,12 @@ def _materialize(instance, run_id: str, io_manager: RunOutputsIOManager, source:
         [training_run, loss_tables, weight_gram],
         partition_key=run_id,
         instance=instance,
-        resources={"mlflow": MlflowResource(), "compute": ComputeResource(device="cpu"), "run_outputs": io_manager},
+        resources={
+            "mlflow": MlflowResource(),
+            "compute": ComputeResource(device="cpu"),
+            "run_outputs": io_manager,
+            "loss_shards": LossShardsIOManager(base_url=io_manager.base_url),
+        },
         run_config={"ops": {"loss_tables": {"config": {"source": source}}}},
     )
 

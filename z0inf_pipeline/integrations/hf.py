@@ -213,23 +213,16 @@ class Z0InfCallback(TrainerCallback):
                 mlflow.end_run(status="FAILED")
 
 
-def train_and_log_lm(
-    recipe: LMRecipe,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str = "z0inf",
-    parent_run_id: str | None = None,
-    tags: dict | None = None,
-    run_name: str | None = None,
-) -> str:
+def train_and_log_lm(recipe: LMRecipe, **options) -> str:
     """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
-    return the contract run's id."""
+    return the contract run's id. ``options``: ``tracking_uri``, ``experiment``, ``parent_run_id``,
+    ``tags``, ``run_name`` (as for ``tracking.train_and_log``)."""
     with single_thread():
-        return _train_and_log_lm(recipe, tracking_uri=tracking_uri, experiment=experiment,
-                                 parent_run_id=parent_run_id, tags=tags, run_name=run_name)
+        return _fine_tune_and_log(recipe, **options)
 
 
-def _train_and_log_lm(recipe: LMRecipe, *, tracking_uri, experiment, parent_run_id, tags, run_name) -> str:
+def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
+                       run_name=None) -> str:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     train, probe = reversal_task(recipe)
