@@ -166,12 +166,14 @@ def review_gate(
     review_queue: ReviewQueue,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """Retraining waits for review: fails while the flagged examples without a decision exceed the
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     run_id = run_id_of(context)
     info = review_queue.info
-    status = RunReview(RunLayout.for_run(run_id), review_queue.queue, info).gate(store=decisions.open())
+    layout = RunLayout.for_run(run_id, outputs_base_of(run_outputs))
+    status = RunReview(layout, review_queue.queue, info).gate(store=decisions.open())
     metadata = {
         **mlflow.run_metadata(run_id),
         "flagged": status.flagged,

@@ -8,7 +8,7 @@ from ...review.run_review import RunReview
 from ..metadata import markdown_table, run_id_of
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
-from ..storage import ReviewQueue
+from ..storage import ReviewQueue, RunOutputsIOManager, outputs_base_of
 
 
 @dg.asset(**PER_RUN, kinds={"parquet"}, output_required=False)
@@ -18,13 +18,15 @@ def curated_training_set(
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ):
     """Every decision in force for the run (flagged or not) applied to its training examples, once the
     review gate is open. While it is shut nothing is curated: no output, so ``retrained_run`` is skipped
     and the run ends successful with the gate's message (``review_gate`` reports the same state)."""
     run_id = run_id_of(context)
     store = decisions.open()
-    gate = RunReview(RunLayout.for_run(run_id), review_queue.queue, review_queue.info).gate(store=store)
+    layout = RunLayout.for_run(run_id, outputs_base_of(run_outputs))
+    gate = RunReview(layout, review_queue.queue, review_queue.info).gate(store=store)
     if not gate.passed:
         context.log.info(f"nothing curated or retrained: {gate.message()}")
         return
