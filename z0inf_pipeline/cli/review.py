@@ -12,7 +12,7 @@ import pandas as pd
 from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
-from ..review.cards import decision_text
+from ..review.cards import decision_effect, decision_text
 from ..review.run_review import RunReview, runs_with_queue
 from ..settings import data_dir
 
@@ -139,7 +139,8 @@ def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
     row = current.loc[example_id]
     action = decision_text(row["action"], row["label"])
     decided_on = row.get("decided_on_run")
-    return action if decided_on in (None, run_id) else f"{action} (decided on run {decided_on[:8]})"
+    carried = "" if decided_on in (None, run_id) else f" (decided on run {decided_on[:8]})"
+    return f"{action}{carried}; {decision_effect(row.get('applied_in'))}"
 
 
 def _sparkline(values) -> str:

@@ -11,6 +11,14 @@ from ..influence.signals import signal
 from .evidence import RunEvidence, short_number, sparkline_svg
 
 
+def decision_effect(applied_in) -> str:
+    """When a decision in force takes effect (``RunReview.decisions``'s ``applied_in``): never 'applied'
+    unless a retrain's snapshot held it."""
+    if isinstance(applied_in, str):
+        return f"applied in retrained run {applied_in[:8]}"
+    return "pending: takes effect at the next retrain"
+
+
 def decision_text(action, label) -> str:
     """'drop', 'keep' or 'relabel -> 4' ('' when there is no decision)."""
     if action is None or pd.isna(action):
@@ -155,8 +163,11 @@ def _signals(ranks: pd.DataFrame, example_id: int) -> list[dict]:
 def _decision(row: pd.Series, run_id: str) -> dict:
     """A decision in force; ``carried_from``: the earlier run of the lineage it was made on, if any."""
     made_on = row.get("decided_on_run")
+    applied = row.get("applied_in")
     return {
         "carried_from": made_on if isinstance(made_on, str) and made_on != run_id else None,
+        "applied_in": applied if isinstance(applied, str) else None,
+        "effect": decision_effect(applied),
         "text": decision_text(row["action"], row["label"]),
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),

@@ -29,9 +29,16 @@ def relabels_of(frame: pd.DataFrame) -> dict[int, int]:
     return {int(i): int(y) for i, y in zip(rows["example_id"], rows["label"])}
 
 
-def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None) -> CuratedSet:
-    """Apply the decisions in force to the run's training examples; decisions must name training ids."""
+def curate(
+    train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None, *, run_id: str | None = None
+) -> CuratedSet:
+    """Apply the decisions in force to the run's training examples. Decisions made on ``run_id`` must
+    name its training ids; one inherited from an ancestor (``decided_on_run``) on an id the run does
+    not train on was applied by the retrain that left it out, and is skipped here."""
     ids = train_examples["example_id"].to_numpy(np.int64)
+    if run_id is not None and "decided_on_run" in decisions:
+        inherited = decisions["decided_on_run"] != run_id
+        decisions = decisions[~(inherited & ~decisions["example_id"].isin(ids))]
     unknown = np.setdiff1d(decisions["example_id"].to_numpy(np.int64), ids)
     if len(unknown):
         raise InfluenceInputError(

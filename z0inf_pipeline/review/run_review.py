@@ -15,7 +15,7 @@ from ..errors import ReviewError
 from ..influence.errors import InfluenceInputError
 from .gate import GateStatus, evaluate_gate
 from .layout import RunLayout, check_run_id, outputs_base
-from .lineage import lineage_decisions, lineage_of
+from .lineage import applied_in, lineage_decisions, lineage_of
 from .queue import read_review_queue
 from .store import DecisionStore
 
@@ -83,8 +83,11 @@ class RunReview:
         return lineage_of(self.run_id, self.info)
 
     def decisions(self, store: DecisionStore) -> pd.DataFrame:
-        """The decisions in force for this run's examples, made on it or on any run of its lineage."""
-        return lineage_decisions(store, self.run_id, self.info)
+        """The decisions in force for this run's examples, made on it or on any run of its lineage, with
+        ``applied_in``: the retrained run that trained with each one, or None while it is pending."""
+        current = lineage_decisions(store, self.run_id, self.info)
+        current["applied_in"] = applied_in(current, self.lineage, self.layout.root.parent.parent)
+        return current
 
     def gate(self, current: pd.DataFrame) -> GateStatus:
         """The review gate for the decisions in force (``decisions``)."""

@@ -147,15 +147,21 @@ class DecisionStore:
         )
         return self._frame(query)
 
-    def current_for_runs(self, run_ids: Iterable[str]) -> pd.DataFrame:
+    def current_for_runs(self, run_ids: Iterable[str], *, through: int | None = None) -> pd.DataFrame:
         """The decision in force for each (run, example) of ``run_ids`` (for a run's lineage), with
-        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first."""
+        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first.
+
+        ``through``: a ``high_water_mark()``; only decisions recorded up to it count (the store as it
+        was then), so a retrain and the checks on it see one snapshot however many decisions follow."""
         runs = list(dict.fromkeys(run_ids))
         for run_id in runs:
             check_run_id(run_id)
         if not runs:
             raise ReviewError("review store: current_for_runs needs at least one run id")
-        latest = _latest_ids(decisions.c.run_id.in_(runs), decisions.c.run_id, decisions.c.example_id)
+        where = decisions.c.run_id.in_(runs)
+        if through is not None:
+            where = where & (decisions.c.id <= int(through))
+        latest = _latest_ids(where, decisions.c.run_id, decisions.c.example_id)
         query = (
             sa.select(*_columns(), decisions.c.run_id, decisions.c.id)
             .join(latest, decisions.c.id == latest.c.id)
@@ -164,6 +170,14 @@ class DecisionStore:
         frame = self._frame(query, LINEAGE_COLUMNS)
         frame["sequence"] = frame["sequence"].astype("int64")
         return frame
+
+    def high_water_mark(self) -> int:
+        """The sequence number of the latest decision recorded (0 for an empty store): every decision
+        acknowledged so far has a sequence at most this, every later one a larger sequence (SQLite
+        writes one transaction at a time; on PostgreSQL a decision still committing may get a smaller
+        one, which the curation check then reports instead of passing)."""
+        with self._transaction() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(decisions.c.id), 0))).scalar_one())
 
     def history(self, run_id: str) -> pd.DataFrame:
         """Every decision ever recorded for ``run_id``, oldest first."""
