@@ -13,6 +13,7 @@ from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
 from ..review.cards import decision_effect, decision_text
+from ..review.gate import POLICY_CHANGES_KEY
 from ..review.run_review import RunReview, runs_with_queue
 from ..settings import data_dir
 
@@ -94,6 +95,8 @@ def _list(args) -> None:
         print(table.to_string(index=False))
     if len(shown) < len(queue):
         print(f"... {len(queue) - len(shown)} more (--limit 0 shows all)")
+    for change in info.get(POLICY_CHANGES_KEY) or []:
+        print(f"flag policy changed by {change['by']} at {change['at']}: {change['changed']} (queue rebuilt)")
     print(status.message())
 
 

@@ -50,10 +50,13 @@ def curate(
     relabels = relabels_of(decisions)
     if num_classes is not None:
         bad = {i: y for i, y in relabels.items() if not 0 <= y < num_classes}
-        if bad:
-            raise InfluenceInputError(
-                f"curation: relabels {bad} are outside the {num_classes} classes [0, {num_classes})"
-            )
+        where = f"the {num_classes} classes [0, {num_classes})"
+    else:  # no class count recorded: the labels the run trains on
+        seen = set(train_examples["label"].astype(int))
+        bad = {i: y for i, y in relabels.items() if y not in seen}
+        where = "the labels seen in the run's training examples"
+    if bad:
+        raise InfluenceInputError(f"curation: relabels {bad} are outside {where}")
 
     frame = pd.DataFrame({"example_id": ids, "observed_label": train_examples["label"].to_numpy(np.int64)})
     action = decisions.set_index("example_id")["action"].reindex(ids)

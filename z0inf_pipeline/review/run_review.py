@@ -17,7 +17,7 @@ from .gate import GateStatus, evaluate_gate
 from .layout import RunLayout, check_run_id, outputs_base
 from .lineage import applied_in, lineage_decisions, lineage_of
 from .queue import read_review_queue
-from .store import DecisionStore
+from .store import DecisionStore, as_example_id
 
 
 @dataclass
@@ -44,23 +44,38 @@ class RunReview:
         return None if value is None else int(value)
 
     @cached_property
+    def _train_examples(self) -> pd.DataFrame:
+        examples = pd.read_parquet(self.layout.examples, columns=["example_id", "split", "label"])
+        return examples[examples["split"] == "train"]
+
+    @cached_property
     def training_ids(self) -> np.ndarray:
-        examples = pd.read_parquet(self.layout.examples, columns=["example_id", "split"])
-        return np.sort(examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64))
+        return np.sort(self._train_examples["example_id"].to_numpy(np.int64))
+
+    @cached_property
+    def label_set(self) -> tuple[str, np.ndarray]:
+        """(how it is known, the labels a relabel may name): ``[0, num_classes)`` when the run records
+        ``num_classes``, else the labels its training examples carry (runs logged by a team's own
+        code, e.g. ``ContractLogger``, often record no class count)."""
+        classes = self.num_classes
+        if classes:
+            return f"the run's classes [0, {classes})", np.arange(classes)
+        seen = np.unique(self._train_examples["label"].to_numpy(np.int64))
+        shown = seen.tolist() if len(seen) <= 12 else f"{seen[:6].tolist()} ... {seen[-3:].tolist()}"
+        return f"the labels seen in the run's training examples {shown}", seen
 
     def check_decision(self, ids: Iterable[int], action: str, label: int | None) -> None:
-        """Refuse ids that are not training examples of the run and labels outside its classes."""
-        wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+        """Refuse ids that are not training examples of the run and labels outside its label set."""
+        wanted = np.unique(np.array([as_example_id(i) for i in ids], dtype=np.int64))
         unknown = np.setdiff1d(wanted, self.training_ids)
         if len(unknown):
             raise ReviewError(
                 f"review decide: id(s) {unknown[:10].tolist()} are not training examples of run {self.run_id}"
             )
-        classes = self.num_classes
-        if action == "relabel" and label is not None and classes and not 0 <= int(label) < classes:
-            raise ReviewError(
-                f"review decide: label {label} is outside the run's classes [0, {classes})"
-            )
+        if action == "relabel" and label is not None:
+            where, labels = self.label_set
+            if not (labels.min(initial=0) <= int(label) <= labels.max(initial=-1) and np.isin(int(label), labels)):
+                raise ReviewError(f"review decide: label {label} is outside {where}")
 
     def record(
         self,

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 
 from ...influence.errors import InfluenceInputError
-from ...review import RunLayout, build_review_queue, detection_quality, flag_scores
+from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
+from ...review.gate import POLICY_CHANGES_KEY, policy_changes
 from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
 from ...review.evidence import RunEvidence
 from ...review.figures import histogram_png, image_grid_png, markdown_image
@@ -41,6 +42,11 @@ def review_queue(
     re-materialising never touches."""
     run_id = run_id_of(context)
     policy = config.to_policy()
+    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
+    changes = policy_changes(
+        run_id, _built_before(layout), policy.to_dict(), changed_by=config.policy_changed_by,
+        retraining=context.job_name != "influence_job",  # retrain_job, pipeline_job: they hold the retrain
+    )
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
@@ -61,6 +67,7 @@ def review_queue(
         "num_classes": None if num_classes is None else int(num_classes),
         **lineage,
         CALIBRATED_ON_KEY: run_id if inherited is None else inherited[1],
+        POLICY_CHANGES_KEY: changes,
     }
     histogram = histogram_png(
         flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}", flagged=flags.count,
@@ -75,7 +82,6 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
     evidence = RunEvidence(layout, queue, info, run.train_config, frames)
     readable = review_artifacts(evidence, store, histogram, current)
     metadata: dict = {
@@ -84,6 +90,7 @@ def review_queue(
         "flagged_fraction": rounded(flags.fraction),
         "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
+        "policy_changes": dg.MetadataValue.json(changes),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
             markdown_table(reviewer_table(evidence, current), PREVIEW_ROWS)
@@ -123,6 +130,13 @@ def review_queue(
         "review_table_html": readable[f"{TABLE_STEM}.html"],
     }
     return dg.Output(ReviewQueue(queue, info, histogram, grid, **previews), metadata=metadata)
+
+
+def _built_before(layout: RunLayout) -> dict | None:
+    """The info of the run's queue built before, whose policy binds this build; None for the first."""
+    if not layout.review_queue.exists():
+        return None
+    return read_review_queue(layout.review_queue)[1]
 
 
 def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
