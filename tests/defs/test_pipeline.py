@@ -109,8 +109,9 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
     assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | rank among all | flagged_by |")
     run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
     assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
-    assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text
-    assert "mlflow ui --backend-store-uri" in metadata["mlflow_run"].value
+    # a local store: the link points at `make mlflow-ui`'s address, in the "Model training" view
+    assert metadata["mlflow_run"].value.endswith(f"/runs/{contract_run}?workflowType=machine_learning")
+    assert "make mlflow-ui" in metadata["mlflow_run_ui"].value
     assert metadata["flagged_fraction"].value == round(metadata["flagged_fraction"].value, 3)
     assert "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert "data:image/png;base64," in metadata["flagged_examples"].value

@@ -40,8 +40,12 @@ def loss_tables(
     logged_test = read_loss_table(run.test_losses, expected_steps=run.steps)
     metadata: dict = {"source": "logged" if data is None else "recomputed", "loss": config.loss}
     if data is None:
-        tables = LossTables(logged_train, logged_test)
-        context.log.warning(f"run {run.run_id}: using the logged loss tables (source={config.source!r}), no predictions")
+        predictions = _text_answers(run, training_run)
+        tables = LossTables(logged_train, logged_test, predictions)
+        if predictions is None:
+            context.log.warning(f"run {run.run_id}: using the logged loss tables (source={config.source!r}), no predictions")
+        else:
+            metadata["final_test_accuracy"] = rounded(predictions.loc[predictions["split"] == "test", "correct"].mean())
     else:
         train, test = recompute_loss_tables(
             run.build_model, run.checkpoints, data, config.loss, device=device, dtype=dtype, batch_size=compute.batch_size
@@ -77,3 +81,13 @@ def loss_tables(
         }
     )
     return dg.Output(tables, metadata=metadata)
+
+
+def _text_answers(run, training_run: pd.DataFrame) -> pd.DataFrame | None:
+    """For a run of the LM recipe (its data is text, not rebuilt as tensors): the last checkpoint's answer
+    to every example, right or wrong, so the review page can list wrong answers; None for other runs."""
+    from ...training.lm import RECIPE, LMRecipe, answer_predictions
+
+    if not run.train_config or run.train_config.get("recipe") != RECIPE:
+        return None
+    return answer_predictions(run.load_model(), training_run, LMRecipe.from_dict(run.train_config))

@@ -8,7 +8,7 @@ from ...influence.errors import InfluenceInputError
 from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
 from ...review.gate import POLICY_CHANGES_KEY, policy_changes
 from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
-from ...review.evidence import RunEvidence
+from ...review.run_review import RUN_NAME_KEY, RunReview
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
 from ...tracking import run_lineage
@@ -61,6 +61,7 @@ def review_queue(
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
     info = {
         "run_id": run_id,
+        RUN_NAME_KEY: run.tags.get("mlflow.runName") or run_id[:8],
         "policy": policy.to_dict(),
         "cutoff": flags.cutoff,
         "training_examples": len(train),
@@ -82,8 +83,8 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    evidence = RunEvidence(layout, queue, info, run.train_config, frames)
-    readable = review_artifacts(evidence, store, histogram, current)
+    review = RunReview(layout, queue, info, run.train_config, frames)
+    readable = review_artifacts(review, store, histogram, current)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
         "flagged": flags.count,
@@ -93,7 +94,7 @@ def review_queue(
         "policy_changes": dg.MetadataValue.json(changes),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
-            markdown_table(reviewer_table(evidence, current), PREVIEW_ROWS)
+            markdown_table(reviewer_table(review, current), PREVIEW_ROWS)
         ),
         "flag_score_histogram": dg.MetadataValue.md(markdown_image(histogram, f"histogram of the flag score ({policy.score})")),
         "dagster/row_count": len(queue),
@@ -103,12 +104,15 @@ def review_queue(
         "z0inf.flagged_fraction": flags.fraction,
         "z0inf.flag_cutoff": flags.cutoff,
     }
+    # the `flipped` column marks what was corrupted on purpose: a label, or (text runs) an answer;
+    # without any (a real run, or a retrained one whose injected errors were all removed) nothing is printed
+    injected = "wrong_answers" if review.is_text else "flips"
     quality = detection_quality(queue["example_id"], train.loc[train["flipped"], "example_id"])
     if quality is not None:
         metadata.update(
             {
-                "precision_vs_injected_flips": rounded(quality["precision"]),
-                "recall_vs_injected_flips": rounded(quality["recall"]),
+                f"precision_vs_injected_{injected}": rounded(quality["precision"]),
+                f"recall_vs_injected_{injected}": rounded(quality["recall"]),
             }
         )
         metrics.update({"z0inf.flag_precision": quality["precision"], "z0inf.flag_recall": quality["recall"]})
@@ -121,7 +125,8 @@ def review_queue(
             ""
             if quality is None
             else f"; precision {quality['precision']:.3g}, recall {quality['recall']:.3g} "
-            "against the injected label flips"
+            f"against the {int(quality['flipped'])} injected {'wrong answers' if review.is_text else 'label flips'} "
+            "still in its training set"
         )
     )
     previews = {
