@@ -402,12 +402,13 @@ def _print_default_policy_quality(layout, queue_policy: dict, flipped_ids, injec
     """What the library's default flag policy would flag on the same scores, when the launchpad ran another
     (nothing when the queue's policy flags as the default does: only the review gate's share differs)."""
     from ..review import FlagPolicy, detection_quality, flag_scores
+    from ..review.policy import given_labels
 
     policy = FlagPolicy()
     if {**queue_policy, "max_unreviewed_fraction": policy.max_unreviewed_fraction} == policy.to_dict():
         return
     scores = pd.read_parquet(layout.self_influence)
-    flags = flag_scores(scores, policy)
+    flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores))
     quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
     print(
         f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "

@@ -9,11 +9,14 @@ from pydantic import Field, PrivateAttr
 
 from ..errors import MlflowUnavailable
 
-# The op tag that marks the influence steps for GPU nodes: the Kubernetes code location
+# The op tags that mark the influence steps for GPU nodes: the Kubernetes code location
 # (``z0inf_pipeline.deployments.k8s``) gives these steps a GPU and a toleration, and limits how many run
-# at once; another executor can route on it the same way.
+# at once; the Celery one (``z0inf_pipeline.deployments.celery``) puts them on the ``gpu`` queue, which
+# only GPU workers listen on.
 GPU_RESOURCE_TAG = "z0inf/resources"
-GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu"}
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+GPU_QUEUE = "gpu"
+GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu", CELERY_QUEUE_TAG: GPU_QUEUE}
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -80,6 +83,16 @@ class MlflowResource(dg.ConfigurableResource):
         client = self.client()
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_gx(self, run_id: str, folder: Path, files: list[Path]) -> None:
+        """Attach files of a run's GX folder under ``gx/`` at their paths inside it (so that the Data Docs
+        pages' links hold), with the Data Docs' shared styles the first time."""
+        client = self.client()
+        static = folder / "uncommitted" / "data_docs" / "local_site" / "static"
+        if static.is_dir() and not client.list_artifacts(run_id, "gx/uncommitted/data_docs/local_site/static"):
+            client.log_artifacts(run_id, str(static), "gx/uncommitted/data_docs/local_site/static")
+        for path in files:
+            client.log_artifact(run_id, str(path), str(Path("gx") / path.parent.relative_to(folder)))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         """Log summary metrics to a run in one request."""

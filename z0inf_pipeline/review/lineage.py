@@ -10,7 +10,7 @@ When a decision takes effect: a retrain reads the store once, up to its high-wat
 with the curated set, the retrained summary and the child's MLflow run as ``decisions_through``).
 Every decision up to the mark is applied to that retrain; a later one stays in force for the
 retrained run and is applied when it is retrained in turn. ``applied_in`` says which, per decision.
-``inherited_cutoff`` reads the ancestors' review queues for the mixture cut-off.
+``inherited_cutoff`` reads the ancestors' review queues for their cut-off.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..influence.errors import InfluenceInputError
 from .layout import RunLayout
-from .policy import FlagPolicy
+from .policy import INHERITING_METHODS, FlagPolicy
 from .queue import read_review_queue
 from .store import DECISION_COLUMNS, DecisionStore
 
@@ -110,8 +110,8 @@ def applied_in(current: pd.DataFrame, lineage: Sequence[str], base: str | Path |
 
 def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy) -> tuple[float, str] | None:
     """(cut-off, run it was fitted on) from the nearest ancestor whose review queue was built with the
-    same policy, when the policy is a mixture that inherits; None otherwise (fit this run afresh)."""
-    if policy.method != "mixture" or not policy.inherit_cutoff:
+    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh)."""
+    if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
     wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:

@@ -1,20 +1,28 @@
-"""Stage 6: flagged samples and the review queue, with the figures a reviewer looks at in the UI."""
+"""Stage 6: flagged samples and the review queue, with the figures a reviewer looks at in the UI.
+
+The policy counts how many examples look mislabelled and turns that into a cut-off on the flag score;
+the GX suite ``flagging`` (``gx/expectations/flagging.json``) applies it, and its unexpected rows are
+the queue (a data team can fix the cut-off or the share there)."""
+
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from ...influence.errors import InfluenceInputError
+from ...quality import validate_flagging
 from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
 from ...review.gate import POLICY_CHANGES_KEY, policy_changes
 from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
 from ...review.run_review import RUN_NAME_KEY, RunReview
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
+from ...review.policy import given_labels
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
-from ..metadata import markdown_table, rounded, run_id_of
+from ..metadata import gx_metadata, markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
@@ -53,7 +61,12 @@ def review_queue(
     store = decisions.open()
     current = lineage_decisions(store, run_id, lineage)
     inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
-    flags = flag_scores(self_influence, policy, inherited_cutoff=None if inherited is None else inherited[0])
+    flags = flag_scores(self_influence, policy, labels=given_labels(train, self_influence),
+                        inherited_cutoff=None if inherited is None else inherited[0])
+    flagging = validate_flagging(self_influence["example_id"], flags.score, flags.cutoff,
+                                 policy.max_unreviewed_fraction, folder=RunLayout.for_run(run_id).gx_folder)
+    policy_cutoff = flags.cutoff
+    flags = replace(flags, flagged=np.isin(self_influence["example_id"], flagging.flagged_ids), cutoff=flagging.cutoff)
     # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
     train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
     queue = build_review_queue(self_influence, flags, train, train_losses, predictions, current)
@@ -64,6 +77,17 @@ def review_queue(
         RUN_NAME_KEY: run.tags.get("mlflow.runName") or run_id[:8],
         "policy": policy.to_dict(),
         "cutoff": flags.cutoff,
+        "flagging": {
+            "suite": "flagging",
+            "expectation": "expect_column_values_to_be_between(flag_score, max_value=cutoff, strict_max=True)",
+            "cutoff": flags.cutoff,
+            "policy_cutoff": policy_cutoff,
+            "mostly": flagging.mostly,
+            "flagged": flags.count,
+            "success": flagging.report.success,
+            "validation_result": str(flagging.report.validation_result),
+            "data_docs": str(flagging.report.data_docs_page),
+        },
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
         **lineage,
@@ -92,6 +116,7 @@ def review_queue(
         "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
         "policy_changes": dg.MetadataValue.json(changes),
+        **gx_metadata(mlflow, run_id, flagging.report),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
             markdown_table(reviewer_table(review, current), PREVIEW_ROWS)
