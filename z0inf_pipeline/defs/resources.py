@@ -9,11 +9,14 @@ from pydantic import Field, PrivateAttr
 
 from ..errors import MlflowUnavailable
 
-# The op tag that marks the influence steps for GPU nodes: the Kubernetes code location
+# The op tags that mark the influence steps for GPU nodes: the Kubernetes code location
 # (``z0inf_pipeline.deployments.k8s``) gives these steps a GPU and a toleration, and limits how many run
-# at once; another executor can route on it the same way.
+# at once; the Celery one (``z0inf_pipeline.deployments.celery``) puts them on the ``gpu`` queue, which
+# only GPU workers listen on.
 GPU_RESOURCE_TAG = "z0inf/resources"
-GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu"}
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+GPU_QUEUE = "gpu"
+GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu", CELERY_QUEUE_TAG: GPU_QUEUE}
 
 
 class MlflowResource(dg.ConfigurableResource):
