@@ -10,6 +10,7 @@ import pytest
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.errors import ReviewError
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.review.gate import policy_changes
 from z0inf_pipeline.tracking import list_contract_runs
 
@@ -21,7 +22,7 @@ from ..defs.conftest import contract_run, dagster_home, execute, instance  # noq
 )
 def test_retrain_flags_cannot_open_a_closed_gate(loosening, dagster_home, contract_run, tracking_uri, capsys):
     assert main(["materialize", "influence", "--run", contract_run]) == 0
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     before = read_review_queue(layout.review_queue)[1]["policy"]
 
     assert main(["materialize", "retrain", "--run", contract_run, *loosening]) == 2
@@ -36,7 +37,7 @@ def test_retrain_flags_cannot_open_a_closed_gate(loosening, dagster_home, contra
 
 def test_changing_the_policy_is_a_recorded_rebuild_by_a_named_reviewer(dagster_home, contract_run, capsys):
     assert main(["materialize", "influence", "--run", contract_run]) == 0
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     assert main(["materialize", "influence", "--run", contract_run, "--max-unreviewed-fraction", "1.0"]) == 2
     assert "name yourself" in capsys.readouterr().err
     assert read_review_queue(layout.review_queue)[1]["policy"]["max_unreviewed_fraction"] == 0.0

@@ -12,6 +12,7 @@ import pandas as pd
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.review.run_review import RunReview
 from z0inf_pipeline.tracking import fetch_run
 
@@ -25,12 +26,12 @@ def _trained_ids(run_id: str, tracking_uri: str) -> set[int]:
 
 
 def _child_of(run_id: str) -> str:
-    return str(pd.read_parquet(RunLayout.for_run(run_id).retrained).at[0, "retrained_run_id"])
+    return str(pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).retrained).at[0, "retrained_run_id"])
 
 
 def _unflagged(run_id: str, count: int) -> list[int]:
     """Training ids of the run that its queue did not flag (decisions on them leave the gate alone)."""
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     examples = pd.read_parquet(layout.examples)
     flagged = set(pd.read_parquet(layout.review_queue)["example_id"].astype(int))
     train = examples.loc[examples["split"] == "train", "example_id"].astype(int)
@@ -53,7 +54,7 @@ def test_parent_decision_recorded_after_its_retrain_is_applied_when_the_child_is
 
     late = _unflagged(child, 2)
     assert main(["review", "decide", parent, *map(str, late), "--action", "drop", "--reviewer", "t"]) == 0
-    child_queue = pd.read_parquet(RunLayout.for_run(child).review_queue)["example_id"].astype(int).tolist()
+    child_queue = pd.read_parquet(RunLayout.for_run(child, outputs_base()).review_queue)["example_id"].astype(int).tolist()
     keep = [i for i in child_queue if i not in late] or _unflagged(child, 3)[2:]
     assert main(["review", "decide", child, *map(str, keep), "--action", "keep", "--reviewer", "t"]) == 0
     capsys.readouterr()
@@ -62,7 +63,7 @@ def test_parent_decision_recorded_after_its_retrain_is_applied_when_the_child_is
     assert "review gate open" in listing
     # The late drops are in force for the child, not yet applied (the child trained with them).
     assert set(late) <= _trained_ids(child, tracking_uri)
-    in_force = RunReview.open(child).decisions(DecisionStore.open()).set_index("example_id")
+    in_force = RunReview.open(child, outputs_base()).decisions(DecisionStore.open()).set_index("example_id")
     assert in_force.loc[late, "action"].tolist() == ["drop", "drop"]
     assert in_force.loc[late, "decided_on_run"].tolist() == [parent, parent]
     assert in_force.loc[late, "applied_in"].isna().all()
@@ -72,9 +73,9 @@ def test_parent_decision_recorded_after_its_retrain_is_applied_when_the_child_is
     grandchild = _child_of(child)
     trained = _trained_ids(grandchild, tracking_uri)
     assert not set(late) & trained  # the parent's late drops reached the grandchild's training
-    summary = pd.read_parquet(RunLayout.for_run(child).retrained).iloc[0]
+    summary = pd.read_parquet(RunLayout.for_run(child, outputs_base()).retrained).iloc[0]
     assert summary["dropped"] == len(late)
-    after = RunReview.open(child).decisions(DecisionStore.open()).set_index("example_id")
+    after = RunReview.open(child, outputs_base()).decisions(DecisionStore.open()).set_index("example_id")
     assert after.loc[late, "applied_in"].tolist() == [grandchild, grandchild]
 
 
@@ -105,12 +106,12 @@ def test_decision_recorded_after_the_curation_snapshot_stays_pending_for_the_nex
     child = _child_of(run)
     trained = _trained_ids(child, tracking_uri)
     assert early not in trained and late in trained
-    in_force = RunReview.open(run).decisions(DecisionStore.open()).set_index("example_id")
+    in_force = RunReview.open(run, outputs_base()).decisions(DecisionStore.open()).set_index("example_id")
     assert in_force.at[early, "applied_in"] == child
     assert pd.isna(in_force.at[late, "applied_in"])  # never shown as applied
     # ... and it is in force for the child, so its next round applies it.
     assert execute(instance, "influence_job", child).success
-    for_child = RunReview.open(child).decisions(DecisionStore.open()).set_index("example_id")
+    for_child = RunReview.open(child, outputs_base()).decisions(DecisionStore.open()).set_index("example_id")
     assert for_child.at[late, "action"] == "drop" and pd.isna(for_child.at[late, "applied_in"])
 
 
@@ -145,13 +146,13 @@ def test_decisions_recorded_while_a_retrain_runs_are_applied_or_pending_never_lo
 
     child = _child_of(run)
     trained = _trained_ids(child, tracking_uri)
-    in_force = RunReview.open(run).decisions(store).set_index("example_id")
+    in_force = RunReview.open(run, outputs_base()).decisions(store).set_index("example_id")
     applied = [i for i in acknowledged if in_force.at[i, "applied_in"] == child]
     pending = [i for i in acknowledged if pd.isna(in_force.at[i, "applied_in"])]
     assert sorted(applied + pending) == sorted(acknowledged)
     assert not set(applied) & trained  # shown applied: really out of the child's training
     assert set(pending) <= trained  # shown pending: really still in it ...
     assert execute(instance, "influence_job", child).success
-    for_child = RunReview.open(child).decisions(store).set_index("example_id")
+    for_child = RunReview.open(child, outputs_base()).decisions(store).set_index("example_id")
     assert set(pending) <= set(for_child.index)  # ... and in force for the child's next round
     assert (for_child.loc[pending, "action"] == "drop").all()

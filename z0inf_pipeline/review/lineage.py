@@ -15,7 +15,7 @@ retrained run and is applied when it is retrained in turn. ``applied_in`` says w
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Sequence
 
 import numpy as np
@@ -81,7 +81,7 @@ def retrain_snapshot(layout: RunLayout) -> tuple[str, int] | None:
     return str(summary.at[0, "retrained_run_id"]), int(summary.at[0, DECISIONS_THROUGH])
 
 
-def applied_in(current: pd.DataFrame, lineage: Sequence[str], base: str | Path | None = None) -> pd.Series:
+def applied_in(current: pd.DataFrame, lineage: Sequence[str], base: str | os.PathLike) -> pd.Series:
     """Per decision in force (``lineage_decisions`` rows), the retrained run that trained with it, or
     None while it is pending (it takes effect at the lineage's next retrain).
 
@@ -108,14 +108,15 @@ def applied_in(current: pd.DataFrame, lineage: Sequence[str], base: str | Path |
     return applied
 
 
-def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy) -> tuple[float, str] | None:
+def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy, base: str | os.PathLike) -> tuple[float, str] | None:
     """(cut-off, run it was fitted on) from the nearest ancestor whose review queue was built with the
-    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh)."""
+    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh).
+    ``base``: the outputs base the queues were stored under."""
     if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
     wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:
-        path = RunLayout.for_run(ancestor).review_queue
+        path = RunLayout.for_run(ancestor, base).review_queue
         if not path.is_file():
             continue
         _, info = read_review_queue(path)
