@@ -35,6 +35,7 @@ import transformers
 from ..influence.errors import InfluenceInputError
 from ..tracking.client import ensure_experiment, tracking_client
 from ..tracking.logger import ContractLogger
+from ..tracking.registry import CHECKPOINT_MODEL
 from ..training.recording import BatchLossFn, IdsFn, ids_from_batch
 from ..training.trainer import checkpoint_steps
 
@@ -104,14 +105,17 @@ class Z0InfCallback(TrainerCallback):
         model_spec: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+        model: str | None = CHECKPOINT_MODEL,
         **logger_options: Any,
     ) -> None:
-        """``logger_options`` go to ``ContractLogger`` as they are: ``examples``, ``flipped_ids``,
-        ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``, ``tags``, ``parent_run_id``, ``dataset``."""
+        """``model``: the run's registered model, by default the final network as a causal-LM scorer
+        (``ContractLogger``'s ``model``). ``logger_options`` go to ``ContractLogger`` as they are:
+        ``examples``, ``flipped_ids``, ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``,
+        ``tags``, ``parent_run_id``, ``dataset``, ``registered_model``."""
         self.steps = None if steps is None else sorted({int(s) for s in steps})
         self.num_checkpoints = num_checkpoints
         self._logger_args = dict(train=train_batches, test=probe_batches, loss_fn=loss_fn, ids_fn=ids_fn,
-                                 checkpoint_parameters=checkpoint_parameters, **logger_options)
+                                 checkpoint_parameters=checkpoint_parameters, model=model, **logger_options)
         self._model_spec = model_spec
         self._params = dict(params or {})
         self._metrics_fn = metrics_fn

@@ -24,6 +24,7 @@ from ..influence.devices import single_thread
 from ..errors import ConfigurationError
 
 RECIPE = "lm"
+REGISTERED_MODEL = "lm-reversal"  # every round of the recipe is a version of this registered model
 ALPHABET = "abcdefgh"
 # 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
 VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
@@ -152,6 +153,15 @@ class SequenceDataset(torch.utils.data.Dataset):
                 "attention_mask": torch.tensor([1] * len(tokens) + [0] * pad), "labels": torch.tensor(labels)}
 
 
+def probe_inputs(recipe: LMRecipe) -> dict[str, np.ndarray]:
+    """The probe (held-out) examples as one batch of token arrays: ``input_ids``, ``attention_mask``,
+    ``labels`` (what the registered LM scores)."""
+    _, probe = reversal_task(recipe)
+    dataset = SequenceDataset(probe, recipe.sequence_length)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
+    return {key: batch[key].numpy() for key in ("input_ids", "attention_mask", "labels")}
+
+
 def answer_accuracy(model: torch.nn.Module, batches) -> float:
     """Share of examples whose every answer token (and </s>) is the model's top prediction, teacher-forced."""
     right = total = 0
@@ -225,6 +235,7 @@ def _train_and_log_lm(recipe: LMRecipe, *, tracking_uri, experiment, parent_run_
         train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
         run_name=run_name or f"lm-reversal-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
         tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset="generated-reversal",
+        registered_model=REGISTERED_MODEL,
         params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
     )
     with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:
