@@ -64,8 +64,9 @@ def test_train_job_defaults_are_the_library_recipe_without_noise():
 
 
 def test_demo_auto_review_runs_the_whole_graph_as_make_demo_does(dagster_home, tracking_uri, capsys):
-    """`make demo` runs `z0inf demo --auto-review`: blocked, every flagged example dropped by the stand-in
-    reviewer, the gated retrain passes and logs a retrained run without them."""
+    """`make demo` runs `z0inf demo --auto-review`: blocked, every flagged example decided by the simulated
+    reviewer (flipped labels relabelled to the true one, the rest kept), the gated retrain passes and logs
+    a retrained run with those labels, and the model registry step reports where the new version went."""
     assert main(["demo", "--auto-review", "--epochs", "3", "--checkpoints", "4"]) == 0
     out = capsys.readouterr().out
     run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
@@ -73,15 +74,19 @@ def test_demo_auto_review_runs_the_whole_graph_as_make_demo_does(dagster_home, t
     layout = RunLayout.for_run(run_id)
     queue = pd.read_parquet(layout.review_queue)
     history = DecisionStore.open().history(run_id)
-    assert set(history["reviewer"]) == {AUTO_REVIEWER} and set(history["action"]) == {"drop"}
+    assert set(history["reviewer"]) == {AUTO_REVIEWER} and set(history["action"]) <= {"relabel", "keep"}
     assert sorted(history["example_id"]) == sorted(queue["example_id"])
+    examples = pd.read_parquet(layout.examples).set_index("example_id")
+    relabelled = history[history["action"] == "relabel"].set_index("example_id")["label"]
+    assert set(relabelled.index) == set(queue.loc[queue["flipped"], "example_id"])
+    assert (relabelled == examples.loc[relabelled.index, "original_label"]).all()
 
     summary = pd.read_parquet(layout.retrained).iloc[0]
     child = fetch_run(summary["retrained_run_id"], tracking_uri=tracking_uri)
     assert child.tags["z0inf.parent_run_id"] == run_id and f"retrained MLflow run {child.run_id}" in out
-    examples = pd.read_parquet(layout.examples)
-    trained = pd.read_parquet(child.examples)
-    expected = set(examples.loc[examples["split"] == "train", "example_id"]) - set(queue["example_id"])
-    assert set(trained.loc[trained["split"] == "train", "example_id"]) == expected
+    trained = pd.read_parquet(child.examples).set_index("example_id")
+    assert set(trained.index[trained["split"] == "train"]) == set(examples.index[examples["split"] == "train"])
+    assert (trained.loc[relabelled.index, "label"] == relabelled).all()
+    assert re.search(r"model registry: models:/digits-mlp/2 -> @(champion|challenger)", out)
     with dg.DagsterInstance.get() as instance:
         assert sorted(r.job_name for r in instance.get_runs()) == ["influence_job", "retrain_job", "retrain_job"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--auto-review",
         action="store_true",
-        help="after showing the gate block, record 'drop' for every flagged example and retrain",
+        help="after showing the gate block, let a simulated reviewer decide every flagged example (relabel what "
+        "was flipped on purpose to its true label, keep the rest), retrain, and promote in the model registry",
     )
     demo.add_argument(
         "--recipe",
@@ -243,16 +245,12 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float],
 
     queue, _ = read_review_queue(layout.review_queue)
     store = DecisionStore.open()
-    count = store.record(
-        run_id,
-        queue["example_id"],
-        "drop",
-        reviewer=AUTO_REVIEWER,
-        note="z0inf demo --auto-review: drop every flagged example",
-    )
+    decided = simulated_review(store, run_id, queue, pd.read_parquet(layout.examples))
     print(
-        f"\n      --auto-review: recorded 'drop' for the {count} flagged examples (reviewer {AUTO_REVIEWER!r}) "
-        f"in {store.location}"
+        f"\n      --auto-review: a SIMULATED reviewer ({AUTO_REVIEWER!r}), who knows what was corrupted on purpose "
+        f"as a person reading each example would, decided the {len(queue)} flagged examples: "
+        + ", ".join(f"{action} {count}" for action, count in decided.items())
+        + f" (in {store.location})"
     )
     retrain = run_job(instance, "retrain_job", run_id, _policy_config(args))
     timings.update({f"retrain_job: {k}": v for k, v in retrain.step_seconds.items()})
@@ -262,7 +260,26 @@ def _auto_review(instance, run_id: str, layout, args, timings: dict[str, float],
     print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
     # The random-drop baseline retrains a TrainConfig recipe in-process; the LM recipe trains through MLflow.
     _print_retrained(layout, recipe=config if isinstance(config, TrainConfig) else None)
-    return 0
+    return _print_promotion(layout, config if isinstance(config, TrainConfig) else None)
+
+
+def simulated_review(store, run_id: str, queue: pd.DataFrame, examples: pd.DataFrame) -> dict[str, int]:
+    """The demo's stand-in for a person: a flagged example whose label was flipped on purpose is relabelled
+    to its true label (a corrupted LM answer, which has no label, is dropped); every other flagged example
+    is kept. Returns how many got each action."""
+    flagged = examples.set_index("example_id").loc[queue["example_id"]]
+    corrupted, clean = flagged[flagged["flipped"]], flagged[~flagged["flipped"]]
+    note = "z0inf demo --auto-review: simulated reviewer"
+    decided = {"relabel": 0, "drop": 0, "keep": 0}
+    if "target" in queue:
+        decided["drop"] = len(corrupted) and store.record(run_id, corrupted.index, "drop", reviewer=AUTO_REVIEWER,
+                                                           note=note)
+    else:
+        for label, group in corrupted.groupby("original_label"):
+            decided["relabel"] += store.record(run_id, group.index, "relabel", label=int(label),
+                                               reviewer=AUTO_REVIEWER, note=note)
+    decided["keep"] = len(clean) and store.record(run_id, clean.index, "keep", reviewer=AUTO_REVIEWER, note=note)
+    return {action: count for action, count in decided.items() if count}
 
 
 def _print_findings(layout) -> None:
@@ -374,6 +391,59 @@ def _print_retrained(layout, recipe=None) -> None:
         f"      test accuracy: parent {parent:.4f}, without the {row['dropped']} flagged {retrained:.4f}, "
         f"without {row['dropped']} random examples {random_drop:.4f} (same recipe and seed)"
     )
+
+
+def _print_promotion(layout, recipe=None) -> int:
+    """Where the retrained model went in the MLflow Model Registry; with a ``recipe``, also load
+    ``models:/<name>@champion`` as a serving job would and check that its accuracy on the test set is the
+    retrained run's logged ``test_accuracy`` (exit 1 when not)."""
+    if not layout.promotion.exists():
+        return 0
+    row = pd.read_parquet(layout.promotion).iloc[0]
+    if not row["alias"]:
+        print(f"      model registry: {row['reason']}")
+        return 0
+    print(f"      model registry: models:/{row['registered_model']}/{row['version']} -> @{row['alias']}")
+    print(f"        {row['reason']}")
+    if row["alias"] != "champion" or recipe is None:
+        return 0
+    return _check_champion(row, recipe)
+
+
+def _check_champion(row, recipe) -> int:
+    import mlflow
+    import numpy as np
+
+    from ..tracking import resolve_tracking_uri, tracking_client
+    from ..training import training_data
+
+    uri = f"models:/{row['registered_model']}@champion"
+    with _tracking_uri_in_environment(resolve_tracking_uri()):
+        champion = mlflow.pyfunc.load_model(uri)
+    test = training_data(recipe).test
+    accuracy = float(np.mean(champion.predict(test.features.numpy()) == test.labels.numpy()))
+    logged = tracking_client().get_run(row["retrained_run_id"]).data.metrics["test_accuracy"]
+    agrees = abs(accuracy - logged) < 1e-6  # the metric is logged from float32
+    print(
+        f"      mlflow.pyfunc.load_model({uri!r}) on the {len(test)} test examples: accuracy {accuracy:.4f}, "
+        f"the retrained run logged {logged:.4f}: {'the same' if agrees else 'DIFFERENT'}"
+    )
+    return 0 if agrees else 1
+
+
+@contextlib.contextmanager
+def _tracking_uri_in_environment(uri: str):
+    """``$MLFLOW_TRACKING_URI`` set to ``uri`` for a block: MLflow's own loaders resolve ``models:/`` with
+    it, and nothing global is left pinned afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _random_drop_accuracy(recipe, count: int) -> float:

@@ -36,6 +36,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 ALIAS_HISTORY_TAG = "z0inf.alias_history"
 _MODEL_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _TAG_LIMIT = 4000  # characters of a model version tag value kept well under MLflow's limit
+_LOGGED_MODEL_PREFIX = "m-"  # MLflow 3's logged model ids
 _OWN_MODEL_URI = re.compile(r"^(models|runs):/\S+$")
 
 
@@ -107,13 +108,17 @@ def log_checkpoint_model(
         )
         client.log_model_artifacts(logged.model_id, str(folder))
         client.finalize_logged_model(logged.model_id, "READY")
-    return register_model(client, run_id, f"models:/{logged.model_id}", registered_model, model_id=logged.model_id)
+    return register_model(client, run_id, f"models:/{logged.model_id}", registered_model)
 
 
-def register_model(
-    client: MlflowClient, run_id: str, model_uri: str, registered_model: str, *, model_id: str | None = None
-) -> str:
-    """Register ``model_uri`` (the run's own model) as a new version of ``registered_model``; tag the run."""
+def register_model(client: MlflowClient, run_id: str, model_uri: str, registered_model: str) -> str:
+    """Register ``model_uri`` (the run's own model) as a new version of ``registered_model``; tag the run.
+    A logged model (``models:/<model id>``) is registered from its artifact location, which this client
+    resolves: a local registry store would otherwise look the id up in the process's default store."""
+    source, model_id = model_uri, None
+    if model_uri.startswith(f"models:/{_LOGGED_MODEL_PREFIX}") and "/" not in model_uri[len("models:/"):]:
+        model_id = model_uri[len("models:/"):]
+        source = client.get_logged_model(model_id).artifact_location
     try:
         client.get_registered_model(registered_model)
     except MlflowException:
@@ -123,7 +128,7 @@ def register_model(
             )
         except MlflowException:
             client.get_registered_model(registered_model)  # created meanwhile by another process
-    version = client.create_model_version(registered_model, model_uri, run_id=run_id, model_id=model_id)
+    version = client.create_model_version(registered_model, source, run_id=run_id, model_id=model_id)
     client.set_tag(run_id, MODEL_TAG, model_uri)
     client.set_tag(run_id, REGISTERED_MODEL_TAG, registered_model)
     client.set_tag(run_id, MODEL_VERSION_TAG, str(version.version))

@@ -16,6 +16,7 @@ from ...tracking.registry import (
     move_alias,
     registered_version,
 )
+from ...tracking.reader import no_progress_bars
 from ...training.lm import LMRecipe, recipe_from_dict
 from ..config import PromotionConfig
 from ..metadata import rounded, run_id_of
@@ -52,16 +53,16 @@ def held_out(recipe) -> tuple[object, np.ndarray | None]:
     return test.features.numpy(), test.labels.numpy()
 
 
-def per_example_scores(version: RegisteredVersion, inputs, labels, tracking_uri: str) -> tuple[np.ndarray, str]:
+def per_example_scores(version: RegisteredVersion, inputs, labels, tracking: MlflowResource) -> tuple[np.ndarray, str]:
     """Correctness (classifier) or loss (LM) of one registered version on each held-out example, and its task.
-    The version is downloaded and loaded as MLflow serves it (``mlflow.pyfunc``)."""
+    The version is downloaded (from where the resource's registry says it is) and loaded as MLflow serves
+    it (``mlflow.pyfunc``)."""
     import mlflow.artifacts
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory(prefix="z0inf-promotion-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
+    location = tracking.client().get_model_version_download_uri(version.name, version.version)
+    with tempfile.TemporaryDirectory(prefix="z0inf-promotion-") as tmp, no_progress_bars():
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=tracking.uri())
         model = mlflow.pyfunc.load_model(local)
         task = (model.metadata.metadata or {}).get("z0inf.task", "")
         predicted = np.asarray(model.predict(inputs))
@@ -110,8 +111,8 @@ def model_promotion(
         return dg.Output(pd.DataFrame([summary]), metadata=_metadata(mlflow, child_id, summary))
 
     inputs, labels = held_out(recipe_from_dict(mlflow.fetch(run_id).train_config))
-    new, task = per_example_scores(version, inputs, labels, mlflow.uri())
-    old, _ = per_example_scores(incumbent, inputs, labels, mlflow.uri())
+    new, task = per_example_scores(version, inputs, labels, mlflow)
+    old, _ = per_example_scores(incumbent, inputs, labels, mlflow)
     gains = new - old if task == "classifier" else old - new
     interval = paired_bootstrap(gains, confidence=policy.confidence, resamples=policy.resamples, seed=policy.seed)
     gate_passed, gate_text = gate_result(context.instance, child_tags.get("z0inf.dagster_run_id"), run_id)

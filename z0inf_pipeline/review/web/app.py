@@ -144,6 +144,7 @@ def create_app(site: ReviewSite) -> Flask:
             lineage=review.lineage,
             histogram=review.layout.histogram.exists(),
             retrained=_retrained(review),
+            promotion=_promotion(review),
             children_with_queue=set(runs_with_queue(site.base)),
             can_retrain=site.retrain is not None,
             hidden=_hidden(filters),
@@ -330,6 +331,14 @@ def _hidden(filters: dict) -> dict[str, str]:
 
 def _retrained(review: RunReview) -> dict | None:
     path = review.layout.retrained
+    if not path.exists():
+        return None
+    return pd.read_parquet(path).iloc[0].to_dict()
+
+
+def _promotion(review: RunReview) -> dict | None:
+    """Where the retrained model went in the MLflow Model Registry (``model_promotion``'s summary)."""
+    path = review.layout.promotion
     if not path.exists():
         return None
     return pd.read_parquet(path).iloc[0].to_dict()
