@@ -383,7 +383,7 @@ def _print_retrained(layout, recipe=None) -> None:
         f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
     )
     parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
-    if recipe is None:
+    if recipe is None or row["dropped"] == 0:  # the random-drop baseline only means something after drops
         print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
         return
     random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
