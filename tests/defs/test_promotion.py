@@ -44,6 +44,16 @@ def sqlite_server(tmp_path, monkeypatch):
         yield url
 
 
+@pytest.fixture
+def postgres_backed_server(postgres_server, tmp_path, monkeypatch):
+    """A fresh ``mlflow server`` whose backend store is a new PostgreSQL database."""
+    root = tmp_path / "server"
+    root.mkdir()
+    with running_mlflow_server(root, postgres_server.url(postgres_server.create_database())) as url:
+        _use(url, tmp_path, monkeypatch)
+        yield url
+
+
 def _use(url, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("Z0INF_DATA_DIR", str(tmp_path / "data"))
@@ -145,9 +155,8 @@ def test_a_reviewed_round_promotes_and_a_random_drop_does_not(sqlite_server, ins
 
 
 @pytest.mark.postgres
-def test_a_lineage_whose_gate_never_passed_is_not_promoted(mlflow_postgres_server, tmp_path, monkeypatch, instance):
-    url, _ = mlflow_postgres_server
-    _use(url, tmp_path, monkeypatch)
+def test_a_lineage_whose_gate_never_passed_is_not_promoted(postgres_backed_server, instance):
+    url = postgres_backed_server
     recipe = TrainConfig(epochs=6, checkpoints=3, hidden=(16,), label_noise=0.2, noise_seed=2, model="logreg")
     parent = train_and_log(recipe, tracking_uri=url, experiment="z0inf-gate-never-passed")
     assert execute(instance, "influence_job", parent).success

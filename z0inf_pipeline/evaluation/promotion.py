@@ -94,11 +94,13 @@ class PromotionDecision:
 
 
 def decide_promotion(gate_passed: bool, interval: GainInterval, margin: float, *, unit: str,
-                     compared_with: str) -> PromotionDecision:
-    """``champion`` only when the gate passed and ``interval.low >= margin``; else ``challenger``, with why."""
+                     compared_with: str, gate: str = "") -> PromotionDecision:
+    """``champion`` only when the gate passed and ``interval.low >= margin``; else ``challenger``, with why
+    (``gate``: what the gate's record says, quoted when it did not pass)."""
     measured = f"against {compared_with}: {interval.describe(unit)}"
     if not gate_passed:
-        return PromotionDecision("challenger", f"the review gate never passed for this lineage; {measured}")
+        said = f" ({gate})" if gate else ""
+        return PromotionDecision("challenger", f"the review gate never passed for this lineage{said}; {measured}")
     if interval.low < margin:
         return PromotionDecision(
             "challenger", f"the interval's lower end {interval.low:+.4f} is below the margin {margin:+g}; {measured}"

@@ -116,7 +116,8 @@ def model_promotion(
     gains = new - old if task == "classifier" else old - new
     interval = paired_bootstrap(gains, confidence=policy.confidence, resamples=policy.resamples, seed=policy.seed)
     gate_passed, gate_text = gate_result(context.instance, child_tags.get("z0inf.dagster_run_id"), run_id)
-    decision = decide_promotion(gate_passed, interval, policy.margin, unit=UNITS[task], compared_with=compared_with)
+    decision = decide_promotion(gate_passed, interval, policy.margin, unit=UNITS[task], compared_with=compared_with,
+                                gate=gate_text)
     move_alias(client, version, decision.alias, {
         "by": f"z0inf model_promotion, Dagster run {context.run.run_id}",
         "gate": gate_text,
