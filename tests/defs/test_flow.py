@@ -12,7 +12,7 @@ from z0inf_pipeline.defs.assets import INFLUENCE_ASSETS
 from z0inf_pipeline.defs.checks import ALL_CHECKS
 from z0inf_pipeline.defs.partitions import PER_RUN
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
-from z0inf_pipeline.defs.storage import RunOutputsIOManager
+from z0inf_pipeline.defs.storage import LossShardsIOManager, RunOutputsIOManager
 from z0inf_pipeline.review import DecisionStore, RunLayout
 from z0inf_pipeline.tracking import list_contract_runs
 
@@ -37,6 +37,7 @@ def test_failing_blocking_gx_check_stops_the_downstream_assets(instance, contrac
             "compute": ComputeResource(device="cpu"),
             "decisions": DecisionStoreResource(),
             "run_outputs": RunOutputsIOManager(mlflow=mlflow),
+            "loss_shards": LossShardsIOManager(),
         },
         run_config={"ops": {"loss_tables": {"config": {"source": "logged"}}}},
         raise_on_error=False,

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.defs.assets import loss_tables, training_run, weight_gram
 from z0inf_pipeline.defs.resources import ComputeResource, MlflowResource
-from z0inf_pipeline.defs.storage import LossTables, RunOutputsIOManager, StoredTable
+from z0inf_pipeline.defs.storage import LossShardsIOManager, LossTables, RunOutputsIOManager, StoredTable
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.influence.analysis import read_gram
 from z0inf_pipeline.review import RunLayout
@@ -25,7 +25,12 @@ def _materialize(instance, run_id: str, io_manager: RunOutputsIOManager, source:
         [training_run, loss_tables, weight_gram],
         partition_key=run_id,
         instance=instance,
-        resources={"mlflow": MlflowResource(), "compute": ComputeResource(device="cpu"), "run_outputs": io_manager},
+        resources={
+            "mlflow": MlflowResource(),
+            "compute": ComputeResource(device="cpu"),
+            "run_outputs": io_manager,
+            "loss_shards": LossShardsIOManager(base_url=io_manager.base_url),
+        },
         run_config={"ops": {"loss_tables": {"config": {"source": source}}}},
     )
 

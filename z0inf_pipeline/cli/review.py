@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     decide.add_argument("ids", nargs="*", type=int, metavar="ID", help="training example ids")
     decide.add_argument("--flagged", action="store_true", help="also every flagged example still without a decision")
     decide.add_argument("--action", choices=ACTIONS, required=True)
-    decide.add_argument("--label", type=int, help="the new label (with --action relabel)")
+    decide.add_argument("--label", help="the new label (with --action relabel): a class name, e.g. versicolor, or its index")
     decide.add_argument("--reviewer", help="who decided (default: the login name)")
     decide.add_argument("--note", help="free text kept with the decision")
     decide.set_defaults(handler=_decide)
@@ -61,12 +61,12 @@ def _list(args) -> None:
     if args.run is None:
         _summary(store)
         return
-    review = RunReview.open(args.run)
+    review = RunReview.open(args.run, train_config=_train_config(args.run))
     queue, info = review.queue, review.info
     current = review.decisions(store)
     status = review.gate(current)
     current = current.set_index("example_id")
-    queue["decision"] = [_describe(current, i, args.run) for i in queue["example_id"]]
+    queue["decision"] = [_describe(review, current, i) for i in queue["example_id"]]
     if args.pending:
         queue = queue[queue["decision"] == ""]
     shown = queue if args.limit == 0 else queue.head(args.limit)
@@ -78,15 +78,18 @@ def _list(args) -> None:
             "ranks SI/var/mean/final/conf/variab.": shown[[f"{c}_rank" for c in SIGNAL_COLUMNS]]
             .astype("string").fillna("-").agg("/".join, axis=1),
             "flagged by": shown["flagged_by"],
-            "label": shown["label"],
-            "predicted": shown["predicted_label"].astype("string").fillna("?"),
+            # a text run's examples are its prompt and target; a classification run's label and prediction by name
+            **({c: shown[c] for c in ("prompt", "target") if c in shown} if review.is_text else {
+                "label": [review.label_name(v) for v in shown["label"]],
+                "predicted": [review.label_name(v) or "?" for v in shown["predicted_label"]],
+            }),
             "loss (first..last)": [_sparkline(t) for t in shown["loss_trajectory"]],
             "decision": shown["decision"],
         }
     )
     policy = info["policy"]
     print(
-        f"run {args.run}: {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
+        f"run {review.run_name} ({args.run}): {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
         f"{policy['method']} on {policy.get('score', 'self_influence')} (cut-off {info['cutoff']:.4g}); "
         f"decisions in {store.location}"
     )
@@ -98,7 +101,8 @@ def _list(args) -> None:
 
 
 def _decide(args) -> None:
-    review = RunReview.open(args.run)
+    review = RunReview.open(args.run, train_config=_train_config(args.run) if args.label is not None else None)
+    label = review.label_index(args.label)
     store = DecisionStore.open()
     ids = set(args.ids)
     if args.flagged:
@@ -106,9 +110,9 @@ def _decide(args) -> None:
         ids |= {int(i) for i in review.queue["example_id"] if int(i) not in decided}
     if not ids:
         raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
-    count = review.record(store, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
-    label = f" -> {args.label}" if args.action == "relabel" else ""
-    print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")
+    count = review.record(store, ids, args.action, label=label, reviewer=args.reviewer, note=args.note)
+    print(f"recorded {decision_text(args.action, label, review.class_names)} for {count} example(s) of run "
+          f"{review.run_name} ({args.run}) in {store.location}")
     print(review.gate(review.decisions(store)).message())
 
 
@@ -119,7 +123,8 @@ def _summary(store: DecisionStore) -> None:
         status = review.gate(review.decisions(store))
         rows.append(
             {
-                "run": run_id,
+                "run": review.run_name,
+                "id": run_id,
                 "flagged": status.flagged,
                 "decided": status.reviewed,
                 "pending": status.unreviewed,
@@ -132,14 +137,14 @@ def _summary(store: DecisionStore) -> None:
     print(pd.DataFrame(rows).to_string(index=False))
 
 
-def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
+def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
     """The decision in force; one inherited from an earlier round names the run it was made on."""
     if example_id not in current.index:
         return ""
     row = current.loc[example_id]
-    action = decision_text(row["action"], row["label"])
+    action = decision_text(row["action"], row["label"], review.class_names)
     decided_on = row.get("decided_on_run")
-    return action if decided_on in (None, run_id) else f"{action} (decided on run {decided_on[:8]})"
+    return action if decided_on in (None, review.run_id) else f"{action} (decided on run {decided_on[:8]})"
 
 
 def _sparkline(values) -> str:
@@ -186,12 +191,10 @@ def _serve(args) -> None:
 
 def _sheet(args) -> None:
     from ..influence.atomic import atomic_output
-    from ..review.evidence import RunEvidence
     from ..review.sheet import run_review_sheet, stored_histogram
 
-    review = RunReview.open(args.run)
-    evidence = RunEvidence(review.layout, review.queue, review.info, _train_config(args.run))
-    html = run_review_sheet(review, evidence, DecisionStore.open(), stored_histogram(review))
+    review = RunReview.open(args.run, train_config=_train_config(args.run))
+    html = run_review_sheet(review, DecisionStore.open(), stored_histogram(review))
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")

@@ -1,5 +1,7 @@
 """Asset checks, one evaluation per MLflow run: thin wrappers that run the GX suites of
-``z0inf_pipeline.quality`` and the review gate on the value they check.
+``z0inf_pipeline.quality`` (the repository's ``gx/`` project) and the review gate on the value they check.
+Each GX validation is stored in the run's ``gx/`` folder, whose Data Docs the check's metadata links to
+and which is logged to the MLflow run under ``gx/``.
 
 Every check that guards a later stage is blocking: when it fails, the assets downstream of its
 asset are not materialised in that run. The review gate sits on ``review_queue`` and runs in the
@@ -13,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import evaluate_gate, lineage_decisions
+from ..review import RunLayout, evaluate_gate, lineage_decisions
 from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
@@ -26,7 +28,7 @@ from .assets import (
     weight_gram,
 )
 from .assets.retraining import curated_from_frame
-from .metadata import rounded, run_id_of, split_ids
+from .metadata import gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
@@ -46,6 +48,7 @@ def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra)
         "expectations": sum(r.evaluated for r in reports),
         "failed_expectations": sum(len(r.failures) for r in reports),
         "report": dg.MetadataValue.md("\n\n".join(f"```\n{r.summary()}\n```" for r in reports)),
+        **gx_metadata(mlflow, run_id, *reports),
         **extra,
     }
     summary = "; ".join(r.summary().splitlines()[0] for r in reports)
@@ -72,6 +75,7 @@ def loss_tables_are_valid(
                 name=f"{split}_loss_table",
                 nonnegative=nonnegative,
                 expected_ids=ids,
+                folder=RunLayout.for_run(run.run_id).gx_folder,
             )
         )
     return _result(mlflow, run.run_id, *reports, nonnegative_required=nonnegative)
@@ -112,8 +116,9 @@ def self_influence_is_valid(
 ) -> dg.AssetCheckResult:
     """GX: scores finite, self-influence >= 0, example ids exactly those of the training loss table.
     Records the content hash of the scores it passed: the review queue is only rebuilt from those."""
-    report = validate_self_influence(self_influence, loss_tables.train_ids())
-    return _result(mlflow, run_id_of(context), report, **{HASH_KEY: content_hash(self_influence)})
+    run_id = run_id_of(context)
+    report = validate_self_influence(self_influence, loss_tables.train_ids(), folder=RunLayout.for_run(run_id).gx_folder)
+    return _result(mlflow, run_id, report, **{HASH_KEY: content_hash(self_influence)})
 
 
 @dg.asset_check(asset=train_test_influence, blocking=True, partitions_def=mlflow_runs, additional_ins=LOSS_TABLES)
@@ -128,7 +133,8 @@ def train_test_influence_is_valid(
     run_id = run_id_of(context)
     train_ids = loss_tables.train_ids()
     k = min(_configured_topk(context, run_id), len(train_ids))
-    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k)
+    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k,
+                           folder=RunLayout.for_run(run_id).gx_folder)
     return _result(mlflow, run_id, report, k=k)
 
 
@@ -165,6 +171,9 @@ def review_gate(
         "unreviewed_fraction": rounded(status.unreviewed_fraction),
         "max_unreviewed_fraction": rounded(status.max_unreviewed_fraction),
     }
+    if "flagging" in info:  # the GX validation whose unexpected rows are the queue
+        metadata["flagging_cutoff"] = rounded(info["flagging"]["cutoff"])
+        metadata["data_docs_flagging"] = dg.MetadataValue.path(info["flagging"]["data_docs"])
     if not status.passed:
         shown = " ".join(str(i) for i in status.unreviewed_ids[:10])
         metadata["how_to_review"] = dg.MetadataValue.md(
@@ -187,7 +196,8 @@ def curated_set_matches_decisions(
     run_id = run_id_of(context)
     current = decisions.open().current(run_id)
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
-    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current))
+    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current),
+                                  folder=RunLayout.for_run(run_id).gx_folder)
     return _result(mlflow, run_id, report)
 
 
@@ -212,7 +222,8 @@ def retrained_run_follows_curation(
     trained = child_examples[child_examples["split"] == "train"][["example_id", "label"]]
     curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
-        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set"
+        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set",
+        folder=RunLayout.for_run(run_id).gx_folder,
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")
     result = _result(mlflow, run_id, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))

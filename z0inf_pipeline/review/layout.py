@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from upath import UPath
 
@@ -65,6 +66,15 @@ class RunLayout:
         if asset not in RUN_OUTPUTS:
             raise InfluenceInputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(RUN_OUTPUTS)})")
         return {name: getattr(self, name) for name in RUN_OUTPUTS[asset]}
+
+    @property
+    def gx_folder(self) -> Path:
+        """The run's GX validation results and Data Docs (``uncommitted/data_docs/local_site/index.html``).
+        GX's stores write to the local disk: the run's outputs folder when that is local, else its local
+        mirror under the data directory (both are logged to the MLflow run under ``gx/``)."""
+        if getattr(self.root, "protocol", "") in ("", "file", "local"):
+            return Path(self.root.path) / "gx"
+        return data_dir() / "runs" / self.run_id / "gx"
 
     @property
     def examples(self) -> UPath:

@@ -62,8 +62,9 @@ class _RunWriter:
         if parent_run_id:
             all_tags.update({PARENT_TAG: parent_run_id, MLFLOW_PARENT_TAG: parent_run_id})
         self.client = client
-        self.run_id = client.create_run(ensure_experiment(client, experiment), run_name=run_name,
-                                        tags=all_tags).info.run_id
+        experiment_id = ensure_experiment(client, experiment)
+        name = None if run_name is None else unique_run_name(client, experiment_id, run_name)
+        self.run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
@@ -151,7 +152,20 @@ def train_and_log(
     return writer.run_id
 
 
-_RETRAIN_SUFFIX = re.compile(r"^(?P<base>.*) · retrain (?P<round>\d+)$")
+_RETRAIN_SUFFIX = re.compile(r"^(?P<base>.*) · retrain (?P<round>\d+)(?: \(\d+\))?$")
+
+
+def unique_run_name(client: MlflowClient, experiment_id: str, name: str) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... when runs of the experiment already carry it: people
+    tell runs apart by name (the review page, MLflow's list), so two demos must not share one."""
+    prefix = name.split("'")[0]  # the filter's quoting; the names are compared exactly below
+    taken = {
+        run.info.run_name
+        for run in client.search_runs([experiment_id], f"attributes.run_name LIKE '{prefix}%'", max_results=5000)
+    }
+    if name not in taken:
+        return name
+    return next(f"{name} ({k})" for k in range(2, len(taken) + 3) if f"{name} ({k})" not in taken)
 
 
 def retrained_run_name(parent_name: str | None) -> str:

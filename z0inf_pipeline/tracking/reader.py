@@ -85,7 +85,18 @@ class ContractRun:
             raise ContractError(f"run {self.run_id}: has no checkpoint at step {step} (steps: {self.steps})")
         checkpoint = self.checkpoints[-1 if step is None else self.steps.index(step)]
         model = self.build_model()
-        model.load_state_dict(load_state_dict(checkpoint))
+        state = load_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # A tied weight (a language model's output layer is its input embedding) is stored once, as
+        # safetensors refuses shared tensors: missing is fine only for a tensor that shares a loaded one's storage.
+        tensors = model.state_dict(keep_vars=True)
+        loaded = {tensors[k].data_ptr() for k in state if k in tensors}
+        untied = [k for k in missing if tensors[k].data_ptr() not in loaded]
+        if untied or unexpected:
+            raise ContractError(
+                f"run {self.run_id}: checkpoint {checkpoint} does not fit the run's model "
+                f"(missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
+            )
         return model.eval()
 
 

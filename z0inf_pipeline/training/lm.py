@@ -108,7 +108,11 @@ def build_model(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> tor
 
     config = GPT2Config(vocab_size=len(VOCAB), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers infers the loss from the class name, which "GPT2LMHeadModel" does not spell: without this
+    # it warns "`loss_type=None` ... unrecognized" and then uses the causal-LM loss anyway
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def model_kwargs(recipe: LMRecipe) -> dict:
@@ -172,6 +176,40 @@ def answer_accuracy(model: torch.nn.Module, batches) -> float:
         right += int((~wrong.any(dim=1)).sum())
         total += len(labels)
     return right / total
+
+
+def answer_predictions(model: torch.nn.Module, examples: pd.DataFrame, recipe: LMRecipe) -> pd.DataFrame:
+    """The model's answer to every example of a run's examples table (``example_id``, ``split``,
+    ``prompt``, ``target``), read as ``answer_accuracy`` scores it: the top token at each answer position,
+    teacher-forced. Columns of a predictions table: ``predicted_text``, ``correct`` (every answer token
+    and </s> right), ``confidence`` (the probability of the model's own answer, the product over its
+    tokens), and ``label`` / ``predicted_label`` = NO_LABEL: a text answer has no class."""
+    from .layout import NO_LABEL
+
+    data = SequenceDataset(examples.reset_index(drop=True), recipe.sequence_length)
+    answers, right, confidence = [], [], []
+    model = model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), 256):
+            batch = [data[i] for i in range(start, min(start + 256, len(data)))]
+            tokens = torch.stack([b["input_ids"] for b in batch])
+            mask = torch.stack([b["attention_mask"] for b in batch])
+            labels = torch.stack([b["labels"] for b in batch])[:, 1:]
+            probs = torch.softmax(model(input_ids=tokens, attention_mask=mask).logits[:, :-1].double(), dim=-1)
+            top, predicted = probs.max(dim=-1)
+            answer = labels != IGNORE_INDEX
+            right += ((predicted == labels) | ~answer).all(dim=1).tolist()
+            confidence += torch.where(answer, top, torch.ones_like(top)).prod(dim=1).tolist()
+            answers += [decode(row[keep].tolist()) for row, keep in zip(predicted, answer)]
+    return pd.DataFrame({
+        "example_id": examples["example_id"].to_numpy(np.int64),
+        "split": examples["split"].to_numpy(),
+        "label": NO_LABEL,
+        "predicted_label": NO_LABEL,
+        "confidence": confidence,
+        "predicted_text": answers,
+        "correct": right,
+    })
 
 
 def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
