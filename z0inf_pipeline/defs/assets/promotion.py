@@ -36,7 +36,8 @@ def gate_result(instance: dg.DagsterInstance, dagster_run_id: str | None, run_id
         evaluation = record.dagster_event.asset_check_evaluation_data
         if evaluation.asset_check_key == GATE and evaluation.partition in (None, run_id):
             verdict = "passed" if evaluation.passed else "failed"
-            return evaluation.passed, f"{verdict} in Dagster run {dagster_run_id}: {evaluation.description or ''}".strip()
+            said = f": {evaluation.description}" if evaluation.description else ""
+            return evaluation.passed, f"{verdict} in Dagster run {dagster_run_id}{said}"
     return False, f"review_gate was not evaluated in Dagster run {dagster_run_id}, the run that retrained"
 
 
