@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import Z0infError, named_error
+from ..review.layout import outputs_base
 from ..review.policy import FlagPolicy
 from ..settings_schema import add_arguments, from_namespace, plain_values
 from ..training import DEMO_CONFIG, TrainConfig
@@ -173,7 +174,8 @@ def _materialize(args) -> int:
 
 def _demo(args) -> int:
     from ..review import RunLayout
-    from ..tracking import resolve_tracking_uri, train_and_log
+    from ..integrations import train_and_log_recipe
+    from ..tracking import resolve_tracking_uri
 
     started = time.perf_counter()
     config = from_namespace(TrainConfig, args, base=DEMO_CONFIG)
@@ -194,7 +196,7 @@ def _demo(args) -> int:
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    run_id = train_and_log(
+    run_id = train_and_log_recipe(
         config, tracking_uri=tracking_uri, tags={"z0inf.source_command": "z0inf demo"}, progress=True
     )
     timings["train + log contract run"] = time.perf_counter() - tick
@@ -209,7 +211,7 @@ def _demo(args) -> int:
         f"[2/3] influence_job: every data check passed "
         f"({', '.join(n for n, (ok, _) in influence.checks.items() if ok)})"
     )
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     _print_findings(layout)
 
     gated = run_job(instance, "retrain_job", run_id, _policy_config(args))
@@ -320,7 +322,7 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     if not analysed.success:
         _print_failures("influence_job", analysed)
         return 1
-    review = RunReview.open(child)
+    review = RunReview.open(child, outputs_base())
     status = review.gate(review.decisions(store))
     print(
         f"\n[round 2] the retrained run {child} is analysed: {status.flagged} flagged, {status.reviewed} decided "
@@ -530,7 +532,7 @@ def _print_checks(outcome: JobOutcome) -> None:
 def _print_outputs(run_id: str) -> None:
     from ..review import RunLayout
 
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     print(f"outputs in {_short(layout.root)}/")
     if layout.retrained.exists():
         _print_retrained(layout)

@@ -8,6 +8,7 @@ newest run come out. ``inherited_cutoff`` reads the ancestors' review queues for
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import pandas as pd
@@ -54,14 +55,15 @@ def lineage_decisions(store: DecisionStore, run_id: str, info: dict) -> pd.DataF
     return decisions_in_force(store.current_for_runs(lineage), lineage)
 
 
-def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy) -> tuple[float, str] | None:
+def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy, base: str | os.PathLike) -> tuple[float, str] | None:
     """(cut-off, run it was fitted on) from the nearest ancestor whose review queue was built with the
-    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh)."""
+    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh).
+    ``base``: the outputs base the queues were stored under."""
     if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
     wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:
-        path = RunLayout.for_run(ancestor).review_queue
+        path = RunLayout.for_run(ancestor, base).review_queue
         if not path.is_file():
             continue
         _, info = read_review_queue(path)

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from upath import UPath
 
 from ..errors import ReviewError
 from ..influence.errors import InfluenceInputError
@@ -27,7 +28,7 @@ from .evidence import (
     strongest_effects,
 )
 from .gate import GateStatus, evaluate_gate
-from .layout import RunLayout, check_run_id, outputs_base
+from .layout import RunLayout, check_run_id
 from .lineage import lineage_decisions, lineage_of
 from .queue import read_review_queue
 from .store import DecisionStore
@@ -56,7 +57,7 @@ class RunReview:
     _payloads: dict[int, Payload] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, run_id: str, base: Path | None = None, train_config: dict | None = None) -> "RunReview":
+    def open(cls, run_id: str, base: Path, train_config: dict | None = None) -> "RunReview":
         layout = RunLayout.for_run(run_id, base)
         queue, info = read_review_queue(layout.review_queue)
         return cls(layout, queue, info, train_config)
@@ -371,15 +372,15 @@ def decisions_needed(status: GateStatus) -> int:
     return max(0, status.flagged - tolerated)
 
 
-def _run_folders(base: Path | None = None) -> list[str]:
+def _run_folders(base: Path) -> list[str]:
     """Run ids with an outputs folder under ``<outputs base>/runs/`` (the base ``RunLayout`` uses), by name."""
-    runs_dir = outputs_base(base) / "runs"
+    runs_dir = UPath(base) / "runs"
     if not runs_dir.is_dir():
         return []
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and _is_run_id(p.name))
 
 
-def runs_with_queue(base: Path | None = None) -> list[str]:
+def runs_with_queue(base: Path) -> list[str]:
     """Run ids whose review queue has been materialised, by name."""
     return [n for n in _run_folders(base) if RunLayout.for_run(n, base).review_queue.exists()]
 

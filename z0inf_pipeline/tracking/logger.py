@@ -19,7 +19,6 @@ from ..influence.checkpoints import save_checkpoint
 from ..influence.loss_tables import ID_COLUMN, LossFn
 from ..training import layout
 from ..training.datasets import Split
-from ..training.lm import LMRecipe
 from ..training.models import ModelSpec
 from ..training.recording import (
     BatchLossFn,
@@ -49,7 +48,7 @@ from .contract import (
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
 
 
-class _RunWriter:
+class RunWriter:
     """One MLflow run with the contract tags: metrics as they come, the artifact folder at the end."""
 
     def __init__(self, client: MlflowClient, experiment: str, *, run_name: str | None, tags: Mapping[str, Any],
@@ -106,7 +105,7 @@ def train_params(config: TrainConfig) -> dict[str, Any]:
 
 
 def train_and_log(
-    config: TrainConfig | LMRecipe,
+    config: TrainConfig,
     *,
     tracking_uri: str | None = None,
     experiment: str = "z0inf",
@@ -119,18 +118,13 @@ def train_and_log(
 
     The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind.
     ``run_name`` defaults to dataset, model and label noise (``digits-mlp-noise0.1``).
-    An ``LMRecipe`` (see ``recipe_from_dict``) is fine-tuned through the Hugging Face callback instead."""
-    if isinstance(config, LMRecipe):
-        from ..training.lm import train_and_log_lm
-
-        return train_and_log_lm(config, tracking_uri=tracking_uri, experiment=experiment,
-                                parent_run_id=parent_run_id, tags=tags, run_name=run_name)
+    ``integrations.train_and_log_recipe`` also takes the LM recipe."""
     plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
     recipe_name = f"{Path(config.dataset).stem}-{config.model}"
     noise = f"-noise{config.label_noise:g}" if config.label_noise else ""
-    writer = _RunWriter(
+    writer = RunWriter(
         client, experiment, run_name=run_name or f"{recipe_name}{noise}",
         tags={SOURCE_TAG: "train_and_log", DATASET_TAG: dataset, **(tags or {})}, parent_run_id=parent_run_id,
     )
@@ -283,7 +277,7 @@ class ContractLogger:
                            params=dict(params or {}), tags=dict(tags or {}), parent_run_id=parent_run_id,
                            nested_in=nested_in, dataset=dataset,
                            loss=loss_name or getattr(loss_fn, "__name__", type(loss_fn).__name__))
-        self._writer: _RunWriter | None = None
+        self._writer: RunWriter | None = None
         self._work: Path | None = None
 
     @property
@@ -294,7 +288,7 @@ class ContractLogger:
 
     def __enter__(self) -> "ContractLogger":
         s = self._setup
-        self._writer = _RunWriter(
+        self._writer = RunWriter(
             tracking_client(s["tracking_uri"]), s["experiment"], run_name=s["run_name"],
             tags={SOURCE_TAG: "ContractLogger", DATASET_TAG: s["dataset"], LOSS_TAG: s["loss"],
                   CHECKPOINT_PARAMETERS_TAG: self.checkpoint_parameters, **s["tags"]},

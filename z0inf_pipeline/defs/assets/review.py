@@ -25,7 +25,7 @@ from ..metadata import gx_metadata, markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
-from ..storage import LossTables, ReviewQueue
+from ..storage import LossTables, ReviewQueue, RunOutputsIOManager, outputs_base_of
 
 GRID_IMAGES = 40
 PREVIEW_ROWS = 25
@@ -41,6 +41,7 @@ def review_queue(
     train_test_influence: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.Output[ReviewQueue]:
     """Training examples flagged by the policy (a flag score, a cut-off, a review budget), highest first,
     each with every signal and its rank, label, prediction and loss trajectory; the test examples each
@@ -48,17 +49,18 @@ def review_queue(
     ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
     re-materialising never touches."""
     run_id = run_id_of(context)
+    base = outputs_base_of(run_outputs)  # where the ancestors' queues are, as Dagster config set it
     policy = config.to_policy()
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
     store = decisions.open()
     current = lineage_decisions(store, run_id, lineage)
-    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
+    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy, base)
     flags = flag_scores(self_influence, policy, labels=given_labels(train, self_influence),
                         inherited_cutoff=None if inherited is None else inherited[0])
     flagging = validate_flagging(self_influence["example_id"], flags.score, flags.cutoff,
-                                 policy.max_unreviewed_fraction, folder=RunLayout.for_run(run_id).gx_folder)
+                                 policy.max_unreviewed_fraction, folder=RunLayout.for_run(run_id, base).gx_folder)
     policy_cutoff = flags.cutoff
     flags = replace(flags, flagged=np.isin(self_influence["example_id"], flagging.flagged_ids), cutoff=flagging.cutoff)
     # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
@@ -100,7 +102,7 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
+    layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
     review = RunReview(layout, queue, info, run.train_config, frames)
     readable = review_artifacts(review, store, histogram, current)
     metadata: dict = {
@@ -109,7 +111,7 @@ def review_queue(
         "flagged_fraction": rounded(flags.fraction),
         "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
-        **gx_metadata(mlflow, run_id, flagging.report),
+        **gx_metadata(mlflow, run_id, RunLayout.for_run(run_id, base).gx_folder, flagging.report),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
             markdown_table(reviewer_table(review, current), PREVIEW_ROWS)

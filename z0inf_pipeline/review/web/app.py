@@ -45,7 +45,7 @@ class ReviewSite:
     run's training recipe (to draw its examples)."""
 
     store: DecisionStore
-    base: Path | None = None
+    base: Path  # the outputs base (``review.layout.outputs_base``), resolved by whoever serves the page
     token: str | None = None
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
