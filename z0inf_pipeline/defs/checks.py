@@ -21,6 +21,7 @@ from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
     loss_tables,
+    model_promotion,
     retrained_run,
     review_queue,
     self_influence,
@@ -261,6 +262,30 @@ def retrained_run_follows_curation(
     return result
 
 
+@dg.asset_check(asset=model_promotion, partitions_def=mlflow_runs)
+def retrained_model_is_champion(
+    context: dg.AssetCheckExecutionContext, model_promotion: pd.DataFrame, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
+    """Not blocking: passes when the retrained model became ``champion``; otherwise it warns why (the gate,
+    or the interval against the margin, or a skip) with the interval."""
+    row = model_promotion.iloc[0]
+    promoted = row["alias"] == "champion"
+    return dg.AssetCheckResult(
+        passed=bool(promoted),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            **mlflow.run_metadata(str(row["retrained_run_id"]), prefix="retrained_run"),
+            "registered_model": str(row["registered_model"]),
+            "version": str(row["version"]),
+            "alias": str(row["alias"]) or "none (skipped)",
+            "gate_passed": bool(row["gate_passed"]),
+            "interval": f"[{rounded(row['gain_low'])}, {rounded(row['gain_high'])}]",
+            "margin": float(row["margin"]),
+        },
+        description=f"{'champion' if promoted else 'not promoted'}: {row['reason']}",
+    )
+
+
 ALL_CHECKS = [
     loss_tables_are_valid,
     gram_is_valid,
@@ -269,4 +294,5 @@ ALL_CHECKS = [
     review_gate,
     curated_set_matches_decisions,
     retrained_run_follows_curation,
+    retrained_model_is_champion,
 ]

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Literal, Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
+from ..evaluation.promotion import PromotionPolicy
 from ..influence.analysis import GRAM_SETTINGS, InfluenceArguments
 from ..review.policy import FlagPolicy
 from ..settings_schema import Setting, setting_fields
@@ -108,6 +109,13 @@ class FlagPolicyConfig(config_class(FlagPolicy, "_FlagPolicySettings", "Which ex
 
     def to_policy(self) -> FlagPolicy:
         return self.to_arguments()
+
+
+PromotionConfig = config_class(
+    PromotionPolicy,
+    "PromotionConfig",
+    "When the retrained model becomes the registered model's champion: the margin and the bootstrap.",
+)
 
 
 class LossTableConfig(dg.Config):
