@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from ...review import RunLayout, curate
+from ...review import RunLayout, curate, lineage_decisions, lineage_of
+from ...review.lineage import DECISIONS_THROUGH
 from ...review.run_review import RunReview
 from ..metadata import markdown_table, run_id_of
 from ..partitions import PER_RUN
@@ -20,9 +21,12 @@ def curated_training_set(
     decisions: DecisionStoreResource,
     run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ):
-    """Every decision in force for the run (flagged or not) applied to its training examples, once the
-    review gate is open. While it is shut nothing is curated: no output, so ``retrained_run`` is skipped
-    and the run ends successful with the gate's message (``review_gate`` reports the same state)."""
+    """Every decision in force for the run (its own and its ancestors', flagged or not) applied to its
+    training examples, as the store held them at one moment: its high-water mark travels with the
+    frame (``attrs``) and the metadata, so a decision recorded later is not shown as applied; it
+    takes effect at the next retrain. Only once the review gate is open: while it is shut nothing is
+    curated (no output), so ``retrained_run`` is skipped and the run ends successful with the gate's
+    message (``review_gate`` reports the same state)."""
     run_id = run_id_of(context)
     store = decisions.open()
     layout = RunLayout.for_run(run_id, outputs_base_of(run_outputs))
@@ -31,8 +35,10 @@ def curated_training_set(
         context.log.info(f"nothing curated or retrained: {gate.message()}")
         return
     train = training_run[training_run["split"] == "train"]
-    current = store.current(run_id)
-    curated = curate(train, current, num_classes=review_queue.info.get("num_classes"))
+    through = store.high_water_mark()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    curated = curate(train, current, num_classes=review_queue.info.get("num_classes"), run_id=run_id)
+    curated.frame.attrs[DECISIONS_THROUGH] = through
     relabelled = curated.frame[curated.frame["action"] == "relabel"]
     mlflow.log_metrics(
         run_id,
@@ -44,7 +50,8 @@ def curated_training_set(
     )
     context.log.info(
         f"curated training set: {curated.size} of {len(train)} examples kept, "
-        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled"
+        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled "
+        f"(decisions of {len(lineage_of(run_id, review_queue.info))} lineage run(s) recorded up to #{through})"
     )
     yield dg.Output(
         curated.frame,
@@ -54,6 +61,8 @@ def curated_training_set(
             "dropped": len(curated.dropped_ids),
             "relabelled": len(curated.relabels),
             "decisions": len(current),
+            "inherited_decisions": int((current["decided_on_run"] != run_id).sum()),
+            DECISIONS_THROUGH: through,
             "dropped_ids": dg.MetadataValue.json(list(curated.dropped_ids)),
             "relabels": dg.MetadataValue.md(
                 markdown_table(
