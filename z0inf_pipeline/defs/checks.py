@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import RunLayout
+from ..review import RunLayout, lineage_decisions
 from ..review.run_review import RunReview
 from ..review.curation import relabels_of
 from .assets import (
