@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from ...review import curate
-from ..metadata import markdown_table, run_id_of
+from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
@@ -46,10 +46,8 @@ def curated_training_set(
             "relabelled": len(curated.relabels),
             "decisions": len(current),
             "dropped_ids": dg.MetadataValue.json(list(curated.dropped_ids)),
-            "relabels": dg.MetadataValue.md(
-                markdown_table(
-                    relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
-                )
+            "relabels": table_metadata(
+                relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
             ),
             "dagster/row_count": curated.size,
         },
