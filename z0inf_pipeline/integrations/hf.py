@@ -213,16 +213,11 @@ class Z0InfCallback(TrainerCallback):
                 mlflow.end_run(status="FAILED")
 
 
-def train_and_log_lm(recipe: LMRecipe, **options) -> str:
+@single_thread()
+def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
+                     run_name=None) -> str:
     """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
-    return the contract run's id. ``options``: ``tracking_uri``, ``experiment``, ``parent_run_id``,
-    ``tags``, ``run_name`` (as for ``tracking.train_and_log``)."""
-    with single_thread():
-        return _fine_tune_and_log(recipe, **options)
-
-
-def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
-                       run_name=None) -> str:
+    return the contract run's id."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     train, probe = reversal_task(recipe)
