@@ -283,6 +283,7 @@ ASSET_FILES: dict[str, tuple[str, ...]] = {
     "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
     "curated_training_set": ("curated_set",),
     "retrained_run": ("retrained",),
+    "model_promotion": ("promotion",),
 }
 
 

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import CONFIG_MAPPING, TrainerCallback
 
@@ -40,8 +39,10 @@ from ..influence.errors import InfluenceInputError
 from ..tracking.client import ensure_experiment, tracking_client
 from ..tracking.contract import SOURCE_TAG
 from ..tracking.logger import ContractLogger
+from ..tracking.registry import CHECKPOINT_MODEL
 from ..training.lm import (
     RECIPE,
+    REGISTERED_MODEL,
     LMRecipe,
     SequenceDataset,
     answer_accuracy,
@@ -50,26 +51,10 @@ from ..training.lm import (
     pretrained_model,
     reversal_task,
 )
-from ..training.recording import BatchLossFn, IdsFn, ids_from_batch
+from ..training.recording import BatchLossFn, IdsFn, ids_from_batch, token_mean_nll
 from ..training.trainer import checkpoint_steps
 
-IGNORE_INDEX = -100
-MODEL_INPUTS = ("input_ids", "attention_mask")
 CONTRACT_RUN_TAG = "z0inf.contract_run_id"
-
-
-def token_mean_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of each sequence's label tokens (labels -100 are masked out), (B,).
-
-    Causal LM convention: the logits at position t predict the label at t + 1. A sequence with no
-    label token has no loss (0 / 0 = NaN), which the recorder refuses by name.
-    """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    counted = labels.ne(IGNORE_INDEX)
-    return per_token.sum(dim=1) / counted.sum(dim=1)
 
 
 def id_batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int = 64) -> DataLoader:
@@ -119,14 +104,17 @@ class Z0InfCallback(TrainerCallback):
         model_spec: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+        model: str | None = CHECKPOINT_MODEL,
         **logger_options: Any,
     ) -> None:
-        """``logger_options`` go to ``ContractLogger`` as they are: ``examples``, ``flipped_ids``,
-        ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``, ``tags``, ``parent_run_id``, ``dataset``."""
+        """``model``: the run's registered model, by default the final network as a causal-LM scorer
+        (``ContractLogger``'s ``model``). ``logger_options`` go to ``ContractLogger`` as they are:
+        ``examples``, ``flipped_ids``, ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``,
+        ``tags``, ``parent_run_id``, ``dataset``, ``registered_model``."""
         self.steps = None if steps is None else sorted({int(s) for s in steps})
         self.num_checkpoints = num_checkpoints
         self._logger_args = dict(train=train_batches, test=probe_batches, loss_fn=loss_fn, ids_fn=ids_fn,
-                                 checkpoint_parameters=checkpoint_parameters, **logger_options)
+                                 checkpoint_parameters=checkpoint_parameters, model=model, **logger_options)
         self._model_spec = model_spec
         self._params = dict(params or {})
         self._metrics_fn = metrics_fn
@@ -237,6 +225,7 @@ def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf",
         train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
         run_name=run_name or f"lm-reversal-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
         tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset="generated-reversal",
+        registered_model=REGISTERED_MODEL,
         params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
     )
     with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:

@@ -112,3 +112,7 @@ class RunLayout:
     @property
     def retrained(self) -> UPath:
         return self.root / "retrained_run.parquet"
+
+    @property
+    def promotion(self) -> UPath:
+        return self.root / "model_promotion.parquet"
