@@ -60,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     materialize.add_argument("--run", required=True, help="MLflow run id (added as a partition if new)")
     _add_policy_args(materialize)
+    materialize.add_argument(
+        "--policy-changed-by",
+        metavar="REVIEWER",
+        help="influence only: rebuild a run's existing queue with other flag-policy flags, recorded under this "
+        "name (the gate's policy is fixed when the queue is built; retrain uses the queue's own and cannot change it)",
+    )
     materialize.set_defaults(handler=_materialize)
 
 
@@ -70,6 +76,21 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
     return policy_run_config(plain_values(from_namespace(FlagPolicy, args)))
+
+
+def _materialize_config(args) -> dict:
+    """The flag policy for ``z0inf materialize``: the flags given; for a retrain without policy flags,
+    the policy the run's queue was built with (a retrain cannot change it, so it is not asked for)."""
+    from ..review import RunLayout, read_review_queue
+
+    given = plain_values(from_namespace(FlagPolicy, args))
+    layout = RunLayout.for_run(args.run, outputs_base())
+    if args.job != "influence" and given == plain_values(FlagPolicy()) and layout.review_queue.exists():
+        given = read_review_queue(layout.review_queue)[1]["policy"]
+    config = policy_run_config(given)
+    if args.policy_changed_by:
+        config["ops"]["review_queue"]["config"]["policy_changed_by"] = args.policy_changed_by
+    return config
 
 
 def policy_run_config(policy: dict) -> dict:
@@ -152,7 +173,7 @@ def _materialize(args) -> int:
 
     check_reachable(resolve_tracking_uri())  # a dead MLflow is one named error now, not a failed step later
     instance, persistent = dagster_instance()
-    outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
+    outcome = run_job(instance, JOBS[args.job], args.run, _materialize_config(args))
     _print_steps(outcome)
     _print_checks(outcome)
     if args.job != "influence" and outcome.check_failed("review_gate"):

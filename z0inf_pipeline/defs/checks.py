@@ -28,7 +28,8 @@ from .assets import (
     train_test_influence,
     weight_gram,
 )
-from .assets.retraining import curated_from_frame
+from ..review.lineage import DECISIONS_THROUGH
+from .assets.retraining import curated_from_frame, decisions_through
 from .metadata import gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
@@ -193,23 +194,36 @@ def review_gate(
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
 
 
-@dg.asset_check(asset=curated_training_set, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
+@dg.asset_check(
+    asset=curated_training_set,
+    blocking=True,
+    partitions_def=mlflow_runs,
+    additional_ins={**EXAMPLES, "review_queue": dg.AssetIn("review_queue")},
+)
 def curated_set_matches_decisions(
     context: dg.AssetCheckExecutionContext,
     curated_training_set: pd.DataFrame,
     training_run: pd.DataFrame,
+    review_queue: ReviewQueue,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
     run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
-    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied."""
+    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied,
+    for the lineage's decisions in force up to the high-water mark the curated set records (read from
+    the store again, not from the curation). Decisions recorded after it are counted as pending: they
+    take effect at the next retrain."""
     run_id = run_id_of(context)
-    current = decisions.open().current(run_id)
+    train_ids = split_ids(training_run)
+    through = decisions_through(curated_training_set)
+    store = decisions.open()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    current = current[current["example_id"].isin(train_ids)]  # an ancestor's drop applied before: already out
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
     folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
-    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current),
-                                  folder=folder)
-    return _result(mlflow, run_id, folder, report)
+    report = validate_curated_set(curated_training_set, train_ids, dropped, relabels_of(current), folder=folder)
+    pending = int((lineage_decisions(store, run_id, review_queue.info)["sequence"] > through).sum())
+    return _result(mlflow, run_id, folder, report, **{DECISIONS_THROUGH: through, "pending_for_next_retrain": pending})
 
 
 @dg.asset_check(
