@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
 from ..review import RunLayout, lineage_decisions
-from ..review.run_review import RunReview
+from ..review.gate import queue_gate
 from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
@@ -168,14 +168,13 @@ def review_gate(
     review_queue: ReviewQueue,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
-    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """Retraining waits for review: fails while the flagged examples without a decision exceed the
     policy's ``max_unreviewed_fraction`` of the training set. Decisions: ``z0inf review decide``."""
     run_id = run_id_of(context)
-    info = review_queue.info
-    layout = RunLayout.for_run(run_id, outputs_base_of(run_outputs))
-    status = RunReview(layout, review_queue.queue, info).gate(store=decisions.open())
+    queue, info = review_queue.queue, review_queue.info
+    current = lineage_decisions(decisions.open(), run_id, info)
+    status = queue_gate(queue, info, current)
     metadata = {
         **mlflow.run_metadata(run_id),
         "flagged": status.flagged,

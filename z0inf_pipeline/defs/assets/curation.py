@@ -3,13 +3,13 @@
 import dagster as dg
 import pandas as pd
 
-from ...review import RunLayout, curate, lineage_decisions, lineage_of
+from ...review import curate, lineage_decisions, lineage_of
+from ...review.gate import queue_gate
 from ...review.lineage import DECISIONS_THROUGH
-from ...review.run_review import RunReview
-from ..metadata import markdown_table, run_id_of
+from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
-from ..storage import ReviewQueue, RunOutputsIOManager, outputs_base_of
+from ..storage import ReviewQueue
 
 
 @dg.asset(**PER_RUN, kinds={"parquet"}, output_required=False)
@@ -19,7 +19,6 @@ def curated_training_set(
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
-    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ):
     """Every decision in force for the run (its own and its ancestors', flagged or not) applied to its
     training examples, as the store held them at one moment: its high-water mark travels with the
@@ -29,14 +28,13 @@ def curated_training_set(
     message (``review_gate`` reports the same state)."""
     run_id = run_id_of(context)
     store = decisions.open()
-    layout = RunLayout.for_run(run_id, outputs_base_of(run_outputs))
-    gate = RunReview(layout, review_queue.queue, review_queue.info).gate(store=store)
+    through = store.high_water_mark()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    gate = queue_gate(review_queue.queue, review_queue.info, current)  # the same reading as review_gate's
     if not gate.passed:
         context.log.info(f"nothing curated or retrained: {gate.message()}")
         return
     train = training_run[training_run["split"] == "train"]
-    through = store.high_water_mark()
-    current = lineage_decisions(store, run_id, review_queue.info, through=through)
     curated = curate(train, current, num_classes=review_queue.info.get("num_classes"), run_id=run_id)
     curated.frame.attrs[DECISIONS_THROUGH] = through
     relabelled = curated.frame[curated.frame["action"] == "relabel"]
@@ -64,10 +62,8 @@ def curated_training_set(
             "inherited_decisions": int((current["decided_on_run"] != run_id).sum()),
             DECISIONS_THROUGH: through,
             "dropped_ids": dg.MetadataValue.json(list(curated.dropped_ids)),
-            "relabels": dg.MetadataValue.md(
-                markdown_table(
-                    relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
-                )
+            "relabels": table_metadata(
+                relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
             ),
             "dagster/row_count": curated.size,
         },
