@@ -40,7 +40,7 @@ RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 def check_run_id(run_id: str) -> str:
     """MLflow run ids are hex strings; anything else (a path, '..') is refused before it names a folder."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):  # fullmatch: '$' lets 'RUN\n' pass
         raise InfluenceInputError(f"run id {run_id!r}: not an MLflow run id (letters, digits, '_' and '-' only)")
     return run_id
 
