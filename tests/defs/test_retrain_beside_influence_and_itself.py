@@ -58,10 +58,10 @@ def test_scores_written_by_a_run_whose_check_never_ran_are_not_evaluated(instanc
     from z0inf_pipeline.definitions import defs
 
     # a run that materialises self_influence but whose check evaluation is left out of the run
-    partial = defs.resolve_job_def("influence_job").execute_in_process(
-        instance=instance, partition_key=contract_run, raise_on_error=False,
-        asset_selection=[dg.AssetKey("self_influence")], asset_check_selection=[],
+    job = defs.resolve_job_def("influence_job").get_subset(
+        asset_selection={dg.AssetKey("self_influence")}, asset_check_selection=set()
     )
+    partial = job.execute_in_process(instance=instance, partition_key=contract_run, raise_on_error=False)
     assert partial.success
     expected, found = checked_hash(instance, contract_run)
     assert expected is None and "not evaluated" in found and partial.run_id in found
