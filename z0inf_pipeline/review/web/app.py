@@ -78,7 +78,7 @@ class ReviewSite:
                 recent.popleft()
             if wrong:
                 recent.append(now)
-            return len(recent) > WRONG_TOKEN_LIMIT
+            return len(recent) >= WRONG_TOKEN_LIMIT
 
     def review(self, run_id: str) -> RunReview:
         """The run under review, loaded once per materialisation of its queue (its evidence is cached
