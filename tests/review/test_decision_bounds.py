@@ -43,6 +43,6 @@ def test_store_refuses_out_of_range_ids_labels_and_long_notes(tmp_path):
 
 
 def test_a_run_id_with_a_trailing_newline_is_not_a_run_id():
-    with pytest.raises(InfluenceInputError, match="not an MLflow run id"):
+    with pytest.raises(InfluenceInputError, match="not a valid MLflow run id"):
         check_run_id("abc123\n")
     assert check_run_id("abc123") == "abc123"
