@@ -8,7 +8,7 @@ import pytest
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.errors import ReviewError
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import DecisionStore, RunLayout, check_run_id, read_review_queue, write_review_queue
 from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.review.store import MAX_NOTE_CHARS
@@ -43,6 +43,6 @@ def test_store_refuses_out_of_range_ids_labels_and_long_notes(tmp_path):
 
 
 def test_a_run_id_with_a_trailing_newline_is_not_a_run_id():
-    with pytest.raises(InfluenceInputError, match="not a valid MLflow run id"):
+    with pytest.raises(InputError, match="not a valid MLflow run id"):
         check_run_id("abc123\n")
     assert check_run_id("abc123") == "abc123"

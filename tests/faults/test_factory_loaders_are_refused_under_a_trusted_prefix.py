@@ -10,7 +10,7 @@ from z0inf_pipeline.tracking import ContractError, fetch_run
 from z0inf_pipeline.tracking.config import TRUSTED_FACTORIES_ENV
 from z0inf_pipeline.tracking.reader import check_factory_trusted
 
-from .test_factory_allow_list import log_run
+from .test_untrusted_model_factories_are_refused import log_run
 
 
 @pytest.mark.parametrize("factory", ["torch.hub:load", "torch.jit:load", "torch:load", "torch.serialization:load",
