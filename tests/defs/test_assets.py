@@ -25,6 +25,7 @@ from z0inf_pipeline.defs.provenance import SOURCE_ATTR, content_hash, verify_sco
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
 from z0inf_pipeline.defs.storage import LossTables
 from z0inf_pipeline.review import RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 
 from .conftest import TINY, flagged_by_default_policy
@@ -81,7 +82,7 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
     # float32 losses: agreement to float32 rounding (an ignored eta would be off by a factor of 20)
     np.testing.assert_allclose(weighted, recipe.lr * uniform, rtol=2e-6, atol=0)
     # Nothing was written where the pipeline keeps its outputs: invocation passed values only.
-    root = RunLayout.for_run(run_id).root  # in memory: only the GX validations are stored, in the run's gx/
+    root = RunLayout.for_run(run_id, outputs_base()).root  # in memory: only the GX validations are stored, in the run's gx/
     assert not root.exists() or [p.name for p in root.iterdir()] == ["gx"]
 
 
@@ -112,7 +113,7 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         if e.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     )
     assert "flagged_examples" not in metadata and "data:image/png;base64," in metadata["flag_score_histogram"].value
-    root = RunLayout.for_run(run_id).root  # in memory: only the GX validations are stored, in the run's gx/
+    root = RunLayout.for_run(run_id, outputs_base()).root  # in memory: only the GX validations are stored, in the run's gx/
     assert not root.exists() or [p.name for p in root.iterdir()] == ["gx"]
 
 

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
@@ -38,7 +39,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     assert len(evaluations) == len(all_checks) == 7
     assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
 
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     client = MlflowClient(tracking_uri)
     # Every GX check links to its stored validation and its Data Docs page, and the MLflow run holds them.
     docs_root = layout.gx_folder / "uncommitted" / "data_docs" / "local_site"
@@ -50,7 +51,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
         assert pages and all(Path(p).is_file() and Path(p).is_relative_to(docs_root) for p in pages)
         logged = Path(pages[0]).relative_to(layout.gx_folder).parent.as_posix()
         assert {Path(a.path).name for a in client.list_artifacts(contract_run, f"gx/{logged}")} >= {Path(pages[0]).name}
-    assert client.list_artifacts(contract_run, "gx/uncommitted/data_docs/local_site/static")
+    assert client.list_artifacts(contract_run, "gx/uncommitted/data_docs/local_site/static/styles")
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
     assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {
@@ -146,7 +147,7 @@ def test_zero_one_loss_tables_recomputed_on_the_compute_device(instance, contrac
     result = execute(instance, "influence_job", contract_run, config)
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     test = read_loss_table(layout.test_losses)
     assert set(np.unique(test.values.numpy())) <= {0.0, 1.0}
     # The last column's mean error is one minus the test accuracy the trainer logged at the last step.

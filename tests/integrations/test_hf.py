@@ -111,11 +111,20 @@ def test_a_trainer_with_mlflow_reporting_logs_one_contract_run(tracking_uri, tmp
 
 
 def test_without_mlflow_reporting_there_is_exactly_one_run(tracking_uri, tmp_path):
-    callback, *_ = run_trainer(tmp_path, "none")
+    callback, model, _, probe_set = run_trainer(tmp_path, "none")
     runs = MlflowClient(tracking_uri).search_runs(
         [MlflowClient(tracking_uri).get_experiment_by_name("hf-contract").experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(callback.run_id, "FINISHED")]
     assert "mlflow.parentRunId" not in runs[0].data.tags
+
+    # The final model is registered (named after the experiment) as a pyfunc scorer built from safetensors
+    # weights, the frozen block included: it returns each probe sequence's token-mean NLL.
+    assert runs[0].data.tags["z0inf.registered_model"] == "hf-contract"
+    served = mlflow.pyfunc.load_model("models:/hf-contract/1")
+    assert served.metadata.get_input_schema().input_names() == ["input_ids", "attention_mask", "labels"]
+    batch = default_data_collator([probe_set[i] for i in range(len(probe_set))])
+    losses = served.predict({k: batch[k].numpy() for k in ("input_ids", "attention_mask", "labels")})
+    np.testing.assert_allclose(losses, hand_nll(model.eval(), probe_set), rtol=2e-5, atol=2e-6)
 
 
 class NanAfterFirstCheckpoint:
@@ -139,3 +148,23 @@ def test_a_bad_loss_during_training_fails_both_runs_with_a_named_error(tracking_
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"] and mlflow.active_run() is None
     contract = next(r for r in runs if "z0inf.contract" in r.data.tags)
     assert client.list_artifacts(contract.info.run_id) == [] and list_contract_runs(tracking_uri=tracking_uri) == []
+
+
+def test_lm_recipes_registered_model_is_scored_for_promotion_as_its_loss_table_says(tracking_uri, tmp_path):
+    """model_promotion scores a LM version by loading it through mlflow.pyfunc: each probe example's loss
+    must be the final column of the run's logged test loss table (recorded by the callback, not the model)."""
+    from z0inf_pipeline.defs.assets.promotion import held_out, per_example_scores
+    from z0inf_pipeline.defs.resources import MlflowResource
+    from z0inf_pipeline.integrations.hf import train_and_log_lm
+    from z0inf_pipeline.tracking.registry import registered_version
+
+    recipe = LMRecipe(n_train=40, n_probe=12, pretrain_steps=10, epochs=1, checkpoints=2, batch_size=8)
+    run_id = train_and_log_lm(recipe, tracking_uri=tracking_uri)
+    run = fetch_run(run_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
+    version = registered_version(run.tags)
+    assert (version.name, version.version) == ("lm-reversal", "1")
+    inputs, labels = held_out(recipe)
+    losses, task = per_example_scores(version, inputs, labels, MlflowResource(tracking_uri=tracking_uri))
+    table = read_loss_table(run.test_losses)
+    assert task == "causal_lm" and labels is None
+    np.testing.assert_allclose(losses, table.values[-1].numpy(), rtol=2e-5, atol=2e-6)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import Z0infError, named_error
+from ..review.layout import outputs_base
 from ..review.policy import FlagPolicy
 from ..settings_schema import add_arguments, from_namespace, plain_values
 from ..training import DEMO_CONFIG, TrainConfig
@@ -58,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     materialize.add_argument("--run", required=True, help="MLflow run id (added as a partition if new)")
     _add_policy_args(materialize)
+    materialize.add_argument(
+        "--policy-changed-by",
+        metavar="REVIEWER",
+        help="influence only: rebuild a run's existing queue with other flag-policy flags, recorded under this "
+        "name (the gate's policy is fixed when the queue is built; retrain uses the queue's own and cannot change it)",
+    )
     materialize.set_defaults(handler=_materialize)
 
 
@@ -68,6 +76,21 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
     return policy_run_config(plain_values(from_namespace(FlagPolicy, args)))
+
+
+def _materialize_config(args) -> dict:
+    """The flag policy for ``z0inf materialize``: the flags given; for a retrain without policy flags,
+    the policy the run's queue was built with (a retrain cannot change it, so it is not asked for)."""
+    from ..review import RunLayout, read_review_queue
+
+    given = plain_values(from_namespace(FlagPolicy, args))
+    layout = RunLayout.for_run(args.run, outputs_base())
+    if args.job != "influence" and given == plain_values(FlagPolicy()) and layout.review_queue.exists():
+        given = read_review_queue(layout.review_queue)[1]["policy"]
+    config = policy_run_config(given)
+    if args.policy_changed_by:
+        config["ops"]["review_queue"]["config"]["policy_changed_by"] = args.policy_changed_by
+    return config
 
 
 def policy_run_config(policy: dict) -> dict:
@@ -150,7 +173,7 @@ def _materialize(args) -> int:
 
     check_reachable(resolve_tracking_uri())  # a dead MLflow is one named error now, not a failed step later
     instance, persistent = dagster_instance()
-    outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
+    outcome = run_job(instance, JOBS[args.job], args.run, _materialize_config(args))
     _print_steps(outcome)
     _print_checks(outcome)
     if args.job != "influence" and outcome.check_failed("review_gate"):
@@ -172,7 +195,8 @@ def _materialize(args) -> int:
 
 def _demo(args) -> int:
     from ..review import RunLayout
-    from ..tracking import resolve_tracking_uri, train_and_log
+    from ..integrations import train_and_log_recipe
+    from ..tracking import resolve_tracking_uri
 
     started = time.perf_counter()
     config = from_namespace(TrainConfig, args, base=DEMO_CONFIG)
@@ -193,7 +217,7 @@ def _demo(args) -> int:
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    run_id = train_and_log(
+    run_id = train_and_log_recipe(
         config, tracking_uri=tracking_uri, tags={"z0inf.source_command": "z0inf demo"}, progress=True
     )
     timings["train + log contract run"] = time.perf_counter() - tick
@@ -208,7 +232,7 @@ def _demo(args) -> int:
         f"[2/3] influence_job: every data check passed "
         f"({', '.join(n for n, (ok, _) in influence.checks.items() if ok)})"
     )
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     _print_findings(layout)
 
     gated = run_job(instance, "retrain_job", run_id, _policy_config(args))
@@ -263,6 +287,18 @@ def simulated_decisions(queue: pd.DataFrame, examples: pd.DataFrame) -> dict[str
     }
 
 
+def simulated_review(store, run_id: str, queue: pd.DataFrame, examples: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Record the simulated reviewer's ``simulated_decisions`` on ``queue`` in ``store``; return them."""
+    decided = simulated_decisions(queue, examples)
+    note = "z0inf demo: the simulated reviewer knows the injected errors (no real reviewer does)"
+    for action in ("keep", "drop"):
+        if len(decided[action]):
+            store.record(run_id, decided[action]["example_id"], action, reviewer=SIMULATED_REVIEWER, note=note)
+    for label, rows in decided["relabel"].groupby("original_label"):
+        store.record(run_id, rows["example_id"], "relabel", label=int(label), reviewer=SIMULATED_REVIEWER, note=note)
+    return decided
+
+
 def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, float], config) -> int:
     """Round 1 decided by the simulated reviewer, the gated retrain, then the retrained run's own
     analysis: its round-2 queue is left pending for a person (``make review``).
@@ -276,13 +312,8 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     queue, _ = read_review_queue(layout.review_queue)
     store = DecisionStore.open()
     partial = args.recipe == "lm"
-    decided = simulated_decisions(queue.head(len(queue) // 2) if partial else queue, pd.read_parquet(layout.examples))
-    note = "z0inf demo: the simulated reviewer knows the injected errors (no real reviewer does)"
-    for action in ("keep", "drop"):
-        if len(decided[action]):
-            store.record(run_id, decided[action]["example_id"], action, reviewer=SIMULATED_REVIEWER, note=note)
-    for label, rows in decided["relabel"].groupby("original_label"):
-        store.record(run_id, rows["example_id"], "relabel", label=int(label), reviewer=SIMULATED_REVIEWER, note=note)
+    decided = simulated_review(store, run_id, queue.head(len(queue) // 2) if partial else queue,
+                               pd.read_parquet(layout.examples))
     counts = ", ".join(f"{len(rows)} {action}" for action, rows in decided.items())
     print(f"\n      round 1 decided by the SIMULATED reviewer ({SIMULATED_REVIEWER!r}: it knows the injected errors): "
           f"{counts}, in {store.location}")
@@ -303,6 +334,8 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
     # The random-drop baseline retrains a TrainConfig recipe in-process; the LM recipe trains through MLflow.
     _print_retrained(layout, recipe=config if isinstance(config, TrainConfig) else None)
+    if _print_promotion(layout, config if isinstance(config, TrainConfig) else None):
+        return 1
 
     child = str(pd.read_parquet(layout.retrained).iloc[0]["retrained_run_id"])
     analysed = run_job(instance, "influence_job", child, _policy_config(args))
@@ -310,7 +343,7 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     if not analysed.success:
         _print_failures("influence_job", analysed)
         return 1
-    review = RunReview.open(child)
+    review = RunReview.open(child, outputs_base())
     status = review.gate(review.decisions(store))
     print(
         f"\n[round 2] the retrained run {child} is analysed: {status.flagged} flagged, {status.reviewed} decided "
@@ -423,7 +456,7 @@ def _print_retrained(layout, recipe=None) -> None:
         f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
     )
     parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
-    if recipe is None:
+    if recipe is None or row["dropped"] == 0:  # the random-drop baseline only means something after drops
         print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
         return
     random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
@@ -431,6 +464,59 @@ def _print_retrained(layout, recipe=None) -> None:
         f"      test accuracy: parent {parent:.4f}, without the {row['dropped']} flagged {retrained:.4f}, "
         f"without {row['dropped']} random examples {random_drop:.4f} (same recipe and seed)"
     )
+
+
+def _print_promotion(layout, recipe=None) -> int:
+    """Where the retrained model went in the MLflow Model Registry; with a ``recipe``, also load
+    ``models:/<name>@champion`` as a serving job would and check that its accuracy on the test set is the
+    retrained run's logged ``test_accuracy`` (exit 1 when not)."""
+    if not layout.promotion.exists():
+        return 0
+    row = pd.read_parquet(layout.promotion).iloc[0]
+    if not row["alias"]:
+        print(f"      model registry: {row['reason']}")
+        return 0
+    print(f"      model registry: models:/{row['registered_model']}/{row['version']} -> @{row['alias']}")
+    print(f"        {row['reason']}")
+    if row["alias"] != "champion" or recipe is None:
+        return 0
+    return _check_champion(row, recipe)
+
+
+def _check_champion(row, recipe) -> int:
+    import mlflow
+    import numpy as np
+
+    from ..tracking import resolve_tracking_uri, tracking_client
+    from ..training import training_data
+
+    uri = f"models:/{row['registered_model']}@champion"
+    with _tracking_uri_in_environment(resolve_tracking_uri()):
+        champion = mlflow.pyfunc.load_model(uri)
+    test = training_data(recipe).test
+    accuracy = float(np.mean(champion.predict(test.features.numpy()) == test.labels.numpy()))
+    logged = tracking_client().get_run(row["retrained_run_id"]).data.metrics["test_accuracy"]
+    agrees = abs(accuracy - logged) < 1e-6  # the metric is logged from float32
+    print(
+        f"      mlflow.pyfunc.load_model({uri!r}) on the {len(test)} test examples: accuracy {accuracy:.4f}, "
+        f"the retrained run logged {logged:.4f}: {'the same' if agrees else 'DIFFERENT'}"
+    )
+    return 0 if agrees else 1
+
+
+@contextlib.contextmanager
+def _tracking_uri_in_environment(uri: str):
+    """``$MLFLOW_TRACKING_URI`` set to ``uri`` for a block: MLflow's own loaders resolve ``models:/`` with
+    it, and nothing global is left pinned afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _random_drop_accuracy(recipe, count: int) -> float:
@@ -467,7 +553,7 @@ def _print_checks(outcome: JobOutcome) -> None:
 def _print_outputs(run_id: str) -> None:
     from ..review import RunLayout
 
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     print(f"outputs in {_short(layout.root)}/")
     if layout.retrained.exists():
         _print_retrained(layout)

@@ -12,9 +12,10 @@ import pandas as pd
 from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
-from ..review.cards import decision_text
+from ..review.cards import decision_effect, decision_text
+from ..review.gate import POLICY_CHANGES_KEY
+from ..review.layout import outputs_base
 from ..review.run_review import RunReview, runs_with_queue
-from ..settings import data_dir
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -59,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _list(args) -> None:
     store = DecisionStore.open()
     if args.run is None:
-        _summary(store)
+        _summary(store, outputs_base())
         return
-    review = RunReview.open(args.run, train_config=_train_config(args.run))
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run))
     queue, info = review.queue, review.info
     current = review.decisions(store)
     status = review.gate(current)
@@ -97,11 +98,13 @@ def _list(args) -> None:
         print(table.to_string(index=False))
     if len(shown) < len(queue):
         print(f"... {len(queue) - len(shown)} more (--limit 0 shows all)")
+    for change in info.get(POLICY_CHANGES_KEY) or []:
+        print(f"flag policy changed by {change['by']} at {change['at']}: {change['changed']} (queue rebuilt)")
     print(status.message())
 
 
 def _decide(args) -> None:
-    review = RunReview.open(args.run, train_config=_train_config(args.run) if args.label is not None else None)
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run) if args.label is not None else None)
     label = review.label_index(args.label)
     store = DecisionStore.open()
     ids = set(args.ids)
@@ -116,10 +119,10 @@ def _decide(args) -> None:
     print(review.gate(review.decisions(store)).message())
 
 
-def _summary(store: DecisionStore) -> None:
+def _summary(store: DecisionStore, base) -> None:
     rows = []
-    for run_id in runs_with_queue():
-        review = RunReview.open(run_id)
+    for run_id in runs_with_queue(base):
+        review = RunReview.open(run_id, base)
         status = review.gate(review.decisions(store))
         rows.append(
             {
@@ -132,7 +135,7 @@ def _summary(store: DecisionStore) -> None:
             }
         )
     if not rows:
-        print(f"no review queues under {data_dir() / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
+        print(f"no review queues under {base / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
         return
     print(pd.DataFrame(rows).to_string(index=False))
 
@@ -144,7 +147,8 @@ def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
     row = current.loc[example_id]
     action = decision_text(row["action"], row["label"], review.class_names)
     decided_on = row.get("decided_on_run")
-    return action if decided_on in (None, review.run_id) else f"{action} (decided on run {decided_on[:8]})"
+    carried = "" if decided_on in (None, review.run_id) else f" (decided on run {decided_on[:8]})"
+    return f"{action}{carried}; {decision_effect(row.get('applied_in'))}"
 
 
 def _sparkline(values) -> str:
@@ -168,10 +172,11 @@ def _serve(args) -> None:
         raise ConfigurationError(
             f"review serve: --host {args.host} exposes the page beyond this machine; give --token as well"
         )
+    base = outputs_base()
     if args.run is not None:
-        RunReview.open(args.run)  # a clear error now rather than a 404 later
-    site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config,
-                      retrain=_retrain_and_analyse)
+        RunReview.open(args.run, base)  # a clear error now rather than a 404 later
+    site = ReviewSite(DecisionStore.open(), base, token=args.token, train_config_for=_train_config,
+                      retrain=lambda run_id, policy: _retrain_and_analyse(run_id, policy, base))
     try:
         server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
                                         ident="z0inf-review")
@@ -193,14 +198,14 @@ def _sheet(args) -> None:
     from ..influence.atomic import atomic_output
     from ..review.sheet import run_review_sheet, stored_histogram
 
-    review = RunReview.open(args.run, train_config=_train_config(args.run))
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run))
     html = run_review_sheet(review, DecisionStore.open(), stored_histogram(review))
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")
 
 
-def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
+def _retrain_and_analyse(run_id: str, policy: dict, base) -> tuple[str | None, str]:
     """The page's retrain button: the gated ``retrain_job`` for ``run_id``, then ``influence_job`` for the
     retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
     instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
@@ -214,7 +219,7 @@ def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
         return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
     if not outcome.success:
         return None, "retrain_job failed: " + "; ".join(outcome.failures)
-    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    child = str(pd.read_parquet(RunLayout.for_run(run_id, base).retrained)["retrained_run_id"].iloc[0])
     analysed = run_job(instance, "influence_job", child, config)
     if not analysed.success:
         return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)

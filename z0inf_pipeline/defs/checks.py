@@ -9,6 +9,7 @@ same run as ``curated_training_set`` and ``retrained_run`` (``retrain_job``), so
 """
 
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -20,18 +21,20 @@ from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
     loss_tables,
+    model_promotion,
     retrained_run,
     review_queue,
     self_influence,
     train_test_influence,
     weight_gram,
 )
-from .assets.retraining import curated_from_frame
+from ..review.lineage import DECISIONS_THROUGH
+from .assets.retraining import curated_from_frame, decisions_through
 from .metadata import gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
-from .storage import Gram, LossTables, ReviewQueue
+from .storage import Gram, LossTables, ReviewQueue, RunOutputsIOManager, outputs_base_of
 
 # Partitioned checks are a preview feature of dagster 1.13; this project relies on it knowingly.
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
@@ -40,14 +43,14 @@ EXAMPLES = {"training_run": dg.AssetIn("training_run")}
 LOSS_TABLES = {"loss_tables": dg.AssetIn("loss_tables")}
 
 
-def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra) -> dg.AssetCheckResult:
+def _result(mlflow: MlflowResource, run_id: str, folder: Path, *reports: SuiteReport, **extra) -> dg.AssetCheckResult:
     passed = all(r.success for r in reports)
     metadata = {
         **mlflow.run_metadata(run_id),
         "expectations": sum(r.evaluated for r in reports),
         "failed_expectations": sum(len(r.failures) for r in reports),
         "report": dg.MetadataValue.md("\n\n".join(f"```\n{r.summary()}\n```" for r in reports)),
-        **gx_metadata(mlflow, run_id, *reports),
+        **gx_metadata(mlflow, run_id, folder, *reports),
         **extra,
     }
     summary = "; ".join(r.summary().splitlines()[0] for r in reports)
@@ -56,13 +59,18 @@ def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra)
 
 @dg.asset_check(asset=loss_tables, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
 def loss_tables_are_valid(
-    context: dg.AssetCheckExecutionContext, loss_tables: LossTables, training_run: pd.DataFrame, mlflow: MlflowResource
+    context: dg.AssetCheckExecutionContext,
+    loss_tables: LossTables,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: one column per checkpoint in step order, no NaN/inf, losses >= 0 (runs trained by this project
     use cross-entropy or 0-1 loss; for other runs only finiteness is required), one row per example of
     the split, unique ids."""
     run = mlflow.fetch(run_id_of(context))
     nonnegative = run.train_config is not None
+    folder = RunLayout.for_run(run.run_id, outputs_base_of(run_outputs)).gx_folder
     reports = []
     for split in ("train", "test"):
         ids = split_ids(training_run, split)
@@ -74,10 +82,10 @@ def loss_tables_are_valid(
                 name=f"{split}_loss_table",
                 nonnegative=nonnegative,
                 expected_ids=ids,
-                folder=RunLayout.for_run(run.run_id).gx_folder,
+                folder=folder,
             )
         )
-    return _result(mlflow, run.run_id, *reports, nonnegative_required=nonnegative)
+    return _result(mlflow, run.run_id, folder, *reports, nonnegative_required=nonnegative)
 
 
 @dg.asset_check(asset=weight_gram, blocking=True, partitions_def=mlflow_runs)
@@ -112,12 +120,14 @@ def self_influence_is_valid(
     self_influence: pd.DataFrame,
     loss_tables: LossTables,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: scores finite, self-influence >= 0, example ids exactly those of the training loss table.
     Records the content hash of the scores it passed: the review queue is only rebuilt from those."""
     run_id = run_id_of(context)
-    report = validate_self_influence(self_influence, loss_tables.train_ids(), folder=RunLayout.for_run(run_id).gx_folder)
-    return _result(mlflow, run_id, report, **{HASH_KEY: content_hash(self_influence)})
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_self_influence(self_influence, loss_tables.train_ids(), folder=folder)
+    return _result(mlflow, run_id, folder, report, **{HASH_KEY: content_hash(self_influence)})
 
 
 @dg.asset_check(asset=train_test_influence, blocking=True, partitions_def=mlflow_runs, additional_ins=LOSS_TABLES)
@@ -126,15 +136,16 @@ def train_test_influence_is_valid(
     train_test_influence: pd.DataFrame,
     loss_tables: LossTables,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: k finite rows per test example (k as configured for the materialisation, at most the number of
     training examples), every id from the loss tables, proponents >= opponents."""
     run_id = run_id_of(context)
     train_ids = loss_tables.train_ids()
     k = min(_configured_topk(context, run_id), len(train_ids))
-    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k,
-                           folder=RunLayout.for_run(run_id).gx_folder)
-    return _result(mlflow, run_id, report, k=k)
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k, folder=folder)
+    return _result(mlflow, run_id, folder, report, k=k)
 
 
 def _configured_topk(context: dg.AssetCheckExecutionContext, run_id: str) -> int:
@@ -183,21 +194,36 @@ def review_gate(
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
 
 
-@dg.asset_check(asset=curated_training_set, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
+@dg.asset_check(
+    asset=curated_training_set,
+    blocking=True,
+    partitions_def=mlflow_runs,
+    additional_ins={**EXAMPLES, "review_queue": dg.AssetIn("review_queue")},
+)
 def curated_set_matches_decisions(
     context: dg.AssetCheckExecutionContext,
     curated_training_set: pd.DataFrame,
     training_run: pd.DataFrame,
+    review_queue: ReviewQueue,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
-    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied."""
+    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied,
+    for the lineage's decisions in force up to the high-water mark the curated set records (read from
+    the store again, not from the curation). Decisions recorded after it are counted as pending: they
+    take effect at the next retrain."""
     run_id = run_id_of(context)
-    current = decisions.open().current(run_id)
+    train_ids = split_ids(training_run)
+    through = decisions_through(curated_training_set)
+    store = decisions.open()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    current = current[current["example_id"].isin(train_ids)]  # an ancestor's drop applied before: already out
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
-    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current),
-                                  folder=RunLayout.for_run(run_id).gx_folder)
-    return _result(mlflow, run_id, report)
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_curated_set(curated_training_set, train_ids, dropped, relabels_of(current), folder=folder)
+    pending = int((lineage_decisions(store, run_id, review_queue.info)["sequence"] > through).sum())
+    return _result(mlflow, run_id, folder, report, **{DECISIONS_THROUGH: through, "pending_for_next_retrain": pending})
 
 
 @dg.asset_check(
@@ -211,6 +237,7 @@ def retrained_run_follows_curation(
     curated_training_set: pd.DataFrame,
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX on the retrained MLflow run's own examples table: it trained on exactly the curated set
     (dropped ids absent, relabels carried) and is tagged with its parent run."""
@@ -222,10 +249,10 @@ def retrained_run_follows_curation(
     curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
         trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set",
-        folder=RunLayout.for_run(run_id).gx_folder,
+        folder=RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder,
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")
-    result = _result(mlflow, run_id, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))
+    result = _result(mlflow, run_id, RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))
     if parent_tag != run_id:
         return dg.AssetCheckResult(
             passed=False,
@@ -233,6 +260,30 @@ def retrained_run_follows_curation(
             description=f"retrained run {child_id} is tagged with parent {parent_tag!r}",
         )
     return result
+
+
+@dg.asset_check(asset=model_promotion, partitions_def=mlflow_runs)
+def retrained_model_is_champion(
+    context: dg.AssetCheckExecutionContext, model_promotion: pd.DataFrame, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
+    """Not blocking: passes when the retrained model became ``champion``; otherwise it warns why (the gate,
+    or the interval against the margin, or a skip) with the interval."""
+    row = model_promotion.iloc[0]
+    promoted = row["alias"] == "champion"
+    return dg.AssetCheckResult(
+        passed=bool(promoted),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            **mlflow.run_metadata(str(row["retrained_run_id"]), prefix="retrained_run"),
+            "registered_model": str(row["registered_model"]),
+            "version": str(row["version"]),
+            "alias": str(row["alias"]) or "none (skipped)",
+            "gate_passed": bool(row["gate_passed"]),
+            "interval": f"[{rounded(row['gain_low'])}, {rounded(row['gain_high'])}]",
+            "margin": float(row["margin"]),
+        },
+        description=f"{'champion' if promoted else 'not promoted'}: {row['reason']}",
+    )
 
 
 ALL_CHECKS = [
@@ -243,4 +294,5 @@ ALL_CHECKS = [
     review_gate,
     curated_set_matches_decisions,
     retrained_run_follows_curation,
+    retrained_model_is_champion,
 ]

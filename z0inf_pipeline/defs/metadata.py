@@ -4,13 +4,13 @@ to a run's GX Data Docs."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport
-from ..review import RunLayout
 
 
 def run_id_of(context) -> str:
@@ -68,10 +68,10 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".3g
     return "\n".join(lines)
 
 
-def gx_metadata(mlflow, run_id: str, *reports: SuiteReport) -> dict:
+def gx_metadata(mlflow, run_id: str, folder: Path, *reports: SuiteReport) -> dict:
     """Links to the run's Data Docs and to each validation's page and stored result; the same files (and
-    the suite's page) are logged to the MLflow run under ``gx/`` (the shared styles once per run)."""
-    folder = RunLayout.for_run(run_id).gx_folder
+    the suite's page) are logged to the MLflow run under ``gx/`` (the shared styles once per run).
+    ``folder``: the run's ``RunLayout.gx_folder``."""
     stored = [r for r in reports if r.validation_result is not None]
     if not stored:
         return {}

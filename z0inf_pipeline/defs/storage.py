@@ -295,7 +295,9 @@ def sha256_of(path: Path) -> str:
 
 class RunOutputsIOManager(dg.ConfigurableIOManager):
     """Stores each asset's output in its MLflow run's folder (``RunLayout``): parquet for tables, PNG
-    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory (``outputs_base``).
+    A deployment may set it with ``dg.EnvVar``; assets that read other runs' outputs take this resource
+    (``ResourceParam``) and ask it for ``outputs_base``, so Dagster config alone moves every path."""
 
     base_url: Optional[str] = Field(
         default=None, description="folder or fsspec URL holding runs/<run id>/ (e.g. s3://bucket/z0inf, memory://z0inf)"
@@ -303,8 +305,11 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
     log_to_mlflow: bool = Field(default=True, description="also log each file to the source MLflow run")
     mlflow: MlflowResource
 
+    def outputs_base(self) -> UPath:
+        return outputs_base(self.base_url)
+
     def layout(self, run_id: str) -> RunLayout:
-        return RunLayout.for_run(run_id, self.base_url)
+        return RunLayout.for_run(run_id, self.outputs_base())
 
     def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
         asset = context.asset_key.to_user_string()
@@ -347,3 +352,10 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
         frame = StoredTable(main).read()
         frame.attrs[SOURCE_ATTR] = str(main)
         return frame
+
+
+def outputs_base_of(io_manager) -> UPath:
+    """The outputs base of the ``run_outputs`` resource, for assets and checks that name a run's folder
+    (ancestors' queues, GX results). An IO manager standing in for it (a test materialising to memory)
+    keeps nothing in a folder, so its runs get the default base."""
+    return io_manager.outputs_base() if isinstance(io_manager, RunOutputsIOManager) else outputs_base()

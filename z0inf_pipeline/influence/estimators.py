@@ -197,7 +197,7 @@ def train_test_influence(
     ``weight_by_correlation``: INF(i, z) is multiplied by the Spearman correlation over checkpoints of
     the two (possibly centred) loss trajectories (see the method note).
     """
-    features = _influence_features(
+    features = influence_features(
         gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
     )
     return features.scores().T  # (N, M): a view of the test-major product
@@ -225,7 +225,7 @@ def train_test_topk(
     N training examples read it back from memory twice (largest, smallest), which cost more than
     the product itself. Options as in ``train_test_influence``.
     """
-    features = _influence_features(
+    features = influence_features(
         gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
     )
     N, M = features.train.shape[0], features.test.shape[0]
@@ -301,7 +301,7 @@ class _InfluenceFactors:
         return scores
 
 
-def _influence_features(
+def influence_features(
     gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses=False, weight_by_correlation=False
 ) -> _InfluenceFactors:
     """A = [Dtr_1 K_1 | ... | Dtr_T K_T] (N, Tk) and B = [Dte_1 | ... | Dte_T] (M, Tk), so INF = A B^T."""

@@ -1,8 +1,9 @@
 """Where the pipeline keeps one MLflow run's outputs: ``<outputs base>/runs/<run_id>/``.
 
-The base is ``$Z0INF_OUTPUTS_URL`` when set (any fsspec URL: ``s3://bucket/z0inf``, ``memory://``,
-...), else the data directory (``$Z0INF_DATA_DIR``, default ``./data``). Paths are
-``universal_pathlib`` UPaths: on the local disk they are ordinary ``pathlib.Path`` objects.
+The base is resolved once, by ``outputs_base`` (the only reader of ``$Z0INF_OUTPUTS_URL``): Dagster
+through the IO manager resource (``RunOutputsIOManager.base_url``, else the environment), the CLI at
+the start of a command; every reader is then handed it. Any fsspec URL works (``s3://bucket/z0inf``,
+``memory://``, ...). Paths are ``universal_pathlib`` UPaths: on the local disk ordinary paths.
 
 Dagster's IO manager writes here (``RUN_OUTPUTS`` says which files belong to which asset), the
 review CLI, the demo and the review page read here; this one definition keeps them in step.
@@ -33,6 +34,7 @@ RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
     "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
     "curated_training_set": ("curated_set",),
     "retrained_run": ("retrained",),
+    "model_promotion": ("promotion",),
 }
 
 
@@ -44,7 +46,8 @@ def check_run_id(run_id: str) -> str:
 
 
 def outputs_base(base: str | os.PathLike | None = None) -> UPath:
-    """The folder that holds ``runs/``: ``base``, else ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    """The folder that holds ``runs/``: ``base``, else ``$Z0INF_OUTPUTS_URL``, else the data directory
+    (``$Z0INF_DATA_DIR``, default ``./data``). The one place the environment names it."""
     chosen = base if base is not None else os.environ.get(OUTPUTS_URL_ENV) or data_dir()
     return UPath(chosen)
 
@@ -57,8 +60,9 @@ class RunLayout:
     root: UPath
 
     @classmethod
-    def for_run(cls, run_id: str, base: str | os.PathLike | None = None) -> "RunLayout":
-        return cls(check_run_id(run_id), outputs_base(base) / "runs" / run_id)
+    def for_run(cls, run_id: str, base: str | os.PathLike) -> "RunLayout":
+        """The run's folder under ``base``, the outputs base ``outputs_base`` resolved."""
+        return cls(check_run_id(run_id), UPath(base) / "runs" / run_id)
 
     def files_of(self, asset: str) -> dict[str, UPath]:
         """The files an asset's output is stored in, by RunLayout property name."""
@@ -135,3 +139,7 @@ class RunLayout:
     @property
     def retrained(self) -> UPath:
         return self.root / "retrained_run.parquet"
+
+    @property
+    def promotion(self) -> UPath:
+        return self.root / "model_promotion.parquet"

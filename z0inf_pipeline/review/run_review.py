@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from upath import UPath
 
 from ..errors import ReviewError
 from ..influence.errors import InfluenceInputError
@@ -27,10 +28,10 @@ from .evidence import (
     strongest_effects,
 )
 from .gate import GateStatus, evaluate_gate
-from .layout import RunLayout, check_run_id, outputs_base
-from .lineage import lineage_decisions, lineage_of
+from .layout import RunLayout, check_run_id
+from .lineage import applied_in, lineage_decisions, lineage_of
 from .queue import read_review_queue
-from .store import DecisionStore
+from .store import DecisionStore, as_example_id
 
 CLASSIFICATION, TEXT = "classification", "text"
 RUN_NAME_KEY = "run_name"  # the MLflow run name, kept in the queue's info when the queue is built
@@ -56,7 +57,7 @@ class RunReview:
     _payloads: dict[int, Payload] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, run_id: str, base: Path | None = None, train_config: dict | None = None) -> "RunReview":
+    def open(cls, run_id: str, base: Path, train_config: dict | None = None) -> "RunReview":
         layout = RunLayout.for_run(run_id, base)
         queue, info = read_review_queue(layout.review_queue)
         return cls(layout, queue, info, train_config)
@@ -126,7 +127,7 @@ class RunReview:
     def check_decision(self, ids: Iterable[int], action: str, label: int | None) -> None:
         """Refuse ids that are not training examples of the run, labels outside its classes, and a
         relabel on a text run (it has no class to relabel to)."""
-        wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+        wanted = np.unique(np.array([as_example_id(i) for i in ids], dtype=np.int64))
         unknown = np.setdiff1d(wanted, self.training_ids)
         if len(unknown):
             raise ReviewError(
@@ -164,8 +165,11 @@ class RunReview:
         return lineage_of(self.run_id, self.info)
 
     def decisions(self, store: DecisionStore) -> pd.DataFrame:
-        """The decisions in force for this run's examples, made on it or on any run of its lineage."""
-        return lineage_decisions(store, self.run_id, self.info)
+        """The decisions in force for this run's examples, made on it or on any run of its lineage, with
+        ``applied_in``: the retrained run that trained with each one, or None while it is pending."""
+        current = lineage_decisions(store, self.run_id, self.info)
+        current["applied_in"] = applied_in(current, self.lineage, self.layout.root.parent.parent)
+        return current
 
     def gate(self, current: pd.DataFrame) -> GateStatus:
         """The review gate for the decisions in force (``decisions``)."""
@@ -371,15 +375,15 @@ def decisions_needed(status: GateStatus) -> int:
     return max(0, status.flagged - tolerated)
 
 
-def _run_folders(base: Path | None = None) -> list[str]:
+def _run_folders(base: Path) -> list[str]:
     """Run ids with an outputs folder under ``<outputs base>/runs/`` (the base ``RunLayout`` uses), by name."""
-    runs_dir = outputs_base(base) / "runs"
+    runs_dir = UPath(base) / "runs"
     if not runs_dir.is_dir():
         return []
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and _is_run_id(p.name))
 
 
-def runs_with_queue(base: Path | None = None) -> list[str]:
+def runs_with_queue(base: Path) -> list[str]:
     """Run ids whose review queue has been materialised, by name."""
     return [n for n in _run_folders(base) if RunLayout.for_run(n, base).review_queue.exists()]
 

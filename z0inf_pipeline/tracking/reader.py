@@ -228,19 +228,19 @@ def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[
     tags, params = dict(run.data.tags), dict(run.data.params)
     check_tags_and_params(run_id, tags, params)
 
-    listed = _list_artifacts(client, run_id)
+    listed = list_artifacts(client, run_id)
     if layout.MANIFEST not in listed:
         missing = [f for f in (layout.MANIFEST, *layout.REQUIRED_FILES) if f not in listed]
         raise ContractError(f"run {run_id}: artifact(s) {missing} are missing")
     artifacts = work / ARTIFACTS
     artifacts.mkdir()
-    _download(client, run_id, layout.MANIFEST, artifacts)
+    download_artifact(client, run_id, layout.MANIFEST, artifacts)
     manifest = read_manifest(run_id, artifacts)
     absent = [e["path"] for e in manifest["files"] if e["path"] not in listed]
     if absent:
         raise ContractError(f"run {run_id}: artifact(s) {absent} are listed in the manifest but missing from the run")
     for entry in manifest["files"]:
-        _download(client, run_id, entry["path"], artifacts)
+        download_artifact(client, run_id, entry["path"], artifacts)
 
     files = validate_run_folder(artifacts, run_id=run_id)
     check_factory_trusted(run_id, files.model_spec)
@@ -255,7 +255,7 @@ def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[
     return info, files
 
 
-def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
+def list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
     """Every artifact file of the run, each name checked before anything is downloaded."""
     files: set[str] = set()
     pending: list[str | None] = [None]
@@ -272,12 +272,12 @@ def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
     return files
 
 
-def _download(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
+def download_artifact(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
     """Download one checked artifact file to ``root / path`` (MLflow puts a file into ``dst_path`` by its base name)."""
     destination = safe_destination(run_id, root, path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
     except (MlflowException, OSError) as exc:
         raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})") from None
@@ -290,7 +290,7 @@ def _reason(exc: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """MLflow draws a progress bar for every single-file download; the caller reports progress itself."""
     previous = os.environ.get(_PROGRESS_ENV)
     os.environ[_PROGRESS_ENV] = "false"

@@ -11,8 +11,6 @@ again without the dropped examples. Needs the ``[hf]`` extra (transformers).
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -20,10 +18,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..influence.devices import single_thread
 from ..errors import ConfigurationError
 
 RECIPE = "lm"
+REGISTERED_MODEL = "lm-reversal"  # every round of the recipe is a version of this registered model
 ALPHABET = "abcdefgh"
 # 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
 VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
@@ -156,6 +154,15 @@ class SequenceDataset(torch.utils.data.Dataset):
                 "attention_mask": torch.tensor([1] * len(tokens) + [0] * pad), "labels": torch.tensor(labels)}
 
 
+def probe_inputs(recipe: LMRecipe) -> dict[str, np.ndarray]:
+    """The probe (held-out) examples as one batch of token arrays: ``input_ids``, ``attention_mask``,
+    ``labels`` (what the registered LM scores)."""
+    _, probe = reversal_task(recipe)
+    dataset = SequenceDataset(probe, recipe.sequence_length)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
+    return {key: batch[key].numpy() for key in ("input_ids", "attention_mask", "labels")}
+
+
 def answer_accuracy(model: torch.nn.Module, batches) -> float:
     """Share of examples whose every answer token (and </s>) is the model's top prediction, teacher-forced."""
     right = total = 0
@@ -222,58 +229,3 @@ def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
         loss.backward()
         optimizer.step()
     return model
-
-
-def train_and_log_lm(
-    recipe: LMRecipe,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str = "z0inf",
-    parent_run_id: str | None = None,
-    tags: dict | None = None,
-    run_name: str | None = None,
-) -> str:
-    """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
-    return the contract run's id."""
-    with single_thread():
-        return _train_and_log_lm(recipe, tracking_uri=tracking_uri, experiment=experiment,
-                                 parent_run_id=parent_run_id, tags=tags, run_name=run_name)
-
-
-def _train_and_log_lm(recipe: LMRecipe, *, tracking_uri, experiment, parent_run_id, tags, run_name) -> str:
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
-    from ..integrations.hf import Z0InfCallback, id_batches
-    from ..tracking.contract import SOURCE_TAG
-
-    train, probe = reversal_task(recipe)
-    train = train[~train["example_id"].isin(recipe.exclude_ids)].reset_index(drop=True)
-    train_set, probe_set = (SequenceDataset(f, recipe.sequence_length) for f in (train, probe))
-    model = pretrained_model(recipe)
-    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
-    probe_batches = id_batches(probe_set, default_data_collator, 256)
-    callback = Z0InfCallback(
-        train_batches=id_batches(train_set, default_data_collator, 256),
-        probe_batches=probe_batches,
-        metrics_fn=lambda net: {"test_accuracy": answer_accuracy(net, probe_batches)},
-        num_checkpoints=recipe.checkpoints,
-        model_spec={"factory": f"{__name__}:build_model", "kwargs": model_kwargs(recipe)},
-        examples=pd.concat([train, probe])[["example_id", "prompt", "target"]],
-        flipped_ids=train.loc[train["corrupted"], "example_id"].to_numpy(),
-        train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
-        run_name=run_name or f"lm-reversal-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
-        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset="generated-reversal",
-        params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
-    )
-    with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:
-        args = TrainingArguments(
-            output_dir=out, max_steps=recipe.epochs * steps_per_epoch, per_device_train_batch_size=recipe.batch_size,
-            learning_rate=recipe.lr, lr_scheduler_type="cosine", weight_decay=0.0, seed=recipe.seed,
-            report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
-            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
-                          callbacks=[callback])
-        with callback:
-            trainer.train()
-    return callback.run_id

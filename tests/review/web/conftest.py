@@ -79,7 +79,8 @@ def _analysed(root: Path, train) -> PipelineRun:
 @pytest.fixture(scope="package")
 def analysed_lm_run(tmp_path_factory) -> PipelineRun:
     """A text run: the LM recipe, small (string reversal, 10% of the answers wrong), analysed."""
-    from z0inf_pipeline.training.lm import LMRecipe, train_and_log_lm
+    from z0inf_pipeline.integrations.hf import train_and_log_lm
+    from z0inf_pipeline.training.lm import LMRecipe
 
     recipe = LMRecipe(n_train=600, n_probe=80, checkpoints=6)  # the demo recipe at half size: it flags
     return _analysed(tmp_path_factory.mktemp("review-web-lm"), lambda uri: train_and_log_lm(recipe, tracking_uri=uri))

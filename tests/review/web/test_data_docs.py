@@ -9,6 +9,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 
 pytestmark = pytest.mark.browser
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.browser
 def test_run_data_docs_show_the_flagging_expectation_and_its_unexpected_rows(analysed_run, fresh_data, page, monkeypatch):
     for key, value in analysed_run.env(fresh_data).items():
         monkeypatch.setenv(key, value)
-    layout = RunLayout.for_run(analysed_run.run_id)
+    layout = RunLayout.for_run(analysed_run.run_id, outputs_base())
     queue, info = read_review_queue(layout.review_queue)
     page.get((layout.gx_folder / "index.html").as_uri())  # GX's own index needs CDN scripts: this one is plain
     links = {a.get_attribute("href") for a in page.find_elements(By.CSS_SELECTOR, "a[href*='validations/']")}

@@ -13,6 +13,7 @@ from selenium.webdriver.common.by import By
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking.logger import retrained_run_name
 
 from .test_review_page import open_fresh, press, reloading, set_reviewer, store_of
@@ -24,7 +25,7 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     for key, value in analysed_run.env(server.data_dir).items():
         monkeypatch.setenv(key, value)
     run_id = analysed_run.run_id
-    queue = read_review_queue(RunLayout.for_run(run_id).review_queue)[0]
+    queue = read_review_queue(RunLayout.for_run(run_id, outputs_base()).review_queue)[0]
     second = int(queue["example_id"].iloc[1])
 
     open_fresh(page, f"{server.url}/runs/{run_id}")
@@ -43,7 +44,7 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     # the gated retrain from the page's button: retrain_job, then influence_job on the retrained run
     press_button = page.find_element(By.CSS_SELECTOR, "form.retrain button")
     reloading(page, press_button.click)
-    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    child = str(pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).retrained)["retrained_run_id"].iloc[0])
     assert f"/runs/{child}" in page.current_url and child in page.find_element(By.CSS_SELECTOR, ".flash.ok").text
     client = MlflowClient(analysed_run.tracking_uri)
     assert client.get_run(child).info.run_name == retrained_run_name(client.get_run(run_id).info.run_name)
@@ -68,7 +69,7 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
 
     # decisions made on the parent stay in force on the retrained run: an example decided there and
     # flagged again shows as decided here, the parent's decision named with its run, not pending
-    child_queue = read_review_queue(RunLayout.for_run(child).review_queue)[0]
+    child_queue = read_review_queue(RunLayout.for_run(child, outputs_base()).review_queue)[0]
     parent_decisions = store_of(server).current(run_id).set_index("example_id")
     again = sorted(set(child_queue["example_id"]) & set(parent_decisions.index))
     assert again, "a kept example is flagged again in the retrained run"
@@ -100,7 +101,7 @@ def test_a_second_retrain_of_one_round_needs_an_explicit_request_and_gets_its_ow
     assert main(["review", "decide", run_id, "--flagged", "--action", "keep", "--reviewer", "ben"]) == 0
     open_fresh(page, f"{server.url}/runs/{run_id}")
     reloading(page, page.find_element(By.CSS_SELECTOR, "form.retrain button").click)
-    summary = RunLayout.for_run(run_id).retrained
+    summary = RunLayout.for_run(run_id, outputs_base()).retrained
     first = str(pd.read_parquet(summary)["retrained_run_id"].iloc[0])
 
     # a plain retrain posted again (a second tab, a double click) is refused and leads to the child

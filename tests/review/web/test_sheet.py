@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.review.artifacts import review_artifacts
 from z0inf_pipeline.review.run_review import RunReview
 from z0inf_pipeline.review.sheet import review_sheet_html
@@ -23,8 +24,8 @@ from z0inf_pipeline.tracking import fetch_run
 def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, fresh_data, monkeypatch, tmp_path):
     for key, value in analysed_run.env(fresh_data).items():
         monkeypatch.setenv(key, value)
-    layout = RunLayout.for_run(analysed_run.run_id)
-    review = RunReview.open(analysed_run.run_id, train_config=fetch_run(analysed_run.run_id).train_config)
+    layout = RunLayout.for_run(analysed_run.run_id, outputs_base())
+    review = RunReview.open(analysed_run.run_id, outputs_base(), train_config=fetch_run(analysed_run.run_id).train_config)
     ids = review.queue["example_id"].tolist()
     store = DecisionStore.open()
     store.record(analysed_run.run_id, [ids[0]], "relabel", label=4, reviewer="ana", note="a <4>")
@@ -58,7 +59,7 @@ def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, f
 def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(analysed_run, fresh_data, monkeypatch):
     for key, value in analysed_run.env(fresh_data).items():
         monkeypatch.setenv(key, value)
-    layout = RunLayout.for_run(analysed_run.run_id)
+    layout = RunLayout.for_run(analysed_run.run_id, outputs_base())
     queue, info = read_review_queue(layout.review_queue)
     ids = queue["example_id"].tolist()
     store = DecisionStore.open()

@@ -45,7 +45,7 @@ class ReviewSite:
     run's training recipe (to draw its examples)."""
 
     store: DecisionStore
-    base: Path | None = None
+    base: Path  # the outputs base (``review.layout.outputs_base``), resolved by whoever serves the page
     token: str | None = None
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
@@ -148,6 +148,7 @@ def create_app(site: ReviewSite) -> Flask:
             lineage=review.lineage,
             histogram=review.layout.histogram.exists(),
             retrained=_retrained(review),
+            promotion=_promotion(review),
             children=site.children(run_id),
             can_retrain=site.retrain is not None,
             hidden=_hidden(filters),
@@ -344,6 +345,14 @@ def _name_of(site: ReviewSite, run_id: str | None) -> dict | None:
 
 def _retrained(review: RunReview) -> dict | None:
     path = review.layout.retrained
+    if not path.exists():
+        return None
+    return pd.read_parquet(path).iloc[0].to_dict()
+
+
+def _promotion(review: RunReview) -> dict | None:
+    """Where the retrained model went in the MLflow Model Registry (``model_promotion``'s summary)."""
+    path = review.layout.promotion
     if not path.exists():
         return None
     return pd.read_parquet(path).iloc[0].to_dict()
