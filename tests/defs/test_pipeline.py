@@ -120,7 +120,12 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
         if m.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     ]
     metadata = queue_events[0].event_specific_data.materialization.metadata
-    assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | rank among all | flagged_by |")
+    preview = metadata["review_queue"]
+    assert [c.name for c in preview.schema.columns][:6] == [
+        "rank", "example_id", "flag_score", "percentile", "rank among all", "flagged_by"
+    ]
+    queue = read_review_queue(RunLayout.for_run(contract_run, outputs_base()).review_queue)[0]
+    assert [r.data["example_id"] for r in preview.records] == queue["example_id"].head(len(preview.records)).tolist()
     run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
     assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
     # a local store: the link points at `make mlflow-ui`'s address, in the "Model training" view

@@ -54,7 +54,7 @@ def test_latest_decision_wins_and_history_is_kept(store_url):
         ((RUN, [1], "drop"), {"label": 2}, "only given with 'relabel'"),
         ((RUN, [], "drop"), {}, "no example ids"),
         ((RUN, ["x"], "drop"), {}, "not an integer"),
-        (("../etc", [1], "drop"), {}, "not an MLflow run id"),
+        (("../etc", [1], "drop"), {}, "not a valid MLflow run id"),
     ],
 )
 def test_malformed_decisions_are_refused_and_nothing_is_written(store_url, args, kwargs, message):

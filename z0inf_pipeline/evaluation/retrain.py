@@ -25,7 +25,16 @@ from tqdm.auto import tqdm
 from ..influence.checkpoints import load_state_dict, read_checkpoint, save_checkpoint
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import evaluate_losses
-from ..training import ModelSpec, Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
+from ..training import (
+    ModelSpec,
+    Split,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    cross_entropy_per_example,
+    train,
+    training_data,
+)
 from .ground_truth import random_subsets
 
 # Bump when the training loop changes in a way that makes cached models stale.
@@ -149,3 +158,16 @@ def model_losses(paths: Sequence[Path], spec: ModelSpec, splits: Sequence[Split]
         for row, split in zip(rows, splits):
             row.append(evaluate_losses(model, (split.features, split.labels), cross_entropy_per_example))
     return [torch.stack(row).numpy().astype(np.float64) for row in rows]
+
+
+def random_drop_accuracy(recipe: TrainConfig, count: int) -> float:
+    """Test accuracy of ``recipe`` retrained without ``count`` training examples drawn at random (seeded by
+    the recipe): the baseline a reviewed curation should beat."""
+    ids = training_data(recipe).train.example_ids
+    dropped = np.random.default_rng(recipe.seed).choice(ids, size=min(count, len(ids) - 1), replace=False)
+    with tempfile.TemporaryDirectory(prefix="z0inf-random-drop.") as work:
+        result = train(replace(recipe, exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
+                       record_losses=False)
+    with torch.no_grad():
+        predicted = result.model(result.bundle.test.features).argmax(dim=1)
+    return float((predicted == result.bundle.test.labels).float().mean())

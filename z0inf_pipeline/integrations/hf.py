@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import CONFIG_MAPPING, TrainerCallback
 
@@ -52,26 +51,10 @@ from ..training.lm import (
     pretrained_model,
     reversal_task,
 )
-from ..training.recording import BatchLossFn, IdsFn, ids_from_batch
+from ..training.recording import BatchLossFn, IdsFn, ids_from_batch, token_mean_nll
 from ..training.trainer import checkpoint_steps
 
-IGNORE_INDEX = -100
-MODEL_INPUTS = ("input_ids", "attention_mask")
 CONTRACT_RUN_TAG = "z0inf.contract_run_id"
-
-
-def token_mean_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of each sequence's label tokens (labels -100 are masked out), (B,).
-
-    Causal LM convention: the logits at position t predict the label at t + 1. A sequence with no
-    label token has no loss (0 / 0 = NaN), which the recorder refuses by name.
-    """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    counted = labels.ne(IGNORE_INDEX)
-    return per_token.sum(dim=1) / counted.sum(dim=1)
 
 
 def id_batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int = 64) -> DataLoader:
@@ -218,16 +201,11 @@ class Z0InfCallback(TrainerCallback):
                 mlflow.end_run(status="FAILED")
 
 
-def train_and_log_lm(recipe: LMRecipe, **options) -> str:
+@single_thread()
+def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
+                     run_name=None) -> str:
     """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
-    return the contract run's id. ``options``: ``tracking_uri``, ``experiment``, ``parent_run_id``,
-    ``tags``, ``run_name`` (as for ``tracking.train_and_log``)."""
-    with single_thread():
-        return _fine_tune_and_log(recipe, **options)
-
-
-def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
-                       run_name=None) -> str:
+    return the contract run's id."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     train, probe = reversal_task(recipe)

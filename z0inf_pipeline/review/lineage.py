@@ -114,12 +114,11 @@ def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy, base: str | os.
     ``base``: the outputs base the queues were stored under."""
     if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
-    wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:
         path = RunLayout.for_run(ancestor, base).review_queue
         if not path.is_file():
             continue
         _, info = read_review_queue(path)
-        if info.get("policy") == wanted and info.get("cutoff") is not None:
+        if "policy" in info and FlagPolicy.from_dict(info["policy"]) == policy and info.get("cutoff") is not None:
             return float(info["cutoff"]), str(info.get(CALIBRATED_ON_KEY, ancestor))
     return None

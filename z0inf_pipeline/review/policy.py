@@ -17,7 +17,7 @@ the GX suite ``flagging`` (``z0inf_pipeline.quality``), whose unexpected rows ar
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -103,6 +103,13 @@ class FlagPolicy:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FlagPolicy":
+        """The policy a review queue recorded (``to_dict``); a setting the queue predates keeps its default,
+        except the score, which was self-influence before it could be chosen."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{"score": "self_influence", **{k: v for k, v in values.items() if k in known}})
 
     def describe(self) -> str:
         if self.method == "confident":

@@ -27,9 +27,10 @@ from .evidence import (
     split_names,
     strongest_effects,
 )
-from .gate import GateStatus, evaluate_gate
+from .gate import GateStatus, queue_gate
 from .layout import RunLayout, check_run_id
 from .lineage import applied_in, lineage_decisions, lineage_of
+from .policy import FlagPolicy
 from .queue import read_review_queue
 from .store import DecisionStore, as_example_id
 
@@ -173,12 +174,12 @@ class RunReview:
 
     def gate(self, current: pd.DataFrame) -> GateStatus:
         """The review gate for the decisions in force (``decisions``)."""
-        return evaluate_gate(
-            self.queue["example_id"],
-            current["example_id"],
-            self.info["training_examples"],
-            self.info["policy"]["max_unreviewed_fraction"],
-        )
+        return queue_gate(self.queue, self.info, current)
+
+    @cached_property
+    def policy(self) -> FlagPolicy:
+        """The flag policy the queue was built with."""
+        return FlagPolicy.from_dict(self.info["policy"])
 
     # --- the run's outputs -------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class RunReview:
         queue = self.queue.set_index("example_id")
         standing = pd.DataFrame({"score": queue["flag_score"], "percentile": np.nan, "rank": np.nan}, index=queue.index)
         if self.all_scores is not None:
-            everyone = flag_score(self.all_scores, self.info["policy"]["score"])
+            everyone = flag_score(self.all_scores, self.policy.score)
             standing["percentile"], standing["rank"] = flag_score_standing(standing["score"], everyone)
         return standing
 

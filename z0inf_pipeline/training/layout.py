@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -27,6 +28,8 @@ MODEL_SPEC = "model_spec.json"
 TRAIN_CONFIG = "train_config.json"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = (MODEL_SPEC, EXAMPLES, TRAIN_LOSSES, TEST_LOSSES)
+# MLflow run ids are hex strings; a custom store's may use letters, "_" and "-", never "/" or a leading "-".
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 EXAMPLE_COLUMNS = ("example_id", "split", "label", "original_label", "flipped")
 # Optional text columns of contract v2 (sequence tasks, files): shown to reviewers, never parsed.
 TEXT_COLUMNS = ("prompt", "target", "uri")
@@ -107,3 +110,11 @@ def write_examples(
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def check_run_id(run_id: str, error: type[InfluenceInputError] = InfluenceInputError) -> str:
+    """Refuse anything but a run id (a path, '..') before it names a folder or an MLflow request: the
+    one rule for run ids (the contract cache, the outputs folders, the review store)."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise error(f"run id {run_id!r}: not a valid MLflow run id (letters, digits, '_' and '-' only)")
+    return run_id

@@ -21,10 +21,28 @@ from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import LossFn, LossTable, evaluate_losses
 
 EVAL_BATCH_SIZE = 1024
+# Hugging Face conventions: label tokens -100 are not scored; the inputs a causal LM is called with.
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def token_mean_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of each sequence's label tokens (labels -100 are masked out), (B,).
+
+    Causal LM convention: the logits at position t predict the label at t + 1. A sequence with no
+    label token has no loss (0 / 0 = NaN), which the recorder refuses by name.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = labels.ne(IGNORE_INDEX)
+    return per_token.sum(dim=1) / counted.sum(dim=1)
+
 
 
 class SplitRecorder:

@@ -17,7 +17,7 @@ import torch
 
 from ...influence.errors import InfluenceInputError
 from ...influence.loss_tables import LossTable, read_loss_table
-from ...review.run_data import (
+from ...training.reevaluate import (
     max_deviation,
     rebuild_data,
     shard_of,

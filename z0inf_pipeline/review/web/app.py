@@ -27,6 +27,7 @@ from ...influence.errors import InfluenceInputError
 from ..cards import decision_text, test_example_cards, training_cards
 from ..evidence import sparkline, split_names
 from ..layout import RunLayout
+from ..policy import FlagPolicy
 from ..run_review import RunReview, decisions_needed, lineage_history, runs_with_queue
 from ..sheet import run_review_sheet, stored_histogram
 from ..store import DecisionStore
@@ -50,7 +51,7 @@ class ReviewSite:
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
     # None hides the page's retrain button (the page then only shows the command)
-    retrain: Callable[[str, dict], tuple[str | None, str]] | None = None
+    retrain: Callable[[str, FlagPolicy], tuple[str | None, str]] | None = None
     _reviews: dict[str, tuple[int, RunReview]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _retraining: threading.Lock = field(default_factory=threading.Lock)
@@ -200,7 +201,7 @@ def create_app(site: ReviewSite) -> Flask:
             flash("a retrain is already running on this server; try again when it has finished", "error")
             return redirect(f"/runs/{run_id}", 303)
         try:
-            child, message = site.retrain(run_id, review.info["policy"])
+            child, message = site.retrain(run_id, review.policy)
         finally:
             site._retraining.release()
         flash(message, "ok" if child else "error")

@@ -10,8 +10,8 @@ import torch
 
 from z0inf_pipeline.influence.errors import InfluenceInputError
 from z0inf_pipeline.influence.loss_tables import read_loss_table
-from z0inf_pipeline.review.run_data import final_predictions, max_deviation, rebuild_data, recompute_loss_tables
 from z0inf_pipeline.training import ModelSpec, TrainConfig, build_model, train
+from z0inf_pipeline.training.reevaluate import final_predictions, max_deviation, rebuild_data, recompute_loss_tables
 from z0inf_pipeline.training.trainer import TrainResult
 
 CONFIG = TrainConfig(epochs=2, checkpoints=3, hidden=(16,), label_noise=0.1, exclude_ids=(0, 5), relabels=((7, 3),))

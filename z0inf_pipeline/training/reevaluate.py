@@ -11,8 +11,9 @@ import torch
 
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import LossTable, compute_loss_table
-from ..training import DatasetBundle, Split, TrainConfig, training_data
-from ..training.recording import cross_entropy_per_example
+from .datasets import DatasetBundle, Split
+from .recording import cross_entropy_per_example
+from .trainer import TrainConfig, training_data
 
 
 def zero_one_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
