@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
-from z0inf_pipeline.influence import InfluenceInputError, read_loss_table  # noqa: E402
+from z0inf_pipeline.errors import InputError  # noqa: E402
+from z0inf_pipeline.influence import read_loss_table  # noqa: E402
 from z0inf_pipeline.integrations.hf import Z0InfCallback, id_batches, token_mean_nll  # noqa: E402
 from z0inf_pipeline.tracking import fetch_run, list_contract_runs  # noqa: E402
 from z0inf_pipeline.training.lm import IGNORE_INDEX, VOCAB, LMRecipe, SequenceDataset, reversal_task  # noqa: E402
@@ -141,7 +142,7 @@ class NanAfterFirstCheckpoint:
 
 def test_a_bad_loss_during_training_fails_both_runs_with_a_named_error(tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-contract")
-    with pytest.raises(InfluenceInputError, match=r"train: loss_fn returned 16 NaN/inf loss\(es\) in batch 0 at step 2"):
+    with pytest.raises(InputError, match=r"train: loss_fn returned 16 NaN/inf loss\(es\) in batch 0 at step 2"):
         run_trainer(tmp_path, ["mlflow"], loss_fn=NanAfterFirstCheckpoint())
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("hf-contract").experiment_id])

@@ -30,7 +30,7 @@ from upath import UPath
 
 from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
 from ..influence.atomic import atomic_output
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import ID_COLUMN, LossTable, read_loss_table, step_column
 from ..review import RunLayout, read_review_queue, write_review_queue
 from ..review.layout import outputs_base
@@ -290,7 +290,7 @@ ASSET_FILES: dict[str, tuple[str, ...]] = {
 def asset_files(layout: RunLayout, asset: str) -> dict[str, UPath]:
     """The files an asset's output is stored in, by RunLayout property name."""
     if asset not in ASSET_FILES:
-        raise InfluenceInputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(ASSET_FILES)})")
+        raise InputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(ASSET_FILES)})")
     return {name: getattr(layout, name) for name in ASSET_FILES[asset]}
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..influence.checkpoints import load_state_dict, read_checkpoint, save_checkpoint
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import evaluate_losses
 from ..training import (
     ModelSpec,
@@ -106,7 +106,7 @@ def _recorded_train_seconds(path: Path) -> float:
     try:
         return float(meta[_SECONDS_KEY])
     except (KeyError, ValueError):
-        raise InfluenceInputError(f"retrained model {path}: no training time in its metadata; delete the cache entry") from None
+        raise InputError(f"retrained model {path}: no training time in its metadata; delete the cache entry") from None
 
 
 def load_model(path: str | os.PathLike, spec: ModelSpec) -> torch.nn.Module:
@@ -140,7 +140,7 @@ def subsample_and_retrain(
     """Retrain ``reference``'s recipe on ``num_models`` random subsets (each example kept with probability
     ``fraction``) and evaluate every model on the reference run's whole train and test split."""
     if reference.config.train_subset is not None:
-        raise InfluenceInputError("subsample_and_retrain: the reference run must be trained on its whole train split")
+        raise InputError("subsample_and_retrain: the reference run must be trained on its whole train split")
     train_split, test_split = reference.bundle.train, reference.bundle.test
     masks = random_subsets(len(train_split), num_models, fraction, seed)
     models = retrain_on_subsets(

@@ -35,7 +35,7 @@ from transformers import CONFIG_MAPPING, TrainerCallback
 import transformers
 
 from ..influence.devices import single_thread
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..tracking.client import ensure_experiment, tracking_client
 from ..tracking.contract import SOURCE_TAG
 from ..tracking.logger import ContractLogger
@@ -68,7 +68,7 @@ def model_from_config(architecture: str, config: dict) -> torch.nn.Module:
     from a config dict: the ``factory`` of the model spec the callback writes (nothing is downloaded)."""
     model_class = getattr(transformers, architecture, None)
     if model_class is None or not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
-        raise InfluenceInputError(f"model spec: {architecture!r} is not a transformers model class")
+        raise InputError(f"model spec: {architecture!r} is not a transformers model class")
     config = dict(config)
     return model_class(CONFIG_MAPPING[config.pop("model_type")].from_dict(config))
 
@@ -136,7 +136,7 @@ class Z0InfCallback(TrainerCallback):
 
         steps = self.steps or checkpoint_steps(state.max_steps, count=min(self.num_checkpoints, state.max_steps + 1))
         if steps[0] != 0 or steps[-1] > state.max_steps:
-            raise InfluenceInputError(f"Z0InfCallback: checkpoint steps {steps} must start at 0 and end by "
+            raise InputError(f"Z0InfCallback: checkpoint steps {steps} must start at 0 and end by "
                                       f"max_steps={state.max_steps}")
         self._wanted = set(steps)
         framework_run = mlflow.active_run()  # transformers' MLflowCallback has opened its run by now, if reporting

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..influence.atomic import atomic_output
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOSSES = "loss_tables/train.parquet"
@@ -51,9 +51,9 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         payload = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InfluenceInputError(f"{path}: not a readable JSON file ({exc})") from None
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(payload, dict):
-        raise InfluenceInputError(f"{path}: holds JSON {type(payload).__name__}, expected an object")
+        raise InputError(f"{path}: holds JSON {type(payload).__name__}, expected an object")
     return payload
 
 
@@ -95,7 +95,7 @@ def write_examples(
     unknown = sorted(set(text) - set(TEXT_COLUMNS))
     wrong_length = [c for c, v in text.items() if len(v) != len(train_ids) + len(test_ids)]
     if unknown or wrong_length:
-        raise InfluenceInputError(
+        raise InputError(
             f"examples table: text columns must be among {list(TEXT_COLUMNS)} (got {unknown}) and hold one "
             f"value per example (wrong length: {wrong_length})"
         )
@@ -112,7 +112,7 @@ def write_examples(
     return Path(path)
 
 
-def check_run_id(run_id: str, error: type[InfluenceInputError] = InfluenceInputError) -> str:
+def check_run_id(run_id: str, error: type[InputError] = InputError) -> str:
     """Refuse anything but a run id (a path, '..') before it names a folder or an MLflow request: the
     one rule for run ids (the contract cache, the outputs folders, the review store)."""
     if not isinstance(run_id, str) or not RUN_ID.match(run_id):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import LossTable, compute_loss_table
 from .datasets import DatasetBundle, Split
 from .recording import cross_entropy_per_example
@@ -34,14 +34,14 @@ def rebuild_data(
         return None
     try:
         bundle = training_data(TrainConfig.from_dict(train_config))
-    except InfluenceInputError:
+    except InputError:
         return None
     logged = examples.set_index("example_id")
     for name, split in (("train", bundle.train), ("test", bundle.test)):
         rows = logged[logged["split"] == name]
         same_ids = np.array_equal(np.sort(split.example_ids), np.sort(rows.index.to_numpy()))
         if not same_ids or not np.array_equal(rows.loc[split.example_ids, "label"], split.labels.numpy()):
-            raise InfluenceInputError(
+            raise InputError(
                 f"run {run_id}: its {name} data rebuilt from the training config does not match the run's "
                 "examples table (ids or labels differ); the run cannot be analysed reproducibly"
             )
@@ -79,7 +79,7 @@ def split_loss_table(
     """One split's (or one shard's) loss table. A shard that starts on a batch boundary is evaluated in
     exactly the batches of the whole split, so its losses are the same bits as the unsharded ones."""
     if loss not in LOSSES:
-        raise InfluenceInputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
+        raise InputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
     return compute_loss_table(
         lambda: model_factory().to(dtype),
         checkpoints,
@@ -96,7 +96,7 @@ def max_deviation(recomputed: LossTable, logged: LossTable) -> float:
     """Largest absolute difference between two loss tables of the same examples (any row order)."""
     order = pd.Index(logged.example_ids).get_indexer(recomputed.example_ids)
     if (order < 0).any() or recomputed.steps != logged.steps:
-        raise InfluenceInputError("loss tables: recomputed and logged tables hold different examples or steps")
+        raise InputError("loss tables: recomputed and logged tables hold different examples or steps")
     return float((recomputed.values - logged.values[:, order]).abs().max())
 
 

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError
 from ...quality import validate_flagging
 from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
 from ...review.gate import POLICY_CHANGES_KEY, policy_changes
@@ -182,7 +182,7 @@ def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
             label_column=config.label_column,
             image=True,
         )
-    except InfluenceInputError:
+    except InputError:
         return None
     ids = flagged["example_id"].to_numpy(np.int64)
     positions = pd.Index(bundle.train.example_ids).get_indexer(ids)

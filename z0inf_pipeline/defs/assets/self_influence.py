@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from ...influence.analysis import InfluenceAnalysis, InfluenceArguments
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError
 from ..config import EstimatorConfig
 from ..metadata import quantiles, rounded_metadata, run_id_of
 from ..partitions import PER_RUN
@@ -17,7 +17,7 @@ from ..storage import Gram, LossTables
 def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArguments, device, *, with_test=False):
     """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
     if list(gram.steps) != list(run.steps):
-        raise InfluenceInputError(
+        raise InputError(
             f"run {run.run_id}: weight_gram was computed for steps {list(gram.steps)}, the checkpoints are at "
             f"{list(run.steps)}; materialise weight_gram again"
         )
@@ -27,7 +27,7 @@ def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArgum
     analysis = InfluenceAnalysis(run.checkpoints, tables.train_table(), test, args=args, device=device, gram=gram.matrix)
     differences = [] if gram.provenance is None else gram.provenance.differences(analysis.provenance)
     if differences:
-        raise InfluenceInputError(
+        raise InputError(
             f"run {run.run_id}: weight_gram was computed from {'; '.join(differences)}; materialise weight_gram again"
         )
     return analysis

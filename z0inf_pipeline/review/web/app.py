@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 from flask import Flask, abort, flash, redirect, render_template, request
 
-from ...errors import ReviewError
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError, ReviewError
 from ..cards import decision_text, test_example_cards, training_cards
 from ..evidence import sparkline, split_names
 from ..layout import RunLayout
@@ -62,14 +61,14 @@ class ReviewSite:
         missing = f"run {run_id}: no review queue (materialise its review_queue first)"
         try:
             stamp = RunLayout.for_run(run_id, self.base).review_queue.stat().st_mtime_ns
-        except (InfluenceInputError, OSError):
+        except (InputError, OSError):
             abort(404, missing)
         with self._lock:
             cached = self._reviews.get(run_id)
             if cached is None or cached[0] != stamp:
                 try:
                     review = RunReview.open(run_id, self.base, self.train_config_for(run_id))
-                except InfluenceInputError:
+                except InputError:
                     abort(404, missing)
                 cached = self._reviews[run_id] = (stamp, review)
             return cached[1]
@@ -167,12 +166,12 @@ def create_app(site: ReviewSite) -> Flask:
             # the class picker is in every form of a classification run: its value only counts for a relabel
             label = review.label_index(form.get("label")) if action == "relabel" and form.get("label") else None
             if not reviewer:
-                raise InfluenceInputError("review decide: give your name as reviewer (it is kept with the decision)")
+                raise InputError("review decide: give your name as reviewer (it is kept with the decision)")
             if None in ids:
-                raise InfluenceInputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
+                raise InputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
             review.record(site.store, ids, action, label=label, reviewer=reviewer,
                           note=(form.get("note") or "").strip() or None)
-        except (InfluenceInputError, ReviewError) as exc:
+        except (InputError, ReviewError) as exc:
             flash(str(exc), "error")
             anchor = ids[0] if ids and ids[0] is not None else None
             return redirect(_run_url(site, review, back, anchor), 303)
@@ -228,7 +227,7 @@ def create_app(site: ReviewSite) -> Flask:
         review = site.review(run_id)
         try:
             proponents, opponents = review.neighbours(test_id)
-        except InfluenceInputError as exc:
+        except InputError as exc:
             abort(404, str(exc))
         current = review.decisions(site.store)
         history = lineage_history(site.store, review.lineage)
