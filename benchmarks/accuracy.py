@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import threading
 import json
 import logging
 import platform
@@ -46,6 +48,7 @@ from z0inf_pipeline.evaluation import (
     subsample_and_retrain,
 )
 from z0inf_pipeline.influence import (
+    LossTable,
     gram_matrix,
     load_state_dict,
     open_checkpoints,
@@ -54,10 +57,11 @@ from z0inf_pipeline.influence import (
     train_test_influence,
     warmup_window,
 )
-from z0inf_pipeline.influence.analysis import InfluenceArguments
+from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
+from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
 from z0inf_pipeline.review.policy import FlagPolicy
-from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, train
+from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,6 +107,13 @@ NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
 NEIGHBOR_RULES = ("order", "distance")
 CENTERINGS = (False, True)
+# Forward-only random directions (train-test): direction counts, checkpoints, parameter subsets, step
+# weights, and whether the trajectory term is added. Smaller P and C are prefixes of the largest run
+# (direction p and the checkpoint positions are nested), so one pass per parameter subset serves all.
+DIRECTION_COUNTS = (64, 256, 1024)
+DIRECTION_CHECKPOINTS = (1, 4)
+DIRECTION_PARAMETERS = ("all", "last layer")
+TRAJECTORY_WEIGHTS = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,48 @@ class Stopwatch:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry (MiB), sampled every 2 ms from /proc/self/statm:
+    torch's CPU allocations bypass tracemalloc, and a process-wide maxrss never comes back down."""
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def _rss(cls) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * cls._PAGE
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.mib = (self.peak - self.base) / 2**20
+
+
+class Measured:
+    """Wall time and peak memory of one block: ``with Measured() as cost: ...; cost.seconds, cost.mib``."""
+
+    def __enter__(self):
+        self._clock, self._memory = Stopwatch().__enter__(), PeakMemory().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._memory.__exit__(*exc)
+        self._clock.__exit__(*exc)
+        self.seconds, self.mib = self._clock.seconds, self._memory.mib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +351,7 @@ def cleanlab_scores(run: TrainResult, cache: Path) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_ARGS = InfluenceArguments()
+DEFAULT_TRAIN_TEST = TrainTestArguments()
 PAIR_SCORES = tuple("+".join(pair) for pair in itertools.combinations(SIGNAL_COLUMNS, 2))
 
 
@@ -352,28 +406,103 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
     def lds(scores: np.ndarray) -> float:
         return linear_datamodeling_score(scores, holdout.masks, holdout.test_losses[:, shown]).mean
 
-    for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
-        gram, train_losses, test_losses, _ = windowed(z0, warmup)
-        inf = train_test_influence(gram, train_losses, test_losses[:, shown],
-                                   min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1),
-                                   neighbor_rule=DEFAULT_ARGS.neighbor_rule, center_losses=center,
-                                   weight_by_correlation=weight).numpy()
-        report.add("z0_lds", quiet=True, case=name, warmup=warmup, center=center, weight=weight, lds=lds(inf))
-
-    def peer(method: str, **row) -> None:
-        report.add("peers", case=name, method=method, **row)
-
+    evaluate_train_test(report, name, run, lds_run, z0, lds, scale)
     values, seconds = tracin_self(run)
-    peer("TracInCP", spearman=spearman(values, truth), seconds=seconds, **detection(values))
-    values, seconds = tracin_train_test(lds_run)
-    peer("TracInCP train-test", lds=lds(values), seconds=seconds)
-    last = len(run.checkpoints) - 1
-    positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
-    values, seconds = trak_train_test(lds_run, positions, scale.trak_proj_dim)
-    peer("TRAK", lds=lds(values), seconds=seconds)
+    report.add("peers", case=name, method="TracInCP", spearman=spearman(values, truth), seconds=seconds,
+               **detection(values))
     if case.noisy:
         values, flags, seconds = cleanlab_scores(run, cache)
-        peer("cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
+        report.add("peers", case=name, method="cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-test attribution: every method's LDS with its wall time and peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_train_test(report: Report, name: str, run: TrainResult, lds_run: TrainResult, z0: Z0Inputs, lds,
+                        scale: Scale) -> None:
+    """LDS of the trajectory grid (window, k, rule; centring and correlation weighting at the default k),
+    of random directions at every (P, checkpoints, parameters, eta, trajectory weight), of the coded
+    train-test default through ``InfluenceAnalysis``, and of TracInCP and TRAK, each with its cost."""
+    shown = len(lds_run.bundle.test)
+    trajectories = {}
+    for warmup, k, rule in itertools.product(WARMUPS, NEIGHBORS, NEIGHBOR_RULES):
+        gram, train_losses, test_losses, _ = windowed(z0, warmup)
+        if k >= gram.shape[0]:
+            continue
+        with Measured() as cost:
+            inf = train_test_influence(gram, train_losses, test_losses[:, :shown], k, neighbor_rule=rule).numpy()
+        trajectories[warmup, k, rule] = inf
+        report.add("z0_lds", quiet=True, case=name, warmup=warmup, k=k, rule=rule, center=False, weight=False,
+                   lds=lds(inf), seconds=cost.seconds, mib=cost.mib)
+    for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
+        if not (center or weight):
+            continue
+        gram, train_losses, test_losses, _ = windowed(z0, warmup)
+        k = min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1)
+        inf = train_test_influence(gram, train_losses, test_losses[:, :shown], k,
+                                   neighbor_rule=DEFAULT_ARGS.neighbor_rule, center_losses=center,
+                                   weight_by_correlation=weight).numpy()
+        report.add("z0_lds", quiet=True, case=name, warmup=warmup, k=k, rule=DEFAULT_ARGS.neighbor_rule,
+                   center=center, weight=weight, lds=lds(inf))
+
+    access = forward_access(lds_run)
+    checkpoints = open_checkpoints(run.checkpoints)
+    window = warmup_window(z0.steps, DEFAULT_TRAIN_TEST.window)
+    positions = direction_checkpoint_positions(window, max(DIRECTION_CHECKPOINTS))
+    top = max(DIRECTION_COUNTS)
+    trajectory = trajectories[DEFAULT_TRAIN_TEST.window, min(DEFAULT_ARGS.neighbors, len(window) - 1),
+                              DEFAULT_ARGS.neighbor_rule]
+    model = build_model(run.model_spec)
+    for subset in DIRECTION_PARAMETERS:
+        names = [n for n, _ in model.named_parameters() if subset == "all" or n.startswith(last_linear(model) + ".")]
+        with Measured() as cost:  # one pass at the largest P and C; smaller settings are its prefixes
+            train_s, test_s = direction_features(access, [checkpoints[p] for p in positions], names, None,
+                                                 directions=top, step_size=DEFAULT_TRAIN_TEST.step_size,
+                                                 seed=DEFAULT_TRAIN_TEST.seed)
+        blocks = len(positions)
+        train_s = train_s.reshape(len(train_s), blocks, top) * top  # back to s_{i,p}: features carry 1/P
+        test_s = test_s.reshape(len(test_s), blocks, top)
+        for P, C, eta, weight in itertools.product(DIRECTION_COUNTS, DIRECTION_CHECKPOINTS, ETAS, TRAJECTORY_WEIGHTS):
+            use = slice(blocks - min(C, blocks), blocks)  # positions ascend: the last C end at the last checkpoint
+            step_weights = (z0.learning_rates[positions[use]] if eta == "learning_rate"
+                            else torch.ones(len(positions[use]), dtype=torch.float64))
+            inf = torch.einsum("ncp,mcp,c->nm", train_s[:, use, :P], test_s[:, use, :P], step_weights).numpy() / P
+            if weight:
+                inf = inf + weight * trajectory
+            report.add("directions_lds", quiet=True, case=name, P=P, C=C, parameters=subset, eta=eta,
+                       trajectory_weight=weight, lds=lds(inf),
+                       seconds=cost.seconds * P * min(C, blocks) / (top * blocks), mib=cost.mib)
+
+    with Measured() as cost:
+        analysis = InfluenceAnalysis(run.checkpoints, read_loss_table(run.train_losses), shown_test_table(lds_run, run),
+                                     DEFAULT_ARGS, train_test=DEFAULT_TRAIN_TEST, forward=access)
+        inf = analysis.train_test_factors().scores().T.double().numpy()
+    report.add("train_test", case=name, method="default", ran=analysis.train_test_method[0], lds=lds(inf),
+               seconds=cost.seconds, mib=cost.mib)
+    with Measured() as cost:
+        values, _ = tracin_train_test(lds_run)
+    report.add("train_test", case=name, method="TracInCP", lds=lds(values), seconds=cost.seconds, mib=cost.mib)
+    last = len(run.checkpoints) - 1
+    trak_positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
+    with Measured() as cost:
+        values, _ = trak_train_test(lds_run, trak_positions, scale.trak_proj_dim)
+    report.add("train_test", case=name, method="TRAK", lds=lds(values), seconds=cost.seconds, mib=cost.mib)
+
+
+def forward_access(run: TrainResult) -> ForwardAccess:
+    """What random directions need from a run: its model factory and data, as the pipeline rebuilds them."""
+    train_split, test_split = run.bundle.train, run.bundle.test
+    return ForwardAccess(lambda: build_model(run.model_spec), (train_split.features, train_split.labels),
+                         (test_split.features, test_split.labels), cross_entropy_per_example)
+
+
+def shown_test_table(lds_run: TrainResult, run: TrainResult) -> LossTable:
+    """The run's test loss table restricted to the LDS's test examples (all of them in a full run)."""
+    table = read_loss_table(run.test_losses)
+    shown = np.isin(table.example_ids, lds_run.bundle.test.example_ids)
+    return LossTable(table.example_ids[shown], table.steps, table.values[:, torch.from_numpy(shown)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimators import _evict, _peak_rss_bytes, median_seconds  # noqa: E402
 
 from z0inf_pipeline.influence import gram_matrix, save_checkpoint, train_test_topk  # noqa: E402
-from z0inf_pipeline.influence.estimators import _influence_features  # noqa: E402
+from z0inf_pipeline.influence.estimators import influence_features  # noqa: E402
 from z0inf_pipeline.influence.loss_tables import LossTable  # noqa: E402
 from z0inf_pipeline.training import layout  # noqa: E402
 from z0inf_pipeline.training.recording import BatchLossRecorder  # noqa: E402
@@ -176,7 +176,7 @@ def topk_child(n: int, m: int, m_timed: int) -> None:
     train_test_topk(gram, train, test, k=10)
     t_topk = time.perf_counter() - start
     peak_topk = _peak_rss_bytes()
-    features = _influence_features(gram, train, test, 2, None, "order")
+    features = influence_features(gram, train, test, 2, None, "order")
     a, b = features.train, features.test
     block = max(1, (1 << 26) // n)
     start = time.perf_counter()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from z0inf_pipeline.influence import InfluenceInputError, load_state_dict, save_checkpoint
+from z0inf_pipeline.influence import InfluenceInputError, LossTable, load_state_dict, save_checkpoint, train_test_influence
+from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints
 from z0inf_pipeline.influence.directions import (
     FiniteDifferenceRoundingWarning,
@@ -141,3 +142,50 @@ def test_bad_settings_get_a_named_error(kwargs, message):
                                                      (np.arange(5), 9, [0, 1, 2, 3, 4]), (np.arange(6), 1, [5])])
 def test_direction_checkpoints_spread_over_the_window_ending_at_the_last(window, count, expected):
     assert direction_checkpoint_positions(window, count).tolist() == expected
+
+
+def loss_table(model_factory, checkpoints, split, ids):
+    """Loss tables computed directly (autograd-free forward passes, one checkpoint at a time)."""
+    rows = []
+    for c in checkpoints:
+        model = model_factory()
+        model.load_state_dict({k: v.double() for k, v in load_state_dict(c).items()})
+        with torch.no_grad():
+            rows.append(per_example_loss(model(split[0]), split[1]))
+    return LossTable(np.asarray(ids), tuple(c.step for c in checkpoints), torch.stack(rows).float())
+
+
+def test_analysis_full_matrix_converges_to_tracin_over_the_chosen_checkpoints(run):
+    """Through InfluenceAnalysis: rows follow the loss table's ids, the window's last checkpoints are
+    perturbed, and at P = 4096 the matrix is TracInCP's over those checkpoints (eta = learning rate)."""
+    train, test = data(12, 1), data(6, 2)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(100, 112)), (test, range(6)))]
+    settings = TrainTestArguments(window=0.0, directions=4096, direction_checkpoints=2, step_size=1e-4)
+    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(eta="learning_rate"),
+                                 train_test=settings, forward=access)
+    assert analysis.train_test_method == ("directions", None)
+    frame = analysis.full_frame()
+    assert frame["example_id"].tolist() == list(range(100, 112)) and list(frame.columns[1:]) == [str(i) for i in range(6)]
+    eta = torch.tensor([c.learning_rate for c in run[1:]], dtype=torch.float64)
+    exact = tracin(run[1:], NAMES_ALL, train, test, eta).numpy()
+    estimate = frame.iloc[:, 1:].to_numpy()
+    assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 0.1
+
+
+def test_without_a_model_the_trajectory_answers_and_says_so(run):
+    train, test = data(12, 1), data(6, 2)
+    tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(12)), (test, range(6)))]
+    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(neighbors=1),
+                                 train_test=TrainTestArguments(window=0.0))
+    method, fallback = analysis.train_test_method
+    assert method == "trajectory" and "no model factory" in fallback
+    expected = train_test_influence(analysis.gram, tables[0].values, tables[1].values, 1, neighbor_rule="distance")
+    np.testing.assert_allclose(analysis.full_frame().iloc[:, 1:].to_numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_train_test_settings_are_checked_by_name():
+    for settings, message in (({"directions": 0}, "directions=0"), ({"window": 1.0}, "window=1.0"),
+                              ({"method": "tracin"}, "method='tracin'"), ({"step_size": -1.0}, "step_size=-1.0")):
+        with pytest.raises(InfluenceInputError, match=message):
+            TrainTestArguments(**settings)

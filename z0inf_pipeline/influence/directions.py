@@ -14,8 +14,9 @@ MeZO's idea, applied to attribution). The SAME u_p serve train and test (common 
 Why finite differences and not forward-mode ``torch.func.jvp`` (also forward-only, and exact): a
 difference of two losses needs nothing from the loss or the model but its value, the contract of
 everything else in Z0-Inf (a 0-1 error or a black-box scorer work, and so does any layer without a
-forward-AD formula); it runs the same batched ``evaluate_losses`` as the loss tables. The step is
-relative to the weights' scale, and the float32 rounding of the difference is checked.
+forward-AD formula). The step is relative to the weights' scale, and the float32 rounding of the
+difference is checked (a warning names the step when it is too small); in float64 the projections
+match autograd's to 1e-6 (tests/influence/test_directions.py).
 
 Memory: the model, one direction and a copy of the chosen weights (O(D)), and the (N + M) x P
 projections: never N x D, never a stored direction (each is regenerated from ``(seed, step, p)``).
@@ -33,7 +34,7 @@ import torch
 
 from .checkpoints import Checkpoint, load_state_dict
 from .errors import InfluenceInputError
-from .loss_tables import LossFn, evaluate_losses
+from .loss_tables import LossFn
 
 Distribution = str  # "rademacher" | "gaussian" (validated by TrainTestArguments)
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -88,53 +89,69 @@ def direction_projections(
     step: int = 0,
     distribution: Distribution = "rademacher",
     device: str | torch.device = "cpu",
-    batch_size: int = 4096,
+    batch_size: int = 1024,
+    directions_per_pass: int = 8,
 ) -> list[torch.Tensor]:
-    """s_{i,p} for every example of each dataset at the model's current weights: one (n, P) float64
-    tensor per dataset, all from the same P directions over ``parameters``.
+    """s_{i,p} for every example of each (inputs, targets) dataset at the model's current weights: one
+    (n, P) float64 tensor per dataset, all from the same P directions over ``parameters``.
 
     eps = ``step_size`` x the RMS of the chosen weights (a relative step: the same setting suits a
-    logistic regression and a transformer). The weights are restored exactly afterwards.
+    logistic regression and a transformer). ``directions_per_pass`` directions, both signs, go through
+    one batched forward pass (``torch.func.functional_call`` under ``vmap`` over the perturbed weights),
+    ``batch_size`` examples at a time: the tiny models of a suite are bound by per-call overhead, not
+    arithmetic. The model's own weights are never modified.
     """
     if directions < 1:
         raise InfluenceInputError(f"directions={directions!r} must be at least 1")
     if not step_size > 0:
         raise InfluenceInputError(f"step_size={step_size!r} must be positive")
-    named = dict(model.named_parameters())
+    named = {name: p.detach() for name, p in model.named_parameters()}
     missing = [name for name in parameters if name not in named]
     if missing or not parameters:
         raise InfluenceInputError(f"parameters {missing or list(parameters)}: not parameters of the model "
                                   f"(it has {sorted(named)[:8]}...)")
     chosen = {name: named[name] for name in parameters}
-    originals = {name: p.detach().clone() for name, p in chosen.items()}
-    flat = torch.cat([w.reshape(-1).double() for w in originals.values()])
+    fixed = {**{n: p for n, p in named.items() if n not in chosen}, **dict(model.named_buffers())}
+    flat = torch.cat([w.reshape(-1).double() for w in chosen.values()])
     eps = step_size * (float(flat.pow(2).mean().sqrt()) or 1.0)
     shapes = {name: p.shape for name, p in chosen.items()}
+
+    def losses(weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        outputs = torch.func.functional_call(model, {**fixed, **weights}, (inputs,))
+        return loss_fn(outputs, targets)
+
+    batched = torch.vmap(losses, in_dims=(0, None, None))
     out = [torch.empty(len(targets), directions, dtype=torch.float64) for _, targets in datasets]
-    smallest = []
+    relative = []
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            for p in range(directions):
-                u = {name: t.to(device=device, dtype=chosen[name].dtype) for name, t in
-                     direction(shapes, seed, step, p, distribution).items()}
-                sides = []
-                for sign in (1.0, -1.0):
-                    for name, param in chosen.items():
-                        param.copy_(originals[name]).add_(u[name], alpha=sign * eps)
-                    sides.append([evaluate_losses(model, data, loss_fn, device=device, batch_size=batch_size,
-                                                  dtype=torch.float64)
-                                  for data in datasets])
-                for k, (plus, minus) in enumerate(zip(*sides)):
-                    out[k][:, p] = (plus - minus) / (2 * eps)
-                    smallest.append(float(((plus - minus).abs() / plus.abs().clamp_min(1e-30)).median()))
+            for first in range(0, directions, directions_per_pass):
+                count = min(directions_per_pass, directions - first)
+                us = [direction(shapes, seed, step, p, distribution) for p in range(first, first + count)]
+                weights = {}
+                for name, w in chosen.items():
+                    u = torch.stack([d[name] for d in us]).to(device=device, dtype=w.dtype)
+                    weights[name] = torch.cat([w + eps * u, w - eps * u])  # (2B, *shape): plus, then minus
+                for k, (inputs, targets) in enumerate(datasets):
+                    for start in range(0, len(targets), batch_size):
+                        rows = slice(start, start + batch_size)
+                        both = batched(weights, inputs[rows], targets[rows]).double()  # (2B, n)
+                        if both.shape[1:] != targets[rows].shape[:1]:
+                            raise InfluenceInputError(
+                                f"loss_fn returned shape {tuple(both.shape[1:])} for a batch of {len(targets[rows])} "
+                                "examples; it must return one value per example (for example reduction='none')"
+                            )
+                        plus, minus = both[:count], both[count:]
+                        out[k][rows, first : first + count] = ((plus - minus) / (2 * eps)).T.cpu()
+                        relative.append(float(((plus - minus).abs() / plus.abs().clamp_min(1e-30)).median()))
     finally:
-        with torch.no_grad():
-            for name, param in chosen.items():
-                param.copy_(originals[name])
-    if next(model.parameters()).dtype == torch.float32 and np.median(smallest) < _ROUNDING_FLOOR:
+        model.train(was_training)
+    if next(iter(chosen.values())).dtype == torch.float32 and np.median(relative) < _ROUNDING_FLOOR:
         warnings.warn(
-            f"step_size={step_size}: the median loss difference along a direction is {np.median(smallest):.2g} of the "
-            f"loss, near float32 rounding ({torch.finfo(torch.float32).eps:.1g}); raise step_size",
+            f"step_size={step_size}: the median loss difference along a direction is {np.median(relative):.2g} of "
+            f"the loss, near float32 rounding ({torch.finfo(torch.float32).eps:.1g}); raise step_size",
             FiniteDifferenceRoundingWarning,
             stacklevel=2,
         )
@@ -158,6 +175,8 @@ def direction_features(
     """(A, B) with A B^T = sum_t eta_t (1/P) S_train(t) S_test(t)^T over ``checkpoints``:
     A = [eta_t / P S_train(t)]_t (N, C P), B = [S_test(t)]_t (M, C P), float64 on the CPU."""
     model = access.model_factory().to(device=device, dtype=access.dtype)
+    trainable = dict(model.named_parameters())
+    parameters = [name for name in parameters if name in trainable]  # buffers (running statistics) stay put
     data = [(x.to(device=device, dtype=access.dtype if x.is_floating_point() else x.dtype), y.to(device))
             for x, y in (access.train, access.test)]
     weights = torch.ones(len(checkpoints), dtype=torch.float64) if eta is None else eta.double()

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..influence.directions import ForwardAccess
 from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import LossTable, compute_loss_table
-from ..training import DatasetBundle, TrainConfig, training_data
+from ..training import DatasetBundle, Split, TrainConfig, training_data
 from ..training.recording import cross_entropy_per_example
 
 
@@ -74,6 +75,31 @@ def recompute_loss_tables(
         for split in (data.train, data.test)
     ]
     return tables[0], tables[1]
+
+
+def forward_access(
+    model_factory: Callable[[], torch.nn.Module],
+    data: DatasetBundle | None,
+    train_ids: np.ndarray,
+    test_ids: np.ndarray,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> ForwardAccess | None:
+    """The run's model and data for train-test influence along random directions, in the loss tables'
+    example order (the rows of INF are the tables' rows); None when the data cannot be rebuilt. The loss
+    is the training loss (cross-entropy): the directions estimate its gradient products, as TracIn does."""
+    if data is None:
+        return None
+    return ForwardAccess(model_factory, _in_order(data.train, train_ids), _in_order(data.test, test_ids),
+                         LOSSES["cross_entropy"], dtype)
+
+
+def _in_order(split: Split, example_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    order = pd.Index(split.example_ids).get_indexer(example_ids)
+    if (order < 0).any():
+        raise InfluenceInputError("loss tables: hold example ids that the rebuilt data does not")
+    index = torch.from_numpy(order)
+    return split.features[index], split.labels[index]
 
 
 def max_deviation(recomputed: LossTable, logged: LossTable) -> float:
