@@ -17,10 +17,11 @@ from z0inf_pipeline.defs.config import (
     FlagPolicyConfig,
     GramConfig,
     TopKConfig,
+    TrainTestConfig,
     TrainingConfig,
     config_class,
 )
-from z0inf_pipeline.influence.analysis import InfluenceArguments
+from z0inf_pipeline.influence.analysis import TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints, select_parameters
 from z0inf_pipeline.influence.errors import InfluenceInputError
 from z0inf_pipeline.review.policy import FlagPolicy
@@ -35,7 +36,8 @@ GENERATED = [
     (EstimatorConfig, InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
                                            if f.name not in ("parameters", "center", "topk")]),
     (TopKConfig, InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
-                                      if f.name not in ("parameters", "center")]),
+                                      if f.name not in ("parameters", "center", *TRAIN_TEST_OWN)]),
+    (TrainTestConfig, TrainTestArguments, [f.name for f in dataclasses.fields(TrainTestArguments)]),
     (FlagPolicyConfig, FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)]),
 ]
 
@@ -65,7 +67,7 @@ def test_dagster_schema_equals_the_dataclass(config_cls, arguments, names):
 def test_choices_reach_the_launchpad_as_enums():
     schema = _dagster_fields(TrainingConfig)
     assert [v.config_value for v in schema["model"].config_type.enum_values] == ["logreg", "mlp", "cnn"]
-    assert [v.config_value for v in _dagster_fields(TopKConfig)["eta"].config_type.enum_values] == [
+    assert [v.config_value for v in _dagster_fields(EstimatorConfig)["eta"].config_type.enum_values] == [
         "uniform", "learning_rate",
     ]
 
@@ -79,8 +81,11 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     "command, arguments, names, base",
     [
         ("train", TrainConfig, [n for n in GENERATED[0][2]], TrainConfig()),
-        ("train-test", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)], None),
-        ("self-influence", InfluenceArguments, [n for n in GENERATED[3][2] if n != "topk"] + ["parameters"], None),
+        ("train-test", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
+                                            if f.name not in TRAIN_TEST_OWN], None),
+        ("train-test", TrainTestArguments, [f.name for f in dataclasses.fields(TrainTestArguments)], None),
+        ("self-influence", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
+                                                if f.name not in ("center", "topk")], None),
         ("demo", FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)], None),
         ("materialize", FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)], None),
         ("demo", TrainConfig, ["epochs", "checkpoints", "label_noise"], DEMO_CONFIG),

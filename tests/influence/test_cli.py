@@ -56,9 +56,10 @@ def test_cli_scores_match_the_library(run_files, tmp_path):
     assert result.returncode == 0, result.stderr
     top = pd.read_parquet(tmp_path / "tt.parquet")
     # no model from files: the trajectory answers, over the train-test window (its own default)
-    keep = torch.from_numpy(warmup_window(train.steps, TrainTestArguments().window))
+    train_test = TrainTestArguments()
+    keep = torch.from_numpy(warmup_window(train.steps, train_test.warmup_fraction))
     G = gram_matrix(folder)[keep][:, keep]
-    estimator = dict(neighbors=min(defaults.neighbors, len(keep) - 1), neighbor_rule=defaults.neighbor_rule)
+    estimator = dict(neighbors=min(train_test.neighbors, len(keep) - 1), neighbor_rule=train_test.neighbor_rule)
     full = train_test_influence(G, train.values[keep], test.values[keep], **estimator).numpy()  # (N, M)
     for m, test_id in enumerate(test.example_ids):
         rows = top[top["test_example_id"] == test_id].sort_values("rank")

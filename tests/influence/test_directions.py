@@ -161,8 +161,9 @@ def test_analysis_full_matrix_converges_to_tracin_over_the_chosen_checkpoints(ru
     train, test = data(12, 1), data(6, 2)
     access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(100, 112)), (test, range(6)))]
-    settings = TrainTestArguments(window=0.0, directions=4096, direction_checkpoints=2, step_size=1e-4)
-    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(eta="learning_rate"),
+    settings = TrainTestArguments(warmup_fraction=0.0, directions=4096, direction_checkpoints=2, step_size=1e-4,
+                                  eta="learning_rate")
+    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(),
                                  train_test=settings, forward=access)
     assert analysis.train_test_method == ("directions", None)
     frame = analysis.full_frame()
@@ -176,8 +177,8 @@ def test_analysis_full_matrix_converges_to_tracin_over_the_chosen_checkpoints(ru
 def test_without_a_model_the_trajectory_answers_and_says_so(run):
     train, test = data(12, 1), data(6, 2)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(12)), (test, range(6)))]
-    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(neighbors=1),
-                                 train_test=TrainTestArguments(window=0.0))
+    analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(),
+                                 train_test=TrainTestArguments(warmup_fraction=0.0, neighbors=1))
     method, fallback = analysis.train_test_method
     assert method == "trajectory" and "no model factory" in fallback
     expected = train_test_influence(analysis.gram, tables[0].values, tables[1].values, 1, neighbor_rule="distance")
@@ -185,7 +186,7 @@ def test_without_a_model_the_trajectory_answers_and_says_so(run):
 
 
 def test_train_test_settings_are_checked_by_name():
-    for settings, message in (({"directions": 0}, "directions=0"), ({"window": 1.0}, "window=1.0"),
+    for settings, message in (({"directions": 0}, "directions=0"), ({"warmup_fraction": 1.0}, "warmup_fraction=1.0"),
                               ({"method": "tracin"}, "method='tracin'"), ({"step_size": -1.0}, "step_size=-1.0")):
         with pytest.raises(InfluenceInputError, match=message):
             TrainTestArguments(**settings)

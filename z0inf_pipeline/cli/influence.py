@@ -9,6 +9,7 @@ from ..influence.analysis import (
     GramProvenance,
     InfluenceAnalysis,
     InfluenceArguments,
+    TRAIN_TEST_OWN,
     TrainTestArguments,
     gram_to_frame,
     write_frame,
@@ -50,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(tt, optional=True)
     tt.add_argument("train_losses", nargs="?", help="training loss table (parquet); not with --run")
     tt.add_argument("test_losses", nargs="?", help="test loss table (parquet); not with --run")
-    _add_estimator_args(tt, exclude=())
-    add_arguments(tt, TrainTestArguments)
+    _add_estimator_args(tt, exclude=TRAIN_TEST_OWN)
+    add_arguments(tt.add_argument_group("train-test method (defaults chosen on the suite's LDS)"), TrainTestArguments)
     tt.add_argument("--run", metavar="RUN_ID", help="a contract run's checkpoints, loss tables, model and data "
                     "(MLflow at $MLFLOW_TRACKING_URI)")
     tt.add_argument("--full", action="store_true",

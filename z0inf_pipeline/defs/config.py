@@ -13,7 +13,7 @@ from typing import Any, Iterable, Literal, Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
-from ..influence.analysis import GRAM_SETTINGS, InfluenceArguments, TrainTestArguments
+from ..influence.analysis import GRAM_SETTINGS, TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from ..review.policy import FlagPolicy
 from ..settings_schema import Setting, setting_fields
 from ..training import TrainConfig
@@ -88,8 +88,8 @@ TrainTestConfig = config_class(
 )
 
 
-class TopKConfig(config_class(InfluenceArguments, "_TopKSettings", "Trajectory settings and top-k.",
-                              exclude=GRAM_SETTINGS)):
+class TopKConfig(config_class(InfluenceArguments, "_TopKSettings", "Loss options and top-k.",
+                              exclude=(*GRAM_SETTINGS, *TRAIN_TEST_OWN))):
     """How train-test influence is estimated, and how many proponents and opponents are kept."""
 
     train_test: TrainTestConfig = Field(default_factory=TrainTestConfig,

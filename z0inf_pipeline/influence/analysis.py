@@ -102,6 +102,8 @@ class InfluenceArguments:
 
 # The settings that shape the Gram matrix (the rest only the estimators read).
 GRAM_SETTINGS = ("parameters", "center")
+# Settings that train-test influence takes from ``TrainTestArguments``, not from ``InfluenceArguments``.
+TRAIN_TEST_OWN = ("warmup_fraction", "neighbors", "neighbor_rule", "eta")
 
 TrainTestMethod = Literal["directions", "trajectory"]
 
@@ -122,12 +124,20 @@ class TrainTestArguments:
         metadata={"help": "directions: forward passes along random directions (needs the run's model and data; "
                   "else falls back to trajectory); trajectory: checkpoint differences only"},
     )
-    window: float = field(
+    warmup_fraction: float = field(
         default=0.1,
-        metadata={"help": "train-test leaves out checkpoints before this fraction of training (by step), chosen "
-                  "on LDS apart from the self-influence window"},
+        metadata={"help": "train-test leaves out checkpoints before this fraction of training (by step); its "
+                  "own setting, chosen on LDS", "flags": ("--window",)},
     )
-    directions: int = field(default=1024, metadata={"help": "random directions P per checkpoint (error ~ 1/sqrt(P))"})
+    neighbors: int = field(default=12, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
+    neighbor_rule: NeighborRule = field(
+        default="distance", metadata={"help": "trajectory term: neighbours nearest in parameter distance, or in order"}
+    )
+    eta: Literal["uniform", "learning_rate"] = field(
+        default="uniform", metadata={"help": "per-checkpoint weights of train-test influence: uniform, or the "
+                                     "recorded learning rate"}
+    )
+    directions: int = field(default=256, metadata={"help": "random directions P per checkpoint (error ~ 1/sqrt(P))"})
     direction_checkpoints: int = field(
         default=4, metadata={"help": "checkpoints perturbed, spread over the window, always the last"}
     )
@@ -144,13 +154,13 @@ class TrainTestArguments:
 
     def __post_init__(self) -> None:
         check_choices(self, "train-test arguments")
-        for name in ("directions", "direction_checkpoints"):
+        for name in ("directions", "direction_checkpoints", "neighbors"):
             if getattr(self, name) < 1:
                 raise InfluenceInputError(f"train-test arguments: {name}={getattr(self, name)!r} must be at least 1")
         if not self.step_size > 0:
             raise InfluenceInputError(f"train-test arguments: step_size={self.step_size!r} must be positive")
-        if not 0.0 <= self.window < 1.0:
-            raise InfluenceInputError(f"train-test arguments: window={self.window!r} must be in [0, 1)")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InfluenceInputError(f"train-test arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
         if self.trajectory_weight < 0:
             raise InfluenceInputError(f"train-test arguments: trajectory_weight={self.trajectory_weight!r} must be >= 0")
 
@@ -260,7 +270,10 @@ class InfluenceAnalysis:
 
     @cached_property
     def eta(self) -> torch.Tensor | None:
-        if self.args.eta == "uniform":
+        return self._step_weights(self.args.eta)
+
+    def _step_weights(self, kind: str) -> torch.Tensor | None:
+        if kind == "uniform":
             return None
         missing = [str(c.path) for c in self.checkpoints if c.learning_rate is None]
         if missing:
@@ -278,23 +291,24 @@ class InfluenceAnalysis:
         all of them rather than failing; the clamp is announced with a warning."""
         return self._neighbors_within(self.window)
 
-    def _neighbors_within(self, window: np.ndarray) -> int:
+    def _neighbors_within(self, window: np.ndarray, neighbors: int | None = None) -> int:
+        asked = self.args.neighbors if neighbors is None else neighbors
         available = len(window) - 1
-        if self.args.neighbors > available:
+        if asked > available:
             warnings.warn(
-                f"neighbors={self.args.neighbors} but the checkpoint window holds {available + 1} checkpoints: "
+                f"neighbors={asked} but the checkpoint window holds {available + 1} checkpoints: "
                 f"using k={available}",
                 NeighborsClampedWarning,
                 stacklevel=4,  # past functools' cached_property, to the estimate that asked
             )
-        return min(self.args.neighbors, available)
+        return min(asked, available)
 
-    def _windowed(self, window: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The Gram matrix and step weights restricted to a window (the self-influence one unless given;
+    def _windowed(self, window: np.ndarray | None = None, eta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix and step weights restricted to a window (the self-influence ones unless given;
         a sub-block of G: the differences of the kept checkpoints do not depend on the others)."""
         keep = torch.from_numpy(self.window if window is None else window)
-        eta = None if self.eta is None else self.eta[keep]
-        return self.gram[keep][:, keep], eta
+        eta = self.eta if window is None else eta
+        return self.gram[keep][:, keep], None if eta is None else eta[keep]
 
     @property
     def train_test_method(self) -> tuple[str, str | None]:
@@ -313,23 +327,24 @@ class InfluenceAnalysis:
             raise InfluenceInputError("train-test influence needs a test loss table")
         tt = self.train_test_args
         method, _ = self.train_test_method
-        window = warmup_window(self.steps, tt.window)
+        window = warmup_window(self.steps, tt.warmup_fraction)
+        step_weights = self._step_weights(tt.eta)
         trajectory = None
         if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
             raise InfluenceInputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
                                       "cannot be combined with random directions (set trajectory_weight=0)")
         if method == "trajectory" or tt.trajectory_weight > 0:
             keep = torch.from_numpy(window)
-            gram, eta = self._windowed(window)
+            gram, eta = self._windowed(window, step_weights)
             trajectory = influence_features(
                 gram, self.train.values[keep].to(self.device), self.test.values[keep].to(self.device),
-                self._neighbors_within(window), eta, self.args.neighbor_rule, self.args.center_losses,
+                self._neighbors_within(window, tt.neighbors), eta, tt.neighbor_rule, self.args.center_losses,
                 self.args.weight_by_correlation,
             )
         if method == "trajectory":
             return trajectory
         positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
-        eta = None if self.eta is None else self.eta[torch.from_numpy(positions)]
+        eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]
         train, test = direction_features(
             self.forward, [self.checkpoints[p] for p in positions], self.parameter_names, eta,
             directions=tt.directions, step_size=tt.step_size, seed=tt.seed, distribution=tt.distribution,

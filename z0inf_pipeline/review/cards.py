@@ -11,6 +11,11 @@ from ..influence.signals import signal
 from .evidence import RunEvidence, short_number, sparkline_svg
 
 
+# How far to trust "helps most" / "hurts most": the default train-test method and its suite-mean LDS
+# against TracInCP's, from benchmarks/README.md ("Train-test attribution"); updated with the suite.
+ATTRIBUTION_ACCURACY = {"method": "METHOD", "lds": "LDS", "tracincp": "TRACIN", "table": "/accuracy"}
+
+
 def decision_text(action, label) -> str:
     """'drop', 'keep' or 'relabel -> 4' ('' when there is no decision)."""
     if action is None or pd.isna(action):
