@@ -34,7 +34,7 @@ class LMCase:
     recipe: lm.LMRecipe
 
 
-_SMALL = dict(n_train=240, n_probe=80, epochs=8, checkpoints=8, batch_size=32)
+_SMALL = dict(n_train=200, n_probe=60, epochs=8, checkpoints=8, batch_size=32)
 LM_CASES = (
     LMCase("tiny GPT-2 / copy -> shift / fine-tune / corrupt 10%", lm.LMRecipe(task="shift", corrupt_fraction=0.1, **_SMALL)),
     LMCase("tiny GPT-2 / copy -> complement / fine-tune / clean", lm.LMRecipe(task="complement", corrupt_fraction=0.0, **_SMALL)),
