@@ -15,15 +15,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements/constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy,hf]'
+	# setuptools' "Editable installation" banner warns about a folder named like the package: that folder is the package
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/z0inf demo --auto-review
+	$(BIN)/z0inf demo
 	@echo
-	@echo "next: make review (decide on http://127.0.0.1:8765), make dev (Dagster), make mlflow-ui (MLflow)"
+	@echo "next: make review (round 2 is pending on http://127.0.0.1:8765), make dev (Dagster), make mlflow-ui (MLflow)"
 	@echo "to paste the z0inf / mlflow commands above into this shell, first run:"
 	@echo "  source $(VENV)/bin/activate && export DAGSTER_HOME=$(DAGSTER_HOME)"
 

@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/accuracy.py          # full suite: writes benchmarks/results/accuracy.{md,json}
     nice -n 10 python benchmarks/accuracy.py --quick  # smoke run: few models, to benchmarks/results/cache/quick/
+    nice -n 5 python benchmarks/accuracy.py --counts  # only the flag-count section (cheap), into the existing results
 
 The suite (``CASES``) spans four datasets (digits, breast_cancer, wine, mnist1d), three models (logreg,
 MLP, CNN), two optimisers (SGD with momentum and a cosine schedule, AdamW), training from scratch and
@@ -59,7 +60,7 @@ from z0inf_pipeline.influence import (
 from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
-from z0inf_pipeline.review.policy import FlagPolicy
+from z0inf_pipeline.review.policy import FlagPolicy, flag_scores
 from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -416,6 +417,7 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
     if case.noisy:
         values, flags, seconds = cleanlab_scores(run, cache)
         report.add("peers", case=name, method="cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
+    evaluate_counts(report, case, run, work, cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +531,88 @@ def forward_access(run: TrainResult) -> ForwardAccess:
     train_split, test_split = run.bundle.train, run.bundle.test
     return ForwardAccess(lambda: build_model(run.model_spec), (train_split.features, train_split.labels),
                          (test_split.features, test_split.labels), cross_entropy_per_example)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The flag count: the default queue against the injected flips, beside cleanlab; clean twins
+# ---------------------------------------------------------------------------------------------
+
+
+def _f1(flagged: np.ndarray, flipped: np.ndarray) -> float:
+    hits = int((flagged & flipped).sum())
+    return 2 * hits / (int(flagged.sum()) + int(flipped.sum())) if hits else 0.0
+
+
+def default_queue(run: TrainResult) -> np.ndarray:
+    """The default policy's flags on a run (its loss-table signals and labels, no reviewed ancestor)."""
+    losses = read_loss_table(run.train_losses)
+    if not np.array_equal(losses.example_ids, run.bundle.train.example_ids):
+        raise RuntimeError("loss table columns are not in the run's example order")
+    frame = pd.DataFrame(loss_signals(losses.values.double()))
+    return flag_scores(frame, FlagPolicy(), labels=run.bundle.train.labels.numpy()).flagged
+
+
+def evaluate_counts(report: Report, case: Case, run: TrainResult, work: Path, cache: Path) -> None:
+    """Section ``counts``: the default queue's size and F1 against the injected flips beside cleanlab's
+    (its own count, 5-fold out-of-fold as in the peers), and for a noisy case the same recipe trained on
+    clean labels from scratch (no reviewed ancestor): how many it flags, as a share and against its twin."""
+    flipped = np.isin(run.bundle.train.example_ids, run.bundle.flipped_ids)
+    queue = default_queue(run)
+    row = dict(case=case.name, train_examples=len(flipped), flips=int(flipped.sum()), queue_flagged=int(queue.sum()))
+    if case.noisy:
+        _, cleanlab, _ = cleanlab_scores(run, cache)
+        twin = train(replace(case.config, label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
+        clean_flagged = int(default_queue(twin).sum())
+        row.update(queue_f1=_f1(queue, flipped), cleanlab_flagged=int(cleanlab.sum()),
+                   cleanlab_f1=_f1(cleanlab.astype(bool), flipped), clean_twin_flagged=clean_flagged,
+                   clean_twin_rate=clean_flagged / len(flipped), clean_vs_noisy=clean_flagged / max(int(queue.sum()), 1))
+    else:
+        row.update(clean_rate=int(queue.sum()) / len(flipped))
+    report.add("counts", **row)
+
+
+def count_lines(report: Report) -> list[str]:
+    """The count targets: queue F1 >= cleanlab's on every noisy case; a clean run flags <= 1/3 of its noisy
+    twin and <= 3% of its training set."""
+    counts = report.frame("counts")
+    if counts.empty:
+        return []
+    noisy = counts[counts["flips"] > 0]
+    lines = []
+    if len(noisy):
+        missed = noisy[noisy["queue_f1"] < noisy["cleanlab_f1"]]
+        lines.append("- default queue F1 >= cleanlab's (own count, 5-fold out-of-fold) on every noisy case: "
+                     + ("met" if missed.empty else "MISSED on " + "; ".join(
+                         f"{r.case} ({r.queue_f1:.3f} vs {r.cleanlab_f1:.3f})" for r in missed.itertuples()))
+                     + f" (mean {noisy['queue_f1'].mean():.3f} vs {noisy['cleanlab_f1'].mean():.3f})")
+        bad = noisy[(noisy["clean_twin_rate"] > 0.03) | (noisy["clean_vs_noisy"] > 1 / 3)]
+        lines.append("- clean twin flags <= 1/3 of its noisy run and <= 3% of its training set: "
+                     + ("met" if bad.empty else "MISSED on " + "; ".join(
+                         f"{r.case} ({r.clean_twin_flagged} = {r.clean_twin_rate:.1%}, {r.clean_vs_noisy:.2f}x)"
+                         for r in bad.itertuples()))
+                     + f" (worst rate {noisy['clean_twin_rate'].max():.1%})")
+    clean = counts[counts["flips"] == 0]
+    if len(clean):
+        over = clean[clean["clean_rate"] > 0.03]
+        lines.append("- clean suite cases flag <= 3%: " + ("met" if over.empty else "MISSED on " + "; ".join(
+            f"{r.case} ({r.queue_flagged} = {r.clean_rate:.1%})" for r in over.itertuples())))
+    return lines
+
+
+def counts_only(out: Path, cache: Path, cases: int | None) -> Report:
+    """``--counts``: recompute the ``counts`` section alone into the folder's accuracy.json (cheap: one
+    training per case, its clean twin and cleanlab's 5 cached folds)."""
+    path = out / "accuracy.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {"sections": {}, "notes": {}}
+    report = Report(saved["sections"], saved["notes"])
+    report.sections["counts"] = []
+    with tempfile.TemporaryDirectory(prefix="z0inf-counts.") as tmp:
+        for index, case in enumerate(CASES[:cases]):
+            run = train(case.config, Path(tmp) / f"case-{index}")
+            evaluate_counts(report, case, run, Path(tmp), cache)
+    path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1, default=float))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,6 +811,18 @@ def targets(report: Report, tables: dict[str, pd.DataFrame]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def count_table(report: Report) -> str:
+    """Per case: flips, the default queue's size and F1, cleanlab's, and the clean twin's flags; then the mean."""
+    counts = report.frame("counts")
+    if counts.empty:
+        return "not measured (run with --counts)"
+    table = _with_mean(counts.set_index("case").drop(columns=["train_examples"]).astype(float))
+    shown = table.copy().astype(object)
+    for column in [c for c in table if c in ("flips", "queue_flagged", "cleanlab_flagged", "clean_twin_flagged")]:
+        shown[column] = [f"{v:.0f}" if v == v else "n/a" for v in table[column]]
+    return markdown(shown)
+
+
 def markdown(frame: pd.DataFrame, index: str | None = "case") -> str:
     frame = frame.reset_index().rename(columns={"index": index}) if index else frame
 
@@ -810,6 +906,10 @@ Suite choice: {json.dumps(tt_choice)}; coded train-test defaults {'equal' if tt_
 
 {markdown(tables['auroc']) if 'auroc' in tables else 'no noisy case'}
 
+## Flag count: the default queue against the injected flips, beside cleanlab
+
+{count_table(report)}
+
 ## How the defaults were chosen (suite means, never one case)
 
 Z0-Inf settings by suite-mean Spearman against SSRT self-influence (AUPRC: mean over the noisy cases);
@@ -829,7 +929,7 @@ Coded defaults {'equal the suite choice' if agrees else 'DIFFER from the suite c
 
 ## Targets
 
-""" + "\n".join(targets(report, tables) + train_test_targets(report, tt_lds, tt_cost)) + "\n"
+""" + "\n".join(targets(report, tables) + train_test_targets(report, tt_lds, tt_cost) + count_lines(report)) + "\n"
     path = out / "accuracy.md"
     path.write_text(text)
     return path
@@ -847,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
     parser.add_argument("--lm-only", action="store_true",
                         help="run only the LM cases and merge their rows into the folder's accuracy.json")
+    parser.add_argument("--counts", action="store_true",
+                        help="only the flag-count section (queue and cleanlab F1, clean twins), into the existing results")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite accuracy.md from the folder's accuracy.json (after changing a default)")
     args = parser.parse_args(argv)
@@ -856,6 +958,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("trak").setLevel(logging.ERROR)
+    if args.counts:
+        report = counts_only(out, args.cache, args.cases)
+        if "suite_choice" in report.notes:
+            write_markdown(report, out, args.quick, report.notes["total_seconds"])
+        print(count_table(report), *count_lines(report), sep="\n")
+        return 0
     if args.report_only:
         saved = json.loads((out / "accuracy.json").read_text())
         report = Report(saved["sections"], saved["notes"])

@@ -141,7 +141,7 @@ def section_variance(args) -> None:
           f"(ratio {t_si / t_var:.2f}x, target <= 2k = {2 * k}x)")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -151,7 +151,7 @@ def _peak_rss_bytes() -> int:
 
 def _child(kind: str, folder: str, max_elements: int, device: str) -> None:
     """Runs in a fresh process so that its peak RSS is its own."""
-    base = _peak_rss_bytes()
+    base = peak_rss_bytes()
     paths = sorted(Path(folder).glob("*.safetensors"))
     if device == "cuda":
         torch.zeros(1, device=device)  # start the CUDA context outside the timed region
@@ -165,10 +165,10 @@ def _child(kind: str, folder: str, max_elements: int, device: str) -> None:
                 while fh.readinto(buffer):
                     pass
     seconds = time.perf_counter() - start
-    print(f"{seconds} {base} {_peak_rss_bytes()}")
+    print(f"{seconds} {base} {peak_rss_bytes()}")
 
 
-def _evict(folder: str) -> None:
+def evict_page_cache(folder: str) -> None:
     """Drop the files from the page cache, so the next read comes from the disk (a cold read)."""
     for path in Path(folder).iterdir():
         fd = os.open(path, os.O_RDONLY)
@@ -180,7 +180,7 @@ def _evict(folder: str) -> None:
 
 def _run_child(kind: str, folder: str, max_elements: int, cold: bool = False) -> tuple[float, int, int]:
     if cold:
-        _evict(folder)
+        evict_page_cache(folder)
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, folder, str(max_elements), DEVICE.type],
         capture_output=True, text=True, check=True,

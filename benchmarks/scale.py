@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimators import _evict, _peak_rss_bytes, median_seconds  # noqa: E402
+from estimators import evict_page_cache, median_seconds, peak_rss_bytes  # noqa: E402
 
 from z0inf_pipeline.influence import gram_matrix, save_checkpoint, train_test_topk  # noqa: E402
 from z0inf_pipeline.influence.estimators import influence_features  # noqa: E402
@@ -86,11 +86,11 @@ def write_run_folder(folder: Path, n_train: int, n_test: int, dim: int, seed: in
 def log_synthetic_run(tracking_uri: str, n_train: int, dim: int, work: Path) -> str:
     from z0inf_pipeline.tracking.client import tracking_client
     from z0inf_pipeline.tracking.contract import SOURCE_TAG
-    from z0inf_pipeline.tracking.logger import _RunWriter
+    from z0inf_pipeline.tracking.logger import RunWriter
 
     folder = work / f"run-{n_train}"
     rows = write_run_folder(folder, n_train, n_train // 10, dim, seed=n_train)
-    writer = _RunWriter(tracking_client(tracking_uri), "scale", run_name=f"synthetic-N{n_train}",
+    writer = RunWriter(tracking_client(tracking_uri), "scale", run_name=f"synthetic-N{n_train}",
                         tags={SOURCE_TAG: "benchmarks/scale.py"}, parent_run_id=None)
     writer.log_params({"n_train": n_train, "n_test": n_train // 10})
     for row in rows:
@@ -107,7 +107,7 @@ def influence_child(run_id: str) -> None:
     start = time.perf_counter()
     outcome = run_job(instance, "influence_job", run_id)
     print(json.dumps({"success": outcome.success, "seconds": time.perf_counter() - start,
-                      "steps": outcome.step_seconds, "failures": outcome.failures, "peak_rss": _peak_rss_bytes()}))
+                      "steps": outcome.step_seconds, "failures": outcome.failures, "peak_rss": peak_rss_bytes()}))
 
 
 def section_pipeline(args) -> None:
@@ -171,11 +171,11 @@ def topk_child(n: int, m: int, m_timed: int) -> None:
     gram = weights @ weights.T
     train = (torch.rand(T, n, generator=gen) * torch.linspace(2, 0.2, T)[:, None]).float()
     test = (torch.rand(T, m_timed, generator=gen) * torch.linspace(2, 0.2, T)[:, None]).float()
-    base = _peak_rss_bytes()
+    base = peak_rss_bytes()
     start = time.perf_counter()
     train_test_topk(gram, train, test, k=10)
     t_topk = time.perf_counter() - start
-    peak_topk = _peak_rss_bytes()
+    peak_topk = peak_rss_bytes()
     features = influence_features(gram, train, test, 2, None, "order")
     a, b = features.train, features.test
     block = max(1, (1 << 26) // n)
@@ -286,7 +286,7 @@ def section_gram(args) -> None:
 
         def child(kind: str, cold: bool) -> float:
             if cold:
-                _evict(folder)
+                evict_page_cache(folder)
             out = subprocess.run([sys.executable, __file__, "--gram-child", kind, folder],
                                  capture_output=True, text=True, check=True)
             return float(out.stdout.split()[-1])

@@ -215,3 +215,57 @@ def _run(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+# --- Redis: Debian's server, started in a temporary folder for the session -----------------------------
+
+REDIS_REQUIRED_ENV = "Z0INF_REQUIRE_REDIS"  # .ci/run sets it: a missing server fails instead of skipping
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Debian's ``redis-server`` on a free port of 127.0.0.1, its files in a fresh temp folder, nothing
+    persisted; ready once it answers PING, stopped and removed at teardown. Skips only where the server is
+    not installed and ``$Z0INF_REQUIRE_REDIS`` is unset (CI sets it)."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server not found (apt-get install redis-server)"
+        if os.environ.get(REDIS_REQUIRED_ENV):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="z0inf-redis-"))
+    try:
+        for attempt in range(3):  # another process may take the free port before the server binds it
+            port = _free_port()
+            log_path = root / f"redis-{attempt}.log"
+            process = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root), "--save", "",
+                 "--appendonly", "no", "--daemonize", "no", "--logfile", str(log_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            try:
+                client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+                deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+                while process.poll() is None and time.monotonic() < deadline:
+                    try:
+                        if client.ping():
+                            yield RedisServer(port)
+                            return
+                    except redis.RedisError:
+                        time.sleep(0.2)
+            finally:
+                _stop(process)
+        pytest.fail(f"redis-server did not start:\n{_tail(log_path)}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -6,11 +6,11 @@ import dagster as dg
 from z0inf_pipeline.defs.assets import ALL_ASSETS
 from z0inf_pipeline.defs.checks import ALL_CHECKS
 from z0inf_pipeline.defs.jobs import ALL_JOBS
-from z0inf_pipeline.defs.partitions import RUN_OUTPUTS_KEY
+from z0inf_pipeline.defs.partitions import LOSS_SHARDS_KEY, RUN_OUTPUTS_KEY
 from z0inf_pipeline.defs.recovery import orphaned_runs
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
 from z0inf_pipeline.defs.sensors import new_mlflow_runs
-from z0inf_pipeline.defs.storage import RunOutputsIOManager
+from z0inf_pipeline.defs.storage import LossShardsIOManager, RunOutputsIOManager
 
 
 def resources(mlflow: MlflowResource | None = None, **overrides) -> dict:
@@ -22,6 +22,7 @@ def resources(mlflow: MlflowResource | None = None, **overrides) -> dict:
         "compute": ComputeResource(),
         "decisions": DecisionStoreResource(),
         RUN_OUTPUTS_KEY: RunOutputsIOManager(mlflow=mlflow),
+        LOSS_SHARDS_KEY: LossShardsIOManager(),
         **overrides,
     }
 

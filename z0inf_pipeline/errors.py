@@ -9,7 +9,8 @@ Every message names the input (file, column, run, setting, URI) it is about.
     │   ├── ConfigurationError  a setting, YAML file, tracking URI or allow-list is wrong
     │   └── ReviewError       the review store or a review decision is unusable
     └── ServiceUnavailable    a service did not answer in time: retry later, nothing is wrong with the input
-        └── MlflowUnavailable
+        ├── MlflowUnavailable
+        └── CeleryBrokerUnavailable
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class ServiceUnavailable(Z0infError):
 
 class MlflowUnavailable(ServiceUnavailable):
     """The MLflow tracking store did not answer within its time bound."""
+
+
+class CeleryBrokerUnavailable(ServiceUnavailable):
+    """The Celery broker (Redis) of the celery code location did not answer when a run started."""
 
 
 def named_error(class_name: str, message: str, *, where: str = "") -> Z0infError | None:

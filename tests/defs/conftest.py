@@ -29,15 +29,16 @@ STAGES = [
 ]
 
 
-def flagged_by_default_policy(scores: pd.DataFrame) -> set[int]:
-    """The example ids the default flag policy flags in a fresh run, recomputed with scikit-learn's EM
-    (not the pipeline's): the high component of a two-Gaussian mixture on mean_loss, posterior > 0.5
-    and above the low mean, at most ``max_flagged`` highest. Started as the policy documents (lower
-    half, top tenth) so that both fits find the same optimum."""
+def flagged_by_default_policy(scores: pd.DataFrame, examples: pd.DataFrame) -> set[int]:
+    """The example ids the default flag policy flags in a fresh run, recomputed here (not the pipeline's
+    code): the fewer of (a) the high component of a two-Gaussian mixture on mean_loss (scikit-learn EM,
+    posterior > 0.5 and above the low mean, started from the lower half and the top tenth as the policy
+    documents) and (b) confident learning's count (examples whose exp(-mean_loss) leaves room for another
+    class's mean exp(-mean_loss); labels from the run's ``examples`` table), highest mean_loss first, at most ``max_flagged``."""
     from sklearn.mixture import GaussianMixture
 
     policy = FlagPolicy()
-    assert (policy.score, policy.method, policy.posterior) == ("mean_loss", "mixture", 0.5), "defaults changed"
+    assert (policy.score, policy.method, policy.posterior) == ("mean_loss", "confident", 0.5), "defaults changed"
     x = scores["mean_loss"].to_numpy(dtype=np.float64)
     groups = [x[x <= np.quantile(x, 0.5)], x[x >= np.quantile(x, 0.9)]]
     mixture = GaussianMixture(
@@ -45,9 +46,13 @@ def flagged_by_default_policy(scores: pd.DataFrame) -> set[int]:
         weights_init=[0.9, 0.1], means_init=[[g.mean()] for g in groups], precisions_init=[[[1 / g.var()]] for g in groups],
     ).fit(x[:, None])
     high, low = np.argmax(mixture.means_[:, 0]), np.argmin(mixture.means_[:, 0])
-    flagged = (mixture.predict_proba(x[:, None])[:, high] > 0.5) & (x > mixture.means_[low, 0])
-    ids = scores["example_id"].to_numpy()[flagged]
-    return set(ids[np.argsort(-x[flagged], kind="stable")[: policy.max_flagged]].tolist())
+    mixture_count = int(((mixture.predict_proba(x[:, None])[:, high] > 0.5) & (x > mixture.means_[low, 0])).sum())
+    train = examples[examples["split"] == "train"].set_index("example_id")
+    p, labels = np.exp(-x), train.loc[scores["example_id"], "label"].to_numpy()
+    class_mean = {c: p[labels == c].mean() for c in np.unique(labels)}
+    confident = sum(p[i] <= 1 - min(t for c, t in class_mean.items() if c != labels[i]) for i in range(len(x)))
+    count = min(mixture_count, int(confident), policy.max_flagged)
+    return set(scores["example_id"].to_numpy()[np.argsort(-x, kind="stable")[:count]].tolist())
 
 
 def pytest_configure(config):

@@ -19,12 +19,13 @@ from z0inf_pipeline.defs.assets import (
     training_run,
     weight_gram,
 )
-from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig, LossTableConfig
+from z0inf_pipeline.defs.config import EstimatorConfig, GramConfig
 from z0inf_pipeline.defs.metadata import rounded
 from z0inf_pipeline.defs.provenance import SOURCE_ATTR, content_hash, verify_scores
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
 from z0inf_pipeline.defs.storage import LossTables
 from z0inf_pipeline.review import RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 
 from .conftest import TINY, flagged_by_default_policy
@@ -47,11 +48,13 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
             examples = _value(training_run(context, mlflow=mlflow))
             pd.testing.assert_frame_equal(examples, pd.read_parquet(run.examples))
 
-            tables = _value(
-                loss_tables(
-                    context, LossTableConfig(source="logged"), training_run=examples, mlflow=mlflow, compute=compute
-                )
-            )
+            tables = dg.materialize_to_memory(
+                [training_run, loss_tables],
+                partition_key=run_id,
+                instance=instance,
+                resources={"mlflow": mlflow, "compute": compute},
+                run_config={"ops": {"loss_tables": {"config": {"source": "logged"}}}},
+            ).output_for_node("loss_tables")
             assert isinstance(tables, LossTables) and tables.predictions is None
             logged = pd.read_parquet(run.train_losses)
             pd.testing.assert_frame_equal(tables.frame("train"), logged, check_dtype=False)
@@ -79,7 +82,8 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
     # float32 losses: agreement to float32 rounding (an ignored eta would be off by a factor of 20)
     np.testing.assert_allclose(weighted, recipe.lr * uniform, rtol=2e-6, atol=0)
     # Nothing was written where the pipeline keeps its outputs: invocation passed values only.
-    assert not RunLayout.for_run(run_id).root.exists()
+    root = RunLayout.for_run(run_id, outputs_base()).root  # in memory: only the GX validations are stored, in the run's gx/
+    assert not root.exists() or [p.name for p in root.iterdir()] == ["gx"]
 
 
 def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
@@ -99,7 +103,7 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         )
     assert result.success
     queue = result.output_for_node("review_queue")
-    expected = flagged_by_default_policy(result.output_for_node("self_influence"))
+    expected = flagged_by_default_policy(result.output_for_node("self_influence"), result.output_for_node("training_run"))
     assert set(queue.queue["example_id"]) == expected and len(expected) > 0
     assert queue.flagged_grid is None
     assert Image.open(io.BytesIO(queue.histogram)).format == "PNG"
@@ -109,7 +113,8 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         if e.event_specific_data.materialization.asset_key.to_user_string() == "review_queue"
     )
     assert "flagged_examples" not in metadata and "data:image/png;base64," in metadata["flag_score_histogram"].value
-    assert not RunLayout.for_run(run_id).root.exists()
+    root = RunLayout.for_run(run_id, outputs_base()).root  # in memory: only the GX validations are stored, in the run's gx/
+    assert not root.exists() or [p.name for p in root.iterdir()] == ["gx"]
 
 
 @pytest.mark.parametrize(

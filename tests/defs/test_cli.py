@@ -10,21 +10,22 @@ import dagster as dg
 import pandas as pd
 
 from z0inf_pipeline.cli import main
-from z0inf_pipeline.cli.pipeline import AUTO_REVIEWER, DEMO_CONFIG
+from z0inf_pipeline.cli.pipeline import DEMO_CONFIG, SIMULATED_REVIEWER
 from z0inf_pipeline.defs.config import TrainingConfig
 from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.training import TrainConfig
 from z0inf_pipeline.tracking import fetch_run
 
 
 def test_demo_then_review_then_materialize_retrain(dagster_home, tracking_uri, capsys):
-    assert main(["demo", "--epochs", "3", "--checkpoints", "4"]) == 0
+    assert main(["demo", "--stop-at-gate", "--epochs", "3", "--checkpoints", "4"]) == 0
     out = capsys.readouterr().out
     run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
     assert "review gate BLOCKED" in out and "retraining did NOT run" in out
-    assert f"z0inf review decide {run_id}" in out and "z0inf demo --auto-review" in out
+    assert f"z0inf review decide {run_id}" in out and "without --stop-at-gate" in out
     precision, recall = map(float, re.search(r"precision ([0-9.]+), recall ([0-9.]+)", out).groups())
-    layout = RunLayout.for_run(run_id)
+    layout = RunLayout.for_run(run_id, outputs_base())
     examples = pd.read_parquet(layout.examples)
     queue = pd.read_parquet(layout.review_queue)
     flipped = set(examples.loc[examples["flipped"], "example_id"])
@@ -63,25 +64,33 @@ def test_train_job_defaults_are_the_library_recipe_without_noise():
     assert DEMO_CONFIG == replace(TrainConfig(), label_noise=0.1)
 
 
-def test_demo_auto_review_runs_the_whole_graph_as_make_demo_does(dagster_home, tracking_uri, capsys):
-    """`make demo` runs `z0inf demo --auto-review`: blocked, every flagged example dropped by the stand-in
-    reviewer, the gated retrain passes and logs a retrained run without them."""
-    assert main(["demo", "--auto-review", "--epochs", "3", "--checkpoints", "4"]) == 0
+def test_make_demo_leaves_round_two_pending_after_a_simulated_round_one(dagster_home, tracking_uri, capsys):
+    """`make demo` runs `z0inf demo`: round 1 blocked, then decided by the simulated reviewer (injected flips
+    relabelled to their label, the rest kept), the gated retrain passes, and the retrained run is analysed
+    with flagged examples left PENDING for a person."""
+    assert main(["demo", "--epochs", "3", "--checkpoints", "4"]) == 0
     out = capsys.readouterr().out
     run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
     assert "review gate BLOCKED" in out and "review gate open" in out and "Traceback" not in out
-    layout = RunLayout.for_run(run_id)
+    assert "SIMULATED reviewer" in out
+    layout = RunLayout.for_run(run_id, outputs_base())
     queue = pd.read_parquet(layout.review_queue)
-    history = DecisionStore.open().history(run_id)
-    assert set(history["reviewer"]) == {AUTO_REVIEWER} and set(history["action"]) == {"drop"}
-    assert sorted(history["example_id"]) == sorted(queue["example_id"])
+    examples = pd.read_parquet(layout.examples).set_index("example_id")
+    history = DecisionStore.open().history(run_id).set_index("example_id")
+    assert set(history["reviewer"]) == {SIMULATED_REVIEWER} and sorted(history.index) == sorted(queue["example_id"])
+    flipped = examples.loc[history.index, "flipped"]
+    assert (history.loc[flipped, "action"] == "relabel").all() and (history.loc[~flipped, "action"] == "keep").all()
+    relabelled = history[history["action"] == "relabel"]
+    assert (relabelled["label"] == examples.loc[relabelled.index, "original_label"]).all()
 
     summary = pd.read_parquet(layout.retrained).iloc[0]
     child = fetch_run(summary["retrained_run_id"], tracking_uri=tracking_uri)
     assert child.tags["z0inf.parent_run_id"] == run_id and f"retrained MLflow run {child.run_id}" in out
-    examples = pd.read_parquet(layout.examples)
-    trained = pd.read_parquet(child.examples)
-    expected = set(examples.loc[examples["split"] == "train", "example_id"]) - set(queue["example_id"])
-    assert set(trained.loc[trained["split"] == "train", "example_id"]) == expected
+    assert summary["relabelled"] == flipped.sum() and summary["dropped"] == 0
+    pending = int(re.search(r"(\d+) PENDING for you", out).group(1))
+    child_queue = pd.read_parquet(RunLayout.for_run(child.run_id, outputs_base()).review_queue)
+    decided = set(history.index)
+    assert pending == len(set(child_queue["example_id"]) - decided) and pending > 0
     with dg.DagsterInstance.get() as instance:
-        assert sorted(r.job_name for r in instance.get_runs()) == ["influence_job", "retrain_job", "retrain_job"]
+        assert sorted(r.job_name for r in instance.get_runs()) == [
+            "influence_job", "influence_job", "retrain_job", "retrain_job"]

@@ -12,8 +12,9 @@ from z0inf_pipeline.defs.assets import INFLUENCE_ASSETS
 from z0inf_pipeline.defs.checks import ALL_CHECKS
 from z0inf_pipeline.defs.partitions import PER_RUN
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource
-from z0inf_pipeline.defs.storage import RunOutputsIOManager
+from z0inf_pipeline.defs.storage import LossShardsIOManager, RunOutputsIOManager
 from z0inf_pipeline.review import DecisionStore, RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import list_contract_runs
 
 
@@ -37,6 +38,7 @@ def test_failing_blocking_gx_check_stops_the_downstream_assets(instance, contrac
             "compute": ComputeResource(device="cpu"),
             "decisions": DecisionStoreResource(),
             "run_outputs": RunOutputsIOManager(mlflow=mlflow),
+            "loss_shards": LossShardsIOManager(),
         },
         run_config={"ops": {"loss_tables": {"config": {"source": "logged"}}}},
         raise_on_error=False,
@@ -51,7 +53,7 @@ def test_failing_blocking_gx_check_stops_the_downstream_assets(instance, contrac
         e.event_specific_data.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()
     }
     assert materialised == {"training_run", "loss_tables"}
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     assert not layout.gram.exists() and not layout.self_influence.exists()
 
 
@@ -66,7 +68,7 @@ def test_materialize_exit_codes_and_scores_edited_after_the_check_keep_the_gate_
 
     assert main(["materialize", "influence", "--run", contract_run]) == 0
     capsys.readouterr()
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     queue = pd.read_parquet(layout.review_queue)
 
     # No decisions: the gate blocks, and the output ends with what to do, not a traceback.

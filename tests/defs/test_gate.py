@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, list_contract_runs
 from z0inf_pipeline.training import load_dataset
 
@@ -24,7 +25,7 @@ def materialised(result) -> set[str]:
 
 def test_gate_blocks_retraining_until_flagged_examples_are_decided(instance, contract_run, tracking_uri, capsys):
     assert execute(instance, "influence_job", contract_run).success
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
 
     blocked = execute(instance, "retrain_job", contract_run)
     assert not blocked.success
@@ -109,12 +110,12 @@ def test_gate_blocks_retraining_until_flagged_examples_are_decided(instance, con
     # The retrained run is a contract run like any other: the next curation round can start on it.
     next_round = execute(instance, "influence_job", child_id)
     assert next_round.success
-    assert len(pd.read_parquet(RunLayout.for_run(child_id).self_influence)) == len(parent_train) - len(drop)
+    assert len(pd.read_parquet(RunLayout.for_run(child_id, outputs_base()).self_influence)) == len(parent_train) - len(drop)
 
 
 def test_decide_refuses_ids_that_are_not_training_examples(instance, contract_run, capsys):
     assert execute(instance, "influence_job", contract_run).success
-    examples = pd.read_parquet(RunLayout.for_run(contract_run).examples)
+    examples = pd.read_parquet(RunLayout.for_run(contract_run, outputs_base()).examples)
     test_id = int(examples.loc[examples["split"] == "test", "example_id"].iloc[0])
     assert main(["review", "decide", contract_run, str(test_id), "--action", "drop"]) == 2
     assert "not training examples" in capsys.readouterr().err

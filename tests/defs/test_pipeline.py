@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.influence.analysis import TrainTestArguments
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import load_dataset
 
@@ -37,8 +40,19 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     assert len(evaluations) == len(all_checks) == 7
     assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
 
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     client = MlflowClient(tracking_uri)
+    # Every GX check links to its stored validation and its Data Docs page, and the MLflow run holds them.
+    docs_root = layout.gx_folder / "uncommitted" / "data_docs" / "local_site"
+    for evaluation in evaluations:
+        pages = [v.value for k, v in evaluation.metadata.items() if k.startswith("data_docs_")]
+        if evaluation.check_name == "gram_is_valid":
+            assert not pages  # checked in numpy: no table to validate
+            continue
+        assert pages and all(Path(p).is_file() and Path(p).is_relative_to(docs_root) for p in pages)
+        logged = Path(pages[0]).relative_to(layout.gx_folder).parent.as_posix()
+        assert {Path(a.path).name for a in client.list_artifacts(contract_run, f"gx/{logged}")} >= {Path(pages[0]).name}
+    assert client.list_artifacts(contract_run, "gx/uncommitted/data_docs/local_site/static")
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
     assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {
@@ -54,7 +68,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     metrics = client.get_run(contract_run).data.metrics
     scores = pd.read_parquet(layout.self_influence)
     si = scores["self_influence"].to_numpy()
-    expected_flagged = flagged_by_default_policy(scores)
+    expected_flagged = flagged_by_default_policy(scores, pd.read_parquet(layout.examples))
     assert metrics["z0inf.self_influence_q90"] == pytest.approx(np.quantile(si, 0.9))
     assert metrics["z0inf.self_influence_max"] == pytest.approx(si.max())
     assert metrics["z0inf.flagged_fraction"] == pytest.approx(len(expected_flagged) / len(si))
@@ -110,8 +124,9 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
     assert metadata["review_queue"].value.startswith("| rank | example_id | flag_score | percentile | rank among all | flagged_by |")
     run_name = MlflowClient(tracking_uri).get_run(contract_run).info.run_name
     assert metadata["mlflow_run_id"].value == contract_run and metadata["mlflow_run_name"].value == run_name
-    assert f"run {run_name} ({contract_run})" in metadata["mlflow_run"].value  # local store: the `mlflow ui` text
-    assert "mlflow ui --backend-store-uri" in metadata["mlflow_run"].value
+    # a local store: the link points at `make mlflow-ui`'s address, in the "Model training" view
+    assert metadata["mlflow_run"].value.endswith(f"/runs/{contract_run}?workflowType=machine_learning")
+    assert "make mlflow-ui" in metadata["mlflow_run_ui"].value
     assert metadata["flagged_fraction"].value == round(metadata["flagged_fraction"].value, 3)
     assert "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert "data:image/png;base64," in metadata["flagged_examples"].value
@@ -138,7 +153,7 @@ def test_zero_one_loss_tables_recomputed_on_the_compute_device(instance, contrac
     result = execute(instance, "influence_job", contract_run, config)
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
-    layout = RunLayout.for_run(contract_run)
+    layout = RunLayout.for_run(contract_run, outputs_base())
     test = read_loss_table(layout.test_losses)
     assert set(np.unique(test.values.numpy())) <= {0.0, 1.0}
     # The last column's mean error is one minus the test accuracy the trainer logged at the last step.

@@ -61,7 +61,11 @@ def test_the_analysed_run_is_fetched_once_and_named_in_links(tracking_uri):
     name = MlflowClient(tracking_uri).get_run(run_id).info.run_name
     metadata = resource.run_metadata(run_id)
     assert metadata["mlflow_run_id"].value == run_id and metadata["mlflow_run_name"].value == name
-    assert metadata["mlflow_run"].value.startswith(f"run {name} ({run_id}): start `mlflow ui --backend-store-uri")
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    assert metadata["mlflow_run"].value == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    )
+    assert "make mlflow-ui" in metadata["mlflow_run_ui"].value
 
 
 @pytest.mark.mlflow_server
@@ -74,4 +78,4 @@ def test_a_run_on_a_tracking_server_is_linked_by_url(mlflow_server, tmp_path, mo
     experiment = MlflowClient(mlflow_server).get_run(run_id).info.experiment_id
     link = MlflowResource(tracking_uri=mlflow_server).run_metadata(run_id)["mlflow_run"]
     assert isinstance(link, dg.UrlMetadataValue)
-    assert link.value == f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}"
+    assert link.value == f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"

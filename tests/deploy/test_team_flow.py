@@ -9,6 +9,7 @@ import pytest
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import RunLayout
+from z0inf_pipeline.review.layout import outputs_base
 
 from .conftest import query
 
@@ -34,7 +35,7 @@ def test_train_influence_review_retrain_on_team_services(
     assert main(["materialize", "retrain", "--run", run_id]) == 0
     capsys.readouterr()
 
-    flagged = len(pd.read_parquet(RunLayout.for_run(run_id).review_queue))
+    flagged = len(pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).review_queue))
     assert flagged > 0
     assert query(postgres_server, review_database, "SELECT count(*), min(action), max(action) FROM decisions "
                  "WHERE run_id = %s", (run_id,)) == [(flagged, "drop", "drop")]

@@ -73,33 +73,56 @@ def _bimodal(seed=0, n_low=900, n_high=100):
     return np.concatenate([rng.normal(0.2, 0.05, n_low), rng.normal(2.0, 0.4, n_high)])
 
 
-def test_mixture_em_matches_sklearn_gaussian_mixture():
-    from sklearn.mixture import GaussianMixture
+def test_confident_count_matches_a_per_example_reading_of_confident_learning():
+    """Each example checked on its own: does any other class's threshold fit in 1 - p(given label)?"""
+    from z0inf_pipeline.review.policy import confident_error_count
 
-    from z0inf_pipeline.review.policy import fit_mixture
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 500)
+    mean_loss = rng.exponential(0.4, 500)
+    p = np.exp(-mean_loss)
+    thresholds = {c: p[labels == c].mean() for c in range(4)}
+    expected = sum(any(p[i] <= 1 - thresholds[c] for c in range(4) if c != labels[i]) for i in range(500))
+    assert confident_error_count(mean_loss, labels) == expected > 0
+    assert confident_error_count(mean_loss, np.zeros(500, dtype=int)) == 0  # one class: nothing to confuse
 
-    x = _bimodal()
-    ours = fit_mixture(x)
-    theirs = GaussianMixture(2, tol=1e-12, max_iter=2000, random_state=0).fit(x[:, None])
-    order = np.argsort(theirs.means_[:, 0])
-    np.testing.assert_allclose(ours.means, theirs.means_[order, 0], rtol=1e-4)
-    np.testing.assert_allclose(ours.stds, np.sqrt(theirs.covariances_[order, 0, 0]), rtol=1e-3)
-    np.testing.assert_allclose(ours.weights, theirs.weights_[order], rtol=1e-4)
-    np.testing.assert_allclose(ours.high_posterior(x), theirs.predict_proba(x[:, None])[:, order[1]], atol=1e-4)
+
+def _scores_frame(mean_loss):
+    import pandas as pd
+
+    return pd.DataFrame({"example_id": np.arange(len(mean_loss)), "mean_loss": mean_loss,
+                         "confidence": np.exp(-mean_loss)})
+
+
+def test_confident_policy_follows_the_noise_where_the_mixture_finds_a_group_anyway():
+    """Clean labels with a long tail of hard examples: the mixture still finds a high group, confident
+    learning's count (and so the default) flags almost nothing; flipped labels: both flag them."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 1000)
+    clean = rng.gamma(1.0, 0.05, 1000)  # p(given label) mostly > 0.9, a tail down to ~0.6
+    assert flag_scores(clean, FlagPolicy(method="mixture")).count > 30
+    assert flag_scores(_scores_frame(clean), FlagPolicy(), labels=labels).count <= 3
+    noisy = clean.copy()
+    noisy[:100] = rng.normal(2.5, 0.3, 100)  # 100 wrong labels: p(given label) ~ 0.08
+    flags = flag_scores(_scores_frame(noisy), FlagPolicy(), labels=labels)
+    assert 90 <= flags.count <= 110 and flags.flagged[:100].mean() > 0.9
+    # without labels the count is the mixture's
+    assert flag_scores(_scores_frame(clean), FlagPolicy()).count == flag_scores(clean, FlagPolicy(method="mixture")).count
 
 
 def test_mixture_flags_the_high_group_and_an_inherited_cutoff_is_kept():
     x = _bimodal()
-    flags = flag_scores(x, FlagPolicy())
+    flags = flag_scores(x, FlagPolicy(method="mixture"))
     assert flags.flagged[900:].all() and not flags.flagged[:900].any()
     assert flags.cutoff == x[flags.flagged].min()
     cleaner = x[:900]  # the same scale without the high group: nothing reaches the cut-off
+    assert flag_scores(cleaner, FlagPolicy(method="mixture"), inherited_cutoff=flags.cutoff).count == 0
     assert flag_scores(cleaner, FlagPolicy(), inherited_cutoff=flags.cutoff).count == 0
     # quantile and z-score ignore an inherited cut-off
     assert flag_scores(cleaner, FlagPolicy(method="quantile"), inherited_cutoff=flags.cutoff).count == 90
 
 
-@pytest.mark.parametrize("method", ["mixture", "quantile", "zscore"])
+@pytest.mark.parametrize("method", ["confident", "mixture", "quantile", "zscore"])
 def test_review_budget_keeps_the_highest_scores(method):
     x = _bimodal(seed=1)
     capped = flag_scores(x, FlagPolicy(method=method, max_flagged=7))

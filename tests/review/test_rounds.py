@@ -25,6 +25,7 @@ from z0inf_pipeline.review import (
     write_review_queue,
 )
 from z0inf_pipeline.review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import run_lineage
 from z0inf_pipeline.tracking.contract import PARENT_TAG
 from z0inf_pipeline.training import DEMO_CONFIG, TrainConfig, train
@@ -120,10 +121,10 @@ def test_a_run_retrained_without_the_flips_flags_at_most_a_third_as_many(config,
     # the parent's queue on disk, as the review_queue asset writes it; the child inherits its cut-off
     client = MlflowClient(tracking_uri)
     parent_id, child_id = _runs(client, 2)
-    write_review_queue(pd.DataFrame({"example_id": [0]}), RunLayout.for_run(parent_id).review_queue,
+    write_review_queue(pd.DataFrame({"example_id": [0]}), RunLayout.for_run(parent_id, outputs_base()).review_queue,
                        {"policy": policy.to_dict(), "cutoff": parent_flags.cutoff, CALIBRATED_ON_KEY: parent_id})
-    inherited = inherited_cutoff(run_lineage(child_id, client), policy)
+    inherited = inherited_cutoff(run_lineage(child_id, client), policy, outputs_base())
     assert inherited == (parent_flags.cutoff, parent_id)
-    assert inherited_cutoff(run_lineage(child_id, client), replace(policy, posterior=0.9)) is None  # other policy
+    assert inherited_cutoff(run_lineage(child_id, client), replace(policy, posterior=0.9), outputs_base()) is None  # other policy
     child_flags = flag_scores(_frame(child), policy, inherited_cutoff=inherited[0])
     assert child_flags.count <= parent_flags.count / 3, (child_flags.count, parent_flags.count)

@@ -22,12 +22,23 @@ from z0inf_pipeline.training import TrainConfig
         ("digits-mlp-noise0.1", "digits-mlp-noise0.1 · retrain 1"),
         ("digits-mlp-noise0.1 · retrain 1", "digits-mlp-noise0.1 · retrain 2"),
         ("a · retrain 9", "a · retrain 10"),
+        ("a · retrain 1 (2)", "a · retrain 2"),  # a second child of one parent
         ("retrain 3", "retrain 3 · retrain 1"),
         (None, "run · retrain 1"),
     ],
 )
 def test_retrained_run_names_tell_the_round(parent, child):
     assert retrained_run_name(parent) == child
+
+
+def test_runs_of_one_recipe_get_names_unique_in_their_experiment(tracking_uri):
+    from mlflow import MlflowClient
+
+    config = TrainConfig(epochs=1, checkpoints=2, hidden=(4,))
+    runs = [train_and_log(config, tracking_uri=tracking_uri) for _ in range(3)]
+    client = MlflowClient(tracking_uri)
+    names = [client.get_run(r).info.run_name for r in runs]
+    assert names == ["digits-mlp", "digits-mlp (2)", "digits-mlp (3)"]
 
 
 def test_training_runs_link_names_the_experiment_and_the_model_training_view(tracking_uri):

@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 
 from z0inf_pipeline.influence import InfluenceInputError  # noqa: E402
 from z0inf_pipeline.review import CuratedSet, retrain_config  # noqa: E402
-from z0inf_pipeline.tracking import fetch_run, train_and_log  # noqa: E402
+from z0inf_pipeline.integrations import train_and_log_recipe  # noqa: E402
+from z0inf_pipeline.tracking import fetch_run  # noqa: E402
 from z0inf_pipeline.training import TrainConfig  # noqa: E402
 import torch  # noqa: E402
 
@@ -59,14 +60,14 @@ def test_recipes_round_trip_and_refuse_relabels():
 
 
 def test_a_logged_lm_run_retrains_without_the_dropped_examples(tracking_uri, tmp_path):
-    parent_id = train_and_log(SMALL, tracking_uri=tracking_uri)
+    parent_id = train_and_log_recipe(SMALL, tracking_uri=tracking_uri)
     parent = fetch_run(parent_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
     assert parent.tags["z0inf.contract"] == "2" and len(parent.steps) == 3
     examples = pd.read_parquet(parent.examples)
     train = examples[examples.split == "train"]
     assert train.flipped.sum() == 12 and train.prompt.str.endswith(">").all()
     child_recipe = retrain_config(recipe_from_dict(parent.train_config), CuratedSet(pd.DataFrame(), (3, 7), {}))
-    child_id = train_and_log(child_recipe, tracking_uri=tracking_uri, parent_run_id=parent_id)
+    child_id = train_and_log_recipe(child_recipe, tracking_uri=tracking_uri, parent_run_id=parent_id)
     child = fetch_run(child_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
     child_train = pd.read_parquet(child.examples).query("split == 'train'")
     assert set(train.example_id) - set(child_train.example_id) == {3, 7}

@@ -13,8 +13,8 @@ from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
 from ..review.cards import decision_text
+from ..review.layout import outputs_base
 from ..review.run_review import RunReview, runs_with_queue
-from ..settings import data_dir
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     decide.add_argument("ids", nargs="*", type=int, metavar="ID", help="training example ids")
     decide.add_argument("--flagged", action="store_true", help="also every flagged example still without a decision")
     decide.add_argument("--action", choices=ACTIONS, required=True)
-    decide.add_argument("--label", type=int, help="the new label (with --action relabel)")
+    decide.add_argument("--label", help="the new label (with --action relabel): a class name, e.g. versicolor, or its index")
     decide.add_argument("--reviewer", help="who decided (default: the login name)")
     decide.add_argument("--note", help="free text kept with the decision")
     decide.set_defaults(handler=_decide)
@@ -59,14 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _list(args) -> None:
     store = DecisionStore.open()
     if args.run is None:
-        _summary(store)
+        _summary(store, outputs_base())
         return
-    review = RunReview.open(args.run)
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run))
     queue, info = review.queue, review.info
     current = review.decisions(store)
     status = review.gate(current)
     current = current.set_index("example_id")
-    queue["decision"] = [_describe(current, i, args.run) for i in queue["example_id"]]
+    queue["decision"] = [_describe(review, current, i) for i in queue["example_id"]]
     if args.pending:
         queue = queue[queue["decision"] == ""]
     shown = queue if args.limit == 0 else queue.head(args.limit)
@@ -78,15 +78,18 @@ def _list(args) -> None:
             "ranks SI/var/mean/final/conf/variab.": shown[[f"{c}_rank" for c in SIGNAL_COLUMNS]]
             .astype("string").fillna("-").agg("/".join, axis=1),
             "flagged by": shown["flagged_by"],
-            "label": shown["label"],
-            "predicted": shown["predicted_label"].astype("string").fillna("?"),
+            # a text run's examples are its prompt and target; a classification run's label and prediction by name
+            **({c: shown[c] for c in ("prompt", "target") if c in shown} if review.is_text else {
+                "label": [review.label_name(v) for v in shown["label"]],
+                "predicted": [review.label_name(v) or "?" for v in shown["predicted_label"]],
+            }),
             "loss (first..last)": [_sparkline(t) for t in shown["loss_trajectory"]],
             "decision": shown["decision"],
         }
     )
     policy = info["policy"]
     print(
-        f"run {args.run}: {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
+        f"run {review.run_name} ({args.run}): {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
         f"{policy['method']} on {policy.get('score', 'self_influence')} (cut-off {info['cutoff']:.4g}); "
         f"decisions in {store.location}"
     )
@@ -98,7 +101,8 @@ def _list(args) -> None:
 
 
 def _decide(args) -> None:
-    review = RunReview.open(args.run)
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run) if args.label is not None else None)
+    label = review.label_index(args.label)
     store = DecisionStore.open()
     ids = set(args.ids)
     if args.flagged:
@@ -106,20 +110,21 @@ def _decide(args) -> None:
         ids |= {int(i) for i in review.queue["example_id"] if int(i) not in decided}
     if not ids:
         raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
-    count = review.record(store, ids, args.action, label=args.label, reviewer=args.reviewer, note=args.note)
-    label = f" -> {args.label}" if args.action == "relabel" else ""
-    print(f"recorded {args.action}{label} for {count} example(s) of run {args.run} in {store.location}")
+    count = review.record(store, ids, args.action, label=label, reviewer=args.reviewer, note=args.note)
+    print(f"recorded {decision_text(args.action, label, review.class_names)} for {count} example(s) of run "
+          f"{review.run_name} ({args.run}) in {store.location}")
     print(review.gate(review.decisions(store)).message())
 
 
-def _summary(store: DecisionStore) -> None:
+def _summary(store: DecisionStore, base) -> None:
     rows = []
-    for run_id in runs_with_queue():
-        review = RunReview.open(run_id)
+    for run_id in runs_with_queue(base):
+        review = RunReview.open(run_id, base)
         status = review.gate(review.decisions(store))
         rows.append(
             {
-                "run": run_id,
+                "run": review.run_name,
+                "id": run_id,
                 "flagged": status.flagged,
                 "decided": status.reviewed,
                 "pending": status.unreviewed,
@@ -127,19 +132,19 @@ def _summary(store: DecisionStore) -> None:
             }
         )
     if not rows:
-        print(f"no review queues under {data_dir() / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
+        print(f"no review queues under {base / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
         return
     print(pd.DataFrame(rows).to_string(index=False))
 
 
-def _describe(current: pd.DataFrame, example_id: int, run_id: str) -> str:
+def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
     """The decision in force; one inherited from an earlier round names the run it was made on."""
     if example_id not in current.index:
         return ""
     row = current.loc[example_id]
-    action = decision_text(row["action"], row["label"])
+    action = decision_text(row["action"], row["label"], review.class_names)
     decided_on = row.get("decided_on_run")
-    return action if decided_on in (None, run_id) else f"{action} (decided on run {decided_on[:8]})"
+    return action if decided_on in (None, review.run_id) else f"{action} (decided on run {decided_on[:8]})"
 
 
 def _sparkline(values) -> str:
@@ -163,10 +168,11 @@ def _serve(args) -> None:
         raise ConfigurationError(
             f"review serve: --host {args.host} exposes the page beyond this machine; give --token as well"
         )
+    base = outputs_base()
     if args.run is not None:
-        RunReview.open(args.run)  # a clear error now rather than a 404 later
-    site = ReviewSite(DecisionStore.open(), token=args.token, train_config_for=_train_config,
-                      retrain=_retrain_and_analyse)
+        RunReview.open(args.run, base)  # a clear error now rather than a 404 later
+    site = ReviewSite(DecisionStore.open(), base, token=args.token, train_config_for=_train_config,
+                      retrain=lambda run_id, policy: _retrain_and_analyse(run_id, policy, base))
     try:
         server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
                                         ident="z0inf-review")
@@ -186,18 +192,16 @@ def _serve(args) -> None:
 
 def _sheet(args) -> None:
     from ..influence.atomic import atomic_output
-    from ..review.evidence import RunEvidence
     from ..review.sheet import run_review_sheet, stored_histogram
 
-    review = RunReview.open(args.run)
-    evidence = RunEvidence(review.layout, review.queue, review.info, _train_config(args.run))
-    html = run_review_sheet(review, evidence, DecisionStore.open(), stored_histogram(review))
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run))
+    html = run_review_sheet(review, DecisionStore.open(), stored_histogram(review))
     with atomic_output(args.output) as tmp:
         tmp.write_text(html, encoding="utf-8")
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")
 
 
-def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
+def _retrain_and_analyse(run_id: str, policy: dict, base) -> tuple[str | None, str]:
     """The page's retrain button: the gated ``retrain_job`` for ``run_id``, then ``influence_job`` for the
     retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
     instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
@@ -211,7 +215,7 @@ def _retrain_and_analyse(run_id: str, policy: dict) -> tuple[str | None, str]:
         return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
     if not outcome.success:
         return None, "retrain_job failed: " + "; ".join(outcome.failures)
-    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    child = str(pd.read_parquet(RunLayout.for_run(run_id, base).retrained)["retrained_run_id"].iloc[0])
     analysed = run_job(instance, "influence_job", child, config)
     if not analysed.success:
         return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)

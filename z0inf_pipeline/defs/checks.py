@@ -1,5 +1,7 @@
 """Asset checks, one evaluation per MLflow run: thin wrappers that run the GX suites of
-``z0inf_pipeline.quality`` and the review gate on the value they check.
+``z0inf_pipeline.quality`` (the repository's ``gx/`` project) and the review gate on the value they check.
+Each GX validation is stored in the run's ``gx/`` folder, whose Data Docs the check's metadata links to
+and which is logged to the MLflow run under ``gx/``.
 
 Every check that guards a later stage is blocking: when it fails, the assets downstream of its
 asset are not materialised in that run. The review gate sits on ``review_queue`` and runs in the
@@ -7,13 +9,14 @@ same run as ``curated_training_set`` and ``retrained_run`` (``retrain_job``), so
 """
 
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import evaluate_gate, lineage_decisions
+from ..review import RunLayout, evaluate_gate, lineage_decisions
 from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
@@ -25,11 +28,11 @@ from .assets import (
     weight_gram,
 )
 from .assets.retraining import curated_from_frame
-from .metadata import rounded, run_id_of, split_ids
+from .metadata import gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
-from .storage import Gram, LossTables, ReviewQueue
+from .storage import Gram, LossTables, ReviewQueue, RunOutputsIOManager, outputs_base_of
 
 # Partitioned checks are a preview feature of dagster 1.13; this project relies on it knowingly.
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
@@ -38,13 +41,14 @@ EXAMPLES = {"training_run": dg.AssetIn("training_run")}
 LOSS_TABLES = {"loss_tables": dg.AssetIn("loss_tables")}
 
 
-def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra) -> dg.AssetCheckResult:
+def _result(mlflow: MlflowResource, run_id: str, folder: Path, *reports: SuiteReport, **extra) -> dg.AssetCheckResult:
     passed = all(r.success for r in reports)
     metadata = {
         **mlflow.run_metadata(run_id),
         "expectations": sum(r.evaluated for r in reports),
         "failed_expectations": sum(len(r.failures) for r in reports),
         "report": dg.MetadataValue.md("\n\n".join(f"```\n{r.summary()}\n```" for r in reports)),
+        **gx_metadata(mlflow, run_id, folder, *reports),
         **extra,
     }
     summary = "; ".join(r.summary().splitlines()[0] for r in reports)
@@ -53,13 +57,18 @@ def _result(mlflow: MlflowResource, run_id: str, *reports: SuiteReport, **extra)
 
 @dg.asset_check(asset=loss_tables, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
 def loss_tables_are_valid(
-    context: dg.AssetCheckExecutionContext, loss_tables: LossTables, training_run: pd.DataFrame, mlflow: MlflowResource
+    context: dg.AssetCheckExecutionContext,
+    loss_tables: LossTables,
+    training_run: pd.DataFrame,
+    mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: one column per checkpoint in step order, no NaN/inf, losses >= 0 (runs trained by this project
     use cross-entropy or 0-1 loss; for other runs only finiteness is required), one row per example of
     the split, unique ids."""
     run = mlflow.fetch(run_id_of(context))
     nonnegative = run.train_config is not None
+    folder = RunLayout.for_run(run.run_id, outputs_base_of(run_outputs)).gx_folder
     reports = []
     for split in ("train", "test"):
         ids = split_ids(training_run, split)
@@ -71,9 +80,10 @@ def loss_tables_are_valid(
                 name=f"{split}_loss_table",
                 nonnegative=nonnegative,
                 expected_ids=ids,
+                folder=folder,
             )
         )
-    return _result(mlflow, run.run_id, *reports, nonnegative_required=nonnegative)
+    return _result(mlflow, run.run_id, folder, *reports, nonnegative_required=nonnegative)
 
 
 @dg.asset_check(asset=weight_gram, blocking=True, partitions_def=mlflow_runs)
@@ -108,11 +118,14 @@ def self_influence_is_valid(
     self_influence: pd.DataFrame,
     loss_tables: LossTables,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: scores finite, self-influence >= 0, example ids exactly those of the training loss table.
     Records the content hash of the scores it passed: the review queue is only rebuilt from those."""
-    report = validate_self_influence(self_influence, loss_tables.train_ids())
-    return _result(mlflow, run_id_of(context), report, **{HASH_KEY: content_hash(self_influence)})
+    run_id = run_id_of(context)
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_self_influence(self_influence, loss_tables.train_ids(), folder=folder)
+    return _result(mlflow, run_id, folder, report, **{HASH_KEY: content_hash(self_influence)})
 
 
 @dg.asset_check(asset=train_test_influence, blocking=True, partitions_def=mlflow_runs, additional_ins=LOSS_TABLES)
@@ -121,14 +134,16 @@ def train_test_influence_is_valid(
     train_test_influence: pd.DataFrame,
     loss_tables: LossTables,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: k finite rows per test example (k as configured for the materialisation, at most the number of
     training examples), every id from the loss tables, proponents >= opponents."""
     run_id = run_id_of(context)
     train_ids = loss_tables.train_ids()
     k = min(_configured_topk(context, run_id), len(train_ids))
-    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k)
-    return _result(mlflow, run_id, report, k=k)
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_topk(train_test_influence, train_ids, loss_tables.test_ids(), k, folder=folder)
+    return _result(mlflow, run_id, folder, report, k=k)
 
 
 def _configured_topk(context: dg.AssetCheckExecutionContext, run_id: str) -> int:
@@ -164,6 +179,9 @@ def review_gate(
         "unreviewed_fraction": rounded(status.unreviewed_fraction),
         "max_unreviewed_fraction": rounded(status.max_unreviewed_fraction),
     }
+    if "flagging" in info:  # the GX validation whose unexpected rows are the queue
+        metadata["flagging_cutoff"] = rounded(info["flagging"]["cutoff"])
+        metadata["data_docs_flagging"] = dg.MetadataValue.path(info["flagging"]["data_docs"])
     if not status.passed:
         shown = " ".join(str(i) for i in status.unreviewed_ids[:10])
         metadata["how_to_review"] = dg.MetadataValue.md(
@@ -181,13 +199,16 @@ def curated_set_matches_decisions(
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX: the curated set holds every training example not dropped, none dropped, each relabel applied."""
     run_id = run_id_of(context)
     current = decisions.open().current(run_id)
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
-    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current))
-    return _result(mlflow, run_id, report)
+    folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
+    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current),
+                                  folder=folder)
+    return _result(mlflow, run_id, folder, report)
 
 
 @dg.asset_check(
@@ -201,6 +222,7 @@ def retrained_run_follows_curation(
     curated_training_set: pd.DataFrame,
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX on the retrained MLflow run's own examples table: it trained on exactly the curated set
     (dropped ids absent, relabels carried) and is tagged with its parent run."""
@@ -211,10 +233,11 @@ def retrained_run_follows_curation(
     trained = child_examples[child_examples["split"] == "train"][["example_id", "label"]]
     curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
-        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set"
+        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set",
+        folder=RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder,
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")
-    result = _result(mlflow, run_id, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))
+    result = _result(mlflow, run_id, RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder, report, **mlflow.run_metadata(child_id, prefix="retrained_run"))
     if parent_tag != run_id:
         return dg.AssetCheckResult(
             passed=False,

@@ -120,6 +120,12 @@ class LossTableConfig(dg.Config):
     loss: Literal["cross_entropy", "zero_one"] = Field(
         default="cross_entropy", description="loss to recompute with (zero_one: Z0-Inf on a non-differentiable loss)"
     )
+    shard_size: int = Field(
+        default=262_144,
+        gt=0,
+        description="examples per shard when recomputing (rounded up to whole compute batches); each shard is "
+        "one step, so executors that run steps in parallel (celery, k8s) spread the work",
+    )
 
 
 class RetrainConfig(dg.Config):

@@ -1,12 +1,16 @@
-"""Small helpers shared by assets and checks: the partition's run id, numbers and tables for people."""
+"""Small helpers shared by assets and checks: the partition's run id, numbers and tables for people, links
+to a run's GX Data Docs."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
+
+from ..quality import SuiteReport
 
 
 def run_id_of(context) -> str:
@@ -62,3 +66,18 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".3g
     if len(frame) > max_rows:
         lines.append(f"\n{len(frame) - max_rows} more rows in the parquet file.")
     return "\n".join(lines)
+
+
+def gx_metadata(mlflow, run_id: str, folder: Path, *reports: SuiteReport) -> dict:
+    """Links to the run's Data Docs and to each validation's page and stored result; the same files (and
+    the suite's page) are logged to the MLflow run under ``gx/`` (the shared styles once per run).
+    ``folder``: the run's ``RunLayout.gx_folder``."""
+    stored = [r for r in reports if r.validation_result is not None]
+    if not stored:
+        return {}
+    mlflow.log_gx(run_id, folder, [p for r in stored for p in r.pages if p.is_file()])
+    metadata = {"data_docs": dg.MetadataValue.path(str(stored[0].data_docs))}
+    for report in stored:
+        metadata[f"data_docs_{report.suite}"] = dg.MetadataValue.path(str(report.data_docs_page))
+        metadata[f"validation_result_{report.suite}"] = dg.MetadataValue.path(str(report.validation_result))
+    return metadata

@@ -9,11 +9,14 @@ from pydantic import Field, PrivateAttr
 
 from ..errors import MlflowUnavailable
 
-# The op tag that marks the influence steps for GPU nodes: the Kubernetes code location
+# The op tags that mark the influence steps for GPU nodes: the Kubernetes code location
 # (``z0inf_pipeline.deployments.k8s``) gives these steps a GPU and a toleration, and limits how many run
-# at once; another executor can route on it the same way.
+# at once; the Celery one (``z0inf_pipeline.deployments.celery``) puts them on the ``gpu`` queue, which
+# only GPU workers listen on.
 GPU_RESOURCE_TAG = "z0inf/resources"
-GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu"}
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+GPU_QUEUE = "gpu"
+GPU_STEP_TAGS = {GPU_RESOURCE_TAG: "gpu", CELERY_QUEUE_TAG: GPU_QUEUE}
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -81,6 +84,16 @@ class MlflowResource(dg.ConfigurableResource):
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_gx(self, run_id: str, folder: Path, files: list[Path]) -> None:
+        """Attach files of a run's GX folder under ``gx/`` at their paths inside it (so that the Data Docs
+        pages' links hold), with the Data Docs' shared styles the first time."""
+        client = self.client()
+        static = folder / "uncommitted" / "data_docs" / "local_site" / "static"
+        if static.is_dir() and not client.list_artifacts(run_id, "gx/uncommitted/data_docs/local_site/static"):
+            client.log_artifacts(run_id, str(static), "gx/uncommitted/data_docs/local_site/static")
+        for path in files:
+            client.log_artifact(run_id, str(path), str(Path("gx") / path.parent.relative_to(folder)))
+
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         """Log summary metrics to a run in one request."""
         import time
@@ -92,25 +105,24 @@ class MlflowResource(dg.ConfigurableResource):
         self.client().log_batch(run_id, metrics=batch)
 
     def run_link(self, run_id: str) -> dg.MetadataValue:
-        """Where to see the run in the MLflow UI: a URL for a server; for a local store, the command that
-        starts the UI and the address to open then. Both name the run."""
+        """The run's page in the MLflow UI's "Model training" view: on the tracking server, or for a local
+        store on the UI that ``make mlflow-ui`` starts (``run_metadata`` says so beside it)."""
+        from ..tracking.previews import LOCAL_UI_URL, run_url
+
         uri = self.uri()
-        info = self._info(run_id)
-        fragment = f"#/experiments/{info.experiment_id}/runs/{run_id}"
-        if uri.startswith(("http://", "https://")):
-            return dg.MetadataValue.url(f"{uri.rstrip('/')}/{fragment}")
-        return dg.MetadataValue.text(
-            f"run {info.run_name} ({run_id}): start `mlflow ui --backend-store-uri {uri}`, "
-            f"then open http://127.0.0.1:5000/{fragment}"
-        )
+        ui = uri if uri.startswith(("http://", "https://")) else LOCAL_UI_URL
+        return dg.MetadataValue.url(run_url(ui, self._info(run_id).experiment_id, run_id))
 
     def run_metadata(self, run_id: str, prefix: str = "mlflow_run") -> dict[str, dg.MetadataValue]:
         """The run's name, id and link, for the metadata of every materialisation and check of a run."""
-        return {
+        metadata = {
             prefix: self.run_link(run_id),
             f"{prefix}_name": dg.MetadataValue.text(self._info(run_id).run_name),
             f"{prefix}_id": dg.MetadataValue.text(run_id),
         }
+        if not self.uri().startswith(("http://", "https://")):
+            metadata[f"{prefix}_ui"] = dg.MetadataValue.text("a local store: start its UI with `make mlflow-ui`")
+        return metadata
 
 
 class DecisionStoreResource(dg.ConfigurableResource):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
 from ..influence.atomic import atomic_output
 from ..influence.loss_tables import ID_COLUMN, LossTable, read_loss_table, step_column
 from ..review import RunLayout, read_review_queue, write_review_queue
+from ..review.layout import outputs_base
 from .provenance import SOURCE_ATTR
 from .resources import MlflowResource
 
@@ -182,6 +184,92 @@ class ReviewQueue:
         return cls(queue, info, **attached)
 
 
+@dataclass(frozen=True)
+class LossShard:
+    """Examples ``[start, stop)`` of one split, in the order the run's data is rebuilt in (``source``
+    recomputed), or a whole logged table (``source`` logged, ``stop`` -1): one step's share of the loss tables."""
+
+    split: str
+    start: int
+    stop: int
+    source: str
+    loss: str
+
+    @property
+    def key(self) -> str:
+        """The shard's name in step keys (``loss_tables.compute_loss_shard[train_0]``)."""
+        return f"{self.split}_{self.start}"
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def read(cls, path: UPath) -> "LossShard":
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class ShardLosses:
+    """One shard's loss table and, when recomputed, the last checkpoint's predictions of its examples."""
+
+    shard: LossShard
+    table: LossTable
+    predictions: pd.DataFrame | None = None
+
+    def write_into(self, folder: Path) -> None:
+        self.shard.write(folder / "shard.json")
+        self.table.write(folder / "losses.parquet")
+        if self.predictions is not None:
+            self.predictions.to_parquet(folder / "predictions.parquet", index=False)
+
+
+@dataclass(frozen=True)
+class StoredShardLosses:
+    """A stored shard, read only when asked: the assembling step holds one shard at a time."""
+
+    shard: LossShard
+    folder: UPath
+
+    @property
+    def table(self) -> LossTable:
+        """Read from the file on each access (as ``ShardLosses.table``, without keeping it)."""
+        return _loss_table(StoredTable(self.folder / "losses.parquet"))
+
+    @property
+    def predictions(self) -> pd.DataFrame | None:
+        path = self.folder / "predictions.parquet"
+        return StoredTable(path).read() if path.exists() else None
+
+
+class LossShardsIOManager(dg.ConfigurableIOManager):
+    """The loss-table shards between the steps of one Dagster run: under ``<outputs>/shards/<Dagster run
+    id>/<step>/<output>[/<shard>]``, on the same file system as the run outputs, so that workers on other
+    machines read what their peers wrote. Shard plans are JSON, shard losses parquet (nothing is pickled);
+    shard losses come back as ``StoredShardLosses`` handles."""
+
+    base_url: Optional[str] = Field(default=None, description="folder or fsspec URL (unset: as run_outputs)")
+
+    def _folder(self, run_id: str, step_key: str, name: str, mapping_key: str | None) -> UPath:
+        folder = outputs_base(self.base_url) / "shards" / run_id / step_key / name
+        return folder / mapping_key if mapping_key else folder
+
+    def handle_output(self, context: dg.OutputContext, obj: LossShard | ShardLosses) -> None:
+        target = self._folder(context.run_id, context.step_key, context.name, context.mapping_key)
+        with tempfile.TemporaryDirectory(prefix="z0inf-shard-") as tmp:
+            if isinstance(obj, LossShard):
+                obj.write(Path(tmp) / "shard.json")
+            else:
+                obj.write_into(Path(tmp))
+            for staged in sorted(Path(tmp).iterdir()):
+                _publish(staged, target / staged.name)
+
+    def load_input(self, context: dg.InputContext) -> LossShard | StoredShardLosses:
+        upstream = context.upstream_output
+        folder = self._folder(upstream.run_id, upstream.step_key, upstream.name, upstream.mapping_key)
+        shard = LossShard.read(folder / "shard.json")
+        return StoredShardLosses(shard, folder) if (folder / "losses.parquet").exists() else shard
+
+
 # Outputs that are not a single frame; every other asset stores one DataFrame in its one file.
 _STRUCTURED = {"loss_tables": LossTables, "weight_gram": Gram, "review_queue": ReviewQueue}
 
@@ -207,7 +295,9 @@ def sha256_of(path: Path) -> str:
 
 class RunOutputsIOManager(dg.ConfigurableIOManager):
     """Stores each asset's output in its MLflow run's folder (``RunLayout``): parquet for tables, PNG
-    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    for pictures. ``base_url`` unset: ``$Z0INF_OUTPUTS_URL``, else the data directory (``outputs_base``).
+    A deployment may set it with ``dg.EnvVar``; assets that read other runs' outputs take this resource
+    (``ResourceParam``) and ask it for ``outputs_base``, so Dagster config alone moves every path."""
 
     base_url: Optional[str] = Field(
         default=None, description="folder or fsspec URL holding runs/<run id>/ (e.g. s3://bucket/z0inf, memory://z0inf)"
@@ -215,8 +305,11 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
     log_to_mlflow: bool = Field(default=True, description="also log each file to the source MLflow run")
     mlflow: MlflowResource
 
+    def outputs_base(self) -> UPath:
+        return outputs_base(self.base_url)
+
     def layout(self, run_id: str) -> RunLayout:
-        return RunLayout.for_run(run_id, self.base_url)
+        return RunLayout.for_run(run_id, self.outputs_base())
 
     def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
         asset = context.asset_key.to_user_string()
@@ -259,3 +352,10 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
         frame = StoredTable(main).read()
         frame.attrs[SOURCE_ATTR] = str(main)
         return frame
+
+
+def outputs_base_of(io_manager) -> UPath:
+    """The outputs base of the ``run_outputs`` resource, for assets and checks that name a run's folder
+    (ancestors' queues, GX results). An IO manager standing in for it (a test materialising to memory)
+    keeps nothing in a folder, so its runs get the default base."""
+    return io_manager.outputs_base() if isinstance(io_manager, RunOutputsIOManager) else outputs_base()

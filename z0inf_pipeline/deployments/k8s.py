@@ -17,6 +17,7 @@ from dagster_k8s import k8s_job_executor
 
 from .. import definitions as local
 from ..defs.resources import GPU_RESOURCE_TAG
+from . import configured_executor, with_executor
 
 # GPU steps of one run that may run at once (the executor's tag concurrency limit).
 GPU_STEPS_PER_RUN = 1
@@ -41,16 +42,20 @@ GPU_STEP_K8S_CONFIG = {
 
 
 def gpu_steps(assets) -> list[str]:
-    """Step keys (op names) of the assets tagged ``z0inf/resources: gpu``."""
+    """Names of the ops tagged ``z0inf/resources: gpu``, inside graph-backed assets too (the loss-table
+    shards); the executor matches per-step settings on op names."""
     return sorted(
-        a.op.name for a in assets if isinstance(a, dg.AssetsDefinition) and a.op.tags.get(GPU_RESOURCE_TAG) == "gpu"
+        op.name
+        for a in assets
+        if isinstance(a, dg.AssetsDefinition)
+        for op in a.node_def.iterate_op_defs()
+        if op.tags.get(GPU_RESOURCE_TAG) == "gpu"
     )
 
 
 def k8s_executor(assets, *, namespace: str, max_concurrent: int = 8) -> dg.ExecutorDefinition:
     """``k8s_job_executor`` configured for these assets: GPU limits on the tagged steps, shared settings
-    passed to every step. The configuration is checked here, when the definitions load (Dagster itself
-    would only check it when a run starts), so ``dagster definitions validate`` catches a mistake."""
+    passed to every step; the configuration checked when the definitions load."""
     config = {
         "job_namespace": namespace,
         "env_vars": PASSED_ENV,
@@ -58,24 +63,12 @@ def k8s_executor(assets, *, namespace: str, max_concurrent: int = 8) -> dg.Execu
         "tag_concurrency_limits": [{"key": GPU_RESOURCE_TAG, "value": "gpu", "limit": GPU_STEPS_PER_RUN}],
         "per_step_k8s_config": {step: GPU_STEP_K8S_CONFIG for step in gpu_steps(assets)},
     }
-    executor = k8s_job_executor.configured(config, name="z0inf_k8s_job_executor")
-    checked = executor.apply_config_mapping({})
-    if not checked.success:
-        raise dg.DagsterInvalidConfigError("z0inf k8s executor: invalid configuration", checked.errors, config)
-    return executor
+    return configured_executor(k8s_job_executor, config, "z0inf_k8s_job_executor")
 
 
 def k8s_definitions(base: dg.Definitions, *, namespace: str) -> dg.Definitions:
     """``base`` (assets, checks, jobs, sensors, resources) with the Kubernetes executor."""
-    return dg.Definitions(
-        assets=base.assets,
-        asset_checks=base.asset_checks,
-        jobs=base.jobs,
-        sensors=base.sensors,
-        schedules=base.schedules,
-        resources=base.resources,
-        executor=k8s_executor(base.assets or [], namespace=namespace),
-    )
+    return with_executor(base, k8s_executor(base.assets or [], namespace=namespace))
 
 
 defs = k8s_definitions(local.defs, namespace=os.environ.get("Z0INF_K8S_NAMESPACE", "dagster"))

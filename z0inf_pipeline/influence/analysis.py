@@ -48,7 +48,7 @@ class InfluenceArguments:
         metadata={"help": "only tensors whose name matches one of these globs, e.g. '3.*' (the last layer of "
                   "the default MLP); unset: every tensor", "metavar": "GLOB"},
     )
-    center: bool = field(default=True, metadata={"help": "centre the weights over checkpoints before W W^T"})
+    center: bool = field(default=True, metadata={"help": "subtract the first checkpoint from every checkpoint's weights before W W^T"})
     neighbors: int = field(
         default=12,
         metadata={"help": "k neighbouring checkpoints per checkpoint (a window of at most k checkpoints uses all "
@@ -203,7 +203,8 @@ class GramProvenance:
             found.append(f"center={self.center}, not {other.center}")
         changed = [s for s, a, b in zip(other.steps, self.fingerprints, other.fingerprints) if a != b]
         if self.steps == other.steps and changed:
-            found.append(f"other checkpoint contents at step(s) {changed}")
+            found.append(f"other checkpoint files at step(s) {changed} (fingerprints of the file bytes differ: "
+                         "another run, or the same tensors saved with another header)")
         return found
 
 

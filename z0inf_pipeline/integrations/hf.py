@@ -23,8 +23,11 @@ under it (``mlflow.parentRunId``) and finished or failed by this callback; no fl
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -32,9 +35,21 @@ from transformers import CONFIG_MAPPING, TrainerCallback
 
 import transformers
 
+from ..influence.devices import single_thread
 from ..influence.errors import InfluenceInputError
 from ..tracking.client import ensure_experiment, tracking_client
+from ..tracking.contract import SOURCE_TAG
 from ..tracking.logger import ContractLogger
+from ..training.lm import (
+    RECIPE,
+    LMRecipe,
+    SequenceDataset,
+    answer_accuracy,
+    build_model,
+    model_kwargs,
+    pretrained_model,
+    task_examples,
+)
 from ..training.recording import BatchLossFn, IdsFn, ids_from_batch
 from ..training.trainer import checkpoint_steps
 
@@ -196,3 +211,48 @@ class Z0InfCallback(TrainerCallback):
             active = mlflow.active_run()
             if exc is not None and active is not None and active.info.run_id == self._framework_run_id:
                 mlflow.end_run(status="FAILED")
+
+
+def train_and_log_lm(recipe: LMRecipe, **options) -> str:
+    """Fine-tune the pretrained base on the recipe's task through a real ``Trainer`` and the callback;
+    return the contract run's id. ``options``: ``tracking_uri``, ``experiment``, ``parent_run_id``,
+    ``tags``, ``run_name`` (as for ``tracking.train_and_log``)."""
+    with single_thread():
+        return _fine_tune_and_log(recipe, **options)
+
+
+def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
+                       run_name=None) -> str:
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    train, probe = task_examples(recipe)
+    train = train[~train["example_id"].isin(recipe.exclude_ids)].reset_index(drop=True)
+    train_set, probe_set = (SequenceDataset(f, recipe.sequence_length) for f in (train, probe))
+    model = pretrained_model(recipe)
+    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
+    probe_batches = id_batches(probe_set, default_data_collator, 256)
+    callback = Z0InfCallback(
+        train_batches=id_batches(train_set, default_data_collator, 256),
+        probe_batches=probe_batches,
+        metrics_fn=lambda net: {"test_accuracy": answer_accuracy(net, probe_batches)},
+        num_checkpoints=recipe.checkpoints,
+        model_spec={"factory": f"{build_model.__module__}:build_model", "kwargs": model_kwargs(recipe)},
+        examples=pd.concat([train, probe])[["example_id", "prompt", "target"]],
+        flipped_ids=train.loc[train["corrupted"], "example_id"].to_numpy(),
+        train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
+        run_name=run_name or f"lm-{recipe.task}-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
+        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset=f"generated-{recipe.task}",
+        params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
+    )
+    with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=recipe.epochs * steps_per_epoch, per_device_train_batch_size=recipe.batch_size,
+            learning_rate=recipe.lr, lr_scheduler_type="cosine", weight_decay=0.0, seed=recipe.seed,
+            report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
+            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
+                          callbacks=[callback])
+        with callback:
+            trainer.train()
+    return callback.run_id

@@ -1,28 +1,60 @@
 """Great Expectations 1.x suites for the pipeline's tables: pure data checks that know nothing of Dagster.
 
-Each ``validate_*`` function evaluates the expectations of one kind of table as vectorised
-counts over whole columns (GX's own names: ``expect_column_values_to_be_between`` on ``step_40``
-...), then validates that profile through an ephemeral GX context (pandas datasource -> dataframe
-asset -> whole-dataframe batch definition, one validation per table) and returns a ``SuiteReport``:
-the caller decides what a failure means (the Dagster asset checks in ``z0inf_pipeline.defs.checks``
-turn it into a blocking check result).
+The expectations live in the repository's GX project (``gx/``, a file data context: one JSON file per
+suite under ``gx/expectations/``), where a data team reads and tunes them; ``$Z0INF_GX_DIR`` points at
+another project. Every validation reads the suite afresh, so an edit holds from the next
+materialisation on. Run-specific values (row counts, the cut-off of the flagging expectation) are
+suite parameters (``{"$PARAMETER": "rows"}``) filled in here; a literal written over one wins.
+
+Each ``validate_*`` function validates the real table (plus a few derived columns computed in one
+vectorised pass, e.g. each loss row's lowest value or whether an id belongs to the loss table, so that a
+suite never carries 10^5 ids) through a GX context whose stores are the run's ``gx/`` folder: the
+validation result is stored there and the run's Data Docs are rebuilt (``SuiteReport.data_docs``).
+GX is imported on first use only (about 3 s). The caller decides what a failure means (the Dagster
+asset checks in ``z0inf_pipeline.defs.checks`` turn it into a blocking check result).
 """
 
 from __future__ import annotations
 
+import copy
+import fcntl
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import step_column
 from ..influence.signals import SIGNAL_COLUMNS
 
+GX_DIR_ENV = "Z0INF_GX_DIR"
 FLOAT_MAX = float(np.finfo(np.float64).max)
 # Self-influence is a sum of squared norms, so >= 0 exactly; the quadratic form is evaluated in
 # float32, whose rounding can leave values a hair below zero. Tolerate that much and no more.
 SELF_INFLUENCE_RTOL = 1e-6
+FLAGGING_SUITE = "flagging"
+FLAG_SCORE_COLUMN = "flag_score"
+# Results that need no per-row lists: counts and a 20-value sample of what broke an expectation.
+BASIC = {"result_format": "BASIC"}
+# The flagging suite lists its unexpected rows by example id: they are the review queue (its Data Docs
+# page shows a sample of up to 200 of them, GX's most; the stored result lists every one).
+FLAGGED_ROWS = {"result_format": "COMPLETE", "unexpected_index_column_names": ["example_id"], "partial_unexpected_count": 200,
+                "return_unexpected_index_query": False}
+DATA_DOCS = Path("uncommitted") / "data_docs" / "local_site"
+VALIDATIONS = Path("uncommitted") / "validations"
+
+
+def gx_project_dir() -> Path:
+    """The GX project the suites are read from: ``$Z0INF_GX_DIR``, else the repository's ``gx/``."""
+    chosen = os.environ.get(GX_DIR_ENV)
+    path = Path(chosen) if chosen else Path(__file__).resolve().parents[2] / "gx"
+    if not (path / "great_expectations.yml").is_file():
+        raise InfluenceInputError(f"GX project {path} (${GX_DIR_ENV}): has no great_expectations.yml")
+    return path
 
 
 @dataclass(frozen=True)
@@ -40,13 +72,34 @@ class ExpectationFailure:
 
 @dataclass(frozen=True)
 class SuiteReport:
-    """Outcome of one suite on one table."""
+    """Outcome of one suite on one table, and where its GX validation result and Data Docs are."""
 
     suite: str
     success: bool
     evaluated: int
     rows: int
     failures: tuple[ExpectationFailure, ...] = field(default=())
+    validation_result: Path | None = None
+    data_docs: Path | None = None  # the run's index of validations (``<run gx folder>/index.html``)
+    gx_suite: str = ""  # the project's suite that was applied (``suite`` names the validated table)
+
+    @property
+    def pages(self) -> list[Path]:
+        """The files a reader needs: the stored result, its page, the suite's page and both indexes."""
+        if self.validation_result is None or self.data_docs is None:
+            return []
+        site = self.data_docs.parent / DATA_DOCS
+        return [self.validation_result, self.data_docs_page, site / "expectations" / f"{self.gx_suite}.html",
+                site / "index.html", self.data_docs]
+
+    @property
+    def data_docs_page(self) -> Path | None:
+        """This validation's own Data Docs page (plain HTML: it opens offline)."""
+        if self.validation_result is None or self.data_docs is None:
+            return None
+        stored = self.validation_result.parts
+        relative = Path(*stored[stored.index("validations") + 1 :]).with_suffix(".html")
+        return self.data_docs.parent / DATA_DOCS / "validations" / relative
 
     def summary(self) -> str:
         if self.success:
@@ -57,56 +110,196 @@ class SuiteReport:
 
 
 @dataclass(frozen=True)
-class Check:
-    """One expectation evaluated on the whole table by vectorised pandas/numpy: how many values break it."""
+class FlaggingResult:
+    """The flagging expectation's verdict: its unexpected rows are the flagged examples."""
 
-    expectation: str
-    column: str | None
-    violations: int
-    observed: str = ""
+    report: SuiteReport
+    flagged_ids: np.ndarray
+    cutoff: float  # as the suite applied it (a literal in the suite file beats the policy's)
+    mostly: float
 
 
-def run_suite(name: str, rows: int, checks: Sequence[Check]) -> SuiteReport:
-    """Validate the checks' profile (one row per expectation, its violation count) in a throwaway GX context.
+def validate(
+    suite_name: str,
+    frame: pd.DataFrame,
+    parameters: dict,
+    *,
+    folder: Path | None = None,
+    batch: str | None = None,
+    result_format: dict = BASIC,
+):
+    """Validate ``frame`` against the project's suite ``suite_name`` with ``parameters``: (report, GX result).
 
-    Why a profile: GX evaluates every expectation on its own pass over a pandas frame, with a fixed
-    overhead each; at 10^5 rows x 20 columns the suites cost more than the assets they check (34 s
-    against 15 s). The counts are aggregated in one vectorised pass per column instead, and GX runs
-    one validation on the small profile: every count must be 0, and every expectation must be present.
+    ``folder``: the run's GX folder (stores and Data Docs), None for an in-memory validation.
     """
     import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+    from great_expectations.data_context import EphemeralDataContext
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        FilesystemStoreBackendDefaults,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
-    profile = pd.DataFrame({
-        "expectation": [c.expectation for c in checks],
-        "column": [c.column or "" for c in checks],
-        "violations": np.asarray([c.violations for c in checks], dtype=np.int64),
-    })
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch_definition = (
-        context.data_sources.add_pandas(name="z0inf")
-        .add_dataframe_asset(name=name)
-        .add_batch_definition_whole_dataframe(name="profile")
+    project = gx.get_context(mode="file", context_root_dir=str(gx_project_dir()))
+    try:
+        suite = project.suites.get(suite_name)
+    except Exception as exc:  # GX raises its own not-found / parse errors: name the suite and the file
+        raise InfluenceInputError(
+            f"GX suite {suite_name!r} ({gx_project_dir() / 'expectations' / (suite_name + '.json')}): {exc}"
+        ) from None
+    batch = batch or suite_name
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        stores = FilesystemStoreBackendDefaults(root_directory=str(folder))
+    else:
+        stores = InMemoryStoreBackendDefaults()
+    config = DataContextConfig(
+        store_backend_defaults=stores,
+        data_docs_sites={} if folder is None else {"local_site": _docs_site(folder)},
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=[
-        gxe.ExpectTableRowCountToEqual(value=len(checks)),
-        gxe.ExpectColumnValuesToNotBeNull(column="violations"),
-        gxe.ExpectColumnValuesToBeBetween(column="violations", min_value=0, max_value=0),
-    ]))
-    result = batch_definition.get_batch(batch_parameters={"dataframe": profile}).validate(
-        suite, result_format={"result_format": "COMPLETE"}
+    with _locked(folder):
+        context = EphemeralDataContext(project_config=config)
+        definition_suite = context.suites.add_or_update(
+            gx.ExpectationSuite(name=suite_name, expectations=[_detached(e) for e in suite.expectations],
+                                meta=suite.meta, notes=suite.notes)
+        )
+        data = context.data_sources.add_pandas("z0inf").add_dataframe_asset(batch).add_batch_definition_whole_dataframe(
+            "run"
+        )
+        definition = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"{suite_name}-{batch}", data=data, suite=definition_suite)
+        )
+        result = definition.run(
+            batch_parameters={"dataframe": frame},
+            expectation_parameters=parameters,
+            result_format=result_format,
+            run_id=RunIdentifier(run_name=batch),
+        )
+        docs = stored = None
+        if folder is not None:
+            stored = _stored_result(folder, suite_name, batch)
+            with _quiet_suite_page_renderer():  # this validation's and its suite's pages, and the index
+                context.build_data_docs(resource_identifiers=[
+                    ValidationResultIdentifier.from_tuple(stored.relative_to(folder / VALIDATIONS).with_suffix("").parts),
+                    ExpectationSuiteIdentifier(name=suite_name),
+                ])
+            docs = _write_offline_index(folder)
+    report = SuiteReport(batch, bool(result.success), len(result.results), len(frame),
+                         tuple(_failure(r) for r in result.results if not r.success), stored, docs, suite_name)
+    return report, result
+
+
+def _docs_site(folder: Path) -> dict:
+    """The run's Data Docs: the index, a page per validation and one per suite as it was applied."""
+    return {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder / DATA_DOCS)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+
+
+def _write_offline_index(folder: Path) -> Path:
+    """``<folder>/index.html``: every stored validation of the run, newest first, linking to its Data Docs
+    page. GX's own index fills its table with JavaScript from public CDNs, so offline it is empty; the
+    validation pages themselves are plain HTML."""
+    import html
+    import json
+
+    from ..influence.atomic import atomic_output
+
+    rows = []
+    for result in sorted((folder / VALIDATIONS).glob("*/*/*/*.json"), reverse=True):
+        suite, table, stamp = result.parts[-4:-1]
+        page = (DATA_DOCS / "validations" / suite / table / stamp / result.name).with_suffix(".html").as_posix()
+        success = json.loads(result.read_text()).get("success")
+        rows.append(f'<tr><td><a href="{html.escape(page)}">{html.escape(table)}</a></td><td>{html.escape(suite)}</td>'
+                    f'<td>{"passed" if success else "FAILED"}</td><td>{html.escape(stamp)}</td></tr>')
+    text = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>GX validations of this run</title></head><body>'
+        "<h1>GX validations of this run</h1><p>Suites from the repository's <code>gx/</code> project; "
+        f'<a href="{(DATA_DOCS / "index.html").as_posix()}">GX Data Docs index</a> (needs internet for its table).</p>'
+        "<table><thead><tr><th>table</th><th>suite</th><th>result</th><th>validated (UTC)</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></body></html>"
     )
-    broken: set[int] = set()
-    for outcome in result.results:
-        if not outcome.success:
-            broken |= set((outcome.result or {}).get("unexpected_index_list") or range(len(checks)))
-    failures = tuple(
-        ExpectationFailure(checks[i].expectation, checks[i].column, checks[i].observed or "not met")
-        for i in sorted(broken)
-    )
-    return SuiteReport(name, bool(result.success), len(checks), rows, failures)
+    index = folder / "index.html"
+    with atomic_output(index) as tmp:
+        Path(tmp).write_text(text)
+    return index
+
+
+class _quiet_suite_page_renderer:
+    """GX's suite page cannot describe ``expect_table_columns_to_match_ordered_list`` whose column list is
+    a suite parameter (it indexes the ``$PARAMETER`` dict) and logs a traceback for it; the page is built
+    without that one line, and the validation page shows the list applied. Silence that log only."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("great_expectations.render.renderer.content_block.content_block")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _detached(expectation):
+    """A copy of a suite's expectation that belongs to no suite (GX refuses to share one)."""
+    detached = copy.copy(expectation)
+    detached.id = None
+    return detached
+
+
+class _locked:
+    """An exclusive lock on the run's GX folder: two checks of a run may validate at once, and each
+    rebuilds the Data Docs index from every result stored there."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def __enter__(self):
+        if self.folder is not None:
+            self.handle = open(self.folder / ".lock", "w")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.folder is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def _stored_result(folder: Path, suite_name: str, batch: str) -> Path:
+    """The newest stored validation result of ``batch`` (GX names it by run name and time)."""
+    return sorted((folder / VALIDATIONS / suite_name / batch).glob("*/*.json"))[-1]
+
+
+def _failure(outcome) -> ExpectationFailure:
+    config = outcome.expectation_config
+    kwargs = config.kwargs
+    column = kwargs.get("column") or ", ".join(kwargs.get("column_list") or []) or None
+    if kwargs.get("column_A"):
+        column = f"{kwargs['column_A']}, {kwargs['column_B']}"
+    if config.type == "expect_table_columns_to_match_ordered_list":
+        column = None
+    info = outcome.result or {}
+    if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+        observed = f"could not be evaluated: {str(outcome.exception_info.get('exception_message'))[:200]}"
+    elif "unexpected_count" in info:
+        observed = f"{info['unexpected_count']} unexpected value(s), e.g. {_short(info.get('partial_unexpected_list') or [])}"
+    else:
+        observed = f"observed {_short(info.get('observed_value'), 12)}"
+    return ExpectationFailure(config.type, column, observed)
+
+
+# The pipeline's tables ---------------------------------------------------------------------------------
 
 
 def validate_loss_table(
@@ -117,61 +310,66 @@ def validate_loss_table(
     name: str = "loss_table",
     nonnegative: bool = True,
     expected_ids: Sequence[int] | None = None,
+    folder: Path | None = None,
 ) -> SuiteReport:
-    """A loss table: ``example_id`` then one column per checkpoint in step order, one row per example,
-    unique ids, every loss finite (and >= 0 for a non-negative loss such as cross-entropy)."""
+    """A loss table (suite ``loss_table``): ``example_id`` then one column per checkpoint in step order,
+    one row per example of the split, unique ids, every loss finite (and >= 0 for a non-negative loss
+    such as cross-entropy). Per row, ``nonfinite_losses`` and ``lowest_loss`` carry the step columns."""
     step_columns = [step_column(s) for s in steps]
-    low = 0.0 if nonnegative else -FLOAT_MAX
-    checks = [
-        _columns_in_order(frame, ["example_id", *step_columns]),
-        _row_count(frame, expected_rows),
-        _not_null(frame, "example_id"),
-        _unique(frame, "example_id"),
-    ]
-    if expected_ids is not None:
-        checks.append(_ids_equal(frame, "example_id", expected_ids))
-    for column in step_columns:
-        checks += [_not_null(frame, column), _between(frame, column, low, FLOAT_MAX)]
-    return run_suite(name, len(frame), checks)
+    present = [c for c in step_columns if c in frame]
+    values = frame[present].to_numpy(np.float64) if present else np.zeros((len(frame), 0))
+    derived = frame.assign(
+        example_id_in_split=_member(frame, "example_id", expected_ids),
+        nonfinite_losses=(~np.isfinite(values)).sum(axis=1) + (len(step_columns) - len(present)),
+        lowest_loss=values.min(axis=1, initial=np.inf),
+    )
+    parameters = {
+        "table_columns": ["example_id", *step_columns, "example_id_in_split", "nonfinite_losses", "lowest_loss"],
+        "rows": int(expected_rows),
+        "loss_floor": 0.0 if nonnegative else -FLOAT_MAX,
+    }
+    return validate("loss_table", derived, parameters, folder=folder, batch=name)[0]
 
 
 def validate_self_influence(
-    frame: pd.DataFrame, loss_table_ids: Sequence[int], *, name: str = "self_influence"
+    frame: pd.DataFrame, loss_table_ids: Sequence[int], *, name: str = "self_influence", folder: Path | None = None
 ) -> SuiteReport:
-    """Self-influence scores: finite, >= 0 (up to float32 rounding), one row per loss-table example."""
+    """The per-example scores (suite ``scores``): finite, self-influence >= 0 (up to float32 rounding),
+    one row per training example of the loss table."""
     scale = float(np.abs(frame["self_influence"]).max()) if "self_influence" in frame and len(frame) else 0.0
-    floor = -SELF_INFLUENCE_RTOL * scale if np.isfinite(scale) else 0.0
-    checks = [
-        _columns_in_order(frame, ["example_id", *SIGNAL_COLUMNS]),
-        _row_count(frame, len(loss_table_ids)),
-        _unique(frame, "example_id"),
-        _ids_equal(frame, "example_id", loss_table_ids),
-    ]
-    for column in ("self_influence", "variance_self_influence"):
-        low = floor if column == "self_influence" else 0.0
-        checks += [_not_null(frame, column), _between(frame, column, low, FLOAT_MAX)]
-    return run_suite(name, len(frame), checks)
+    derived = frame.assign(example_id_in_loss_table=_member(frame, "example_id", loss_table_ids))
+    parameters = {
+        "table_columns": ["example_id", *SIGNAL_COLUMNS, "example_id_in_loss_table"],
+        "rows": len(loss_table_ids),
+        "self_influence_floor": -SELF_INFLUENCE_RTOL * scale if np.isfinite(scale) else 0.0,
+    }
+    return validate("scores", derived, parameters, folder=folder, batch=name)[0]
 
 
 def validate_topk(
-    frame: pd.DataFrame, train_ids: Sequence[int], test_ids: Sequence[int], k: int, *, name: str = "train_test_topk"
+    frame: pd.DataFrame,
+    train_ids: Sequence[int],
+    test_ids: Sequence[int],
+    k: int,
+    *,
+    name: str = "train_test_topk",
+    folder: Path | None = None,
 ) -> SuiteReport:
-    """Top-k train-test influence: k finite rows per test example, ids from the loss tables,
-    proponents scored at least as high as opponents."""
+    """Top-k train-test influence (suite ``topk``): k finite rows per test example (ranks 1..k unique per
+    test example, k x tests rows), ids from the loss tables, proponents scored at least as high as opponents."""
     columns = ["test_example_id", "rank", "proponent_id", "proponent_score", "opponent_id", "opponent_score"]
-    checks = [
-        _columns_in_order(frame, columns),
-        _row_count(frame, len(test_ids) * int(k)),
-        _ids_equal(frame, "test_example_id", test_ids),
-        _compound_unique(frame, ["test_example_id", "rank"]),
-        _between(frame, "rank", 1, int(k)),
-        _in_set(frame, "proponent_id", train_ids),
-        _in_set(frame, "opponent_id", train_ids),
-        _pair_at_least(frame, "proponent_score", "opponent_score"),
-    ]
-    for column in ("proponent_score", "opponent_score"):
-        checks += [_not_null(frame, column), _between(frame, column, -FLOAT_MAX, FLOAT_MAX)]
-    return run_suite(name, len(frame), checks)
+    derived = frame.assign(
+        test_example_id_in_loss_table=_member(frame, "test_example_id", test_ids),
+        proponent_id_in_training_set=_member(frame, "proponent_id", train_ids),
+        opponent_id_in_training_set=_member(frame, "opponent_id", train_ids),
+    )
+    parameters = {
+        "table_columns": [*columns, "test_example_id_in_loss_table", "proponent_id_in_training_set",
+                          "opponent_id_in_training_set"],
+        "rows": len(test_ids) * int(k),
+        "k": int(k),
+    }
+    return validate("topk", derived, parameters, folder=folder, batch=name)[0]
 
 
 def validate_curated_set(
@@ -181,118 +379,67 @@ def validate_curated_set(
     relabels: dict[int, int],
     *,
     name: str = "curated_training_set",
+    folder: Path | None = None,
 ) -> SuiteReport:
-    """A curated training set: training ids only, no dropped id, every relabel applied."""
+    """A curated training set (suite ``curated_set``): training ids only, no dropped id, every relabel applied."""
     kept = np.setdiff1d(_as_ids(train_ids), _as_ids(dropped_ids))
-    checks = [_unique(frame, "example_id"), _ids_equal(frame, "example_id", kept), _not_null(frame, "label")]
-    if len(dropped_ids):  # implied by the id set above, but names the failure precisely: a dropped id came back
-        checks.append(_not_in_set(frame, "example_id", dropped_ids))
-    wrong = _relabels_not_applied(frame, relabels)
-    checks.append(Check("relabels_applied", "label", len(wrong), f"{len(wrong)} relabel(s) missing, e.g. {wrong[:5]}"))
-    return run_suite(name, len(frame), checks)
+    checked = frame[[c for c in ("example_id", "label") if c in frame]]
+    ids = frame["example_id"].to_numpy(np.int64) if "example_id" in frame else np.zeros(0, np.int64)
+    wanted = pd.Series(relabels, dtype="float64").reindex(ids).to_numpy() if relabels else np.full(len(ids), np.nan)
+    labels = frame["label"].to_numpy(np.float64) if "label" in frame else np.full(len(ids), np.nan)
+    applied = pd.array(labels == wanted, dtype="boolean")
+    applied[np.isnan(wanted)] = pd.NA  # no relabel asked: nothing to check
+    derived = checked.assign(
+        kept_training_example=np.isin(ids, kept),
+        dropped_by_review=np.isin(ids, _as_ids(dropped_ids)),
+        relabel_applied=applied,
+    )
+    parameters = {"rows": len(kept)}
+    return validate("curated_set", derived, parameters, folder=folder, batch=name)[0]
 
 
-# Vectorised checks: each counts the violations of one expectation over a whole column -----------------
+def validate_flagging(
+    example_ids: np.ndarray,
+    flag_scores: np.ndarray,
+    cutoff: float,
+    max_unreviewed_fraction: float,
+    *,
+    folder: Path | None = None,
+) -> FlaggingResult:
+    """Flag by the suite ``flagging``: its ``expect_column_values_to_be_between`` on ``flag_score``
+    (below the cut-off) lists the flagged examples as its unexpected rows. ``cutoff`` (the count
+    policy's; inf: flag nothing) and ``mostly`` = 1 - ``max_unreviewed_fraction`` fill the suite's
+    parameters: the expectation succeeds when the flagged share could stay unreviewed."""
+    frame = pd.DataFrame({"example_id": np.asarray(example_ids, dtype=np.int64),
+                          FLAG_SCORE_COLUMN: np.asarray(flag_scores, dtype=np.float64)})
+    parameters = {"flag_cutoff": min(float(cutoff), FLOAT_MAX), "mostly": 1.0 - float(max_unreviewed_fraction)}
+    report, result = validate(FLAGGING_SUITE, frame, parameters, folder=folder, result_format=FLAGGED_ROWS)
+    flagging = [r for r in result.results if r.expectation_config.type == "expect_column_values_to_be_between"
+                and r.expectation_config.kwargs.get("column") == FLAG_SCORE_COLUMN]
+    if len(flagging) != 1:
+        raise InfluenceInputError(
+            f"GX suite {FLAGGING_SUITE!r} ({gx_project_dir()}): needs exactly one expect_column_values_to_be_between "
+            f"on {FLAG_SCORE_COLUMN!r} (its unexpected rows are the review queue), found {len(flagging)}"
+        )
+    outcome = flagging[0]
+    if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+        raise InfluenceInputError(f"GX suite {FLAGGING_SUITE!r}: the flagging expectation failed to run: "
+                                  f"{outcome.exception_info.get('exception_message')}")
+    rows = (outcome.result or {}).get("unexpected_index_list") or []
+    flagged = np.asarray([int(row["example_id"]) for row in rows], dtype=np.int64)
+    kwargs = outcome.expectation_config.kwargs
+    applied = kwargs.get("max_value")
+    return FlaggingResult(report, flagged, float("inf") if applied is None or applied >= FLOAT_MAX else float(applied),
+                          float(kwargs.get("mostly", 1.0)))
 
 
-def _columns_in_order(frame: pd.DataFrame, expected: list[str]) -> Check:
-    actual = [str(c) for c in frame.columns]
-    return Check("expect_table_columns_to_match_ordered_list", None, int(actual != expected),
-                 f"observed {_short(actual, 12)}, expected {_short(expected, 12)}")
-
-
-def _row_count(frame: pd.DataFrame, expected: int) -> Check:
-    return Check("expect_table_row_count_to_equal", None, abs(len(frame) - int(expected)),
-                 f"observed {len(frame)} rows, expected {int(expected)}")
-
-
-def _missing(frame: pd.DataFrame, expectation: str, columns: list[str]) -> Check | None:
-    absent = [c for c in columns if c not in frame.columns]
-    return Check(expectation, ", ".join(columns), 1, f"column(s) {absent} missing") if absent else None
-
-
-def _not_null(frame: pd.DataFrame, column: str) -> Check:
-    expectation = "expect_column_values_to_not_be_null"
-    if absent := _missing(frame, expectation, [column]):
-        return absent
-    nulls = frame[column].isna().to_numpy()
-    return Check(expectation, column, int(nulls.sum()), _unexpected(frame, nulls, "missing value(s)"))
-
-
-def _between(frame: pd.DataFrame, column: str, low: float, high: float) -> Check:
-    """Values outside [low, high]; inf counts as outside, NaN is left to the null check (as GX does)."""
-    expectation = "expect_column_values_to_be_between"
-    if absent := _missing(frame, expectation, [column]):
-        return absent
-    values = frame[column].to_numpy(np.float64, na_value=np.nan)
-    outside = ~((values >= low) & (values <= high)) & ~np.isnan(values)
-    return Check(expectation, column, int(outside.sum()),
-                 _unexpected(frame, outside, f"value(s) outside [{low:.4g}, {high:.4g}]", column))
-
-
-def _unique(frame: pd.DataFrame, column: str) -> Check:
-    return _compound_unique(frame, [column], "expect_column_values_to_be_unique")
-
-
-def _compound_unique(frame: pd.DataFrame, columns: list[str],
-                     expectation: str = "expect_compound_columns_to_be_unique") -> Check:
-    if absent := _missing(frame, expectation, columns):
-        return absent
-    repeated = frame.duplicated(subset=columns, keep=False).to_numpy()
-    return Check(expectation, ", ".join(columns), int(repeated.sum()),
-                 _unexpected(frame, repeated, "repeated value(s)", columns[0]))
-
-
-def _ids_equal(frame: pd.DataFrame, column: str, ids) -> Check:
-    expectation = "expect_column_distinct_values_to_equal_set"
-    if absent := _missing(frame, expectation, [column]):
-        return absent
-    present = np.unique(frame[column].to_numpy())
-    wanted = np.unique(_as_ids(ids))
-    missing, extra = np.setdiff1d(wanted, present), np.setdiff1d(present, wanted)
-    return Check(expectation, column, len(missing) + len(extra),
-                 f"missing {len(missing)} id(s) {_short(missing.tolist())}; {len(extra)} unexpected {_short(extra.tolist())}")
-
-
-def _in_set(frame: pd.DataFrame, column: str, ids) -> Check:
-    expectation = "expect_column_values_to_be_in_set"
-    if absent := _missing(frame, expectation, [column]):
-        return absent
-    outside = ~np.isin(frame[column].to_numpy(), _as_ids(ids))
-    return Check(expectation, column, int(outside.sum()), _unexpected(frame, outside, "value(s) not in the set", column))
-
-
-def _not_in_set(frame: pd.DataFrame, column: str, ids) -> Check:
-    expectation = "expect_column_values_to_not_be_in_set"
-    if absent := _missing(frame, expectation, [column]):
-        return absent
-    inside = np.isin(frame[column].to_numpy(), _as_ids(ids))
-    return Check(expectation, column, int(inside.sum()), _unexpected(frame, inside, "value(s) in the set", column))
-
-
-def _pair_at_least(frame: pd.DataFrame, a: str, b: str) -> Check:
-    expectation = "expect_column_pair_values_a_to_be_greater_than_b"
-    if absent := _missing(frame, expectation, [a, b]):
-        return absent
-    smaller = (frame[a].to_numpy(np.float64) < frame[b].to_numpy(np.float64))
-    return Check(expectation, f"{a}, {b}", int(smaller.sum()), _unexpected(frame, smaller, f"row(s) with {a} < {b}", a))
-
-
-def _unexpected(frame: pd.DataFrame, mask: np.ndarray, what: str, column: str | None = None) -> str:
-    """``count what, e.g. [values]`` (computed only when something is wrong)."""
-    count = int(mask.sum())
-    if not count:
-        return ""
-    where = frame.loc[mask, column].head(8).tolist() if column else frame.index[mask][:8].tolist()
-    return f"{count} {what}, e.g. {_short(where)}" + ("" if column else " (row positions)")
-
-
-def _relabels_not_applied(frame: pd.DataFrame, relabels: dict[int, int]) -> list[tuple[int, int, int | None]]:
-    """(id, wanted, found) for each relabel the curated frame does not carry."""
-    if not relabels:
-        return []
-    labels = dict(zip(frame["example_id"].astype(int), frame["label"]))
-    return [(i, y, labels.get(i)) for i, y in sorted(relabels.items()) if labels.get(i) != y]
+def _member(frame: pd.DataFrame, column: str, ids) -> np.ndarray:
+    """Whether each value of ``column`` is one of ``ids`` (all True when no ids are given)."""
+    if column not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    if ids is None:
+        return np.ones(len(frame), dtype=bool)
+    return np.isin(frame[column].to_numpy(), _as_ids(ids))
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from markupsafe import Markup
 
 from ..influence.signals import signal
-from .evidence import RunEvidence, short_number, sparkline_svg
+from .evidence import short_number, sparkline
+from .run_review import RunReview
 
 
 # How far to trust "helps most" / "hurts most": the default train-test method and its suite-mean LDS
@@ -16,15 +16,19 @@ from .evidence import RunEvidence, short_number, sparkline_svg
 ATTRIBUTION_ACCURACY = {"method": "METHOD", "lds": "LDS", "tracincp": "TRACIN", "table": "/accuracy"}
 
 
-def decision_text(action, label) -> str:
-    """'drop', 'keep' or 'relabel -> 4' ('' when there is no decision)."""
+def decision_text(action, label, class_names: tuple[str, ...] = ()) -> str:
+    """'drop', 'keep' or 'relabel → 4', by the class's name where the run has one ('relabel → versicolor');
+    '' when there is no decision."""
     if action is None or pd.isna(action):
         return ""
-    return f"relabel → {int(label)}" if action == "relabel" and pd.notna(label) else str(action)
+    if action != "relabel" or pd.isna(label):
+        return str(action)
+    label = int(label)
+    return f"relabel → {class_names[label] if 0 <= label < len(class_names) else label}"
 
 
 def training_cards(
-    evidence: RunEvidence,
+    review: RunReview,
     example_ids,
     current: pd.DataFrame,
     history: pd.DataFrame | None = None,
@@ -32,31 +36,26 @@ def training_cards(
 ) -> list[dict]:
     """Cards for training examples, in the order given.
 
-    ``current``: the decisions in force for the run (``RunReview.decisions``, with ``decided_on_run``
+    ``current``: the decisions in force for the run (``review.decisions``, with ``decided_on_run``
     when a decision was made on an earlier run of the lineage); ``history``: every
     decision on the run and the runs it was retrained from (``run_id`` plus the store's columns),
     oldest first; ``scores``: an influence score to show on each card (the test-example view).
     """
     ids = [int(i) for i in example_ids]
-    queue = evidence.queue.set_index("example_id")
-    examples = evidence.examples
-    predictions = evidence.predictions
-    ranks = evidence.signal_ranks
-    standing = evidence.flag_standing
-    total = int(evidence.info.get("training_examples", len(examples)))
-    losses = evidence.loss_trajectories(ids)
-    payloads = evidence.payloads(ids)
-    effects = evidence.effects(ids)
+    queue = review.queue.set_index("example_id")
+    ranks = review.signal_ranks
+    standing = review.flag_standing
+    total = int(review.info.get("training_examples", len(review.examples)))
+    losses = review.loss_trajectories(ids)
+    payloads = review.payloads(ids)
+    effects = review.effects(ids)
     test_ids = {int(t) for helps, hurts in effects.values() for t in (*helps["test_example_id"], *hurts["test_example_id"])}
-    test_cards = {c["id"]: c for c in test_example_cards(evidence, sorted(test_ids))}
+    test_cards = {c["id"]: c for c in test_example_cards(review, sorted(test_ids))}
     decided = current.set_index("example_id")
     by_example = {} if history is None or history.empty else dict(tuple(history.groupby("example_id")))
-    names = evidence.class_names
 
     cards = []
     for i in ids:
-        label = int(examples.at[i, "label"])
-        predicted = _prediction(predictions, i, queue)
         trajectory = losses.get(i, np.array([]))
         decision = decided.loc[i] if i in decided.index else None
         helps, hurts = effects[i]
@@ -65,60 +64,71 @@ def training_cards(
                 "id": i,
                 "in_queue": i in queue.index,
                 "rank": int(queue.at[i, "rank"]) if i in queue.index else None,
-                "flag": _flag(standing, i, total, evidence.info["policy"]["score"]),
-                "label": label,
-                "label_name": names[label] if 0 <= label < len(names) else str(label),
-                "predicted": predicted[0],
-                "probability": predicted[1],
-                "disagrees": predicted[0] is not None and predicted[0] != label,
+                "flag": _flag(standing, i, total, review.info["policy"]["score"]),
+                **_label_and_prediction(review, i, queue),
                 "signals": _signals(ranks, i),
-                "flagged_by": evidence.flagged_by(i) if i in queue.index else (),
+                "flagged_by": review.flagged_by(i) if i in queue.index else (),
                 "score": None if scores is None else short_number(scores.get(i)),
-                "spark": Markup(sparkline_svg(trajectory)),  # numbers only: safe to embed
+                "spark": sparkline(trajectory),
                 "loss_first": short_number(trajectory[0]) if len(trajectory) else "",
                 "loss_last": short_number(trajectory[-1]) if len(trajectory) else "",
                 "payload": payloads.get(i),
                 "helps": [dict(test_cards[int(t)], score=short_number(s)) for t, s in helps.itertuples(index=False)],
                 "hurts": [dict(test_cards[int(t)], score=short_number(s)) for t, s in hurts.itertuples(index=False)],
-                "decision": None if decision is None else _decision(decision, evidence.run_id),
-                "history": [] if i not in by_example else _history(by_example[i], evidence.run_id),
+                "decision": None if decision is None else _decision(decision, review),
+                "history": [] if i not in by_example else _history(by_example[i], review),
             }
         )
     return cards
 
 
-def test_example_cards(evidence: RunEvidence, example_ids) -> list[dict]:
-    """Small cards for test examples: picture, label and prediction."""
+def test_example_cards(review: RunReview, example_ids) -> list[dict]:
+    """Small cards for test examples: picture or prompt, label (or target answer) and prediction."""
     ids = [int(i) for i in example_ids]
-    payloads = evidence.payloads(ids)
+    payloads = review.payloads(ids)
     cards = []
     for i in ids:
-        predicted, probability = _prediction(evidence.predictions, i)
-        label = int(evidence.examples.at[i, "label"]) if i in evidence.examples.index else None
-        cards.append(
-            {
-                "id": i,
-                "label": label,
-                "predicted": predicted,
-                "probability": probability,
-                "wrong": predicted is not None and label is not None and predicted != label,
-                "payload": payloads.get(i),
-            }
-        )
+        shown = _label_and_prediction(review, i)
+        cards.append({"id": i, **shown, "wrong": shown["disagrees"], "payload": payloads.get(i)})
     return cards
 
 
-def _prediction(predictions: pd.DataFrame | None, example_id: int, queue: pd.DataFrame | None = None) -> tuple[int | None, str]:
-    """(predicted label, the model's probability of it): the queue's ``predicted_probability`` for a
-    flagged example, else the predictions file's (where that column is still called ``confidence``;
-    the queue's ``confidence`` is the data-map signal)."""
+def _label_and_prediction(review: RunReview, example_id: int, queue: pd.DataFrame | None = None) -> dict:
+    """Label and prediction by the same names: class names for a classification run (``label`` and
+    ``predicted`` keep the indices the forms need), the target and the model's answer for a text run.
+    The probability is the queue's ``predicted_probability`` for a flagged example, else the predictions
+    file's (where that column is still called ``confidence``; the queue's ``confidence`` is the
+    data-map signal)."""
+    examples, predictions = review.examples, review.predictions
+    known = example_id in examples.index
+    if review.is_text:
+        target = examples.at[example_id, "target"] if known else None
+        row = predictions.loc[example_id] if predictions is not None and example_id in predictions.index else None
+        answer = None if row is None or "predicted_text" not in row else row["predicted_text"]
+        return {
+            "label": None,
+            "label_name": "" if target is None or pd.isna(target) else str(target),
+            "predicted": answer,
+            "predicted_name": "" if answer is None or pd.isna(answer) else str(answer),
+            "probability": "" if row is None else _probability(row["confidence"]),
+            "disagrees": row is not None and "correct" in row and not bool(row["correct"]),
+        }
+    label = int(examples.at[example_id, "label"]) if known else None
+    predicted, probability = None, ""
     if queue is not None and example_id in queue.index and pd.notna(queue.at[example_id, "predicted_label"]):
         row = queue.loc[example_id]
-        return int(row["predicted_label"]), _probability(row["predicted_probability"])
-    if predictions is None or example_id not in predictions.index:
-        return None, ""
-    row = predictions.loc[example_id]
-    return int(row["predicted_label"]), _probability(row["confidence"])
+        predicted, probability = int(row["predicted_label"]), _probability(row["predicted_probability"])
+    elif predictions is not None and example_id in predictions.index:
+        row = predictions.loc[example_id]
+        predicted, probability = int(row["predicted_label"]), _probability(row["confidence"])
+    return {
+        "label": label,
+        "label_name": review.label_name(label),
+        "predicted": predicted,
+        "predicted_name": review.label_name(predicted),
+        "probability": probability,
+        "disagrees": predicted is not None and label is not None and predicted != label,
+    }
 
 
 def _probability(value) -> str:
@@ -157,12 +167,14 @@ def _signals(ranks: pd.DataFrame, example_id: int) -> list[dict]:
     ]
 
 
-def _decision(row: pd.Series, run_id: str) -> dict:
-    """A decision in force; ``carried_from``: the earlier run of the lineage it was made on, if any."""
+def _decision(row: pd.Series, review: RunReview, run_id: str | None = None) -> dict:
+    """A decision in force (made on ``run_id``, default the review's run); ``carried_from``: the earlier
+    run of the lineage it was made on, if any."""
     made_on = row.get("decided_on_run")
+    run_id = run_id or review.run_id
     return {
         "carried_from": made_on if isinstance(made_on, str) and made_on != run_id else None,
-        "text": decision_text(row["action"], row["label"]),
+        "text": decision_text(row["action"], row["label"], review.class_names),
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),
         "reviewer": row["reviewer"],
@@ -171,12 +183,12 @@ def _decision(row: pd.Series, run_id: str) -> dict:
     }
 
 
-def _history(rows: pd.DataFrame, run_id: str) -> list[dict]:
+def _history(rows: pd.DataFrame, review: RunReview) -> list[dict]:
     return [
         {
             "run_id": row["run_id"],
-            "carried": row["run_id"] != run_id,
-            **_decision(row, row["run_id"]),
+            "carried": row["run_id"] != review.run_id,
+            **_decision(row, review, row["run_id"]),
         }
         for _, row in rows.iterrows()
     ]

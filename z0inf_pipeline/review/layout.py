@@ -1,8 +1,9 @@
 """Where the pipeline keeps one MLflow run's outputs: ``<outputs base>/runs/<run_id>/``.
 
-The base is ``$Z0INF_OUTPUTS_URL`` when set (any fsspec URL: ``s3://bucket/z0inf``, ``memory://``,
-...), else the data directory (``$Z0INF_DATA_DIR``, default ``./data``). Paths are
-``universal_pathlib`` UPaths: on the local disk they are ordinary ``pathlib.Path`` objects.
+The base is resolved once, by ``outputs_base`` (the only reader of ``$Z0INF_OUTPUTS_URL``): Dagster
+through the IO manager resource (``RunOutputsIOManager.base_url``, else the environment), the CLI at
+the start of a command; every reader is then handed it. Any fsspec URL works (``s3://bucket/z0inf``,
+``memory://``, ...). Paths are ``universal_pathlib`` UPaths: on the local disk ordinary paths.
 
 Dagster's IO manager writes here (``RUN_OUTPUTS`` says which files belong to which asset), the
 review CLI, the demo and the review page read here; this one definition keeps them in step.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from upath import UPath
 
@@ -43,7 +45,8 @@ def check_run_id(run_id: str) -> str:
 
 
 def outputs_base(base: str | os.PathLike | None = None) -> UPath:
-    """The folder that holds ``runs/``: ``base``, else ``$Z0INF_OUTPUTS_URL``, else the data directory."""
+    """The folder that holds ``runs/``: ``base``, else ``$Z0INF_OUTPUTS_URL``, else the data directory
+    (``$Z0INF_DATA_DIR``, default ``./data``). The one place the environment names it."""
     chosen = base if base is not None else os.environ.get(OUTPUTS_URL_ENV) or data_dir()
     return UPath(chosen)
 
@@ -56,14 +59,24 @@ class RunLayout:
     root: UPath
 
     @classmethod
-    def for_run(cls, run_id: str, base: str | os.PathLike | None = None) -> "RunLayout":
-        return cls(check_run_id(run_id), outputs_base(base) / "runs" / run_id)
+    def for_run(cls, run_id: str, base: str | os.PathLike) -> "RunLayout":
+        """The run's folder under ``base``, the outputs base ``outputs_base`` resolved."""
+        return cls(check_run_id(run_id), UPath(base) / "runs" / run_id)
 
     def files_of(self, asset: str) -> dict[str, UPath]:
         """The files an asset's output is stored in, by RunLayout property name."""
         if asset not in RUN_OUTPUTS:
             raise InfluenceInputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(RUN_OUTPUTS)})")
         return {name: getattr(self, name) for name in RUN_OUTPUTS[asset]}
+
+    @property
+    def gx_folder(self) -> Path:
+        """The run's GX validation results and Data Docs (``uncommitted/data_docs/local_site/index.html``).
+        GX's stores write to the local disk: the run's outputs folder when that is local, else its local
+        mirror under the data directory (both are logged to the MLflow run under ``gx/``)."""
+        if getattr(self.root, "protocol", "") in ("", "file", "local"):
+            return Path(self.root.path) / "gx"
+        return data_dir() / "runs" / self.run_id / "gx"
 
     @property
     def examples(self) -> UPath:

@@ -3,18 +3,19 @@ retrained from R (R's descendants through the ``z0inf.parent_run_id`` tag) until
 
 ``decisions_in_force`` is pure: the lineage (``[run, parent, grandparent, ...]``, from
 ``tracking.run_lineage``) and the store's per-run decisions come in; the decisions in force for the
-newest run come out. ``inherited_cutoff`` reads the ancestors' review queues for the mixture cut-off.
+newest run come out. ``inherited_cutoff`` reads the ancestors' review queues for their cut-off.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import pandas as pd
 
 from ..influence.errors import InfluenceInputError
 from .layout import RunLayout
-from .policy import FlagPolicy
+from .policy import INHERITING_METHODS, FlagPolicy
 from .queue import read_review_queue
 from .store import DECISION_COLUMNS, DecisionStore
 
@@ -54,14 +55,15 @@ def lineage_decisions(store: DecisionStore, run_id: str, info: dict) -> pd.DataF
     return decisions_in_force(store.current_for_runs(lineage), lineage)
 
 
-def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy) -> tuple[float, str] | None:
+def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy, base: str | os.PathLike) -> tuple[float, str] | None:
     """(cut-off, run it was fitted on) from the nearest ancestor whose review queue was built with the
-    same policy, when the policy is a mixture that inherits; None otherwise (fit this run afresh)."""
-    if policy.method != "mixture" or not policy.inherit_cutoff:
+    same policy, when the policy counts (confident or mixture) and inherits; None otherwise (count afresh).
+    ``base``: the outputs base the queues were stored under."""
+    if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
     wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:
-        path = RunLayout.for_run(ancestor).review_queue
+        path = RunLayout.for_run(ancestor, base).review_queue
         if not path.is_file():
             continue
         _, info = read_review_queue(path)

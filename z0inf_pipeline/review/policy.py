@@ -1,16 +1,22 @@
 """Which training examples get flagged for review: a flag score, a cut-off on it, and a review budget.
 
 The flag score is one signal of ``influence.signals`` (or a rank average of several) oriented so that
-higher is more suspicious. The default cut-off comes from a two-component Gaussian mixture on the score,
-as in loss-based label-noise modelling: examples whose posterior of belonging to the high component
-exceeds 0.5 are flagged. A run retrained from a reviewed run keeps that run's cut-off (same recipe,
-same loss scale), so the flagged count falls as the data gets cleaner, where a fresh mixture or a
-quantile would flag a similar share of every run. The quantile and robust z-score cut-offs stay as
-options; every method respects the review budget ``max_flagged``.
+higher is more suspicious. The default count is ``confident``: the smaller of two estimates of how many
+labels are wrong, flagged highest flag score first. One is confident learning's (Northcutt et al., 2021)
+count of examples that are confidently another class, from per-class thresholds on exp(-mean loss)
+(the geometric mean over checkpoints of the probability of the given label); it follows the real noise
+and is near zero on clean data, but overcounts where the model is weak on every class. The other is the
+high component of a two-Gaussian mixture on the score (scikit-learn), which always finds some high group
+but never grows with a weak model. Chosen on the benchmark suite (``benchmarks/accuracy.py --counts``).
+A run retrained from a reviewed run keeps that run's cut-off (same recipe, same loss scale), so the
+flagged count falls as the data gets cleaner. The quantile and robust z-score cut-offs stay as options;
+every method respects the review budget ``max_flagged``. The cut-off becomes the flagging expectation of
+the GX suite ``flagging`` (``z0inf_pipeline.quality``), whose unexpected rows are the review queue.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -19,12 +25,13 @@ import pandas as pd
 from ..influence.errors import InfluenceInputError
 from ..influence.signals import SIGNAL_COLUMNS, flag_score, parse_flag_score
 from ..settings_schema import check_choices
+from ..training.layout import NO_LABEL
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
-METHODS = ("mixture", "quantile", "zscore")
-_EM_ITERATIONS = 200
-_EM_TOLERANCE = 1e-10
+METHODS = ("confident", "mixture", "quantile", "zscore")
+# Methods whose cut-off a retrained run may inherit from its reviewed ancestor.
+INHERITING_METHODS = ("confident", "mixture")
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,13 @@ class FlagPolicy:
         },
     )
     method: str = field(
-        default="mixture",
+        default="confident",
         metadata={
-            "help": "mixture: flag the high component of a two-Gaussian mixture on the score (none if the score "
-            "has no separate high group); quantile: flag above the quantile; zscore: robust z above z_threshold",
+            "help": "confident: flag as many as the smaller of confident learning's count of confidently "
+            "mislabelled examples (per-class thresholds on exp(-mean_loss); needs labels and a cross-entropy "
+            "loss, else the mixture alone) and the mixture's high group; mixture: flag the high component of a "
+            "two-Gaussian mixture on the score (none if the score has no separate high group); quantile: flag "
+            "above the quantile; zscore: robust z above z_threshold",
             "choices": METHODS,
         },
     )
@@ -52,12 +62,14 @@ class FlagPolicy:
     )
     posterior: float = field(
         default=0.5,
-        metadata={"help": "method=mixture: flag where the posterior of the high component exceeds this"},
+        metadata={"help": "methods confident and mixture: the mixture flags where the posterior of its high "
+                "component exceeds this"},
     )
     inherit_cutoff: bool = field(
         default=True,
         metadata={
-            "help": "method=mixture: a retrained run keeps the cut-off found on its nearest reviewed ancestor "
+            "help": "methods confident and mixture: a retrained run keeps the cut-off found on its nearest "
+            "reviewed ancestor "
             "(same policy), so a cleaner run flags fewer examples instead of a fresh mixture's share"
         },
     )
@@ -93,7 +105,10 @@ class FlagPolicy:
         return asdict(self)
 
     def describe(self) -> str:
-        if self.method == "mixture":
+        if self.method == "confident":
+            rule = (f"{self.score}, as many highest as the fewer of confident learning's label-error count and "
+                    f"a two-Gaussian mixture's high group (posterior > {self.posterior:g})")
+        elif self.method == "mixture":
             rule = f"{self.score} in the high component of a two-Gaussian mixture (posterior > {self.posterior:g})"
         elif self.method == "quantile":
             rule = f"{self.score} above its {self.quantile:.3g} quantile (top {100 * (1 - self.quantile):.3g}%)"
@@ -156,59 +171,98 @@ class Mixture:
 
 
 def fit_mixture(x: np.ndarray) -> Mixture:
-    """Two-Gaussian EM on a 1-D sample, vectorised over the sample (the loop is over iterations).
+    """Two-Gaussian EM (scikit-learn) on a 1-D sample.
 
     Started from the lower half and the top tenth so that a small high group is found; a floor on
     the variances (1e-6 of the sample's) keeps a component from collapsing onto tied values.
     """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
     x = np.asarray(x, dtype=np.float64)
     spread = float(x.var())
     if len(x) < 2 or spread == 0:
         return Mixture(np.array([1.0, 1e-12]), np.array([x.mean(), x.mean()]), np.ones(2))
     floor = 1e-6 * spread
-    low, high = x <= np.quantile(x, 0.5), x >= np.quantile(x, 0.9)
-    means = np.array([x[low].mean(), x[high].mean()])
-    variances = np.array([max(x[low].var(), floor), max(x[high].var(), floor)])
-    weights = np.array([0.9, 0.1])
-    previous = -np.inf
-    for _ in range(_EM_ITERATIONS):
-        log_p = np.log(weights) - 0.5 * np.log(2 * np.pi * variances) - 0.5 * (x[:, None] - means) ** 2 / variances
-        top = log_p.max(axis=1, keepdims=True)
-        log_total = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))
-        responsibility = np.exp(log_p - log_total[:, None])
-        mass = responsibility.sum(axis=0).clip(min=1e-12)
-        weights = mass / len(x)
-        means = (responsibility * x[:, None]).sum(axis=0) / mass
-        variances = np.maximum((responsibility * (x[:, None] - means) ** 2).sum(axis=0) / mass, floor)
-        likelihood = float(log_total.mean())
-        if likelihood - previous < _EM_TOLERANCE:
-            break
-        previous = likelihood
-    order = np.argsort(means)
-    return Mixture(weights[order], means[order], np.sqrt(variances[order]))
+    groups = [x[x <= np.quantile(x, 0.5)], x[x >= np.quantile(x, 0.9)]]
+    fitted = GaussianMixture(
+        2, tol=1e-10, max_iter=200, reg_covar=floor, weights_init=[0.9, 0.1],
+        means_init=[[g.mean()] for g in groups], precisions_init=[[[1 / max(g.var(), floor)]] for g in groups],
+    )
+    with warnings.catch_warnings():  # a tie-heavy sample may stop at max_iter: the fit is still usable
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted.fit(x[:, None])
+    order = np.argsort(fitted.means_[:, 0])
+    return Mixture(fitted.weights_[order], fitted.means_[order, 0], np.sqrt(fitted.covariances_[order, 0, 0]))
 
 
-def flag_scores(scores, policy: FlagPolicy, *, inherited_cutoff: float | None = None) -> Flags:
+def confident_error_count(mean_loss: np.ndarray, labels: np.ndarray) -> int:
+    """Confident learning's count of label errors from the probability of the given label alone.
+
+    p_i = exp(-mean_loss_i) (the geometric mean over checkpoints of the probability of the given
+    label, a cross-entropy loss), t_c = the mean of p over the examples labelled c. Confident learning
+    counts an example labelled y as an error when some other class j holds at least t_j of its
+    probability; with only p_y known, the most another class can hold is 1 - p_y, so an example counts
+    when p_y <= 1 - min_{j != y} t_j. Vectorised over examples (one pass per class via bincount).
+    """
+    probability = np.exp(-np.asarray(mean_loss, dtype=np.float64))
+    classes, index = np.unique(np.asarray(labels), return_inverse=True)
+    if len(classes) < 2:
+        return 0
+    thresholds = np.bincount(index, weights=probability) / np.bincount(index)
+    lowest, second = np.sort(thresholds)[:2]
+    other_lowest = np.where(thresholds == lowest, second, lowest)  # min over the other classes
+    return int((probability <= 1.0 - other_lowest[index]).sum())
+
+
+def flag_scores(scores, policy: FlagPolicy, *, labels=None, inherited_cutoff: float | None = None) -> Flags:
     """Flag examples by ``policy``: ``scores`` is the scores frame (its ``policy.score`` signal is used,
     and every defined signal is also flagged on its own for ``Flags.flagged_by``) or a vector that
     already is the flag score (higher = more suspicious).
 
-    ``inherited_cutoff`` (method ``mixture``): flag scores at or above it instead of fitting a mixture
-    to this run (see ``inherited_cutoff`` in ``review.lineage``).
+    ``labels`` (method ``confident``): the given label of each row of ``scores``; with the frame's
+    ``mean_loss`` (cross-entropy) they give confident learning's count. Without them the count is the
+    mixture's. ``inherited_cutoff`` (methods ``confident`` and ``mixture``): flag scores at or above it
+    instead of counting on this run (see ``inherited_cutoff`` in ``review.lineage``).
     """
     if not isinstance(scores, pd.DataFrame):
         return _flag_values(scores, policy, inherited_cutoff)
-    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff)
+    errors = _confident_count(scores, labels) if policy.method == "confident" else None
+    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors)
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:
-        alone = _flag_values(flag_score(scores, column), replace(policy, score=column)).flagged
+        alone = _flag_values(flag_score(scores, column), replace(policy, score=column), None, errors).flagged
         joined = joined + np.where(alone, column + ", ", "")
     flagged_by = joined.str.removesuffix(", ").to_numpy(dtype=object)
     return replace(flags, flagged_by=flagged_by)
 
 
-def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = None) -> Flags:
+def given_labels(examples: pd.DataFrame, scores: pd.DataFrame) -> np.ndarray | None:
+    """The label of each row of ``scores`` from a run's examples table (None when it has no labels, or its
+    examples have no class: a text answer's label is NO_LABEL, and its loss is no class probability)."""
+    if "label" not in examples or (examples["label"] == NO_LABEL).any():
+        return None
+    train = examples[examples["split"] == "train"] if "split" in examples else examples
+    labels = train.set_index("example_id")["label"].reindex(scores["example_id"].to_numpy())
+    if labels.isna().any():
+        raise InfluenceInputError(f"flag policy: {int(labels.isna().sum())} scored example(s) have no label")
+    return labels.to_numpy()
+
+
+def _confident_count(scores: pd.DataFrame, labels) -> int | None:
+    """Confident learning's count for a scores frame, None where it is undefined (no labels, or a loss
+    that is not cross-entropy: its ``confidence`` column is NaN)."""
+    if labels is None or "mean_loss" not in scores or scores.get("confidence", pd.Series([np.nan])).isna().any():
+        return None
+    labels = np.asarray(labels)
+    if len(labels) != len(scores):
+        raise InfluenceInputError(f"flag policy: {len(labels)} labels for {len(scores)} scores")
+    return confident_error_count(scores["mean_loss"].to_numpy(np.float64), labels)
+
+
+def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = None,
+                 confident_errors: int | None = None) -> Flags:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise InfluenceInputError(f"flag policy: expected a non-empty vector of scores, got shape {values.shape}")
@@ -228,11 +282,17 @@ def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = No
         mixture = fit_mixture(values)
         # Above the low component's mean only: a wide high component also wins far in the low tail.
         flagged = (mixture.high_posterior(values) > policy.posterior) & (values > mixture.means[0])
+        if confident_errors is not None and confident_errors < flagged.sum():
+            flagged = _highest(values, confident_errors)
         cutoff = float(values[flagged].min()) if flagged.any() else float("inf")
     if policy.max_flagged and flagged.sum() > policy.max_flagged:
-        order = np.argsort(-values, kind="stable")
-        kept = np.zeros_like(flagged)
-        kept[order[: policy.max_flagged]] = True
-        flagged &= kept
+        flagged &= _highest(values, policy.max_flagged)
         cutoff = float(values[flagged].min())
     return Flags(cutoff, flagged, z, values)
+
+
+def _highest(values: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the ``count`` highest values (ties broken by position)."""
+    kept = np.zeros(len(values), dtype=bool)
+    kept[np.argsort(-values, kind="stable")[:count]] = True
+    return kept

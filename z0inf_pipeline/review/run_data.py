@@ -59,22 +59,37 @@ def recompute_loss_tables(
     batch_size: int = 4096,
 ) -> tuple[LossTable, LossTable]:
     """Train and test loss tables: every checkpoint evaluated on every example, on ``device`` in ``dtype``."""
+    train, test = (
+        split_loss_table(model_factory, checkpoints, split, loss, device=device, dtype=dtype, batch_size=batch_size)
+        for split in (data.train, data.test)
+    )
+    return train, test
+
+
+def split_loss_table(
+    model_factory: Callable[[], torch.nn.Module],
+    checkpoints: Sequence,
+    split: Split,
+    loss: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4096,
+) -> LossTable:
+    """One split's (or one shard's) loss table. A shard that starts on a batch boundary is evaluated in
+    exactly the batches of the whole split, so its losses are the same bits as the unsharded ones."""
     if loss not in LOSSES:
         raise InfluenceInputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
-    tables = [
-        compute_loss_table(
-            lambda: model_factory().to(dtype),
-            checkpoints,
-            (split.features.to(dtype), split.labels),
-            LOSSES[loss],
-            example_ids=split.example_ids,
-            device=device,
-            batch_size=batch_size,
-            progress=False,
-        )
-        for split in (data.train, data.test)
-    ]
-    return tables[0], tables[1]
+    return compute_loss_table(
+        lambda: model_factory().to(dtype),
+        checkpoints,
+        (split.features.to(dtype), split.labels),
+        LOSSES[loss],
+        example_ids=split.example_ids,
+        device=device,
+        batch_size=batch_size,
+        progress=False,
+    )
 
 
 def forward_access(
@@ -119,26 +134,43 @@ def final_predictions(
     batch_size: int = 4096,
 ) -> pd.DataFrame:
     """Predicted label and its softmax probability for every train and test example."""
-    model = model.to(device=device, dtype=dtype).eval()
-    frames = []
-    with torch.no_grad():
-        for name, split in (("train", data.train), ("test", data.test)):
-            probs = torch.cat(
-                [
-                    torch.softmax(model(batch.to(device=device, dtype=dtype)), dim=1).cpu()
-                    for batch in split.features.split(batch_size)
-                ]
-            )
-            confidence, predicted = probs.max(dim=1)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "example_id": split.example_ids,
-                        "split": name,
-                        "label": split.labels.numpy(),
-                        "predicted_label": predicted.numpy(),
-                        "confidence": confidence.double().numpy(),
-                    }
-                )
-            )
+    frames = [
+        split_predictions(model, name, split, device=device, dtype=dtype, batch_size=batch_size)
+        for name, split in (("train", data.train), ("test", data.test))
+    ]
     return pd.concat(frames, ignore_index=True)
+
+
+def split_predictions(
+    model: torch.nn.Module,
+    name: str,
+    split: Split,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4096,
+) -> pd.DataFrame:
+    """``final_predictions`` of one split (or one shard of it), named ``name`` in the ``split`` column."""
+    model = model.to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        probs = torch.cat(
+            [
+                torch.softmax(model(batch.to(device=device, dtype=dtype)), dim=1).cpu()
+                for batch in split.features.split(batch_size)
+            ]
+        )
+    confidence, predicted = probs.max(dim=1)
+    return pd.DataFrame(
+        {
+            "example_id": split.example_ids,
+            "split": name,
+            "label": split.labels.numpy(),
+            "predicted_label": predicted.numpy(),
+            "confidence": confidence.double().numpy(),
+        }
+    )
+
+
+def shard_of(split: Split, start: int, stop: int) -> Split:
+    """Examples ``[start, stop)`` of a split, in its order (views, no copy)."""
+    return Split(split.example_ids[start:stop], split.features[start:stop], split.labels[start:stop])

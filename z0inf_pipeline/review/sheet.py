@@ -5,46 +5,50 @@ every flagged example, without the forms."""
 from __future__ import annotations
 
 import base64
+from functools import lru_cache
 from importlib import resources
 
 import pandas as pd
 
 from .cards import training_cards
-from .evidence import RunEvidence
 from .gate import GateStatus
 from .run_review import RunReview, decisions_needed, lineage_history
 from .store import DecisionStore
 
 
+@lru_cache(maxsize=1)
+def templates():
+    """The review page's Jinja templates (HTML escaped), for what is rendered outside the web app."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    return Environment(
+        loader=PackageLoader("z0inf_pipeline.review.web", "templates"), autoescape=select_autoescape(["html"])
+    )
+
+
 def review_sheet_html(
-    evidence: RunEvidence,
+    review: RunReview,
     current: pd.DataFrame,
     history: pd.DataFrame | None = None,
     *,
     gate: GateStatus | None = None,
     histogram: bytes | None = None,
 ) -> str:
-    """Render the sheet. ``current``: the run's decisions in force (``RunReview.decisions``);
+    """Render the sheet. ``current``: the run's decisions in force (``review.decisions``);
     ``history``: decisions on the run and its ancestors with a ``run_id`` column (optional);
     ``gate``: the gate status to print (optional); ``histogram``: the flag score histogram (PNG)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    env = Environment(
-        loader=PackageLoader("z0inf_pipeline.review.web", "templates"), autoescape=select_autoescape(["html"])
-    )
     css = resources.files("z0inf_pipeline.review.web").joinpath("static/review.css").read_text(encoding="utf-8")
-    cards = training_cards(evidence, evidence.queue["example_id"], current, history)
-    return env.get_template("sheet.html").render(
-        run_id=evidence.run_id, info=evidence.info, evidence=evidence, cards=cards, css=css, gate=gate,
+    cards = training_cards(review, review.queue["example_id"], current, history)
+    return templates().get_template("sheet.html").render(
+        run_id=review.run_id, info=review.info, review=review, cards=cards, css=css, gate=gate,
         needed=None if gate is None else decisions_needed(gate),
-        decided=int(evidence.queue["example_id"].isin(current["example_id"]).sum()),
+        decided=int(review.queue["example_id"].isin(current["example_id"]).sum()),
         histogram=None if histogram is None else "data:image/png;base64," + base64.b64encode(histogram).decode("ascii"),
     )
 
 
 def run_review_sheet(
     review: RunReview,
-    evidence: RunEvidence,
     store: DecisionStore,
     histogram: bytes | None = None,
     current: pd.DataFrame | None = None,
@@ -53,7 +57,7 @@ def run_review_sheet(
     caller already has them, else asked of the store), their history, the gate."""
     current = review.decisions(store) if current is None else current
     history = lineage_history(store, review.lineage)
-    return review_sheet_html(evidence, current, history, gate=review.gate(current), histogram=histogram)
+    return review_sheet_html(review, current, history, gate=review.gate(current), histogram=histogram)
 
 
 def stored_histogram(review: RunReview) -> bytes | None:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .client import tracking_client
 from .contract import ContractError
-from .reader import _download, _list_artifacts, fetch_run
+from .reader import download_artifact, fetch_run, list_artifacts
 
 CURATED_ARTIFACT = "z0inf/curated_training_set/curated_training_set.parquet"
 
@@ -37,13 +37,13 @@ def curation_of(run_id: str, *, tracking_uri: str | None = None, cache_dir: Path
     """The curation ``curated_training_set`` published for ``run_id``; ContractError if there is none yet."""
     run = fetch_run(run_id, tracking_uri=tracking_uri, cache_dir=cache_dir)
     client = tracking_client(tracking_uri)
-    if CURATED_ARTIFACT not in _list_artifacts(client, run_id):
+    if CURATED_ARTIFACT not in list_artifacts(client, run_id):
         raise ContractError(
             f"run {run_id}: artifact {CURATED_ARTIFACT!r} is missing: review the queue, then materialise "
             "curated_training_set (`z0inf materialize retrain --run RUN`)"
         )
     with tempfile.TemporaryDirectory(prefix="z0inf-curation-") as tmp:
-        _download(client, run_id, CURATED_ARTIFACT, Path(tmp))
+        download_artifact(client, run_id, CURATED_ARTIFACT, Path(tmp))
         curated = pd.read_parquet(Path(tmp) / CURATED_ARTIFACT)
     examples = pd.read_parquet(run.examples)
     train_ids = examples.loc[examples["split"] == "train", "example_id"].to_numpy(np.int64)

@@ -19,7 +19,6 @@ from ..influence.checkpoints import save_checkpoint
 from ..influence.loss_tables import ID_COLUMN, LossFn
 from ..training import layout
 from ..training.datasets import Split
-from ..training.lm import LMRecipe
 from ..training.models import ModelSpec
 from ..training.recording import (
     BatchLossFn,
@@ -47,7 +46,7 @@ from .contract import (
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
 
 
-class _RunWriter:
+class RunWriter:
     """One MLflow run with the contract tags: metrics as they come, the artifact folder at the end."""
 
     def __init__(self, client: MlflowClient, experiment: str, *, run_name: str | None, tags: Mapping[str, Any],
@@ -60,8 +59,9 @@ class _RunWriter:
         if parent_run_id:
             all_tags.update({PARENT_TAG: parent_run_id, MLFLOW_PARENT_TAG: parent_run_id})
         self.client = client
-        self.run_id = client.create_run(ensure_experiment(client, experiment), run_name=run_name,
-                                        tags=all_tags).info.run_id
+        experiment_id = ensure_experiment(client, experiment)
+        name = None if run_name is None else unique_run_name(client, experiment_id, run_name)
+        self.run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
@@ -101,7 +101,7 @@ def train_params(config: TrainConfig) -> dict[str, Any]:
 
 
 def train_and_log(
-    config: TrainConfig | LMRecipe,
+    config: TrainConfig,
     *,
     tracking_uri: str | None = None,
     experiment: str = "z0inf",
@@ -114,17 +114,12 @@ def train_and_log(
 
     The recipe and its data are checked first: a rejected recipe leaves no MLflow run behind.
     ``run_name`` defaults to dataset, model and label noise (``digits-mlp-noise0.1``).
-    An ``LMRecipe`` (see ``recipe_from_dict``) is fine-tuned through the Hugging Face callback instead."""
-    if isinstance(config, LMRecipe):
-        from ..training.lm import train_and_log_lm
-
-        return train_and_log_lm(config, tracking_uri=tracking_uri, experiment=experiment,
-                                parent_run_id=parent_run_id, tags=tags, run_name=run_name)
+    ``integrations.train_and_log_recipe`` also takes the LM recipe."""
     plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
     noise = f"-noise{config.label_noise:g}" if config.label_noise else ""
-    writer = _RunWriter(
+    writer = RunWriter(
         client, experiment, run_name=run_name or f"{Path(config.dataset).stem}-{config.model}{noise}",
         tags={SOURCE_TAG: "train_and_log", DATASET_TAG: dataset, **(tags or {})}, parent_run_id=parent_run_id,
     )
@@ -143,7 +138,20 @@ def train_and_log(
     return writer.run_id
 
 
-_RETRAIN_SUFFIX = re.compile(r"^(?P<base>.*) · retrain (?P<round>\d+)$")
+_RETRAIN_SUFFIX = re.compile(r"^(?P<base>.*) · retrain (?P<round>\d+)(?: \(\d+\))?$")
+
+
+def unique_run_name(client: MlflowClient, experiment_id: str, name: str) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... when runs of the experiment already carry it: people
+    tell runs apart by name (the review page, MLflow's list), so two demos must not share one."""
+    prefix = name.split("'")[0]  # the filter's quoting; the names are compared exactly below
+    taken = {
+        run.info.run_name
+        for run in client.search_runs([experiment_id], f"attributes.run_name LIKE '{prefix}%'", max_results=5000)
+    }
+    if name not in taken:
+        return name
+    return next(f"{name} ({k})" for k in range(2, len(taken) + 3) if f"{name} ({k})" not in taken)
 
 
 def retrained_run_name(parent_name: str | None) -> str:
@@ -249,7 +257,7 @@ class ContractLogger:
                            params=dict(params or {}), tags=dict(tags or {}), parent_run_id=parent_run_id,
                            nested_in=nested_in, dataset=dataset,
                            loss=loss_name or getattr(loss_fn, "__name__", type(loss_fn).__name__))
-        self._writer: _RunWriter | None = None
+        self._writer: RunWriter | None = None
         self._work: Path | None = None
 
     @property
@@ -260,7 +268,7 @@ class ContractLogger:
 
     def __enter__(self) -> "ContractLogger":
         s = self._setup
-        self._writer = _RunWriter(
+        self._writer = RunWriter(
             tracking_client(s["tracking_uri"]), s["experiment"], run_name=s["run_name"],
             tags={SOURCE_TAG: "ContractLogger", DATASET_TAG: s["dataset"], LOSS_TAG: s["loss"],
                   CHECKPOINT_PARAMETERS_TAG: self.checkpoint_parameters, **s["tags"]},

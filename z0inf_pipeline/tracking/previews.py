@@ -6,12 +6,19 @@ from __future__ import annotations
 
 # MLflow 3.x UI: the runs list of an experiment in its "Model training" view (the query parameter selects
 # the view; verified against the 3.17 UI, whose router reads `workflowType` = "genai" | "machine_learning").
-TRAINING_RUNS_FRAGMENT = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+TRAINING_VIEW = "workflowType=machine_learning"
+TRAINING_RUNS_FRAGMENT = "#/experiments/{experiment_id}/runs?" + TRAINING_VIEW
+LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the local store
 
 
 def training_runs_url(ui_url: str, experiment_id: str) -> str:
     """``http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning`` for ui_url and id 1."""
     return ui_url.rstrip("/") + "/" + TRAINING_RUNS_FRAGMENT.format(experiment_id=experiment_id)
+
+
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """One run's page in the "Model training" view (without the query MLflow 3 opens it under GenAI)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def experiment_runs_url(ui_url: str, experiment: str = "z0inf", tracking_uri: str | None = None) -> str:
@@ -24,6 +31,6 @@ def experiment_runs_url(ui_url: str, experiment: str = "z0inf", tracking_uri: st
     return training_runs_url(ui_url, found.experiment_id)
 
 
-def print_ui_links(ui_url: str = "http://127.0.0.1:5000") -> None:
+def print_ui_links(ui_url: str = LOCAL_UI_URL) -> None:
     """Print the link to the model-training runs (``make mlflow-ui`` shows it before starting the UI)."""
     print(f"MLflow training runs: {experiment_runs_url(ui_url)}")

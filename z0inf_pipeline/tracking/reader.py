@@ -85,7 +85,18 @@ class ContractRun:
             raise ContractError(f"run {self.run_id}: has no checkpoint at step {step} (steps: {self.steps})")
         checkpoint = self.checkpoints[-1 if step is None else self.steps.index(step)]
         model = self.build_model()
-        model.load_state_dict(load_state_dict(checkpoint))
+        state = load_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # A tied weight (a language model's output layer is its input embedding) is stored once, as
+        # safetensors refuses shared tensors: missing is fine only for a tensor that shares a loaded one's storage.
+        tensors = model.state_dict(keep_vars=True)
+        loaded = {tensors[k].data_ptr() for k in state if k in tensors}
+        untied = [k for k in missing if tensors[k].data_ptr() not in loaded]
+        if untied or unexpected:
+            raise ContractError(
+                f"run {self.run_id}: checkpoint {checkpoint} does not fit the run's model "
+                f"(missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
+            )
         return model.eval()
 
 
@@ -217,19 +228,19 @@ def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[
     tags, params = dict(run.data.tags), dict(run.data.params)
     check_tags_and_params(run_id, tags, params)
 
-    listed = _list_artifacts(client, run_id)
+    listed = list_artifacts(client, run_id)
     if layout.MANIFEST not in listed:
         missing = [f for f in (layout.MANIFEST, *layout.REQUIRED_FILES) if f not in listed]
         raise ContractError(f"run {run_id}: artifact(s) {missing} are missing")
     artifacts = work / ARTIFACTS
     artifacts.mkdir()
-    _download(client, run_id, layout.MANIFEST, artifacts)
+    download_artifact(client, run_id, layout.MANIFEST, artifacts)
     manifest = read_manifest(run_id, artifacts)
     absent = [e["path"] for e in manifest["files"] if e["path"] not in listed]
     if absent:
         raise ContractError(f"run {run_id}: artifact(s) {absent} are listed in the manifest but missing from the run")
     for entry in manifest["files"]:
-        _download(client, run_id, entry["path"], artifacts)
+        download_artifact(client, run_id, entry["path"], artifacts)
 
     files = validate_run_folder(artifacts, run_id=run_id)
     check_factory_trusted(run_id, files.model_spec)
@@ -244,7 +255,7 @@ def _download_validated(client: MlflowClient, run_id: str, work: Path) -> tuple[
     return info, files
 
 
-def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
+def list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
     """Every artifact file of the run, each name checked before anything is downloaded."""
     files: set[str] = set()
     pending: list[str | None] = [None]
@@ -261,7 +272,7 @@ def _list_artifacts(client: MlflowClient, run_id: str) -> set[str]:
     return files
 
 
-def _download(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
+def download_artifact(client: MlflowClient, run_id: str, path: str, root: Path) -> None:
     """Download one checked artifact file to ``root / path`` (MLflow puts a file into ``dst_path`` by its base name)."""
     destination = safe_destination(run_id, root, path)
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,7 @@ class DatasetBundle:
     flipped_ids: np.ndarray
     clean_train_labels: torch.Tensor
     class_names: tuple[str, ...] = field(default=())
+    feature_names: tuple[str, ...] = field(default=())  # the columns of a table, in feature order
 
 
 def load_dataset(
@@ -102,6 +103,7 @@ def load_dataset(
         flipped_ids=ids[train_pos][flipped],
         clean_train_labels=torch.from_numpy(clean.astype(np.int64)),
         class_names=class_names,
+        feature_names=() if image else feature_names,
     )
 
 

@@ -14,8 +14,6 @@ again without the dropped examples. Needs the ``[hf]`` extra (transformers).
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -23,7 +21,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..influence.devices import single_thread
 from ..errors import ConfigurationError
 
 RECIPE = "lm"
@@ -124,7 +121,11 @@ def build_model(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> tor
 
     config = GPT2Config(vocab_size=len(VOCAB), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers infers the loss from the class name, which "GPT2LMHeadModel" does not spell: without this
+    # it warns "`loss_type=None` ... unrecognized" and then uses the causal-LM loss anyway
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def model_kwargs(recipe: LMRecipe) -> dict:
@@ -181,6 +182,40 @@ def answer_accuracy(model: torch.nn.Module, batches) -> float:
     return right / total
 
 
+def answer_predictions(model: torch.nn.Module, examples: pd.DataFrame, recipe: LMRecipe) -> pd.DataFrame:
+    """The model's answer to every example of a run's examples table (``example_id``, ``split``,
+    ``prompt``, ``target``), read as ``answer_accuracy`` scores it: the top token at each answer position,
+    teacher-forced. Columns of a predictions table: ``predicted_text``, ``correct`` (every answer token
+    and </s> right), ``confidence`` (the probability of the model's own answer, the product over its
+    tokens), and ``label`` / ``predicted_label`` = NO_LABEL: a text answer has no class."""
+    from .layout import NO_LABEL
+
+    data = SequenceDataset(examples.reset_index(drop=True), recipe.sequence_length)
+    answers, right, confidence = [], [], []
+    model = model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), 256):
+            batch = [data[i] for i in range(start, min(start + 256, len(data)))]
+            tokens = torch.stack([b["input_ids"] for b in batch])
+            mask = torch.stack([b["attention_mask"] for b in batch])
+            labels = torch.stack([b["labels"] for b in batch])[:, 1:]
+            probs = torch.softmax(model(input_ids=tokens, attention_mask=mask).logits[:, :-1].double(), dim=-1)
+            top, predicted = probs.max(dim=-1)
+            answer = labels != IGNORE_INDEX
+            right += ((predicted == labels) | ~answer).all(dim=1).tolist()
+            confidence += torch.where(answer, top, torch.ones_like(top)).prod(dim=1).tolist()
+            answers += [decode(row[keep].tolist()) for row, keep in zip(predicted, answer)]
+    return pd.DataFrame({
+        "example_id": examples["example_id"].to_numpy(np.int64),
+        "split": examples["split"].to_numpy(),
+        "label": NO_LABEL,
+        "predicted_label": NO_LABEL,
+        "confidence": confidence,
+        "predicted_text": answers,
+        "correct": right,
+    })
+
+
 def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
     """The base model: random init, then ``pretrain_steps`` of next-token training on generated copying
     text (``"abcde=abcde"``). Deterministic in the seed, so a retraining starts from the same base."""
@@ -201,58 +236,3 @@ def pretrained_model(recipe: LMRecipe) -> torch.nn.Module:
         loss.backward()
         optimizer.step()
     return model
-
-
-def train_and_log_lm(
-    recipe: LMRecipe,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str = "z0inf",
-    parent_run_id: str | None = None,
-    tags: dict | None = None,
-    run_name: str | None = None,
-) -> str:
-    """Fine-tune the pretrained base on the recipe's task through a real ``Trainer`` and the callback;
-    return the contract run's id."""
-    with single_thread():
-        return _train_and_log_lm(recipe, tracking_uri=tracking_uri, experiment=experiment,
-                                 parent_run_id=parent_run_id, tags=tags, run_name=run_name)
-
-
-def _train_and_log_lm(recipe: LMRecipe, *, tracking_uri, experiment, parent_run_id, tags, run_name) -> str:
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
-    from ..integrations.hf import Z0InfCallback, id_batches
-    from ..tracking.contract import SOURCE_TAG
-
-    train, probe = task_examples(recipe)
-    train = train[~train["example_id"].isin(recipe.exclude_ids)].reset_index(drop=True)
-    train_set, probe_set = (SequenceDataset(f, recipe.sequence_length) for f in (train, probe))
-    model = pretrained_model(recipe)
-    steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
-    probe_batches = id_batches(probe_set, default_data_collator, 256)
-    callback = Z0InfCallback(
-        train_batches=id_batches(train_set, default_data_collator, 256),
-        probe_batches=probe_batches,
-        metrics_fn=lambda net: {"test_accuracy": answer_accuracy(net, probe_batches)},
-        num_checkpoints=recipe.checkpoints,
-        model_spec={"factory": f"{__name__}:build_model", "kwargs": model_kwargs(recipe)},
-        examples=pd.concat([train, probe])[["example_id", "prompt", "target"]],
-        flipped_ids=train.loc[train["corrupted"], "example_id"].to_numpy(),
-        train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
-        run_name=run_name or f"lm-{recipe.task}-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
-        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset=f"generated-{recipe.task}",
-        params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
-    )
-    with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:
-        args = TrainingArguments(
-            output_dir=out, max_steps=recipe.epochs * steps_per_epoch, per_device_train_batch_size=recipe.batch_size,
-            learning_rate=recipe.lr, lr_scheduler_type="cosine", weight_decay=0.0, seed=recipe.seed,
-            report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
-            disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator,
-                          callbacks=[callback])
-        with callback:
-            trainer.train()
-    return callback.run_id

@@ -57,7 +57,12 @@ class PipelineRun:
 @pytest.fixture(scope="package")
 def analysed_run(tmp_path_factory) -> PipelineRun:
     """A real contract run (digits, 10% flipped labels) through the real influence_job: a review queue."""
-    root = tmp_path_factory.mktemp("review-web")
+    return _analysed(tmp_path_factory.mktemp("review-web"), lambda uri: train_and_log(TINY, tracking_uri=uri))
+
+
+def _analysed(root: Path, train) -> PipelineRun:
+    """A contract run made by ``train(tracking_uri)`` in its own MLflow store and Dagster instance
+    under ``root``, through the real influence_job."""
     home = root / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
@@ -65,10 +70,40 @@ def analysed_run(tmp_path_factory) -> PipelineRun:
     with pytest.MonkeyPatch.context() as patch:
         for key, value in run.env().items():
             patch.setenv(key, value)
-        run.run_id = train_and_log(TINY, tracking_uri=run.tracking_uri)
+        run.run_id = train(run.tracking_uri)
         with dg.DagsterInstance.get() as instance:
             assert execute(instance, "influence_job", run.run_id).success
     return run
+
+
+@pytest.fixture(scope="package")
+def analysed_lm_run(tmp_path_factory) -> PipelineRun:
+    """A text run: the LM recipe, small (letter shift, 10% of the answers wrong), analysed."""
+    from z0inf_pipeline.integrations.hf import train_and_log_lm
+    from z0inf_pipeline.training.lm import LMRecipe
+
+    recipe = LMRecipe(n_train=600, n_probe=80, checkpoints=6)  # the demo recipe at half size: it flags
+    return _analysed(tmp_path_factory.mktemp("review-web-lm"), lambda uri: train_and_log_lm(recipe, tracking_uri=uri))
+
+
+IRIS_LABEL = "species"
+
+
+@pytest.fixture(scope="package")
+def analysed_csv_run(tmp_path_factory) -> PipelineRun:
+    """A tabular run from a user's CSV: iris (bundled with scikit-learn) with its feature names and its
+    species as strings, 10% of the labels flipped, analysed."""
+    from sklearn.datasets import load_iris
+
+    from z0inf_pipeline.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("review-web-csv")
+    iris = load_iris(as_frame=True)
+    table = iris.data.assign(**{IRIS_LABEL: iris.target_names[iris.target]})
+    table.to_csv(root / "iris.csv", index=False)
+    config = TrainConfig(dataset=str(root / "iris.csv"), label_column=IRIS_LABEL, epochs=4, checkpoints=4,
+                         hidden=(16,), label_noise=0.1, noise_seed=3)
+    return _analysed(root, lambda uri: train_and_log(config, tracking_uri=uri))
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_every_flagged_example_is_a_card_with_its_evidence(analysed_run, server,
     # the flag score with its percentile and rank among all training examples, from the score file
     info = read_review_queue(layout.review_queue)[1]
     scores = pd.read_parquet(layout.self_influence)
-    assert info["policy"]["score"] == "mean_loss"  # the default policy: a mixture on mean_loss
+    assert info["policy"]["score"] == "mean_loss"  # the default policy: a count on mean_loss
     everyone = scores["mean_loss"].to_numpy()
     percentile = 100 * np.mean(everyone <= top["flag_score"])
     rank = int(np.sum(everyone > top["flag_score"])) + 1

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dagster as dg
 import pandas as pd
 import pytest
+import requests
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking.logger import retrained_run_name
 
 from .test_review_page import open_fresh, press, reloading, set_reviewer, store_of
@@ -23,7 +25,7 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     for key, value in analysed_run.env(server.data_dir).items():
         monkeypatch.setenv(key, value)
     run_id = analysed_run.run_id
-    queue = read_review_queue(RunLayout.for_run(run_id).review_queue)[0]
+    queue = read_review_queue(RunLayout.for_run(run_id, outputs_base()).review_queue)[0]
     second = int(queue["example_id"].iloc[1])
 
     open_fresh(page, f"{server.url}/runs/{run_id}")
@@ -42,7 +44,7 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     # the gated retrain from the page's button: retrain_job, then influence_job on the retrained run
     press_button = page.find_element(By.CSS_SELECTOR, "form.retrain button")
     reloading(page, press_button.click)
-    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained)["retrained_run_id"].iloc[0])
+    child = str(pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).retrained)["retrained_run_id"].iloc[0])
     assert f"/runs/{child}" in page.current_url and child in page.find_element(By.CSS_SELECTOR, ".flash.ok").text
     client = MlflowClient(analysed_run.tracking_uri)
     assert client.get_run(child).info.run_name == retrained_run_name(client.get_run(run_id).info.run_name)
@@ -50,16 +52,24 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
         jobs = [r.job_name for r in instance.get_runs() if r.tags.get("dagster/partition") in (run_id, child)]
     assert {"retrain_job", "influence_job"} <= set(jobs)
 
+    # the index shows runs by their MLflow names (the id on hover), the child under its parent
     page.get(server.url)
-    assert child in page.find_element(By.CSS_SELECTOR, "table.runs").text
+    runs = page.find_element(By.CSS_SELECTOR, "table.runs")
+    child_name, parent_name = client.get_run(child).info.run_name, client.get_run(run_id).info.run_name
+    link = runs.find_element(By.CSS_SELECTOR, f'a[href="/runs/{child}"]')
+    assert link.text == child_name and child in link.get_attribute("title")
+    assert f"retrained into {child_name}" in runs.text and parent_name in runs.text
     page.get(f"{server.url}/runs/{run_id}")
+    # one child per round: the retrained parent shows its child and offers no second plain retrain
+    assert not page.find_elements(By.CSS_SELECTOR, "form.retrain:not(.again)")
+    assert child_name in page.find_element(By.CSS_SELECTOR, "p.retrained").text
     reloading(page, page.find_element(By.LINK_TEXT, "Review it").click)
     assert child in page.find_element(By.TAG_NAME, "h1").text
     assert "retrain round 1" in page.find_element(By.CSS_SELECTOR, "section.runhead").text
 
     # decisions made on the parent stay in force on the retrained run: an example decided there and
     # flagged again shows as decided here, the parent's decision named with its run, not pending
-    child_queue = read_review_queue(RunLayout.for_run(child).review_queue)[0]
+    child_queue = read_review_queue(RunLayout.for_run(child, outputs_base()).review_queue)[0]
     parent_decisions = store_of(server).current(run_id).set_index("example_id")
     again = sorted(set(child_queue["example_id"]) & set(parent_decisions.index))
     assert again, "a kept example is flagged again in the retrained run"
@@ -80,3 +90,36 @@ def test_a_review_round_from_the_page_to_the_retrained_run(analysed_run, server,
     page.get(f"{server.url}/runs/{child}?pending=1")
     pending = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
     assert pending == [i for i in child_queue["example_id"] if i not in set(again)][:100]
+
+
+def test_a_second_retrain_of_one_round_needs_an_explicit_request_and_gets_its_own_name(
+    analysed_run, server, page, monkeypatch
+):
+    for key, value in analysed_run.env(server.data_dir).items():
+        monkeypatch.setenv(key, value)
+    run_id = analysed_run.run_id
+    assert main(["review", "decide", run_id, "--flagged", "--action", "keep", "--reviewer", "ben"]) == 0
+    open_fresh(page, f"{server.url}/runs/{run_id}")
+    reloading(page, page.find_element(By.CSS_SELECTOR, "form.retrain button").click)
+    summary = RunLayout.for_run(run_id, outputs_base()).retrained
+    first = str(pd.read_parquet(summary)["retrained_run_id"].iloc[0])
+
+    # a plain retrain posted again (a second tab, a double click) is refused and leads to the child
+    page.get(f"{server.url}/runs/{run_id}")
+    csrf = page.find_element(By.CSS_SELECTOR, "input[name=csrf]").get_attribute("value")
+    session = requests.Session()
+    answer = session.post(f"{server.url}/runs/{run_id}/retrain", data={"csrf": csrf}, timeout=120)
+    assert answer.url.endswith(f"/runs/{first}") and "already retrained into" in answer.text
+    assert str(pd.read_parquet(summary)["retrained_run_id"].iloc[0]) == first
+
+    # asked for explicitly, a second child is made, with a name of its own
+    page.find_element(By.CSS_SELECTOR, "details.again summary").click()
+    reloading(page, page.find_element(By.CSS_SELECTOR, "form.retrain.again button").click)
+    second = str(pd.read_parquet(summary)["retrained_run_id"].iloc[0])
+    assert second != first and f"/runs/{second}" in page.current_url
+    client = MlflowClient(analysed_run.tracking_uri)
+    names = {client.get_run(r).info.run_name for r in (first, second)}
+    assert len(names) == 2 and all(n.startswith(retrained_run_name(client.get_run(run_id).info.run_name)) for n in names)
+    page.get(f"{server.url}/runs/{run_id}")  # the parent lists both children
+    text = page.find_element(By.CSS_SELECTOR, "p.retrained").text
+    assert all(n in text for n in names)

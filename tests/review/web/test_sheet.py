@@ -14,8 +14,9 @@ from sklearn.datasets import load_digits
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.review.artifacts import review_artifacts
-from z0inf_pipeline.review.evidence import RunEvidence
+from z0inf_pipeline.review.run_review import RunReview
 from z0inf_pipeline.review.sheet import review_sheet_html
 from z0inf_pipeline.tracking import fetch_run
 
@@ -23,14 +24,14 @@ from z0inf_pipeline.tracking import fetch_run
 def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, fresh_data, monkeypatch, tmp_path):
     for key, value in analysed_run.env(fresh_data).items():
         monkeypatch.setenv(key, value)
-    layout = RunLayout.for_run(analysed_run.run_id)
-    evidence = RunEvidence.load(layout, fetch_run(analysed_run.run_id).train_config)
-    ids = evidence.queue["example_id"].tolist()
+    layout = RunLayout.for_run(analysed_run.run_id, outputs_base())
+    review = RunReview.open(analysed_run.run_id, outputs_base(), train_config=fetch_run(analysed_run.run_id).train_config)
+    ids = review.queue["example_id"].tolist()
     store = DecisionStore.open()
     store.record(analysed_run.run_id, [ids[0]], "relabel", label=4, reviewer="ana", note="a <4>")
     store.record(analysed_run.run_id, [ids[1]], "drop", reviewer="ben")
 
-    html = review_sheet_html(evidence, store.current(analysed_run.run_id))
+    html = review_sheet_html(review, store.current(analysed_run.run_id))
     assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', html)] == ids
     assert not re.search(r"<(script|form|link|iframe)\b", html)
     assert '"Segoe UI"' in html.split("</style>")[0]  # the stylesheet is inlined as written, not escaped
@@ -58,14 +59,14 @@ def test_sheet_holds_every_flagged_example_with_inlined_pictures(analysed_run, f
 def test_review_artifacts_for_mlflow_are_the_sheet_and_the_queue_as_a_table(analysed_run, fresh_data, monkeypatch):
     for key, value in analysed_run.env(fresh_data).items():
         monkeypatch.setenv(key, value)
-    layout = RunLayout.for_run(analysed_run.run_id)
+    layout = RunLayout.for_run(analysed_run.run_id, outputs_base())
     queue, info = read_review_queue(layout.review_queue)
     ids = queue["example_id"].tolist()
     store = DecisionStore.open()
     store.record(analysed_run.run_id, [ids[2]], "relabel", label=5, reviewer="ana")
 
-    evidence = RunEvidence(layout, queue, info, fetch_run(analysed_run.run_id).train_config)
-    files = review_artifacts(evidence, store, histogram=layout.histogram.read_bytes())
+    review = RunReview(layout, queue, info, fetch_run(analysed_run.run_id).train_config)
+    files = review_artifacts(review, store, histogram=layout.histogram.read_bytes())
     assert sorted(files) == ["review_queue.csv", "review_queue.html", "review_sheet.html"]
     sheet = files["review_sheet.html"].decode("utf-8")
     assert [int(i) for i in re.findall(r'<article [^>]*data-id="(\d+)"', sheet)] == ids

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 
 from ...influence.errors import InfluenceInputError
+from ...integrations import train_and_log_recipe
 from ...review import CuratedSet, retrain_config
 from ...review.curation import relabels_of
-from ...tracking import train_and_log
 from ...tracking.logger import retrained_run_name
 from ...training.lm import recipe_from_dict
 from ..config import RetrainConfig
@@ -45,7 +45,7 @@ def retrained_run(
     )
     client = mlflow.client()
     parent_record = client.get_run(parent.run_id)  # its name and metrics, asked once
-    child_id = train_and_log(
+    child_id = train_and_log_recipe(
         child_config,
         tracking_uri=mlflow.uri(),
         experiment=config.experiment,

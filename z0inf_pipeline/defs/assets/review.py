@@ -1,23 +1,31 @@
-"""Stage 6: flagged samples and the review queue, with the figures a reviewer looks at in the UI."""
+"""Stage 6: flagged samples and the review queue, with the figures a reviewer looks at in the UI.
+
+The policy counts how many examples look mislabelled and turns that into a cut-off on the flag score;
+the GX suite ``flagging`` (``gx/expectations/flagging.json``) applies it, and its unexpected rows are
+the queue (a data team can fix the cut-off or the share there)."""
+
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from ...influence.errors import InfluenceInputError
+from ...quality import validate_flagging
 from ...review import RunLayout, build_review_queue, detection_quality, flag_scores
 from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
-from ...review.evidence import RunEvidence
+from ...review.run_review import RUN_NAME_KEY, RunReview
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
+from ...review.policy import given_labels
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
-from ..metadata import markdown_table, rounded, run_id_of
+from ..metadata import gx_metadata, markdown_table, rounded, run_id_of
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
-from ..storage import LossTables, ReviewQueue
+from ..storage import LossTables, ReviewQueue, RunOutputsIOManager, outputs_base_of
 
 GRID_IMAGES = 40
 PREVIEW_ROWS = 25
@@ -33,6 +41,7 @@ def review_queue(
     train_test_influence: pd.DataFrame,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
+    run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.Output[ReviewQueue]:
     """Training examples flagged by the policy (a flag score, a cut-off, a review budget), highest first,
     each with every signal and its rank, label, prediction and loss trajectory; the test examples each
@@ -40,14 +49,20 @@ def review_queue(
     ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
     re-materialising never touches."""
     run_id = run_id_of(context)
+    base = outputs_base_of(run_outputs)  # where the ancestors' queues are, as Dagster config set it
     policy = config.to_policy()
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
     store = decisions.open()
     current = lineage_decisions(store, run_id, lineage)
-    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy)
-    flags = flag_scores(self_influence, policy, inherited_cutoff=None if inherited is None else inherited[0])
+    inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy, base)
+    flags = flag_scores(self_influence, policy, labels=given_labels(train, self_influence),
+                        inherited_cutoff=None if inherited is None else inherited[0])
+    flagging = validate_flagging(self_influence["example_id"], flags.score, flags.cutoff,
+                                 policy.max_unreviewed_fraction, folder=RunLayout.for_run(run_id, base).gx_folder)
+    policy_cutoff = flags.cutoff
+    flags = replace(flags, flagged=np.isin(self_influence["example_id"], flagging.flagged_ids), cutoff=flagging.cutoff)
     # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
     train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
     queue = build_review_queue(self_influence, flags, train, train_losses, predictions, current)
@@ -55,8 +70,20 @@ def review_queue(
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
     info = {
         "run_id": run_id,
+        RUN_NAME_KEY: run.tags.get("mlflow.runName") or run_id[:8],
         "policy": policy.to_dict(),
         "cutoff": flags.cutoff,
+        "flagging": {
+            "suite": "flagging",
+            "expectation": "expect_column_values_to_be_between(flag_score, max_value=cutoff, strict_max=True)",
+            "cutoff": flags.cutoff,
+            "policy_cutoff": policy_cutoff,
+            "mostly": flagging.mostly,
+            "flagged": flags.count,
+            "success": flagging.report.success,
+            "validation_result": str(flagging.report.validation_result),
+            "data_docs": str(flagging.report.data_docs_page),
+        },
         "training_examples": len(train),
         "num_classes": None if num_classes is None else int(num_classes),
         **lineage,
@@ -75,18 +102,19 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    layout = RunLayout.for_run(run_id)  # names the run; every output the sheet shows is passed in
-    evidence = RunEvidence(layout, queue, info, run.train_config, frames)
-    readable = review_artifacts(evidence, store, histogram, current)
+    layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
+    review = RunReview(layout, queue, info, run.train_config, frames)
+    readable = review_artifacts(review, store, histogram, current)
     metadata: dict = {
         **mlflow.run_metadata(run_id),
         "flagged": flags.count,
         "flagged_fraction": rounded(flags.fraction),
         "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
+        **gx_metadata(mlflow, run_id, RunLayout.for_run(run_id, base).gx_folder, flagging.report),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
-            markdown_table(reviewer_table(evidence, current), PREVIEW_ROWS)
+            markdown_table(reviewer_table(review, current), PREVIEW_ROWS)
         ),
         "flag_score_histogram": dg.MetadataValue.md(markdown_image(histogram, f"histogram of the flag score ({policy.score})")),
         "dagster/row_count": len(queue),
@@ -96,12 +124,15 @@ def review_queue(
         "z0inf.flagged_fraction": flags.fraction,
         "z0inf.flag_cutoff": flags.cutoff,
     }
+    # the `flipped` column marks what was corrupted on purpose: a label, or (text runs) an answer;
+    # without any (a real run, or a retrained one whose injected errors were all removed) nothing is printed
+    injected = "wrong_answers" if review.is_text else "flips"
     quality = detection_quality(queue["example_id"], train.loc[train["flipped"], "example_id"])
     if quality is not None:
         metadata.update(
             {
-                "precision_vs_injected_flips": rounded(quality["precision"]),
-                "recall_vs_injected_flips": rounded(quality["recall"]),
+                f"precision_vs_injected_{injected}": rounded(quality["precision"]),
+                f"recall_vs_injected_{injected}": rounded(quality["recall"]),
             }
         )
         metrics.update({"z0inf.flag_precision": quality["precision"], "z0inf.flag_recall": quality["recall"]})
@@ -114,7 +145,8 @@ def review_queue(
             ""
             if quality is None
             else f"; precision {quality['precision']:.3g}, recall {quality['recall']:.3g} "
-            "against the injected label flips"
+            f"against the {int(quality['flipped'])} injected {'wrong answers' if review.is_text else 'label flips'} "
+            "still in its training set"
         )
     )
     previews = {

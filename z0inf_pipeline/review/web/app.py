@@ -3,6 +3,8 @@
 Every page works without JavaScript (plain links and POST forms, redirect after each decision); an
 inline script adds keyboard shortcuts. Decisions go through ``RunReview.record``, the same check
 the CLI uses, into the append-only ``DecisionStore``, so reviewers deciding at once lose nothing.
+A run is retrained once per round: its page then shows the retrained run, and a second retrain
+needs an explicit request (``again``).
 """
 
 from __future__ import annotations
@@ -19,18 +21,13 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import pandas as pd
 from flask import Flask, abort, flash, redirect, render_template, request
-from markupsafe import Markup
 
+from ...errors import ReviewError
 from ...influence.errors import InfluenceInputError
 from ..cards import ATTRIBUTION_ACCURACY, decision_text, test_example_cards, training_cards
-from ..evidence import RunEvidence, sparkline_svg, split_names
-from ..run_review import (
-    RunReview,
-    decisions_needed,
-    lineage_history,
-    retrain_parents,
-    runs_with_queue,
-)
+from ..evidence import sparkline, split_names
+from ..layout import RunLayout
+from ..run_review import RunReview, decisions_needed, lineage_history, runs_with_queue
 from ..sheet import run_review_sheet, stored_histogram
 from ..store import DecisionStore
 
@@ -50,31 +47,38 @@ class ReviewSite:
     run's training recipe (to draw its examples)."""
 
     store: DecisionStore
-    base: Path | None = None
+    base: Path  # the outputs base (``review.layout.outputs_base``), resolved by whoever serves the page
     token: str | None = None
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
     # None hides the page's retrain button (the page then only shows the command)
     retrain: Callable[[str, dict], tuple[str | None, str]] | None = None
-    _evidence: dict[str, tuple[int, RunEvidence]] = field(default_factory=dict)
+    _reviews: dict[str, tuple[int, RunReview]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _retraining: threading.Lock = field(default_factory=threading.Lock)
 
     def review(self, run_id: str) -> RunReview:
+        """The run under review, loaded once per materialisation of its queue (its evidence is cached
+        with it; decisions are always read from the store)."""
+        missing = f"run {run_id}: no review queue (materialise its review_queue first)"
         try:
-            return RunReview.open(run_id, self.base)
-        except InfluenceInputError:
-            abort(404, f"run {run_id}: no review queue (materialise its review_queue first)")
-
-    def evidence(self, review: RunReview) -> RunEvidence:
-        """The run's evidence, loaded once per materialisation of its queue."""
-        stamp = review.layout.review_queue.stat().st_mtime_ns
+            stamp = RunLayout.for_run(run_id, self.base).review_queue.stat().st_mtime_ns
+        except (InfluenceInputError, OSError):
+            abort(404, missing)
         with self._lock:
-            cached = self._evidence.get(review.run_id)
+            cached = self._reviews.get(run_id)
             if cached is None or cached[0] != stamp:
-                evidence = RunEvidence(review.layout, review.queue, review.info, self.train_config_for(review.run_id))
-                cached = self._evidence[review.run_id] = (stamp, evidence)
+                try:
+                    review = RunReview.open(run_id, self.base, self.train_config_for(run_id))
+                except InfluenceInputError:
+                    abort(404, missing)
+                cached = self._reviews[run_id] = (stamp, review)
             return cached[1]
+
+    def children(self, run_id: str, reviews: dict[str, RunReview] | None = None) -> list[RunReview]:
+        """The analysed runs retrained from ``run_id`` (by the lineage their queue records), oldest name first."""
+        reviews = reviews or {r: self.review(r) for r in runs_with_queue(self.base)}
+        return sorted((r for r in reviews.values() if r.lineage[1:2] == [run_id]), key=lambda r: r.run_name)
 
 
 def create_app(site: ReviewSite) -> Flask:
@@ -115,34 +119,34 @@ def create_app(site: ReviewSite) -> Flask:
 
     @app.get("/")
     def index():
-        parents = retrain_parents(site.base)
-        children = {p: c for c, p in parents.items()}
+        reviews = {r: site.review(r) for r in runs_with_queue(site.base)}
         rows = []
-        for run_id in runs_with_queue(site.base):
-            review = site.review(run_id)
-            status = review.gate(review.decisions(site.store))
-            rows.append({"run_id": run_id, "status": status, "parent": parents.get(run_id),
-                         "child": children.get(run_id), "round": len(review.lineage) - 1})
+        for run_id, review in reviews.items():
+            parent = review.lineage[1] if len(review.lineage) > 1 else None
+            rows.append({"review": review, "status": review.gate(review.decisions(site.store)),
+                         "parent": reviews.get(parent), "parent_id": parent,
+                         "children": site.children(run_id, reviews), "round": len(review.lineage) - 1})
         return render_template("index.html", rows=rows)
 
     @app.get("/runs/<run_id>")
     def run_page(run_id: str):
         review = site.review(run_id)
-        evidence = site.evidence(review)
         current = review.decisions(site.store)
         status = review.gate(current)
-        filters = _filters(request.args, evidence)
-        ordered = _ordered_ids(evidence, current, filters)
+        filters = _filters(request.args, review)
+        ordered = _ordered_ids(review, current, filters)
         pages = max(1, math.ceil(len(ordered) / PAGE_SIZE))
         page = min(max(1, _int(request.args.get("page"), 1)), pages)
         shown = ordered[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
         history = lineage_history(site.store, review.lineage)
-        cards = training_cards(evidence, shown, current, history)
+        cards = training_cards(review, shown, current, history)
+        parent = review.lineage[1] if len(review.lineage) > 1 else None
         return render_template(
             "run.html",
             run_id=run_id,
             info=review.info,
-            evidence=evidence,
+            review=review,
+            parent=_name_of(site, parent),
             status=status,
             needed=decisions_needed(status),
             cards=cards,
@@ -154,7 +158,7 @@ def create_app(site: ReviewSite) -> Flask:
             lineage=review.lineage,
             histogram=review.layout.histogram.exists(),
             retrained=_retrained(review),
-            children_with_queue=set(runs_with_queue(site.base)),
+            children=site.children(run_id),
             can_retrain=site.retrain is not None,
             hidden=_hidden(filters),
         )
@@ -166,21 +170,21 @@ def create_app(site: ReviewSite) -> Flask:
         reviewer = (form.get("reviewer") or "").strip()
         ids = [_int(v, None) for v in form.getlist("example_id")]
         action = form.get("action", "")
-        # the class picker is in every form: its value only counts for a relabel
-        label = _int(form.get("label"), -1) if action == "relabel" and form.get("label", "") != "" else None
-        back = _filters(form, site.evidence(review))
+        back = _filters(form, review)
         try:
+            # the class picker is in every form of a classification run: its value only counts for a relabel
+            label = review.label_index(form.get("label")) if action == "relabel" and form.get("label") else None
             if not reviewer:
                 raise InfluenceInputError("review decide: give your name as reviewer (it is kept with the decision)")
             if None in ids:
                 raise InfluenceInputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
             review.record(site.store, ids, action, label=label, reviewer=reviewer,
                           note=(form.get("note") or "").strip() or None)
-        except InfluenceInputError as exc:
+        except (InfluenceInputError, ReviewError) as exc:
             flash(str(exc), "error")
             anchor = ids[0] if ids and ids[0] is not None else None
             return redirect(_run_url(site, review, back, anchor), 303)
-        flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label)} (by {reviewer})", "ok")
+        flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label, review.class_names)} (by {reviewer})", "ok")
         follow = form.get("then", "")
         if follow.startswith(f"/runs/{run_id}/tests/") and follow[len(f"/runs/{run_id}/tests/"):].isdigit():
             target = follow
@@ -195,6 +199,12 @@ def create_app(site: ReviewSite) -> Flask:
         review = site.review(run_id)
         if site.retrain is None:
             abort(404, "this server does not run retrains; use `z0inf materialize retrain --run RUN`")
+        done = _retrained(review)
+        if done is not None and request.form.get("again") != "1":
+            child = str(done["retrained_run_id"])
+            flash(f"run {review.run_name} was already retrained into {_name_of(site, child)['name']}: this round has its "
+                  "child; ask for a second retrain explicitly ('retrain again') if you mean it", "error")
+            return redirect(f"/runs/{child}" if child in runs_with_queue(site.base) else f"/runs/{run_id}", 303)
         if not site._retraining.acquire(blocking=False):
             flash("a retrain is already running on this server; try again when it has finished", "error")
             return redirect(f"/runs/{run_id}", 303)
@@ -216,32 +226,30 @@ def create_app(site: ReviewSite) -> Flask:
     @app.get("/runs/<run_id>/tests")
     def test_list(run_id: str):
         review = site.review(run_id)
-        evidence = site.evidence(review)
-        wrong = evidence.mispredicted_tests()
-        cards = test_example_cards(evidence, wrong["example_id"].head(TESTS_SHOWN))
-        return render_template("tests.html", run_id=run_id, cards=cards, total=len(wrong),
-                               tests=int((evidence.examples["split"] == "test").sum()))
+        wrong = review.wrong_tests()
+        cards = None if wrong is None else test_example_cards(review, wrong["example_id"].head(TESTS_SHOWN))
+        return render_template("tests.html", run_id=run_id, review=review, cards=cards,
+                               total=0 if wrong is None else len(wrong), tests=review.test_count)
 
     @app.get("/runs/<run_id>/tests/<int:test_id>")
     def test_view(run_id: str, test_id: int):
         review = site.review(run_id)
-        evidence = site.evidence(review)
         try:
-            proponents, opponents = evidence.neighbours(test_id)
+            proponents, opponents = review.neighbours(test_id)
         except InfluenceInputError as exc:
             abort(404, str(exc))
         current = review.decisions(site.store)
         history = lineage_history(site.store, review.lineage)
-        test_card = test_example_cards(evidence, [test_id])[0]
+        test_card = test_example_cards(review, [test_id])[0]
         return render_template(
             "test.html",
             run_id=run_id,
-            evidence=evidence,
+            review=review,
             test=test_card,
-            spark=Markup(sparkline_svg(evidence.loss_trajectories([test_id], split="test")[test_id])),
-            proponents=training_cards(evidence, proponents["example_id"], current, history,
+            spark=sparkline(review.loss_trajectories([test_id], split="test")[test_id]),
+            proponents=training_cards(review, proponents["example_id"], current, history,
                                       dict(zip(proponents["example_id"], proponents["score"]))),
-            opponents=training_cards(evidence, opponents["example_id"], current, history,
+            opponents=training_cards(review, opponents["example_id"], current, history,
                                      dict(zip(opponents["example_id"], opponents["score"]))),
             filters={},
             query="",
@@ -257,8 +265,7 @@ def create_app(site: ReviewSite) -> Flask:
     @app.get("/runs/<run_id>/sheet.html")
     def sheet(run_id: str):
         review = site.review(run_id)
-        evidence = site.evidence(review)
-        html = run_review_sheet(review, evidence, site.store, stored_histogram(review))
+        html = run_review_sheet(review, site.store, stored_histogram(review))
         return html, 200, {"Content-Type": "text/html; charset=utf-8",
                            "Content-Disposition": f'attachment; filename="review-{run_id}.html"'}
 
@@ -272,14 +279,14 @@ def create_app(site: ReviewSite) -> Flask:
     return app
 
 
-def _filters(args, evidence: RunEvidence) -> dict:
-    """pending: only undecided; cls: only this label; signal: most suspicious by this signal first,
-    and only the examples it flags on its own when it flags any."""
+def _filters(args, review: RunReview) -> dict:
+    """pending: only undecided; cls: only this label (classification runs); signal: most suspicious by
+    this signal first, and only the examples it flags on its own when it flags any."""
     signal = args.get("signal", "")
-    valid_signals = set(evidence.signal_columns)
+    valid_signals = set(review.signal_columns)
     return {
         "pending": args.get("pending", "") in ("1", "on", "true"),
-        "cls": _int(args.get("cls"), None),
+        "cls": None if review.is_text else _int(args.get("cls"), None),
         "signal": signal if signal in valid_signals else "",
     }
 
@@ -290,8 +297,8 @@ def _query(filters: dict, **extra) -> str:
     return urlencode({k: v for k, v in pairs.items() if v is not None})
 
 
-def _ordered_ids(evidence: RunEvidence, current: pd.DataFrame, filters: dict, *, pending: bool | None = None) -> list[int]:
-    queue = evidence.queue
+def _ordered_ids(review: RunReview, current: pd.DataFrame, filters: dict, *, pending: bool | None = None) -> list[int]:
+    queue = review.queue
     keep = np.ones(len(queue), dtype=bool)
     if filters["pending"] if pending is None else pending:
         keep &= ~queue["example_id"].isin(current["example_id"]).to_numpy()
@@ -299,7 +306,7 @@ def _ordered_ids(evidence: RunEvidence, current: pd.DataFrame, filters: dict, *,
         keep &= (queue["label"] == filters["cls"]).to_numpy()
     shown = queue[keep]
     signal = filters["signal"]
-    if signal in evidence.flag_signal_names:
+    if signal in review.flag_signal_names:
         shown = shown[[signal in split_names(v) for v in shown["flagged_by"]]]
     if signal:  # its rank, not its value: confidence is suspicious when low
         shown = shown.sort_values(f"{signal}_rank", kind="stable")
@@ -309,10 +316,9 @@ def _ordered_ids(evidence: RunEvidence, current: pd.DataFrame, filters: dict, *,
 def _next_pending(site: ReviewSite, review: RunReview, filters: dict, after: int | None) -> int | None:
     """The first undecided example after ``after`` in the page's order (wrapping round), so the
     reviewer lands on the next one to decide."""
-    evidence = site.evidence(review)
     current = review.decisions(site.store)
-    order = _ordered_ids(evidence, current, filters, pending=False)
-    pending = set(_ordered_ids(evidence, current, filters, pending=True))
+    order = _ordered_ids(review, current, filters, pending=False)
+    pending = set(_ordered_ids(review, current, filters, pending=True))
     start = order.index(after) + 1 if after in order else 0
     for i in order[start:] + order[:start]:
         if i in pending:
@@ -322,7 +328,7 @@ def _next_pending(site: ReviewSite, review: RunReview, filters: dict, after: int
 
 def _run_url(site: ReviewSite, review: RunReview, filters: dict, anchor: int | None) -> str:
     """The run page with the same filters, on the page that holds ``anchor``, scrolled to it."""
-    order = _ordered_ids(site.evidence(review), review.decisions(site.store), filters)
+    order = _ordered_ids(review, review.decisions(site.store), filters)
     page = order.index(anchor) // PAGE_SIZE + 1 if anchor in order else 1
     query = _query(filters, page=page if page > 1 else None)
     url = f"/runs/{review.run_id}" + (f"?{query}" if query else "")
@@ -336,6 +342,14 @@ def _hidden(filters: dict) -> dict[str, str]:
         "cls": "" if filters["cls"] is None else str(filters["cls"]),
         "signal": filters["signal"],
     }
+
+
+def _name_of(site: ReviewSite, run_id: str | None) -> dict | None:
+    """A run as links show it: its name where its queue is here (else the id's start), and its id."""
+    if run_id is None:
+        return None
+    known = run_id in runs_with_queue(site.base)
+    return {"id": run_id, "name": site.review(run_id).run_name if known else run_id[:8], "has_queue": known}
 
 
 def _retrained(review: RunReview) -> dict | None:

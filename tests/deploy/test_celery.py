@@ -1,0 +1,285 @@
+"""The Celery code location with real parts: Debian's Redis as broker and result store, two
+``dagster-celery`` worker processes (one task at a time each, as one worker per GPU would), and
+``influence_job`` run on them. Its loss-table shards spread over both workers, a worker SIGKILLed in
+the middle of a shard has that shard finished by the other, and the outputs are the same bytes as the
+in-process executor's. A run whose broker is down fails at once with a named error.
+
+No GPU here: the GPU-tagged steps go to the ``gpu`` queue, which both CPU workers listen on."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+from tests.conftest import _stop
+from tests.defs.conftest import TINY
+from z0inf_pipeline.tracking import train_and_log
+
+pytestmark = pytest.mark.celery
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKERS = ("w1", "w2")
+# Small enough that the kill test waits seconds, not hours, for a dead worker's task to be handed on;
+# larger than any step of this tiny run takes on a busy machine, so no live task is handed on twice.
+VISIBILITY_TIMEOUT_S = 30
+RUN_TIMEOUT_S = 300
+SHARD_STEP = "loss_tables.compute_loss_shard"
+# shards of 3 batches: ~1350 digits for training in 4 shards, ~450 for testing in 2, more than workers
+SHARD_SIZE = 384
+RUN_CONFIG = {
+    "ops": {"loss_tables": {"config": {"source": "recompute", "shard_size": SHARD_SIZE}}},
+    "resources": {"compute": {"config": {"batch_size": 128}}},
+}
+
+
+def _celery_module(broker: str):
+    """The celery code location as its workers load it: configured from the environment at import."""
+    os.environ["Z0INF_CELERY_BROKER"] = broker
+    os.environ["Z0INF_CELERY_VISIBILITY_TIMEOUT_S"] = str(VISIBILITY_TIMEOUT_S)
+    return importlib.reload(importlib.import_module("z0inf_pipeline.deployments.celery"))
+
+
+def _influence_job(location: str = "z0inf_pipeline.deployments.celery"):
+    return ReconstructableRepository.for_module(location, "defs", str(REPO_ROOT)).get_reconstructable_job(
+        "influence_job"
+    )
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, redis_server):
+    """One contract run, the in-process executor's outputs for it, and the environment every process of
+    the deployment shares (instance, MLflow store, data and outputs folders)."""
+    root = tmp_path_factory.mktemp("celery")
+    home = root / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        "DAGSTER_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "Z0INF_DATA_DIR": str(root / "data"),
+        "Z0INF_OUTPUTS_URL": str(root / "reference"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.delenv("Z0INF_MLFLOW_CONFIG", raising=False)
+        for name in ("Z0INF_CELERY_BROKER", "Z0INF_CELERY_VISIBILITY_TIMEOUT_S"):  # restored at the end
+            patch.setenv(name, "")
+        run_id = train_and_log(TINY)
+        with dg.DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions("mlflow_runs", [run_id])
+            reference = dg.execute_job(
+                _influence_job("z0inf_pipeline.definitions"), instance, run_config=RUN_CONFIG,
+                tags={"dagster/partition": run_id},
+            )
+            assert reference.success
+        patch.setenv("Z0INF_OUTPUTS_URL", str(root / "celery"))
+        module = _celery_module(redis_server.url)
+        yield {"root": root, "run_id": run_id, "broker": redis_server.url, "module": module}
+    importlib.reload(module)  # back to the environment's settings for later tests
+
+
+@pytest.fixture
+def workers(setting):
+    """Two ``dagster-celery`` workers (one task at a time each) on the ``dagster`` and ``gpu`` queues
+    (one ``-q`` with both: Celery keeps only the last of several),
+    each in its own process group, ready once both answer a ping; ended at teardown."""
+    module = setting["module"]
+    config = setting["root"] / "worker.yaml"
+    settings = module.celery_settings(setting["broker"], visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    config.write_text(yaml.safe_dump({"execution": {"config": settings}}))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    processes = {}
+    for name in WORKERS:
+        log = (setting["root"] / f"{name}.log").open("wb")
+        processes[name] = subprocess.Popen(
+            [str(bin_dir / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(config),
+             "-q", "dagster,gpu", "-n", name, "--", "--concurrency=1", "--pool=prefork"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True,
+        )
+    app = _control_app(setting["broker"])
+    deadline = time.monotonic() + 180
+    answered: set[str] = set()
+    while answered != set(WORKERS):
+        dead = [n for n, p in processes.items() if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            pytest.fail(f"celery workers {dead or WORKERS} did not start:\n" + _logs(setting["root"]))
+        answered = {name.split("@")[0] for reply in app.control.ping(timeout=1.0) for name in reply}
+    yield processes
+    for process in processes.values():
+        _stop(process)
+
+
+def _control_app(broker: str):
+    from celery import Celery
+
+    return Celery("z0inf-test", broker=broker, backend=broker)
+
+
+def _logs(root: Path) -> str:
+    return "\n".join(f"--- {name}\n{(root / f'{name}.log').read_text()[-3000:]}" for name in WORKERS)
+
+
+def _launch(setting) -> tuple[threading.Thread, dict]:
+    """influence_job on the celery location, launched from a thread of this process (its run worker);
+    the thread puts the ``ExecuteJobResult`` under ``"result"``."""
+    launched: dict = {}
+
+    def run():
+        with dg.DagsterInstance.get() as instance:
+            launched["result"] = dg.execute_job(
+                _influence_job(), instance, run_config=RUN_CONFIG, tags={"dagster/partition": setting["run_id"]}
+            )
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, launched
+
+
+def _finished(setting, thread: threading.Thread, launched: dict):
+    """The run's result once it has ended; a run that never ends fails the test with the workers' logs."""
+    thread.join(RUN_TIMEOUT_S)
+    assert not thread.is_alive(), "the run did not finish:\n" + _logs(setting["root"])
+    result = launched["result"]
+    assert result.success, _logs(setting["root"])
+    return result
+
+
+def _worker_of_each_attempt(instance, run_id: str) -> dict[str, list[str]]:
+    """Step key -> the workers that picked it up, in order, from the celery engine events."""
+    picked: dict[str, list[str]] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is not None and event.is_engine_event and "in celery worker" in (event.message or ""):
+            worker = event.event_specific_data.metadata["Celery worker"].value
+            picked.setdefault(event.step_key, []).append(worker.split("@")[0])
+    return picked
+
+
+# The sharded step's outputs: the same bytes whatever executor ran the shards.
+SHARDED_OUTPUTS = {"loss_tables/train.parquet", "loss_tables/test.parquet", "predictions.parquet"}
+
+
+def _assert_same_outputs(root: Path, run_id: str) -> None:
+    """The run's outputs are the in-process executor's: the same files; the sharded loss tables and
+    predictions, and every picture and page, byte for byte; the other tables equal to 1e-12 relative
+    (the float64 estimator sums of a fresh worker process differ from the test process's in the last
+    bits, and parquet files keep the folder they were read from in their pandas metadata)."""
+    reference, celery = root / "reference" / "runs" / run_id, root / "celery" / "runs" / run_id
+    files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
+    assert files and files == sorted(str(p.relative_to(celery)) for p in celery.rglob("*") if p.is_file())
+    assert SHARDED_OUTPUTS <= set(files)
+    for name in files:
+        ours, theirs = celery / name, reference / name
+        if name in SHARDED_OUTPUTS or Path(name).suffix not in (".parquet", ".csv"):
+            assert ours.read_bytes() == theirs.read_bytes(), name
+        else:
+            read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+            pd.testing.assert_frame_equal(read(ours), read(theirs), check_exact=False, rtol=1e-12, atol=0)
+
+
+def test_shards_run_on_both_workers_with_the_in_process_outputs(setting, workers):
+    result = _finished(setting, *_launch(setting))
+    with dg.DagsterInstance.get() as instance:
+        picked = _worker_of_each_attempt(instance, result.run_id)
+    shards = {key: names for key, names in picked.items() if key.startswith(SHARD_STEP)}
+    reference = setting["root"] / "reference" / "runs" / setting["run_id"] / "loss_tables"
+    examples = [pq.read_metadata(reference / f"{split}.parquet").num_rows for split in ("train", "test")]
+    assert len(shards) == sum(math.ceil(n / SHARD_SIZE) for n in examples) > len(WORKERS)
+    assert all(len(names) == 1 for names in shards.values())
+    assert {names[0] for names in shards.values()} == set(WORKERS)
+    _assert_same_outputs(setting["root"], setting["run_id"])
+
+
+def test_a_shard_whose_worker_is_killed_is_finished_by_the_other_worker(setting, workers):
+    """SIGKILL the whole worker (main process and the child running the shard) as soon as a shard step
+    starts: the unacknowledged task goes back to the queue after the visibility timeout and the
+    surviving worker runs it; the run completes with the same outputs."""
+    with dg.DagsterInstance.get() as instance:
+        before = {r.run_id for r in instance.get_runs()}
+        thread, launched = _launch(setting)
+        killed_step, killed_worker = None, None
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while killed_step is None and thread.is_alive() and time.monotonic() < deadline:
+            runs = [r.run_id for r in instance.get_runs() if r.run_id not in before]
+            started = {
+                e.dagster_event.step_key
+                for run_id in runs
+                for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+            }
+            for step_key, names in (_worker_of_each_attempt(instance, runs[0]) if runs else {}).items():
+                if step_key.startswith(SHARD_STEP) and step_key in started:
+                    killed_step, killed_worker = step_key, names[0]
+                    os.killpg(workers[killed_worker].pid, signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        assert killed_step is not None, "no shard step started"
+        result = _finished(setting, thread, launched)
+        attempts = _worker_of_each_attempt(instance, result.run_id)[killed_step]
+        successes = [
+            e for e in instance.all_logs(result.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
+            if e.dagster_event.step_key == killed_step
+        ]
+    survivor = next(n for n in WORKERS if n != killed_worker)
+    assert attempts == [killed_worker, survivor] and len(successes) == 1
+    _assert_same_outputs(setting["root"], setting["run_id"])
+
+
+def test_a_run_whose_broker_is_down_fails_at_once_with_a_named_error(setting):
+    """Nothing listens on the broker's port: the run fails with CeleryBrokerUnavailable within 15 s of
+    starting (the broker probe waits 5 s at most) and is left FAILURE, not STARTED."""
+    from tests.conftest import _free_port
+
+    down = f"redis://127.0.0.1:{_free_port()}/0"
+    try:
+        _celery_module(down)
+        with dg.DagsterInstance.get() as instance:
+            result = dg.execute_job(
+                _influence_job(), instance, run_config=RUN_CONFIG, tags={"dagster/partition": setting["run_id"]}
+            )
+            run = instance.get_run_by_id(result.run_id)
+            failure = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            start = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_START)
+    finally:
+        _celery_module(setting["broker"])
+    assert not result.success and run.status == dg.DagsterRunStatus.FAILURE
+    error = failure[0].dagster_event.event_specific_data.error
+    assert "CeleryBrokerUnavailable" in error.to_string() and down in error.to_string()
+    assert failure[0].timestamp - start[0].timestamp < 15
+
+
+def test_the_shipped_worker_config_is_the_code_locations(monkeypatch):
+    """deployment/celery.yaml, read the way ``dagster-celery worker start -y`` reads it, configures the
+    workers exactly as the code location configures the executor that sends them tasks."""
+    from dagster_celery.cli import get_validated_config
+
+    from z0inf_pipeline.deployments import celery
+
+    monkeypatch.setenv(celery.BROKER_ENV, "redis://redis.internal:6379/0")
+    workers = get_validated_config(str(REPO_ROOT / "deployment" / "celery.yaml"))
+    location = celery.celery_settings("redis://redis.internal:6379/0")
+    assert {k: workers[k] for k in location} == location
+
+
+def test_the_celery_code_location_validates(tmp_path):
+    from tests.deploy.test_k8s_deployment import _validate
+
+    result = _validate("z0inf_pipeline.deployments.celery", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Validation successful for code location z0inf_pipeline.deployments.celery" in result.stdout + result.stderr
