@@ -26,6 +26,7 @@ STAGES = [
     "review_queue",
     "curated_training_set",
     "retrained_run",
+    "model_promotion",
 ]
 
 

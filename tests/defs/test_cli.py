@@ -67,7 +67,7 @@ def test_train_job_defaults_are_the_library_recipe_without_noise():
 def test_make_demo_leaves_round_two_pending_after_a_simulated_round_one(dagster_home, tracking_uri, capsys):
     """`make demo` runs `z0inf demo`: round 1 blocked, then decided by the simulated reviewer (injected flips
     relabelled to their label, the rest kept), the gated retrain passes, and the retrained run is analysed
-    with flagged examples left PENDING for a person."""
+    with flagged examples left PENDING for a person; the registry step says where the new version went."""
     assert main(["demo", "--epochs", "3", "--checkpoints", "4"]) == 0
     out = capsys.readouterr().out
     run_id = re.search(r"trained and logged MLflow run ([0-9a-f]{32})", out).group(1)
@@ -91,6 +91,7 @@ def test_make_demo_leaves_round_two_pending_after_a_simulated_round_one(dagster_
     child_queue = pd.read_parquet(RunLayout.for_run(child.run_id, outputs_base()).review_queue)
     decided = set(history.index)
     assert pending == len(set(child_queue["example_id"]) - decided) and pending > 0
+    assert re.search(r"model registry: models:/digits-mlp/2 -> @(champion|challenger)", out)
     with dg.DagsterInstance.get() as instance:
         assert sorted(r.job_name for r in instance.get_runs()) == [
             "influence_job", "influence_job", "retrain_job", "retrain_job"]

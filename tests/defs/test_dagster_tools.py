@@ -25,6 +25,7 @@ CHECKS = {
     ("review_queue", "review_gate", True),
     ("curated_training_set", "curated_set_matches_decisions", True),
     ("retrained_run", "retrained_run_follows_curation", False),
+    ("model_promotion", "retrained_model_is_champion", False),
 }
 QUERY = """{
   assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name blocking } } } }

@@ -88,8 +88,9 @@ def test_gate_blocks_retraining_until_flagged_examples_are_decided(instance, con
 
     passed = execute(instance, "retrain_job", contract_run)
     assert passed.success
-    assert materialised(passed) == {"review_queue", "curated_training_set", "retrained_run"}
-    assert all(e.passed for e in passed.get_asset_check_evaluations())
+    assert materialised(passed) == {"review_queue", "curated_training_set", "retrained_run", "model_promotion"}
+    # every check passed; whether the retrained model became champion is a warning, not a failure
+    assert all(e.passed for e in passed.get_asset_check_evaluations() if e.check_name != "retrained_model_is_champion")
 
     child_id = pd.read_parquet(layout.retrained).at[0, "retrained_run_id"]
     child = fetch_run(child_id, tracking_uri=tracking_uri)

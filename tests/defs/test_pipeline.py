@@ -52,7 +52,7 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
         assert pages and all(Path(p).is_file() and Path(p).is_relative_to(docs_root) for p in pages)
         logged = Path(pages[0]).relative_to(layout.gx_folder).parent.as_posix()
         assert {Path(a.path).name for a in client.list_artifacts(contract_run, f"gx/{logged}")} >= {Path(pages[0]).name}
-    assert client.list_artifacts(contract_run, "gx/uncommitted/data_docs/local_site/static")
+    assert client.list_artifacts(contract_run, "gx/uncommitted/data_docs/local_site/static/styles")
     logged = {a.path for a in client.list_artifacts(contract_run, "z0inf")}
     assert logged == {f"z0inf/{stage}" for stage in ["training_run", *STAGES]}
     assert {a.path for a in client.list_artifacts(contract_run, "z0inf/review_queue")} >= {

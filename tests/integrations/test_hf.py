@@ -111,11 +111,20 @@ def test_a_trainer_with_mlflow_reporting_logs_one_contract_run(tracking_uri, tmp
 
 
 def test_without_mlflow_reporting_there_is_exactly_one_run(tracking_uri, tmp_path):
-    callback, *_ = run_trainer(tmp_path, "none")
+    callback, model, _, probe_set = run_trainer(tmp_path, "none")
     runs = MlflowClient(tracking_uri).search_runs(
         [MlflowClient(tracking_uri).get_experiment_by_name("hf-contract").experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(callback.run_id, "FINISHED")]
     assert "mlflow.parentRunId" not in runs[0].data.tags
+
+    # The final model is registered (named after the experiment) as a pyfunc scorer built from safetensors
+    # weights, the frozen block included: it returns each probe sequence's token-mean NLL.
+    assert runs[0].data.tags["z0inf.registered_model"] == "hf-contract"
+    served = mlflow.pyfunc.load_model("models:/hf-contract/1")
+    assert served.metadata.get_input_schema().input_names() == ["input_ids", "attention_mask", "labels"]
+    batch = default_data_collator([probe_set[i] for i in range(len(probe_set))])
+    losses = served.predict({k: batch[k].numpy() for k in ("input_ids", "attention_mask", "labels")})
+    np.testing.assert_allclose(losses, hand_nll(model.eval(), probe_set), rtol=2e-5, atol=2e-6)
 
 
 class NanAfterFirstCheckpoint:

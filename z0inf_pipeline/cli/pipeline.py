@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -59,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     materialize.add_argument("--run", required=True, help="MLflow run id (added as a partition if new)")
     _add_policy_args(materialize)
+    materialize.add_argument(
+        "--policy-changed-by",
+        metavar="REVIEWER",
+        help="influence only: rebuild a run's existing queue with other flag-policy flags, recorded under this "
+        "name (the gate's policy is fixed when the queue is built; retrain uses the queue's own and cannot change it)",
+    )
     materialize.set_defaults(handler=_materialize)
 
 
@@ -69,6 +76,21 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
     return policy_run_config(plain_values(from_namespace(FlagPolicy, args)))
+
+
+def _materialize_config(args) -> dict:
+    """The flag policy for ``z0inf materialize``: the flags given; for a retrain without policy flags,
+    the policy the run's queue was built with (a retrain cannot change it, so it is not asked for)."""
+    from ..review import RunLayout, read_review_queue
+
+    given = plain_values(from_namespace(FlagPolicy, args))
+    layout = RunLayout.for_run(args.run, outputs_base())
+    if args.job != "influence" and given == plain_values(FlagPolicy()) and layout.review_queue.exists():
+        given = read_review_queue(layout.review_queue)[1]["policy"]
+    config = policy_run_config(given)
+    if args.policy_changed_by:
+        config["ops"]["review_queue"]["config"]["policy_changed_by"] = args.policy_changed_by
+    return config
 
 
 def policy_run_config(policy: dict) -> dict:
@@ -151,7 +173,7 @@ def _materialize(args) -> int:
 
     check_reachable(resolve_tracking_uri())  # a dead MLflow is one named error now, not a failed step later
     instance, persistent = dagster_instance()
-    outcome = run_job(instance, JOBS[args.job], args.run, _policy_config(args))
+    outcome = run_job(instance, JOBS[args.job], args.run, _materialize_config(args))
     _print_steps(outcome)
     _print_checks(outcome)
     if args.job != "influence" and outcome.check_failed("review_gate"):
@@ -266,6 +288,18 @@ def simulated_decisions(queue: pd.DataFrame, examples: pd.DataFrame) -> dict[str
     }
 
 
+def simulated_review(store, run_id: str, queue: pd.DataFrame, examples: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Record the simulated reviewer's ``simulated_decisions`` on ``queue`` in ``store``; return them."""
+    decided = simulated_decisions(queue, examples)
+    note = "z0inf demo: the simulated reviewer knows the injected errors (no real reviewer does)"
+    for action in ("keep", "drop"):
+        if len(decided[action]):
+            store.record(run_id, decided[action]["example_id"], action, reviewer=SIMULATED_REVIEWER, note=note)
+    for label, rows in decided["relabel"].groupby("original_label"):
+        store.record(run_id, rows["example_id"], "relabel", label=int(label), reviewer=SIMULATED_REVIEWER, note=note)
+    return decided
+
+
 def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, float], config) -> int:
     """Round 1 decided by the simulated reviewer, the gated retrain, then the retrained run's own
     analysis: its round-2 queue is left pending for a person (``make review``).
@@ -279,13 +313,8 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     queue, _ = read_review_queue(layout.review_queue)
     store = DecisionStore.open()
     partial = args.recipe == "lm"
-    decided = simulated_decisions(queue.head(len(queue) // 2) if partial else queue, pd.read_parquet(layout.examples))
-    note = "z0inf demo: the simulated reviewer knows the injected errors (no real reviewer does)"
-    for action in ("keep", "drop"):
-        if len(decided[action]):
-            store.record(run_id, decided[action]["example_id"], action, reviewer=SIMULATED_REVIEWER, note=note)
-    for label, rows in decided["relabel"].groupby("original_label"):
-        store.record(run_id, rows["example_id"], "relabel", label=int(label), reviewer=SIMULATED_REVIEWER, note=note)
+    decided = simulated_review(store, run_id, queue.head(len(queue) // 2) if partial else queue,
+                               pd.read_parquet(layout.examples))
     counts = ", ".join(f"{len(rows)} {action}" for action, rows in decided.items())
     print(f"\n      round 1 decided by the SIMULATED reviewer ({SIMULATED_REVIEWER!r}: it knows the injected errors): "
           f"{counts}, in {store.location}")
@@ -306,6 +335,8 @@ def _simulated_round(instance, run_id: str, layout, args, timings: dict[str, flo
     print(f"      retrain_job: {retrain.checks['review_gate'][1]}")
     # The random-drop baseline retrains a TrainConfig recipe in-process; the LM recipe trains through MLflow.
     _print_retrained(layout, recipe=config if isinstance(config, TrainConfig) else None)
+    if _print_promotion(layout, config if isinstance(config, TrainConfig) else None):
+        return 1
 
     child = str(pd.read_parquet(layout.retrained).iloc[0]["retrained_run_id"])
     analysed = run_job(instance, "influence_job", child, _policy_config(args))
@@ -426,7 +457,7 @@ def _print_retrained(layout, recipe=None) -> None:
         f"{row['train_examples']} training examples ({row['dropped']} dropped, {row['relabelled']} relabelled)"
     )
     parent, retrained = row["parent_test_accuracy"], row["retrained_test_accuracy"]
-    if recipe is None:
+    if recipe is None or row["dropped"] == 0:  # the random-drop baseline only means something after drops
         print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
         return
     random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
@@ -444,6 +475,59 @@ def _print_learned(tracking_uri: str, run_id: str, what: str) -> None:
     accuracy = MlflowClient(tracking_uri).get_run(run_id).data.metrics.get("test_accuracy")
     if accuracy is not None:
         print(f"      {what} of the parent run: {accuracy:.3f}")
+
+
+def _print_promotion(layout, recipe=None) -> int:
+    """Where the retrained model went in the MLflow Model Registry; with a ``recipe``, also load
+    ``models:/<name>@champion`` as a serving job would and check that its accuracy on the test set is the
+    retrained run's logged ``test_accuracy`` (exit 1 when not)."""
+    if not layout.promotion.exists():
+        return 0
+    row = pd.read_parquet(layout.promotion).iloc[0]
+    if not row["alias"]:
+        print(f"      model registry: {row['reason']}")
+        return 0
+    print(f"      model registry: models:/{row['registered_model']}/{row['version']} -> @{row['alias']}")
+    print(f"        {row['reason']}")
+    if row["alias"] != "champion" or recipe is None:
+        return 0
+    return _check_champion(row, recipe)
+
+
+def _check_champion(row, recipe) -> int:
+    import mlflow
+    import numpy as np
+
+    from ..tracking import resolve_tracking_uri, tracking_client
+    from ..training import training_data
+
+    uri = f"models:/{row['registered_model']}@champion"
+    with _tracking_uri_in_environment(resolve_tracking_uri()):
+        champion = mlflow.pyfunc.load_model(uri)
+    test = training_data(recipe).test
+    accuracy = float(np.mean(champion.predict(test.features.numpy()) == test.labels.numpy()))
+    logged = tracking_client().get_run(row["retrained_run_id"]).data.metrics["test_accuracy"]
+    agrees = abs(accuracy - logged) < 1e-6  # the metric is logged from float32
+    print(
+        f"      mlflow.pyfunc.load_model({uri!r}) on the {len(test)} test examples: accuracy {accuracy:.4f}, "
+        f"the retrained run logged {logged:.4f}: {'the same' if agrees else 'DIFFERENT'}"
+    )
+    return 0 if agrees else 1
+
+
+@contextlib.contextmanager
+def _tracking_uri_in_environment(uri: str):
+    """``$MLFLOW_TRACKING_URI`` set to ``uri`` for a block: MLflow's own loaders resolve ``models:/`` with
+    it, and nothing global is left pinned afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _random_drop_accuracy(recipe, count: int) -> float:

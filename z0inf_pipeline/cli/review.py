@@ -12,7 +12,8 @@ import pandas as pd
 from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore
-from ..review.cards import decision_text
+from ..review.cards import decision_effect, decision_text
+from ..review.gate import POLICY_CHANGES_KEY
 from ..review.layout import outputs_base
 from ..review.run_review import RunReview, runs_with_queue
 
@@ -97,6 +98,8 @@ def _list(args) -> None:
         print(table.to_string(index=False))
     if len(shown) < len(queue):
         print(f"... {len(queue) - len(shown)} more (--limit 0 shows all)")
+    for change in info.get(POLICY_CHANGES_KEY) or []:
+        print(f"flag policy changed by {change['by']} at {change['at']}: {change['changed']} (queue rebuilt)")
     print(status.message())
 
 
@@ -144,7 +147,8 @@ def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
     row = current.loc[example_id]
     action = decision_text(row["action"], row["label"], review.class_names)
     decided_on = row.get("decided_on_run")
-    return action if decided_on in (None, review.run_id) else f"{action} (decided on run {decided_on[:8]})"
+    carried = "" if decided_on in (None, review.run_id) else f" (decided on run {decided_on[:8]})"
+    return f"{action}{carried}; {decision_effect(row.get('applied_in'))}"
 
 
 def _sparkline(values) -> str:

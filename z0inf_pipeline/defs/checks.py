@@ -21,13 +21,15 @@ from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
     loss_tables,
+    model_promotion,
     retrained_run,
     review_queue,
     self_influence,
     train_test_influence,
     weight_gram,
 )
-from .assets.retraining import curated_from_frame
+from ..review.lineage import DECISIONS_THROUGH
+from .assets.retraining import curated_from_frame, decisions_through
 from .metadata import gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
@@ -192,23 +194,36 @@ def review_gate(
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
 
 
-@dg.asset_check(asset=curated_training_set, blocking=True, partitions_def=mlflow_runs, additional_ins=EXAMPLES)
+@dg.asset_check(
+    asset=curated_training_set,
+    blocking=True,
+    partitions_def=mlflow_runs,
+    additional_ins={**EXAMPLES, "review_queue": dg.AssetIn("review_queue")},
+)
 def curated_set_matches_decisions(
     context: dg.AssetCheckExecutionContext,
     curated_training_set: pd.DataFrame,
     training_run: pd.DataFrame,
+    review_queue: ReviewQueue,
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
     run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
-    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied."""
+    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied,
+    for the lineage's decisions in force up to the high-water mark the curated set records (read from
+    the store again, not from the curation). Decisions recorded after it are counted as pending: they
+    take effect at the next retrain."""
     run_id = run_id_of(context)
-    current = decisions.open().current(run_id)
+    train_ids = split_ids(training_run)
+    through = decisions_through(curated_training_set)
+    store = decisions.open()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    current = current[current["example_id"].isin(train_ids)]  # an ancestor's drop applied before: already out
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
     folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
-    report = validate_curated_set(curated_training_set, split_ids(training_run), dropped, relabels_of(current),
-                                  folder=folder)
-    return _result(mlflow, run_id, folder, report)
+    report = validate_curated_set(curated_training_set, train_ids, dropped, relabels_of(current), folder=folder)
+    pending = int((lineage_decisions(store, run_id, review_queue.info)["sequence"] > through).sum())
+    return _result(mlflow, run_id, folder, report, **{DECISIONS_THROUGH: through, "pending_for_next_retrain": pending})
 
 
 @dg.asset_check(
@@ -247,6 +262,30 @@ def retrained_run_follows_curation(
     return result
 
 
+@dg.asset_check(asset=model_promotion, partitions_def=mlflow_runs)
+def retrained_model_is_champion(
+    context: dg.AssetCheckExecutionContext, model_promotion: pd.DataFrame, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
+    """Not blocking: passes when the retrained model became ``champion``; otherwise it warns why (the gate,
+    or the interval against the margin, or a skip) with the interval."""
+    row = model_promotion.iloc[0]
+    promoted = row["alias"] == "champion"
+    return dg.AssetCheckResult(
+        passed=bool(promoted),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            **mlflow.run_metadata(str(row["retrained_run_id"]), prefix="retrained_run"),
+            "registered_model": str(row["registered_model"]),
+            "version": str(row["version"]),
+            "alias": str(row["alias"]) or "none (skipped)",
+            "gate_passed": bool(row["gate_passed"]),
+            "interval": f"[{rounded(row['gain_low'])}, {rounded(row['gain_high'])}]",
+            "margin": float(row["margin"]),
+        },
+        description=f"{'champion' if promoted else 'not promoted'}: {row['reason']}",
+    )
+
+
 ALL_CHECKS = [
     loss_tables_are_valid,
     gram_is_valid,
@@ -255,4 +294,5 @@ ALL_CHECKS = [
     review_gate,
     curated_set_matches_decisions,
     retrained_run_follows_curation,
+    retrained_model_is_champion,
 ]

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Literal, Optional
 import dagster as dg
 from pydantic import Field, model_validator
 
+from ..evaluation.promotion import PromotionPolicy
 from ..influence.analysis import GRAM_SETTINGS, TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from ..review.policy import FlagPolicy
 from ..settings_schema import Setting, setting_fields
@@ -104,10 +105,24 @@ EstimatorConfig = config_class(
 
 
 class FlagPolicyConfig(config_class(FlagPolicy, "_FlagPolicySettings", "Which examples are flagged for review.")):
-    """Which examples are flagged for review, and how many may stay unreviewed before retraining is blocked."""
+    """Which examples are flagged for review, and how many may stay unreviewed before retraining is blocked.
+    Fixed when a run's queue is first built: another policy later needs ``policy_changed_by`` and is
+    refused in any job but ``influence_job``."""
+
+    policy_changed_by: Optional[str] = Field(
+        default=None,
+        description="reviewer who rebuilds this run's queue with another flag policy (recorded; only in influence_job)",
+    )
 
     def to_policy(self) -> FlagPolicy:
         return self.to_arguments()
+
+
+PromotionConfig = config_class(
+    PromotionPolicy,
+    "PromotionConfig",
+    "When the retrained model becomes the registered model's champion: the margin and the bootstrap.",
+)
 
 
 class LossTableConfig(dg.Config):

@@ -86,11 +86,11 @@ class MlflowResource(dg.ConfigurableResource):
 
     def log_gx(self, run_id: str, folder: Path, files: list[Path]) -> None:
         """Attach files of a run's GX folder under ``gx/`` at their paths inside it (so that the Data Docs
-        pages' links hold), with the Data Docs' shared styles the first time."""
+        pages' links hold), with the Data Docs' stylesheets the first time (not GX's 3 MB of logos)."""
         client = self.client()
-        static = folder / "uncommitted" / "data_docs" / "local_site" / "static"
-        if static.is_dir() and not client.list_artifacts(run_id, "gx/uncommitted/data_docs/local_site/static"):
-            client.log_artifacts(run_id, str(static), "gx/uncommitted/data_docs/local_site/static")
+        styles = "uncommitted/data_docs/local_site/static/styles"
+        if (folder / styles).is_dir() and not client.list_artifacts(run_id, f"gx/{styles}"):
+            client.log_artifacts(run_id, str(folder / styles), f"gx/{styles}")
         for path in files:
             client.log_artifact(run_id, str(path), str(Path("gx") / path.parent.relative_to(folder)))
 

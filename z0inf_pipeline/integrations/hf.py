@@ -40,8 +40,10 @@ from ..influence.errors import InfluenceInputError
 from ..tracking.client import ensure_experiment, tracking_client
 from ..tracking.contract import SOURCE_TAG
 from ..tracking.logger import ContractLogger
+from ..tracking.registry import CHECKPOINT_MODEL
 from ..training.lm import (
     RECIPE,
+    REGISTERED_MODEL,
     LMRecipe,
     SequenceDataset,
     answer_accuracy,
@@ -119,14 +121,17 @@ class Z0InfCallback(TrainerCallback):
         model_spec: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         metrics_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+        model: str | None = CHECKPOINT_MODEL,
         **logger_options: Any,
     ) -> None:
-        """``logger_options`` go to ``ContractLogger`` as they are: ``examples``, ``flipped_ids``,
-        ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``, ``tags``, ``parent_run_id``, ``dataset``."""
+        """``model``: the run's registered model, by default the final network as a causal-LM scorer
+        (``ContractLogger``'s ``model``). ``logger_options`` go to ``ContractLogger`` as they are:
+        ``examples``, ``flipped_ids``, ``train_config``, ``experiment``, ``tracking_uri``, ``run_name``,
+        ``tags``, ``parent_run_id``, ``dataset``, ``registered_model``."""
         self.steps = None if steps is None else sorted({int(s) for s in steps})
         self.num_checkpoints = num_checkpoints
         self._logger_args = dict(train=train_batches, test=probe_batches, loss_fn=loss_fn, ids_fn=ids_fn,
-                                 checkpoint_parameters=checkpoint_parameters, **logger_options)
+                                 checkpoint_parameters=checkpoint_parameters, model=model, **logger_options)
         self._model_spec = model_spec
         self._params = dict(params or {})
         self._metrics_fn = metrics_fn
@@ -242,6 +247,7 @@ def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf
         train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
         run_name=run_name or f"lm-{recipe.task}-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
         tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset=f"generated-{recipe.task}",
+        registered_model=REGISTERED_MODEL,
         params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
     )
     with tempfile.TemporaryDirectory(prefix="z0inf-lm-") as out:

@@ -85,12 +85,11 @@ class SuiteReport:
 
     @property
     def pages(self) -> list[Path]:
-        """The files a reader needs: the stored result, its page, the suite's page and both indexes."""
+        """The files a reader needs: the stored result, its page, the suite's page and the run's index."""
         if self.validation_result is None or self.data_docs is None:
             return []
-        site = self.data_docs.parent / DATA_DOCS
-        return [self.validation_result, self.data_docs_page, site / "expectations" / f"{self.gx_suite}.html",
-                site / "index.html", self.data_docs]
+        suite_page = self.data_docs.parent / DATA_DOCS / "expectations" / f"{self.gx_suite}.html"
+        return [self.validation_result, self.data_docs_page, suite_page, self.data_docs]
 
     @property
     def data_docs_page(self) -> Path | None:
@@ -186,11 +185,13 @@ def validate(
         docs = stored = None
         if folder is not None:
             stored = _stored_result(folder, suite_name, batch)
-            with _quiet_suite_page_renderer():  # this validation's and its suite's pages, and the index
+            # this validation's page and its suite's; not GX's index (it rereads every result of the run and
+            # fills its table from public CDNs): the run's own index.html lists the pages instead
+            with _quiet_suite_page_renderer():
                 context.build_data_docs(resource_identifiers=[
                     ValidationResultIdentifier.from_tuple(stored.relative_to(folder / VALIDATIONS).with_suffix("").parts),
                     ExpectationSuiteIdentifier(name=suite_name),
-                ])
+                ], build_index=False)
             docs = _write_offline_index(folder)
     report = SuiteReport(batch, bool(result.success), len(result.results), len(frame),
                          tuple(_failure(r) for r in result.results if not r.success), stored, docs, suite_name)
@@ -209,8 +210,7 @@ def _docs_site(folder: Path) -> dict:
 
 def _write_offline_index(folder: Path) -> Path:
     """``<folder>/index.html``: every stored validation of the run, newest first, linking to its Data Docs
-    page. GX's own index fills its table with JavaScript from public CDNs, so offline it is empty; the
-    validation pages themselves are plain HTML."""
+    page and its suite's page (plain HTML, they open offline)."""
     import html
     import json
 
@@ -221,12 +221,13 @@ def _write_offline_index(folder: Path) -> Path:
         suite, table, stamp = result.parts[-4:-1]
         page = (DATA_DOCS / "validations" / suite / table / stamp / result.name).with_suffix(".html").as_posix()
         success = json.loads(result.read_text()).get("success")
-        rows.append(f'<tr><td><a href="{html.escape(page)}">{html.escape(table)}</a></td><td>{html.escape(suite)}</td>'
+        suite_page = (DATA_DOCS / "expectations" / f"{suite}.html").as_posix()
+        rows.append(f'<tr><td><a href="{html.escape(page)}">{html.escape(table)}</a></td>'
+                    f'<td><a href="{html.escape(suite_page)}">{html.escape(suite)}</a></td>'
                     f'<td>{"passed" if success else "FAILED"}</td><td>{html.escape(stamp)}</td></tr>')
     text = (
         '<!doctype html><html><head><meta charset="utf-8"><title>GX validations of this run</title></head><body>'
-        "<h1>GX validations of this run</h1><p>Suites from the repository's <code>gx/</code> project; "
-        f'<a href="{(DATA_DOCS / "index.html").as_posix()}">GX Data Docs index</a> (needs internet for its table).</p>'
+        "<h1>GX validations of this run</h1><p>Suites from the repository's <code>gx/</code> project.</p>"
         "<table><thead><tr><th>table</th><th>suite</th><th>result</th><th>validated (UTC)</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table></body></html>"
     )

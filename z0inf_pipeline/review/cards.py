@@ -16,6 +16,14 @@ from .run_review import RunReview
 ATTRIBUTION_ACCURACY = {"method": "METHOD", "lds": "LDS", "tracincp": "TRACIN", "table": "/accuracy"}
 
 
+def decision_effect(applied_in) -> str:
+    """When a decision in force takes effect (``RunReview.decisions``'s ``applied_in``): never 'applied'
+    unless a retrain's snapshot held it."""
+    if isinstance(applied_in, str):
+        return f"applied in retrained run {applied_in[:8]}"
+    return "pending: takes effect at the next retrain"
+
+
 def decision_text(action, label, class_names: tuple[str, ...] = ()) -> str:
     """'drop', 'keep' or 'relabel → 4', by the class's name where the run has one ('relabel → versicolor');
     '' when there is no decision."""
@@ -171,9 +179,12 @@ def _decision(row: pd.Series, review: RunReview, run_id: str | None = None) -> d
     """A decision in force (made on ``run_id``, default the review's run); ``carried_from``: the earlier
     run of the lineage it was made on, if any."""
     made_on = row.get("decided_on_run")
+    applied = row.get("applied_in")
     run_id = run_id or review.run_id
     return {
         "carried_from": made_on if isinstance(made_on, str) and made_on != run_id else None,
+        "applied_in": applied if isinstance(applied, str) else None,
+        "effect": decision_effect(applied),
         "text": decision_text(row["action"], row["label"], review.class_names),
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),

@@ -29,9 +29,16 @@ def relabels_of(frame: pd.DataFrame) -> dict[int, int]:
     return {int(i): int(y) for i, y in zip(rows["example_id"], rows["label"])}
 
 
-def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None) -> CuratedSet:
-    """Apply the decisions in force to the run's training examples; decisions must name training ids."""
+def curate(
+    train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: int | None = None, *, run_id: str | None = None
+) -> CuratedSet:
+    """Apply the decisions in force to the run's training examples. Decisions made on ``run_id`` must
+    name its training ids; one inherited from an ancestor (``decided_on_run``) on an id the run does
+    not train on was applied by the retrain that left it out, and is skipped here."""
     ids = train_examples["example_id"].to_numpy(np.int64)
+    if run_id is not None and "decided_on_run" in decisions:
+        inherited = decisions["decided_on_run"] != run_id
+        decisions = decisions[~(inherited & ~decisions["example_id"].isin(ids))]
     unknown = np.setdiff1d(decisions["example_id"].to_numpy(np.int64), ids)
     if len(unknown):
         raise InfluenceInputError(
@@ -43,10 +50,13 @@ def curate(train_examples: pd.DataFrame, decisions: pd.DataFrame, num_classes: i
     relabels = relabels_of(decisions)
     if num_classes is not None:
         bad = {i: y for i, y in relabels.items() if not 0 <= y < num_classes}
-        if bad:
-            raise InfluenceInputError(
-                f"curation: relabels {bad} are outside the {num_classes} classes [0, {num_classes})"
-            )
+        where = f"the {num_classes} classes [0, {num_classes})"
+    else:  # no class count recorded: the labels the run trains on
+        seen = set(train_examples["label"].astype(int))
+        bad = {i: y for i, y in relabels.items() if y not in seen}
+        where = "the labels seen in the run's training examples"
+    if bad:
+        raise InfluenceInputError(f"curation: relabels {bad} are outside {where}")
 
     frame = pd.DataFrame({"example_id": ids, "observed_label": train_examples["label"].to_numpy(np.int64)})
     action = decisions.set_index("example_id")["action"].reindex(ids)

@@ -34,6 +34,7 @@ RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
     "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
     "curated_training_set": ("curated_set",),
     "retrained_run": ("retrained",),
+    "model_promotion": ("promotion",),
 }
 
 
@@ -138,3 +139,7 @@ class RunLayout:
     @property
     def retrained(self) -> UPath:
         return self.root / "retrained_run.parquet"
+
+    @property
+    def promotion(self) -> UPath:
+        return self.root / "model_promotion.parquet"

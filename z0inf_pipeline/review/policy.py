@@ -185,15 +185,15 @@ def fit_mixture(x: np.ndarray) -> Mixture:
         return Mixture(np.array([1.0, 1e-12]), np.array([x.mean(), x.mean()]), np.ones(2))
     floor = 1e-6 * spread
     groups = [x[x <= np.quantile(x, 0.5)], x[x >= np.quantile(x, 0.9)]]
-    fitted = GaussianMixture(
-        2, tol=1e-10, max_iter=200, reg_covar=floor, weights_init=[0.9, 0.1],
-        means_init=[[g.mean()] for g in groups], precisions_init=[[[1 / max(g.var(), floor)]] for g in groups],
+    fitted = GaussianMixture(  # "diag" in 1-D is the full model, at half the cost per EM iteration
+        2, covariance_type="diag", tol=1e-10, max_iter=200, reg_covar=floor, weights_init=[0.9, 0.1],
+        means_init=[[g.mean()] for g in groups], precisions_init=[[1 / max(g.var(), floor)] for g in groups],
     )
     with warnings.catch_warnings():  # a tie-heavy sample may stop at max_iter: the fit is still usable
         warnings.simplefilter("ignore", ConvergenceWarning)
         fitted.fit(x[:, None])
     order = np.argsort(fitted.means_[:, 0])
-    return Mixture(fitted.weights_[order], fitted.means_[order, 0], np.sqrt(fitted.covariances_[order, 0, 0]))
+    return Mixture(fitted.weights_[order], fitted.means_[order, 0], np.sqrt(fitted.covariances_[order, 0]))
 
 
 def confident_error_count(mean_loss: np.ndarray, labels: np.ndarray) -> int:
@@ -217,8 +217,8 @@ def confident_error_count(mean_loss: np.ndarray, labels: np.ndarray) -> int:
 
 def flag_scores(scores, policy: FlagPolicy, *, labels=None, inherited_cutoff: float | None = None) -> Flags:
     """Flag examples by ``policy``: ``scores`` is the scores frame (its ``policy.score`` signal is used,
-    and every defined signal is also flagged on its own for ``Flags.flagged_by``) or a vector that
-    already is the flag score (higher = more suspicious).
+    and every defined signal is also flagged on its own for ``Flags.flagged_by``: under ``confident``, its
+    highest as many as were flagged) or a vector that already is the flag score (higher = more suspicious).
 
     ``labels`` (method ``confident``): the given label of each row of ``scores``; with the frame's
     ``mean_loss`` (cross-entropy) they give confident learning's count. Without them the count is the
@@ -232,7 +232,11 @@ def flag_scores(scores, policy: FlagPolicy, *, labels=None, inherited_cutoff: fl
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:
-        alone = _flag_values(flag_score(scores, column), replace(policy, score=column), None, errors).flagged
+        if policy.method == "confident":  # the count is how many labels look wrong: each signal's top that many
+            values = flag_score(scores, column)
+            alone = _highest(values, flags.count) & (values > values.min())  # a constant signal singles out none
+        else:
+            alone = _flag_values(flag_score(scores, column), replace(policy, score=column)).flagged
         joined = joined + np.where(alone, column + ", ", "")
     flagged_by = joined.str.removesuffix(", ").to_numpy(dtype=object)
     return replace(flags, flagged_by=flagged_by)

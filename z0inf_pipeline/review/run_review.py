@@ -29,9 +29,9 @@ from .evidence import (
 )
 from .gate import GateStatus, evaluate_gate
 from .layout import RunLayout, check_run_id
-from .lineage import lineage_decisions, lineage_of
+from .lineage import applied_in, lineage_decisions, lineage_of
 from .queue import read_review_queue
-from .store import DecisionStore
+from .store import DecisionStore, as_example_id
 
 CLASSIFICATION, TEXT = "classification", "text"
 RUN_NAME_KEY = "run_name"  # the MLflow run name, kept in the queue's info when the queue is built
@@ -127,7 +127,7 @@ class RunReview:
     def check_decision(self, ids: Iterable[int], action: str, label: int | None) -> None:
         """Refuse ids that are not training examples of the run, labels outside its classes, and a
         relabel on a text run (it has no class to relabel to)."""
-        wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+        wanted = np.unique(np.array([as_example_id(i) for i in ids], dtype=np.int64))
         unknown = np.setdiff1d(wanted, self.training_ids)
         if len(unknown):
             raise ReviewError(
@@ -165,8 +165,11 @@ class RunReview:
         return lineage_of(self.run_id, self.info)
 
     def decisions(self, store: DecisionStore) -> pd.DataFrame:
-        """The decisions in force for this run's examples, made on it or on any run of its lineage."""
-        return lineage_decisions(store, self.run_id, self.info)
+        """The decisions in force for this run's examples, made on it or on any run of its lineage, with
+        ``applied_in``: the retrained run that trained with each one, or None while it is pending."""
+        current = lineage_decisions(store, self.run_id, self.info)
+        current["applied_in"] = applied_in(current, self.lineage, self.layout.root.parent.parent)
+        return current
 
     def gate(self, current: pd.DataFrame) -> GateStatus:
         """The review gate for the decisions in force (``decisions``)."""

@@ -31,6 +31,12 @@ ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel")
 DECISION_COLUMNS = ["example_id", "action", "label", "reviewer", "note", "decided_at"]
 LINEAGE_COLUMNS = [*DECISION_COLUMNS, "run_id", "sequence"]
 STORE_URL_ENV = "Z0INF_REVIEW_STORE_URL"
+# A note is a reason, not a document: longer ones are refused (the page answers 400), so no decision
+# can make the store, the page or the sheet huge.
+MAX_NOTE_CHARS = 400
+MAX_REVIEWER_CHARS = 100
+_INT64 = (-(2**63), 2**63 - 1)
+_INT32_MAX = 2**31 - 1  # the label column's type
 # Any constant works: it only serialises schema creation between processes opening a new Postgres store.
 _SCHEMA_LOCK = 0x7A30696E66
 
@@ -85,7 +91,7 @@ class DecisionStore:
                 store.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ReviewError(f"review store {store.path}: its folder cannot be created ({exc.strerror})") from None
-        with store._transaction() as conn:
+        with store._transaction(create=True) as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
             _metadata.create_all(conn)
@@ -114,19 +120,23 @@ class DecisionStore:
     ) -> int:
         """Append one decision per example id (all or none); returns how many were recorded."""
         check_run_id(run_id)
-        ids = sorted({_as_id(i) for i in example_ids})
+        ids = sorted({as_example_id(i) for i in example_ids})
         if not ids:
             raise ReviewError("review decision: no example ids given")
         if action not in ACTIONS:
             raise ReviewError(f"review decision: action {action!r} must be one of {list(ACTIONS)}")
         if action == "relabel":
-            if label is None or int(label) < 0:
-                raise ReviewError("review decision: 'relabel' needs the new label (an integer >= 0)")
+            if label is None or not 0 <= int(label) <= _INT32_MAX:
+                raise ReviewError(f"review decision: 'relabel' needs the new label (an integer in [0, {_INT32_MAX}])")
             label = int(label)
         elif label is not None:
             raise ReviewError(f"review decision: a label is only given with 'relabel', not with {action!r}")
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if note is not None and len(note) > MAX_NOTE_CHARS:
+            raise ReviewError(f"review decision: the note has {len(note)} characters; at most {MAX_NOTE_CHARS} are kept")
         who = reviewer or _user()
+        if len(who) > MAX_REVIEWER_CHARS:
+            raise ReviewError(f"review decision: the reviewer name has {len(who)} characters; at most {MAX_REVIEWER_CHARS}")
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows = [
             {"run_id": run_id, "example_id": i, "action": action, "label": label, "reviewer": who, "note": note,
              "decided_at": stamp}
@@ -147,15 +157,21 @@ class DecisionStore:
         )
         return self._frame(query)
 
-    def current_for_runs(self, run_ids: Iterable[str]) -> pd.DataFrame:
+    def current_for_runs(self, run_ids: Iterable[str], *, through: int | None = None) -> pd.DataFrame:
         """The decision in force for each (run, example) of ``run_ids`` (for a run's lineage), with
-        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first."""
+        ``run_id`` and ``sequence`` (the store's order of recording: larger is newer), oldest first.
+
+        ``through``: a ``high_water_mark()``; only decisions recorded up to it count (the store as it
+        was then), so a retrain and the checks on it see one snapshot however many decisions follow."""
         runs = list(dict.fromkeys(run_ids))
         for run_id in runs:
             check_run_id(run_id)
         if not runs:
             raise ReviewError("review store: current_for_runs needs at least one run id")
-        latest = _latest_ids(decisions.c.run_id.in_(runs), decisions.c.run_id, decisions.c.example_id)
+        where = decisions.c.run_id.in_(runs)
+        if through is not None:
+            where = where & (decisions.c.id <= int(through))
+        latest = _latest_ids(where, decisions.c.run_id, decisions.c.example_id)
         query = (
             sa.select(*_columns(), decisions.c.run_id, decisions.c.id)
             .join(latest, decisions.c.id == latest.c.id)
@@ -164,6 +180,14 @@ class DecisionStore:
         frame = self._frame(query, LINEAGE_COLUMNS)
         frame["sequence"] = frame["sequence"].astype("int64")
         return frame
+
+    def high_water_mark(self) -> int:
+        """The sequence number of the latest decision recorded (0 for an empty store): every decision
+        acknowledged so far has a sequence at most this, every later one a larger sequence (SQLite
+        writes one transaction at a time; on PostgreSQL a decision still committing may get a smaller
+        one, which the curation check then reports instead of passing)."""
+        with self._transaction() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(decisions.c.id), 0))).scalar_one())
 
     def history(self, run_id: str) -> pd.DataFrame:
         """Every decision ever recorded for ``run_id``, oldest first."""
@@ -184,8 +208,15 @@ class DecisionStore:
         return frame
 
     @contextmanager
-    def _transaction(self) -> Iterator[sa.Connection]:
-        """One transaction: committed when the block ends, rolled back (nothing written) on an error."""
+    def _transaction(self, *, create: bool = False) -> Iterator[sa.Connection]:
+        """One transaction: committed when the block ends, rolled back (nothing written) on an error.
+        Only ``open`` creates a SQLite file: one deleted while in use is an error naming it, not an
+        empty store silently put in its place (the server recovers as soon as the file is back)."""
+        if not create and self.path is not None and not self.path.exists():
+            raise ReviewError(
+                f"review store {self.path}: the file is gone (deleted or moved while in use); restore it from a "
+                "backup, or run `z0inf review list` to start an empty store there"
+            )
         try:
             with _engine(self.url).begin() as conn:
                 yield conn
@@ -221,11 +252,15 @@ def _engine(url: str) -> sa.Engine:
         raise ReviewError(f"review store {url!r}: cannot be opened ({exc})") from None
 
 
-def _as_id(value) -> int:
+def as_example_id(value) -> int:
+    """An example id as the store keeps it: an integer in the 64-bit range, else a ReviewError naming it."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         raise ReviewError(f"review decision: example id {value!r} is not an integer") from None
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise ReviewError(f"review decision: example id {value!r} is outside the 64-bit range of example ids")
+    return number
 
 
 def _user() -> str:

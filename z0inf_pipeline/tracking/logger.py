@@ -30,6 +30,8 @@ from ..training.recording import (
 )
 from ..training.trainer import TrainConfig, plan_training, train
 from .client import ensure_experiment, tracking_client
+from .registry import CHECKPOINT_MODEL, FinalModel, check_model_option, log_final_model, registered_model_name
+from .served_model import LM_INPUTS, full_state, task_of
 from .contract import (
     CHECKPOINT_PARAMETERS_TAG,
     CONTRACT_TAG,
@@ -72,11 +74,13 @@ class RunWriter:
         metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "step"]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def finish(self, folder: Path) -> None:
-        """Validate the folder as a reader would, upload it, and mark the run finished."""
+    def finish(self, folder: Path, model: FinalModel | None) -> None:
+        """Validate the folder as a reader would, upload it, log and register the final ``model`` (None: the
+        run has none), and only then mark the run finished: the sensor never sees a run without its model."""
         files = validate_run_folder(folder, run_id=self.run_id)
         self.client.log_artifacts(self.run_id, str(folder))
         self.client.set_tag(self.run_id, NUM_CHECKPOINTS_TAG, str(len(files.checkpoints)))
+        log_final_model(self.client, self.run_id, model)
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def abort(self, exc: BaseException) -> None:
@@ -118,9 +122,10 @@ def train_and_log(
     plan = plan_training(config)
     client = tracking_client(tracking_uri)
     dataset = Path(config.dataset).name
+    recipe_name = f"{Path(config.dataset).stem}-{config.model}"
     noise = f"-noise{config.label_noise:g}" if config.label_noise else ""
     writer = RunWriter(
-        client, experiment, run_name=run_name or f"{Path(config.dataset).stem}-{config.model}{noise}",
+        client, experiment, run_name=run_name or f"{recipe_name}{noise}",
         tags={SOURCE_TAG: "train_and_log", DATASET_TAG: dataset, **(tags or {})}, parent_run_id=parent_run_id,
     )
     try:
@@ -131,7 +136,10 @@ def train_and_log(
                 "n_train": len(result.bundle.train), "n_test": len(result.bundle.test),
                 "num_classes": result.bundle.num_classes, "n_flipped": len(result.bundle.flipped_ids),
             })
-            writer.finish(Path(tmp) / "run")
+            final = FinalModel(registered_model_name(recipe_name), weights=result.checkpoints[-1],
+                               model_spec=result.model_spec.to_dict(),
+                               input_example=result.bundle.test.features[:5].numpy())
+            writer.finish(Path(tmp) / "run", final)
     except BaseException as exc:
         writer.abort(exc)
         raise
@@ -190,6 +198,12 @@ class ContractLogger:
     ``model_spec`` rebuilds the network: a ``ModelSpec``, or ``{"factory": "package.module:function",
     "kwargs": {...}}`` for a network of your own. If the block raises (bad batches, a wrong loss
     shape, NaN losses, a changed probe set), the run is marked FAILED and nothing is uploaded.
+
+    ``model`` is the run's model for the MLflow Model Registry: None (default: no model; a retrain of
+    this run skips promotion and says so), ``"checkpoint"`` (the weights of the last ``on_checkpoint``
+    as a pyfunc model: a class predictor for a ``ModelSpec``, a causal-LM scorer for a ``factory``
+    spec, see ``served_model``), or the URI of an MLflow model the team logged itself. It is registered
+    as a new version of ``registered_model`` (default: the experiment's name).
     """
 
     def __init__(
@@ -215,6 +229,8 @@ class ContractLogger:
         flipped_ids: np.ndarray | None = None,
         train_config: Mapping[str, Any] | None = None,
         expected_checkpoints: int = 20,
+        model: str | None = None,
+        registered_model: str | None = None,
     ) -> None:
         self.model_spec = model_spec.to_dict() if isinstance(model_spec, ModelSpec) else dict(model_spec)
         if "factory" not in self.model_spec:
@@ -226,6 +242,10 @@ class ContractLogger:
             raise ContractError(f"ContractLogger: checkpoint_parameters={checkpoint_parameters!r} must be one of "
                                 f"{list(CHECKPOINT_SELECTIONS)}")
         self.checkpoint_parameters = checkpoint_parameters
+        check_model_option(model)
+        self.model, self.registered_model = model, registered_model_name(registered_model or experiment)
+        self._final_model: torch.nn.Module | None = None
+        self._test_source = test
         in_memory = [_is_in_memory(data) for data in (train, test)]
         if in_memory[0] != in_memory[1]:
             raise ContractError("ContractLogger: train and test must both be in-memory (ids, features, labels) "
@@ -298,6 +318,7 @@ class ContractLogger:
         row.update({k: v for k, v in (("epoch", epoch), ("lr", lr)) if v is not None})
         row.update(metrics or {})
         self._writer.log_row(row)
+        self._final_model = model
         return row
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -323,12 +344,33 @@ class ContractLogger:
                 if not self.in_memory:
                     train, test = (r.table() for r in self.recorders)
                     writer.log_params({"n_train": len(train.example_ids), "n_test": len(test.example_ids)})
-                writer.finish(work)
+                with tempfile.TemporaryDirectory(prefix="z0inf-final-model-") as weights_dir:
+                    writer.finish(work, self._final(Path(weights_dir)))
             except BaseException as failure:
                 writer.abort(failure)
                 raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _final(self, weights_dir: Path) -> FinalModel | None:
+        """The run's model as ``model`` asks: the final network's every weight in one safetensors file."""
+        if self.model is None:
+            return None
+        if self.model != CHECKPOINT_MODEL:
+            return FinalModel(self.registered_model, uri=self.model)
+        weights = weights_dir / "model.safetensors"
+        save_checkpoint(weights, full_state(self._final_model), step=self.recorders[0].steps[-1])
+        return FinalModel(self.registered_model, weights=weights, model_spec=self.model_spec,
+                          input_example=self._input_example())
+
+    def _input_example(self) -> Any:
+        """A few held-out inputs in the served model's format (features, or the LM's token tensors)."""
+        if task_of(self.model_spec) == "causal_lm":
+            batch = next(iter(self._test_source))
+            return {k: np.asarray(torch.as_tensor(batch[k])[:2].cpu()) for k in LM_INPUTS}
+        if self.in_memory:
+            return self.test.features[:5].cpu().numpy().astype(np.float32)
+        return np.zeros((1, *self.model_spec["input_shape"]), dtype=np.float32)
 
     def _write_tables(self, work: Path) -> None:
         tables = [recorder.table() for recorder in self.recorders]

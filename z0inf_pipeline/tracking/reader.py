@@ -277,7 +277,7 @@ def download_artifact(client: MlflowClient, run_id: str, path: str, root: Path) 
     destination = safe_destination(run_id, root, path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
     except (MlflowException, OSError) as exc:
         raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})") from None
@@ -290,7 +290,7 @@ def _reason(exc: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """MLflow draws a progress bar for every single-file download; the caller reports progress itself."""
     previous = os.environ.get(_PROGRESS_ENV)
     os.environ[_PROGRESS_ENV] = "false"

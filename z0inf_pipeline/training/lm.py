@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import ConfigurationError
 
 RECIPE = "lm"
+REGISTERED_MODEL = "lm-reversal"  # every round of the recipe is a version of this registered model
 ALPHABET = "abcdefgh"
 # 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
 VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
@@ -168,6 +169,15 @@ class SequenceDataset(torch.utils.data.Dataset):
         labels = [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * pad
         return {"example_id": int(self.ids[index]), "input_ids": torch.tensor(tokens + [PAD] * pad),
                 "attention_mask": torch.tensor([1] * len(tokens) + [0] * pad), "labels": torch.tensor(labels)}
+
+
+def probe_inputs(recipe: LMRecipe) -> dict[str, np.ndarray]:
+    """The probe (held-out) examples as one batch of token arrays: ``input_ids``, ``attention_mask``,
+    ``labels`` (what the registered LM scores)."""
+    _, probe = task_examples(recipe)
+    dataset = SequenceDataset(probe, recipe.sequence_length)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
+    return {key: batch[key].numpy() for key in ("input_ids", "attention_mask", "labels")}
 
 
 def answer_accuracy(model: torch.nn.Module, batches) -> float:

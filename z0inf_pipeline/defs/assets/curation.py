@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from ...review import curate
+from ...review import curate, lineage_decisions, lineage_of
+from ...review.lineage import DECISIONS_THROUGH
 from ..metadata import markdown_table, run_id_of
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
@@ -18,12 +19,18 @@ def curated_training_set(
     mlflow: MlflowResource,
     decisions: DecisionStoreResource,
 ) -> dg.Output[pd.DataFrame]:
-    """Every decision in force for the run (flagged or not) applied to its training examples. Runs only
-    after the blocking review gate on ``review_queue`` passed in the same run."""
+    """Every decision in force for the run (its own and its ancestors', flagged or not) applied to its
+    training examples, as the store held them at one moment: its high-water mark travels with the
+    frame (``attrs``) and the metadata, so a decision recorded later is not shown as applied; it
+    takes effect at the next retrain. Runs only after the blocking review gate on ``review_queue``
+    passed in the same run."""
     run_id = run_id_of(context)
     train = training_run[training_run["split"] == "train"]
-    current = decisions.open().current(run_id)
-    curated = curate(train, current, num_classes=review_queue.info.get("num_classes"))
+    store = decisions.open()
+    through = store.high_water_mark()
+    current = lineage_decisions(store, run_id, review_queue.info, through=through)
+    curated = curate(train, current, num_classes=review_queue.info.get("num_classes"), run_id=run_id)
+    curated.frame.attrs[DECISIONS_THROUGH] = through
     relabelled = curated.frame[curated.frame["action"] == "relabel"]
     mlflow.log_metrics(
         run_id,
@@ -35,7 +42,8 @@ def curated_training_set(
     )
     context.log.info(
         f"curated training set: {curated.size} of {len(train)} examples kept, "
-        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled"
+        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled "
+        f"(decisions of {len(lineage_of(run_id, review_queue.info))} lineage run(s) recorded up to #{through})"
     )
     return dg.Output(
         curated.frame,
@@ -45,6 +53,8 @@ def curated_training_set(
             "dropped": len(curated.dropped_ids),
             "relabelled": len(curated.relabels),
             "decisions": len(current),
+            "inherited_decisions": int((current["decided_on_run"] != run_id).sum()),
+            DECISIONS_THROUGH: through,
             "dropped_ids": dg.MetadataValue.json(list(curated.dropped_ids)),
             "relabels": dg.MetadataValue.md(
                 markdown_table(

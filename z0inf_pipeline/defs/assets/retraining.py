@@ -8,6 +8,7 @@ from ...influence.errors import InfluenceInputError
 from ...integrations import train_and_log_recipe
 from ...review import CuratedSet, retrain_config
 from ...review.curation import relabels_of
+from ...review.lineage import DECISIONS_THROUGH
 from ...tracking.logger import retrained_run_name
 from ...training.lm import recipe_from_dict
 from ..config import RetrainConfig
@@ -20,6 +21,16 @@ def curated_from_frame(curated: pd.DataFrame, examples: pd.DataFrame) -> Curated
     """The curation exactly as materialised: drops = training ids missing from the curated set."""
     dropped = np.setdiff1d(split_ids(examples), curated["example_id"].to_numpy(np.int64))
     return CuratedSet(curated, tuple(int(i) for i in dropped), relabels_of(curated))
+
+
+def decisions_through(curated: pd.DataFrame) -> int:
+    """The store's high-water mark the curated set applied (``curated_training_set`` records it)."""
+    if DECISIONS_THROUGH not in curated.attrs:
+        raise dg.Failure(
+            "curated_training_set: records no decisions_through (written by an older version); "
+            "materialise curated_training_set again (retrain_job)"
+        )
+    return int(curated.attrs[DECISIONS_THROUGH])
 
 
 @dg.asset(**PER_RUN, kinds={"pytorch", "mlflow"})
@@ -39,6 +50,7 @@ def retrained_run(
             f"run {parent.run_id}: has no training config (train_config.json), so its recipe cannot be retrained here"
         )
     curated = curated_from_frame(curated_training_set, training_run)
+    through = decisions_through(curated_training_set)
     child_config = retrain_config(recipe_from_dict(parent.train_config), curated)
     context.log.info(
         f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
@@ -55,6 +67,7 @@ def retrained_run(
             "z0inf.dropped": len(curated.dropped_ids),
             "z0inf.relabelled": len(curated.relabels),
             "z0inf.dagster_run_id": context.run.run_id,
+            f"z0inf.{DECISIONS_THROUGH}": through,
         },
     )
     parent_accuracy = parent_record.data.metrics.get("test_accuracy", np.nan)
@@ -69,6 +82,7 @@ def retrained_run(
                 "relabelled": len(curated.relabels),
                 "parent_test_accuracy": parent_accuracy,
                 "retrained_test_accuracy": child_accuracy,
+                DECISIONS_THROUGH: through,
             }
         ]
     )
@@ -85,5 +99,6 @@ def retrained_run(
             "relabelled": len(curated.relabels),
             "parent_test_accuracy": rounded(parent_accuracy),
             "retrained_test_accuracy": rounded(child_accuracy),
+            DECISIONS_THROUGH: through,
         },
     )

@@ -12,7 +12,8 @@ import pandas as pd
 
 from ...influence.errors import InfluenceInputError
 from ...quality import validate_flagging
-from ...review import RunLayout, build_review_queue, detection_quality, flag_scores
+from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
+from ...review.gate import POLICY_CHANGES_KEY, policy_changes
 from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, reviewer_table
 from ...review.run_review import RUN_NAME_KEY, RunReview
 from ...review.figures import histogram_png, image_grid_png, markdown_image
@@ -51,6 +52,11 @@ def review_queue(
     run_id = run_id_of(context)
     base = outputs_base_of(run_outputs)  # where the ancestors' queues are, as Dagster config set it
     policy = config.to_policy()
+    layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
+    changes = policy_changes(
+        run_id, _built_before(layout), policy.to_dict(), changed_by=config.policy_changed_by,
+        retraining=context.job_name != "influence_job",  # retrain_job, pipeline_job: they hold the retrain
+    )
     train = training_run[training_run["split"] == "train"]
     verify_scores(context.instance, run_id, self_influence, train["example_id"].to_numpy(np.int64))
     lineage = {LINEAGE_INFO_KEY: run_lineage(run_id, mlflow.client())}
@@ -88,6 +94,7 @@ def review_queue(
         "num_classes": None if num_classes is None else int(num_classes),
         **lineage,
         CALIBRATED_ON_KEY: run_id if inherited is None else inherited[1],
+        POLICY_CHANGES_KEY: changes,
     }
     histogram = histogram_png(
         flags.score, flags.cutoff, f"run {run_id[:8]}: {policy.describe()}", flagged=flags.count,
@@ -102,7 +109,6 @@ def review_queue(
         "self_influence": self_influence,
         "topk": train_test_influence,
     }
-    layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
     review = RunReview(layout, queue, info, run.train_config, frames)
     readable = review_artifacts(review, store, histogram, current)
     metadata: dict = {
@@ -111,6 +117,7 @@ def review_queue(
         "flagged_fraction": rounded(flags.fraction),
         "cutoff": rounded(flags.cutoff),
         "policy": dg.MetadataValue.json(policy.to_dict()),
+        "policy_changes": dg.MetadataValue.json(changes),
         **gx_metadata(mlflow, run_id, RunLayout.for_run(run_id, base).gx_folder, flagging.report),
         "unreviewed": int(queue["decision"].isna().sum()),
         "review_queue": dg.MetadataValue.md(
@@ -155,6 +162,13 @@ def review_queue(
         "review_table_html": readable[f"{TABLE_STEM}.html"],
     }
     return dg.Output(ReviewQueue(queue, info, histogram, grid, **previews), metadata=metadata)
+
+
+def _built_before(layout: RunLayout) -> dict | None:
+    """The info of the run's queue built before, whose policy binds this build; None for the first."""
+    if not layout.review_queue.exists():
+        return None
+    return read_review_queue(layout.review_queue)[1]
 
 
 def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:

@@ -158,6 +158,7 @@ def create_app(site: ReviewSite) -> Flask:
             lineage=review.lineage,
             histogram=review.layout.histogram.exists(),
             retrained=_retrained(review),
+            promotion=_promotion(review),
             children=site.children(run_id),
             can_retrain=site.retrain is not None,
             hidden=_hidden(filters),
@@ -354,6 +355,14 @@ def _name_of(site: ReviewSite, run_id: str | None) -> dict | None:
 
 def _retrained(review: RunReview) -> dict | None:
     path = review.layout.retrained
+    if not path.exists():
+        return None
+    return pd.read_parquet(path).iloc[0].to_dict()
+
+
+def _promotion(review: RunReview) -> dict | None:
+    """Where the retrained model went in the MLflow Model Registry (``model_promotion``'s summary)."""
+    path = review.layout.promotion
     if not path.exists():
         return None
     return pd.read_parquet(path).iloc[0].to_dict()
