@@ -125,11 +125,11 @@ class TrainTestArguments:
                   "else falls back to trajectory); trajectory: checkpoint differences only"},
     )
     warmup_fraction: float = field(
-        default=0.1,
+        default=0.05,
         metadata={"help": "train-test leaves out checkpoints before this fraction of training (by step); its "
                   "own setting, chosen on LDS", "flags": ("--window",)},
     )
-    neighbors: int = field(default=12, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
+    neighbors: int = field(default=1, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
     neighbor_rule: NeighborRule = field(
         default="distance", metadata={"help": "trajectory term: neighbours nearest in parameter distance, or in order"}
     )
@@ -139,7 +139,7 @@ class TrainTestArguments:
     )
     directions: int = field(default=256, metadata={"help": "random directions P per checkpoint (error ~ 1/sqrt(P))"})
     direction_checkpoints: int = field(
-        default=4, metadata={"help": "checkpoints perturbed, spread over the window, always the last"}
+        default=2, metadata={"help": "checkpoints perturbed, spread over the window, always the last"}
     )
     step_size: float = field(
         default=1e-3, metadata={"help": "finite-difference step, relative to the RMS of the perturbed weights"}

@@ -58,6 +58,9 @@ class ForwardAccess:
     test: tuple[torch.Tensor, torch.Tensor]
     loss_fn: LossFn
     dtype: torch.dtype = torch.float32
+    # directions per batched forward pass: 8 suits small MLPs and CNNs; 1 is faster where vmap falls back
+    # to a slow path for a layer (GPT-2's scaled_dot_product_attention: twice as fast at 1 on a CPU)
+    directions_per_pass: int = 8
 
 
 def direction(
@@ -187,6 +190,7 @@ def direction_features(
         train_s, test_s = direction_projections(
             model, parameters, data, access.loss_fn, directions=directions, step_size=step_size, seed=seed,
             step=checkpoint.step, distribution=distribution, device=device, batch_size=batch_size,
+            directions_per_pass=access.directions_per_pass,
         )
         train_parts.append(train_s * (float(weights[t]) / directions))
         test_parts.append(test_s)
