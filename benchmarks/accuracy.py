@@ -957,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
     parser.add_argument("--lm-only", action="store_true",
                         help="run only the LM cases and merge their rows into the folder's accuracy.json")
+    parser.add_argument("--lm-case", type=int, default=None, help="with --lm-only: only this LM case (0-based)")
     parser.add_argument("--counts", action="store_true",
                         help="only the flag-count section (queue and cleanlab F1, clean twins), into the existing results")
     parser.add_argument("--report-only", action="store_true",
@@ -996,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
         classifiers = [] if args.lm_only else list(CASES[: args.cases])
         lms = list(LM_CASES) if args.lm_only or args.cases is None else []
+        lms = lms if args.lm_case is None else [LM_CASES[args.lm_case]]
         # the CNN case last: its 2 P C forward passes of random directions take longest on a shared CPU
         cnn = [c for c in classifiers if c.config.model == "cnn"]
         for case in [c for c in classifiers if c not in cnn] + lms + cnn:

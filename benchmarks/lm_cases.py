@@ -6,7 +6,7 @@ fine-tuning loop instead of ``transformers.Trainer`` and MLflow, so that the 20 
 stay affordable on 2 shared cores. The pretrained base is deterministic in the seed and built once per
 recipe. Per-example loss: the token-mean NLL of the answer (as ``Z0InfCallback`` logs it). Peer:
 TracInCP over every fine-tuning checkpoint and all parameters, learning-rate weighted, from exact
-per-example gradients (``torch.func``; captum's batched gradients do not support GPT-2's Conv1D).
+per-example gradients (one backward pass each; captum's batched gradients do not support GPT-2's Conv1D).
 TRAK is left out here (its ``image_classification`` task does not fit a causal LM).
 """
 
@@ -124,24 +124,20 @@ def answer_accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -
 
 def exact_tracincp(recipe: lm.LMRecipe, checkpoints, train, test) -> np.ndarray:
     """sum_t lr_t <grad l_i(w_t), grad l_z(w_t)> over every checkpoint and all parameters, (N, M), from
-    per-example gradients (``torch.func.vmap(grad)``, 16 examples at a time)."""
+    exact per-example gradients: one backward pass per example (``vmap`` over GPT-2's inputs stops at
+    the data-dependent branches of its attention-mask code)."""
     model = TokenLM(recipe).eval()
+    params = list(model.parameters())
     total = 0.0
     for checkpoint in checkpoints:
         model.load_state_dict(load_state_dict(checkpoint))
-        params = {k: v.detach() for k, v in model.named_parameters()}
-
-        def one(p, ids, labels):
-            return answer_nll(torch.func.functional_call(model, p, (ids[None],)), labels[None])[0]
-
-        per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
 
         def gradients(data):
-            blocks = []
-            for start in range(0, len(data[0]), 16):
-                grads = per_example(params, data[0][start : start + 16], data[1][start : start + 16])
-                blocks.append(torch.cat([g.reshape(len(g), -1) for g in grads.values()], dim=1))
-            return torch.cat(blocks).double()
+            rows = []
+            for ids, labels in zip(*data):
+                loss = answer_nll(model(ids[None]), labels[None])[0]
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+            return torch.stack(rows).double()
 
         total = total + checkpoint.learning_rate * (gradients(train) @ gradients(test).T)
     return total.numpy()

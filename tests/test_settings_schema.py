@@ -12,6 +12,7 @@ import pydantic
 import pytest
 
 from z0inf_pipeline.cli import build_parser, main
+from z0inf_pipeline.cli.influence import influence_arguments_of
 from z0inf_pipeline.defs.config import (
     EstimatorConfig,
     FlagPolicyConfig,
@@ -112,11 +113,12 @@ def test_cli_sequences_and_booleans_parse_to_the_dataclass():
     args = _subparser("train").parse_args(["--hidden", "32,16", "--model", "logreg"])
     assert from_namespace(TrainConfig, args).hidden == (32, 16)
     args = _subparser("train-test").parse_args(
-        ["ckpts", "tr.parquet", "te.parquet", "-o", "x", "--parameters", "3.*", "1.weight", "--no-center", "-k", "3"]
+        ["ckpts", "tr.parquet", "te.parquet", "-o", "x", "--parameters", "3.*", "1.weight", "--no-center", "-k", "3",
+         "--neighbors", "4", "--window", "0.2"]
     )
-    assert from_namespace(InfluenceArguments, args) == InfluenceArguments(
-        parameters=("3.*", "1.weight"), center=False, topk=3
-    )
+    # the window, k, rule and eta flags of train-test are TrainTestArguments': InfluenceArguments keeps its own
+    assert influence_arguments_of(args) == InfluenceArguments(parameters=("3.*", "1.weight"), center=False, topk=3)
+    assert from_namespace(TrainTestArguments, args) == TrainTestArguments(neighbors=4, warmup_fraction=0.2)
 
 
 @pytest.mark.parametrize(

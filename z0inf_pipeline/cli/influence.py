@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from ..influence.analysis import (
     GRAM_SETTINGS,
@@ -92,11 +93,21 @@ def _analysis(args, test_losses=None, **train_test) -> InfluenceAnalysis:
         args.checkpoints,
         args.train_losses,
         test_losses,
-        from_namespace(InfluenceArguments, args),
+        influence_arguments_of(args),
         device=resolve_device(args.device),
         gram=args.gram,
         **train_test,
     )
+
+
+def influence_arguments_of(args) -> InfluenceArguments:
+    """The command's ``InfluenceArguments``. On ``train-test`` the flags named in ``TRAIN_TEST_OWN`` are
+    ``TrainTestArguments``' (its own window, k, rule, eta), so those fields keep their defaults here."""
+    arguments = from_namespace(InfluenceArguments, args)
+    if args.handler is not _train_test:
+        return arguments
+    defaults = InfluenceArguments()
+    return replace(arguments, **{name: getattr(defaults, name) for name in TRAIN_TEST_OWN})
 
 
 def _self_influence(args) -> None:
@@ -148,7 +159,7 @@ def _run_analysis(args, train_test: TrainTestArguments) -> InfluenceAnalysis:
     check_output(args.output, [run.cache_dir])
     device = resolve_device(args.device)
     analysis = InfluenceAnalysis(run.checkpoints, run.train_losses, run.test_losses,
-                                 from_namespace(InfluenceArguments, args), device=device, gram=args.gram,
+                                 influence_arguments_of(args), device=device, gram=args.gram,
                                  train_test=train_test)
     data = rebuild_data(run.run_id, run.train_config, run.model_spec, pd.read_parquet(run.examples))
     analysis.forward = forward_access(run.build_model, data, analysis.train.example_ids, analysis.test.example_ids)
