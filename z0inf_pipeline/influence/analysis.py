@@ -131,7 +131,7 @@ class TrainTestArguments:
     )
     neighbors: int = field(default=1, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
     neighbor_rule: NeighborRule = field(
-        default="distance", metadata={"help": "trajectory term: neighbours nearest in parameter distance, or in order"}
+        default="order", metadata={"help": "trajectory term: neighbours nearest in training order, or in parameter distance"}
     )
     eta: Literal["uniform", "learning_rate"] = field(
         default="uniform", metadata={"help": "per-checkpoint weights of train-test influence: uniform, or the "

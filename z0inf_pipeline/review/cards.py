@@ -13,7 +13,8 @@ from .run_review import RunReview
 
 # How far to trust "helps most" / "hurts most": the default train-test method and its suite-mean LDS
 # against TracInCP's, from benchmarks/README.md ("Train-test attribution"); updated with the suite.
-ATTRIBUTION_ACCURACY = {"method": "METHOD", "lds": "LDS", "tracincp": "TRACIN", "table": "/accuracy"}
+ATTRIBUTION_ACCURACY = {"method": "Z0-Inf along 256 random directions", "lds": "0.463", "tracincp": "0.462",
+                        "table": "/accuracy"}
 
 
 def decision_effect(applied_in) -> str:
