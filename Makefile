@@ -44,7 +44,7 @@ review: $(STAMP)
 # the MLflow UI on the project's store, with the link straight to the model-training runs (no GenAI job
 # runner: it would start a pool of worker processes this store never uses)
 mlflow-ui: $(STAMP)
-	@$(BIN)/python -c "from z0inf_pipeline.tracking.previews import print_ui_links; print_ui_links('http://127.0.0.1:$(MLFLOW_PORT)')"
+	@$(BIN)/python -c "from z0inf_pipeline.tracking.ui_links import print_ui_links; print_ui_links('http://127.0.0.1:$(MLFLOW_PORT)')"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(Z0INF_DATA_DIR)/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:

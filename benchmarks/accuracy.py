@@ -59,7 +59,7 @@ from z0inf_pipeline.influence import (
 )
 from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
 from z0inf_pipeline.review.policy import FlagPolicy, flag_scores
 from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
@@ -451,7 +451,7 @@ def evaluate_train_test(report: Report, name: str, subject: TrainTestSubject, ld
         """LDS, and 0 for scores that predict nothing (every prediction equal: no rank correlation)."""
         try:
             return measure(scores)
-        except InfluenceInputError:
+        except InputError:
             return 0.0
 
     for warmup, k, rule in itertools.product(WARMUPS, NEIGHBORS, NEIGHBOR_RULES):

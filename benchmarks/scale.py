@@ -101,7 +101,7 @@ def log_synthetic_run(tracking_uri: str, n_train: int, dim: int, work: Path) -> 
 
 def influence_child(run_id: str) -> None:
     """In a fresh process: influence_job on the run; prints per-step seconds and this process's peak RSS."""
-    from z0inf_pipeline.cli.pipeline import dagster_instance, run_job
+    from z0inf_pipeline.cli.jobs import dagster_instance, run_job
 
     instance, _ = dagster_instance()
     start = time.perf_counter()

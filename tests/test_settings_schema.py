@@ -24,7 +24,7 @@ from z0inf_pipeline.defs.config import (
 )
 from z0inf_pipeline.influence.analysis import TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints, select_parameters
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review.policy import FlagPolicy
 from z0inf_pipeline.settings_schema import add_arguments, check_choices, from_namespace, normalise_sequences
 from z0inf_pipeline.training import DEMO_CONFIG, TrainConfig, train
@@ -139,7 +139,7 @@ def test_a_bad_launchpad_value_names_its_field(config_cls, values, field_name):
 def test_a_bad_flag_names_its_field(capsys, tmp_path):
     assert main(["self-influence", str(tmp_path), str(tmp_path / "t.parquet"), "-o", "x", "--neighbors", "0"]) == 2
     assert "neighbors=0" in capsys.readouterr().err
-    with pytest.raises(InfluenceInputError, match="model='resnet'"):
+    with pytest.raises(InputError, match="model='resnet'"):
         TrainConfig(model="resnet")
 
 
@@ -193,7 +193,7 @@ def test_the_parameters_example_selects_the_last_layer_of_the_default_mlp(tmp_pa
     last = [name for name, _ in result.model.named_parameters()][-2:]  # weight and bias of the output layer
     assert sorted(select_parameters(checkpoints, ["3.*"])) == sorted(last)
     assert result.model[3].out_features == 10
-    with pytest.raises(InfluenceInputError, match="match no floating tensor"):
+    with pytest.raises(InputError, match="match no floating tensor"):
         select_parameters(checkpoints, ["2.*"])  # the ReLU: no parameters
     assert "'3.*'" in InfluenceArguments.__dataclass_fields__["parameters"].metadata["help"]
 

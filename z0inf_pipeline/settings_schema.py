@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Union
 
-from .influence.errors import InfluenceInputError
+from .errors import InputError
 
 _NONE = type(None)
 
@@ -60,11 +60,11 @@ class Setting:
         if self.sequence_of is None or value is None:
             return value
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise InfluenceInputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}")
+            raise InputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}")
         try:
             return tuple(self.sequence_of(v) for v in value)
         except (TypeError, ValueError):
-            raise InfluenceInputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}") from None
+            raise InputError(f"{self.name}={value!r} must be a list of {self.sequence_of.__name__}") from None
 
 
 def setting_fields(cls: type, *, include: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[Setting]:
@@ -115,7 +115,7 @@ def check_choices(instance: Any, owner: str) -> None:
     for setting in setting_fields(type(instance)):
         value = getattr(instance, setting.name)
         if setting.choices is not None and value not in setting.choices and not (setting.optional and value is None):
-            raise InfluenceInputError(f"{owner}: {setting.name}={value!r} must be one of {list(setting.choices)}")
+            raise InputError(f"{owner}: {setting.name}={value!r} must be one of {list(setting.choices)}")
 
 
 def normalise_sequences(instance: Any) -> None:

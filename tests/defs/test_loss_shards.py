@@ -10,11 +10,11 @@ from z0inf_pipeline import definitions
 from z0inf_pipeline.defs.assets import loss_tables, training_run
 from z0inf_pipeline.defs.assets.loss_tables import shard_bounds
 from z0inf_pipeline.defs.resources import ComputeResource
-from z0inf_pipeline.defs.storage import LossTables
+from z0inf_pipeline.defs.storage import LossTables, asset_files
 from z0inf_pipeline.review import RunLayout
 from z0inf_pipeline.review.layout import outputs_base
-from z0inf_pipeline.review.run_data import final_predictions, rebuild_data, recompute_loss_tables
 from z0inf_pipeline.tracking import fetch_run
+from z0inf_pipeline.training.reevaluate import final_predictions, rebuild_data, recompute_loss_tables
 
 BATCH = 64
 
@@ -53,6 +53,6 @@ def test_sharded_loss_tables_are_byte_identical_to_the_unsharded_ones(
 
     expected_shards = sum(len(shard_bounds(len(s), shard_size, BATCH)) for s in (data.train, data.test))
     assert len(shard_steps) == expected_shards > 2
-    stored = RunLayout.for_run(contract_run, outputs_base()).files_of("loss_tables")
+    stored = asset_files(RunLayout.for_run(contract_run, outputs_base()), "loss_tables")
     for name, path in files.items():
         assert stored[name].read_bytes() == path.read_bytes(), name

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tests.conftest import running_mlflow_server
 from z0inf_pipeline.cli.pipeline import simulated_review
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
 from z0inf_pipeline.training import DEMO_CONFIG, TrainConfig, training_data
 from z0inf_pipeline.training.models import ModelSpec, build_model
@@ -65,7 +66,7 @@ def _decide(run_id: str, ids, action: str) -> None:
 
 
 def _promotion(run_id: str) -> pd.Series:
-    return pd.read_parquet(RunLayout.for_run(run_id).promotion).iloc[0]
+    return pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).promotion).iloc[0]
 
 
 def _correct(run_id: str, url: str, recipe: TrainConfig) -> np.ndarray:
@@ -89,11 +90,11 @@ def _scipy_interval(gains: np.ndarray) -> tuple[float, float]:
 def _round(instance, run_id: str, decide) -> tuple[str, pd.Series, dg.ExecuteInProcessResult]:
     """influence_job, the decisions, retrain_job; the retrained run id and the promotion summary."""
     assert execute(instance, "influence_job", run_id).success
-    queue, _ = read_review_queue(RunLayout.for_run(run_id).review_queue)
+    queue, _ = read_review_queue(RunLayout.for_run(run_id, outputs_base()).review_queue)
     decide(queue)
     result = execute(instance, "retrain_job", run_id)
     assert result.success
-    child = str(pd.read_parquet(RunLayout.for_run(run_id).retrained).at[0, "retrained_run_id"])
+    child = str(pd.read_parquet(RunLayout.for_run(run_id, outputs_base()).retrained).at[0, "retrained_run_id"])
     return child, _promotion(run_id), result
 
 
@@ -136,7 +137,7 @@ def test_a_reviewed_round_promotes_and_a_random_drop_does_not(sqlite_server, ins
     # Round 2 from the champion: the flagged examples kept, as many random examples dropped instead.
     def random_drop(queue):
         _decide(child, queue["example_id"], "keep")
-        ids = pd.read_parquet(RunLayout.for_run(child).examples).query("split == 'train'")["example_id"]
+        ids = pd.read_parquet(RunLayout.for_run(child, outputs_base()).examples).query("split == 'train'")["example_id"]
         others = np.setdiff1d(ids, queue["example_id"])
         _decide(child, np.random.default_rng(0).choice(others, size=150, replace=False), "drop")
 
@@ -160,7 +161,7 @@ def test_a_lineage_whose_gate_never_passed_is_not_promoted(postgres_backed_serve
     recipe = TrainConfig(epochs=6, checkpoints=3, hidden=(16,), label_noise=0.2, noise_seed=2, model="logreg")
     parent = train_and_log(recipe, tracking_uri=url, experiment="z0inf-gate-never-passed")
     assert execute(instance, "influence_job", parent).success
-    queue, _ = read_review_queue(RunLayout.for_run(parent).review_queue)
+    queue, _ = read_review_queue(RunLayout.for_run(parent, outputs_base()).review_queue)
     _decide(parent, queue["example_id"], "drop")
     # Curate, retrain and promote without the review gate (a UI selection of just these assets), with a
     # margin any retrain clears: the gate alone must keep the champion alias away.

@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from z0inf_pipeline.defs.resources import ComputeResource, DecisionStoreResource, MlflowResource, MlflowUnavailable
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import DecisionStore
 
 
@@ -22,12 +22,12 @@ def test_compute_device_auto_is_cuda_only_when_present():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_asking_for_cuda_without_it_names_the_device():
-    with pytest.raises(InfluenceInputError, match="'cuda:1' asked for, but CUDA is not available"):
+    with pytest.raises(InputError, match="'cuda:1' asked for, but CUDA is not available"):
         ComputeResource(device="cuda:1").torch_device()
 
 
 def test_bad_compute_settings_are_refused():
-    with pytest.raises(InfluenceInputError, match="not a torch device"):
+    with pytest.raises(InputError, match="not a torch device"):
         ComputeResource(device="tpu-ish").torch_device()
     with pytest.raises(Exception, match="greater than 0"):
         ComputeResource(batch_size=0)

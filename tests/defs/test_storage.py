@@ -14,7 +14,7 @@ from z0inf_pipeline.defs.assets import ALL_ASSETS, loss_tables, training_run, we
 from z0inf_pipeline.defs.checks import ALL_CHECKS
 from z0inf_pipeline.defs.jobs import ALL_JOBS
 from z0inf_pipeline.defs.resources import ComputeResource, MlflowResource
-from z0inf_pipeline.defs.storage import LossShardsIOManager, LossTables, RunOutputsIOManager, StoredTable
+from z0inf_pipeline.defs.storage import LossShardsIOManager, LossTables, RunOutputsIOManager, StoredTable, asset_files
 from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.influence.analysis import read_gram
 from z0inf_pipeline.review import FlagPolicy, RunLayout, read_review_queue, write_review_queue
@@ -57,7 +57,7 @@ def test_outputs_on_an_fsspec_url_land_in_the_run_layout_there(instance, contrac
     # Read back through the handles the IO manager gives downstream assets: the same numbers as the run's
     # own loss table, read here directly from the MLflow download.
     run = fetch_run(contract_run, tracking_uri=tracking_uri)
-    stored = LossTables.load(layout.files_of("loss_tables"))
+    stored = LossTables.load(asset_files(layout, "loss_tables"))
     assert isinstance(stored.train, StoredTable) and stored.train.columns[0] == "example_id"
     original = read_loss_table(run.train_losses)
     np.testing.assert_array_equal(stored.train_table().example_ids, original.example_ids)

@@ -20,7 +20,7 @@ from z0inf_pipeline.evaluation import (
     ssrt_self_influence,
     ssrt_train_test_influence,
 )
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 
 NUM_ATYPICAL = 4
 
@@ -158,12 +158,12 @@ def test_detection_scores_against_known_orderings():
 
 def test_bad_inputs_are_named():
     masks = np.ones((4, 3), dtype=bool)
-    with pytest.raises(InfluenceInputError, match="never outside"):
+    with pytest.raises(InputError, match="never outside"):
         ssrt_self_influence(masks, np.zeros((4, 3)))
     good = random_subsets(3, 40, seed=0)
-    with pytest.raises(InfluenceInputError, match="train_losses: expected shape"):
+    with pytest.raises(InputError, match="train_losses: expected shape"):
         ssrt_self_influence(good, np.zeros((40, 4)))
-    with pytest.raises(InfluenceInputError, match="boolean"):
+    with pytest.raises(InputError, match="boolean"):
         detection_scores([1.0, 2.0], [0, 1])
-    with pytest.raises(InfluenceInputError, match="scores: expected"):
+    with pytest.raises(InputError, match="scores: expected"):
         linear_datamodeling_score(np.zeros((2, 2)), good, np.zeros((40, 2)))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from z0inf_pipeline.evaluation import config_key, subsample_and_retrain
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.training import TrainConfig, train
 
 TINY = TrainConfig(dataset="digits", model="logreg", epochs=1, checkpoints=2, batch_size=128)
@@ -60,5 +60,5 @@ def test_config_key_follows_the_subset_and_the_recipe():
 
 def test_reference_must_use_the_whole_train_split(reference, tmp_path):
     partial = replace(reference, config=replace(TINY, train_subset=tuple(reference.bundle.train.example_ids[:50])))
-    with pytest.raises(InfluenceInputError, match="whole train split"):
+    with pytest.raises(InputError, match="whole train split"):
         subsample_and_retrain(partial, 2, tmp_path)

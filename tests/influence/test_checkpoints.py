@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from z0inf_pipeline.influence import InfluenceInputError, gram_matrix, open_checkpoints, save_checkpoint
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import gram_matrix, open_checkpoints, save_checkpoint
 
 from .conftest import SHAPES, flatten
 
@@ -52,12 +53,12 @@ def test_pickle_file_is_refused_without_being_unpickled(checkpoint_dir, tmp_path
             return (Path.touch, (sentinel,))
 
     bad = _write(folder / "ckpt-999.safetensors", pickle.dumps(Exploit()))
-    with pytest.raises(InfluenceInputError, match=f"{bad.name}.*pickle"):
+    with pytest.raises(InputError, match=f"{bad.name}.*pickle"):
         gram_matrix(folder)
     assert not sentinel.exists()
     zipped = tmp_path / "legacy.pt"
     torch.save({"w": torch.ones(2)}, zipped)
-    with pytest.raises(InfluenceInputError, match="legacy.pt.*pickle"):
+    with pytest.raises(InputError, match="legacy.pt.*pickle"):
         open_checkpoints([zipped])
 
 
@@ -65,15 +66,15 @@ def test_truncated_and_non_safetensors_files_are_refused(checkpoint_dir, tmp_pat
     folder, _ = checkpoint_dir(T=3)
     good = sorted(folder.glob("*.safetensors"))[1]
     truncated = _write(tmp_path / "cut.safetensors", good.read_bytes()[:-9])
-    with pytest.raises(InfluenceInputError, match="cut.safetensors: truncated"):
+    with pytest.raises(InputError, match="cut.safetensors: truncated"):
         open_checkpoints([truncated])
     text = _write(tmp_path / "notes.safetensors", b"these are not weights at all")
-    with pytest.raises(InfluenceInputError, match="notes.safetensors: not a safetensors file"):
+    with pytest.raises(InputError, match="notes.safetensors: not a safetensors file"):
         open_checkpoints([text])
     garbage_header = _write(tmp_path / "junk.safetensors", struct.pack("<Q", 4) + b"{{{{")
-    with pytest.raises(InfluenceInputError, match="junk.safetensors: not a safetensors file"):
+    with pytest.raises(InputError, match="junk.safetensors: not a safetensors file"):
         open_checkpoints([garbage_header])
-    with pytest.raises(InfluenceInputError, match="empty.safetensors: not a safetensors file"):
+    with pytest.raises(InputError, match="empty.safetensors: not a safetensors file"):
         open_checkpoints([_write(tmp_path / "empty.safetensors", b"")])
 
 
@@ -81,29 +82,29 @@ def test_checkpoint_without_step_metadata_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(3)}, str(tmp_path / "nostep.safetensors"))
-    with pytest.raises(InfluenceInputError, match="nostep.safetensors: metadata has no 'step'"):
+    with pytest.raises(InputError, match="nostep.safetensors: metadata has no 'step'"):
         open_checkpoints(tmp_path)
 
 
 def test_differing_shapes_and_missing_tensors_are_named(tmp_path):
     save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(3, 2), "b": torch.ones(2)}, step=0)
     save_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(2, 3), "b": torch.ones(2)}, step=1)
-    with pytest.raises(InfluenceInputError, match=r"b.safetensors: tensor 'w' has shape \[2, 3\]"):
+    with pytest.raises(InputError, match=r"b.safetensors: tensor 'w' has shape \[2, 3\]"):
         gram_matrix(tmp_path)
     save_checkpoint(tmp_path / "b.safetensors", {"b": torch.ones(2)}, step=1)
-    with pytest.raises(InfluenceInputError, match="b.safetensors: has no tensor 'w'"):
+    with pytest.raises(InputError, match="b.safetensors: has no tensor 'w'"):
         gram_matrix(tmp_path)
 
 
 def test_duplicate_steps_unknown_patterns_and_nan_weights(tmp_path):
     save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(3)}, step=5)
     save_checkpoint(tmp_path / "b.safetensors", {"w": torch.zeros(3)}, step=5)
-    with pytest.raises(InfluenceInputError, match="both claim step 5"):
+    with pytest.raises(InputError, match="both claim step 5"):
         open_checkpoints(tmp_path)
     save_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([0.0, float("nan"), 1.0])}, step=6)
-    with pytest.raises(InfluenceInputError, match="b.safetensors: tensor 'w' holds NaN"):
+    with pytest.raises(InputError, match="b.safetensors: tensor 'w' holds NaN"):
         gram_matrix(tmp_path)
-    with pytest.raises(InfluenceInputError, match=r"parameter patterns \['head.\*'\] match no"):
+    with pytest.raises(InputError, match=r"parameter patterns \['head.\*'\] match no"):
         gram_matrix(tmp_path, parameters=["head.*"])
 
 
@@ -133,7 +134,7 @@ def test_safetensors_whose_header_length_starts_with_a_pickle_byte_is_accepted(t
 def test_a_tensor_stored_in_another_dtype_is_refused_not_misread(tmp_path):
     save_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(4), "v": torch.ones(2)}, step=0)
     save_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(4, dtype=torch.float16), "v": torch.ones(2)}, step=1)
-    with pytest.raises(InfluenceInputError, match="b.safetensors: tensor 'w' is stored as F16, but .*a.safetensors stores it as F32"):
+    with pytest.raises(InputError, match="b.safetensors: tensor 'w' is stored as F16, but .*a.safetensors stores it as F32"):
         gram_matrix(tmp_path)
 
 
@@ -145,5 +146,5 @@ def test_negative_data_offsets_are_refused(tmp_path):
     assert header != raw[8 : 8 + header_len]
     header = header.ljust(header_len)  # same length, so the data section stays where it was
     bad = _write(tmp_path / "neg.safetensors", raw[:8] + header + raw[8 + header_len :])
-    with pytest.raises(InfluenceInputError, match=r"neg.safetensors: tensor 'w' has invalid data offsets \[-16, 0\]"):
+    with pytest.raises(InputError, match=r"neg.safetensors: tensor 'w' has invalid data offsets \[-16, 0\]"):
         open_checkpoints([bad])

@@ -121,7 +121,7 @@ def test_full_matrix_above_the_limit_is_refused_with_the_size(run_files, tmp_pat
     command.register(parser.add_subparsers())
     args = parser.parse_args(["train-test", str(folder), str(train_path), str(test_path), "-o", str(tmp_path / "x.parquet"),
                               "--full"])
-    with pytest.raises(command.InfluenceInputError, match="20 x 6 = 120 entries is above the limit of 100"):
+    with pytest.raises(command.InputError, match="20 x 6 = 120 entries is above the limit of 100"):
         args.handler(args)
     assert not (tmp_path / "x.parquet").exists()
 

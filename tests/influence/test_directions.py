@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from z0inf_pipeline.influence import InfluenceInputError, LossTable, load_state_dict, save_checkpoint, train_test_influence
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import LossTable, load_state_dict, save_checkpoint, train_test_influence
 from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints
 from z0inf_pipeline.influence.directions import (
@@ -134,7 +135,7 @@ def test_float32_step_too_small_is_announced():
 def test_bad_settings_get_a_named_error(kwargs, message):
     settings = {"directions": 2, "step_size": 1e-3, "names": NAMES_ALL, **kwargs}
     names = settings.pop("names")
-    with pytest.raises(InfluenceInputError, match=message):
+    with pytest.raises(InputError, match=message):
         direction_projections(tiny_model(), names, [data(3, 1)], per_example_loss, **settings)
 
 
@@ -188,5 +189,5 @@ def test_without_a_model_the_trajectory_answers_and_says_so(run):
 def test_train_test_settings_are_checked_by_name():
     for settings, message in (({"directions": 0}, "directions=0"), ({"warmup_fraction": 1.0}, "warmup_fraction=1.0"),
                               ({"method": "tracin"}, "method='tracin'"), ({"step_size": -1.0}, "step_size=-1.0")):
-        with pytest.raises(InfluenceInputError, match=message):
+        with pytest.raises(InputError, match=message):
             TrainTestArguments(**settings)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence import (
     DegenerateCheckpointWarning,
-    InfluenceInputError,
     gram_matrix,
     self_influence,
     train_test_influence,
@@ -178,7 +178,7 @@ def test_bad_input_gets_a_clear_error(call, message):
     gen = torch.Generator().manual_seed(8)
     G = gram_matrix(torch.randn(4, 6, generator=gen, dtype=torch.float64))
     L = torch.rand(4, 10, generator=gen, dtype=torch.float64)
-    with pytest.raises(InfluenceInputError, match=message):
+    with pytest.raises(InputError, match=message):
         call(G, L)
 
 
@@ -255,7 +255,7 @@ def test_warmup_window_keeps_checkpoints_from_the_fraction_on(fraction, kept):
 
     steps = [0, 5, 20, 50, 80, 100]
     assert warmup_window(steps, fraction).tolist() == kept
-    with pytest.raises(InfluenceInputError, match="warmup_fraction"):
+    with pytest.raises(InputError, match="warmup_fraction"):
         warmup_window(steps, 1.0)
 
 

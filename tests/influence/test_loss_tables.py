@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence import (
-    InfluenceInputError,
     LossTable,
     compute_loss_table,
     read_loss_table,
@@ -60,7 +60,7 @@ def test_non_differentiable_zero_one_loss_and_dataset_input(setup):
 
 def test_loss_fn_must_return_one_value_per_example(setup):
     folder, _, X, y = setup
-    with pytest.raises(InfluenceInputError, match="one value per example"):
+    with pytest.raises(InputError, match="one value per example"):
         compute_loss_table(_factory, folder, (X, y), nn.CrossEntropyLoss(), progress=False)
 
 
@@ -93,11 +93,11 @@ def _write_raw(path, columns: dict):
 )
 def test_bad_loss_tables_are_refused_by_name(tmp_path, columns, expected_steps, message):
     path = _write_raw(tmp_path / "bad.parquet", columns)
-    with pytest.raises(InfluenceInputError, match=f"loss table .*bad.parquet: .*{message}"):
+    with pytest.raises(InputError, match=f"loss table .*bad.parquet: .*{message}"):
         read_loss_table(path, expected_steps)
 
 
 def test_not_parquet_is_refused(tmp_path):
     (tmp_path / "x.parquet").write_text("example_id,step_0\n1,0.1\n")
-    with pytest.raises(InfluenceInputError, match="x.parquet: not a readable parquet file"):
+    with pytest.raises(InputError, match="x.parquet: not a readable parquet file"):
         read_loss_table(tmp_path / "x.parquet")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
-from z0inf_pipeline.influence import InfluenceInputError, read_loss_table  # noqa: E402
+from z0inf_pipeline.errors import InputError  # noqa: E402
+from z0inf_pipeline.influence import read_loss_table  # noqa: E402
 from z0inf_pipeline.integrations.hf import Z0InfCallback, id_batches, token_mean_nll  # noqa: E402
 from z0inf_pipeline.tracking import fetch_run, list_contract_runs  # noqa: E402
 from z0inf_pipeline.training.lm import IGNORE_INDEX, VOCAB, LMRecipe, SequenceDataset, task_examples  # noqa: E402
@@ -141,10 +142,30 @@ class NanAfterFirstCheckpoint:
 
 def test_a_bad_loss_during_training_fails_both_runs_with_a_named_error(tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-contract")
-    with pytest.raises(InfluenceInputError, match=r"train: loss_fn returned 16 NaN/inf loss\(es\) in batch 0 at step 2"):
+    with pytest.raises(InputError, match=r"train: loss_fn returned 16 NaN/inf loss\(es\) in batch 0 at step 2"):
         run_trainer(tmp_path, ["mlflow"], loss_fn=NanAfterFirstCheckpoint())
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("hf-contract").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"] and mlflow.active_run() is None
     contract = next(r for r in runs if "z0inf.contract" in r.data.tags)
     assert client.list_artifacts(contract.info.run_id) == [] and list_contract_runs(tracking_uri=tracking_uri) == []
+
+
+def test_lm_recipes_registered_model_is_scored_for_promotion_as_its_loss_table_says(tracking_uri, tmp_path):
+    """model_promotion scores a LM version by loading it through mlflow.pyfunc: each probe example's loss
+    must be the final column of the run's logged test loss table (recorded by the callback, not the model)."""
+    from z0inf_pipeline.defs.assets.promotion import held_out, per_example_scores
+    from z0inf_pipeline.defs.resources import MlflowResource
+    from z0inf_pipeline.integrations.hf import train_and_log_lm
+    from z0inf_pipeline.tracking.registry import registered_version
+
+    recipe = LMRecipe(n_train=40, n_probe=12, pretrain_steps=10, epochs=1, checkpoints=2, batch_size=8)
+    run_id = train_and_log_lm(recipe, tracking_uri=tracking_uri)
+    run = fetch_run(run_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
+    version = registered_version(run.tags)
+    assert (version.name, version.version) == ("lm-reversal", "1")
+    inputs, labels = held_out(recipe)
+    losses, task = per_example_scores(version, inputs, labels, MlflowResource(tracking_uri=tracking_uri))
+    table = read_loss_table(run.test_losses)
+    assert task == "causal_lm" and labels is None
+    np.testing.assert_allclose(losses, table.values[-1].numpy(), rtol=2e-5, atol=2e-6)

@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import FlagPolicy, evaluate_gate, flag_scores
 
 
@@ -43,12 +43,12 @@ def test_zscore_with_zero_mad_flags_everything_above_the_median():
     [{"method": "top"}, {"quantile": 1.0}, {"quantile": 0.0}, {"z_threshold": -1}, {"max_unreviewed_fraction": 1.5}],
 )
 def test_bad_policy_is_refused(kwargs):
-    with pytest.raises(InfluenceInputError, match="flag policy"):
+    with pytest.raises(InputError, match="flag policy"):
         FlagPolicy(**kwargs)
 
 
 def test_non_finite_scores_are_refused():
-    with pytest.raises(InfluenceInputError, match="NaN or inf"):
+    with pytest.raises(InputError, match="NaN or inf"):
         flag_scores(np.array([1.0, np.nan]), FlagPolicy())
 
 
@@ -154,7 +154,7 @@ def test_flag_score_is_chosen_from_the_frame_and_every_signal_says_whether_it_fl
     ranked = flag_scores(frame, FlagPolicy(score="mean_loss+confidence", method="quantile", quantile=0.95))
     # both signals order examples the same way: their rank average keeps that order
     np.testing.assert_array_equal(np.flatnonzero(ranked.flagged), np.sort(np.argsort(-x)[:50]))
-    with pytest.raises(InfluenceInputError, match="variability"):
+    with pytest.raises(InputError, match="variability"):
         flag_scores(frame, FlagPolicy(score="variability"))
-    with pytest.raises(InfluenceInputError, match="signal 'loss'"):
+    with pytest.raises(InputError, match="signal 'loss'"):
         FlagPolicy(score="loss")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import (
     FlagPolicy,
     build_review_queue,
@@ -83,9 +83,9 @@ def test_curation_drops_and_relabels():
 
 
 def test_curation_refuses_decisions_on_unknown_ids_and_labels():
-    with pytest.raises(InfluenceInputError, match="not training examples"):
+    with pytest.raises(InputError, match="not training examples"):
         curate(examples(), decisions([(99, "drop", None)]))
-    with pytest.raises(InfluenceInputError, match="outside the 3 classes"):
+    with pytest.raises(InputError, match="outside the 3 classes"):
         curate(examples(), decisions([(12, "relabel", 7)]), num_classes=3)
 
 

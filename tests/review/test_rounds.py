@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from z0inf_pipeline.influence.analysis import InfluenceAnalysis
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import (
     DecisionStore,
     FlagPolicy,
@@ -46,14 +46,14 @@ def test_lineage_follows_parent_tags_and_refuses_cycles(tracking_uri):
     a, b, c = _runs(client, 3)
     assert run_lineage(c, client) == [c, b, a]
     assert run_lineage(a, client) == [a]
-    with pytest.raises(InfluenceInputError, match="longer than 1"):
+    with pytest.raises(InputError, match="longer than 1"):
         run_lineage(c, client, max_depth=1)
     client.set_tag(a, PARENT_TAG, c)
-    with pytest.raises(InfluenceInputError, match="cycle"):
+    with pytest.raises(InputError, match="cycle"):
         run_lineage(c, client)
     client.set_tag(a, PARENT_TAG, "f" * 32)  # a parent that is gone ends the chain
     assert run_lineage(c, client) == [c, b, a, "f" * 32]
-    with pytest.raises(InfluenceInputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         run_lineage("0" * 32, client)
 
 
@@ -96,7 +96,7 @@ def test_decisions_carry_across_two_rounds_until_changed(tracking_uri, tmp_path)
     assert queue["example_id"].tolist() == [1, 2, 3]  # above the 1% quantile, highest first
     assert queue["decided_on_run"].tolist() == [second, first, first]
     assert queue["decision"].tolist() == ["keep", "drop", "relabel"]
-    with pytest.raises(InfluenceInputError, match="lineage starts at"):
+    with pytest.raises(InputError, match="lineage starts at"):
         lineage_decisions(store, first, info)
 
 

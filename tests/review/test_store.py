@@ -8,7 +8,7 @@ import multiprocessing
 import pandas as pd
 import pytest
 
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review import DecisionStore
 
 RUN = "0123456789abcdef0123456789abcdef"
@@ -54,12 +54,12 @@ def test_latest_decision_wins_and_history_is_kept(store_url):
         ((RUN, [1], "drop"), {"label": 2}, "only given with 'relabel'"),
         ((RUN, [], "drop"), {}, "no example ids"),
         ((RUN, ["x"], "drop"), {}, "not an integer"),
-        (("../etc", [1], "drop"), {}, "not an MLflow run id"),
+        (("../etc", [1], "drop"), {}, "not a valid MLflow run id"),
     ],
 )
 def test_malformed_decisions_are_refused_and_nothing_is_written(store_url, args, kwargs, message):
     store = DecisionStore.open(store_url)
-    with pytest.raises(InfluenceInputError, match=message):
+    with pytest.raises(InputError, match=message):
         store.record(*args, **kwargs)
     assert store.history(RUN).empty
 
@@ -127,5 +127,5 @@ def test_the_url_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_an_unreachable_server_is_named_without_its_password():
-    with pytest.raises(InfluenceInputError, match=r"review store postgresql\+psycopg2://ana:\*\*\*@127.0.0.1:1/x"):
+    with pytest.raises(InputError, match=r"review store postgresql\+psycopg2://ana:\*\*\*@127.0.0.1:1/x"):
         DecisionStore.open("postgresql+psycopg2://ana:secret@127.0.0.1:1/x")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from z0inf_pipeline.influence import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.tracking import (
     embedded_config,
     ensure_experiment,
@@ -59,13 +59,13 @@ def test_documented_configs_resolve(clean_env, monkeypatch):
     monkeypatch.setenv("Z0INF_MLFLOW_CONFIG", "postgres")
     assert artifact_location_for(postgres.tracking_uri) == "s3://b/z0inf"
     monkeypatch.delenv("PGHOST")
-    with pytest.raises(InfluenceInputError, match="environment variable that is not set"):
+    with pytest.raises(InputError, match="environment variable that is not set"):
         load_mlflow_config("postgres")
-    with pytest.raises(InfluenceInputError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         load_mlflow_config("nope")
     bad = clean_env / "bad.yaml"
     bad.write_text("artifact_location: /x\n")
-    with pytest.raises(InfluenceInputError, match="needs a 'tracking_uri'"):
+    with pytest.raises(InputError, match="needs a 'tracking_uri'"):
         load_mlflow_config(str(bad))
 
 

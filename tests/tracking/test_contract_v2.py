@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from z0inf_pipeline.influence import InfluenceInputError, gram_matrix, read_loss_table
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import gram_matrix, read_loss_table
 from z0inf_pipeline.tracking import CONTRACT_TAG, ContractError, ContractLogger, fetch_run, list_contract_runs
 from z0inf_pipeline.training import layout
 
@@ -202,7 +203,7 @@ def test_bad_batches_fail_the_run_with_a_named_error_and_leave_nothing(case, tra
     kwargs, before_step, message = _bad_cases()[case]
     model = make_model()
     logger = ContractLogger(model_spec=FACTORY, tracking_uri=tracking_uri, experiment="bad", **kwargs)
-    with pytest.raises(InfluenceInputError, match=re.escape(message)):
+    with pytest.raises(InputError, match=re.escape(message)):
         with logger as run:
             for step in range(2):
                 if before_step:
@@ -218,7 +219,7 @@ def test_bad_batches_fail_the_run_with_a_named_error_and_leave_nothing(case, tra
 
 
 def test_one_shot_iterators_and_mixed_forms_are_refused():
-    with pytest.raises(InfluenceInputError, match="one-shot iterator"):
+    with pytest.raises(InputError, match="one-shot iterator"):
         ContractLogger(model_spec=FACTORY, train=iter([_batch([1])]), test=[_batch([2])], loss_fn=batch_loss)
     with pytest.raises(ContractError, match="both be in-memory"):
         ContractLogger(model_spec=FACTORY, train=(np.arange(2), torch.zeros(2, 6), torch.zeros(2).long()),

@@ -12,7 +12,7 @@ import pytest
 from z0inf_pipeline.tracking import train_and_log
 from z0inf_pipeline.tracking.logger import retrained_run_name
 from z0inf_pipeline.review.artifacts import table_previews
-from z0inf_pipeline.tracking.previews import experiment_runs_url, training_runs_url
+from z0inf_pipeline.tracking.ui_links import experiment_runs_url, training_runs_url
 from z0inf_pipeline.training import TrainConfig
 
 

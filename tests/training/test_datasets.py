@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn import datasets as skdatasets
 
-from z0inf_pipeline.influence import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.training import (
     LabelNoise,
     confusable_classes,
@@ -128,17 +128,17 @@ def test_table_datasets_use_their_id_column_and_map_labels(tmp_path):
 def test_bad_tables_are_rejected_naming_file_and_column(tmp_path, frame, kwargs, message):
     path = tmp_path / "bad.csv"
     frame.to_csv(path, index=False)
-    with pytest.raises(InfluenceInputError, match=message) as info:
+    with pytest.raises(InputError, match=message) as info:
         load_dataset(str(path), **kwargs)
     assert str(path) in str(info.value)
 
 
 def test_unknown_dataset_and_missing_file():
-    with pytest.raises(InfluenceInputError, match="not a known dataset"):
+    with pytest.raises(InputError, match="not a known dataset"):
         load_dataset("mnist")
-    with pytest.raises(InfluenceInputError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         load_dataset("/nonexistent/table.csv")
-    with pytest.raises(InfluenceInputError, match="only available for digits"):
+    with pytest.raises(InputError, match="only available for digits"):
         load_dataset("breast_cancer", image=True)
 
 
@@ -155,9 +155,9 @@ def test_subset_and_relabel_keep_ids_and_features():
     new = relabel(train, [(target, (int(train.labels[3]) + 1) % 10)], 10)
     assert int(new.labels[3]) == (int(train.labels[3]) + 1) % 10
     assert torch.equal(new.labels[torch.arange(len(train)) != 3], train.labels[torch.arange(len(train)) != 3])
-    with pytest.raises(InfluenceInputError, match="not in the training split"):
+    with pytest.raises(InputError, match="not in the training split"):
         subset(train, [int(bundle.test.example_ids[0])])
-    with pytest.raises(InfluenceInputError, match="out of range"):
+    with pytest.raises(InputError, match="out of range"):
         relabel(train, [(target, 10)], 10)
 
 
@@ -177,7 +177,7 @@ def test_curate_train_keeps_clean_labels_and_flips_aligned():
     assert torch.equal(curated.clean_train_labels, expected_clean)
     assert np.array_equal(curated.flipped_ids, bundle.flipped_ids[np.isin(bundle.flipped_ids, ids)])
     assert int(curated.train.labels[np.flatnonzero(ids == relabel_id)[0]]) == 0
-    with pytest.raises(InfluenceInputError, match="exclude_ids: 1 example id"):
+    with pytest.raises(InputError, match="exclude_ids: 1 example id"):
         curate_train(bundle, exclude_ids=[int(bundle.test.example_ids[0])])
 
 

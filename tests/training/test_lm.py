@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 pytest.importorskip("transformers")
 
-from z0inf_pipeline.influence import InfluenceInputError  # noqa: E402
+from z0inf_pipeline.errors import InputError  # noqa: E402
 from z0inf_pipeline.review import CuratedSet, retrain_config  # noqa: E402
 from z0inf_pipeline.integrations import train_and_log_recipe  # noqa: E402
 from z0inf_pipeline.tracking import fetch_run  # noqa: E402
@@ -55,7 +55,7 @@ def test_only_answer_tokens_are_labels():
 def test_recipes_round_trip_and_refuse_relabels():
     assert recipe_from_dict(SMALL.to_dict()) == SMALL
     assert recipe_from_dict(TrainConfig().to_dict()) == TrainConfig()
-    with pytest.raises(InfluenceInputError, match="relabels"):
+    with pytest.raises(InputError, match="relabels"):
         retrain_config(SMALL, CuratedSet(pd.DataFrame(), (), {3: 1}))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from z0inf_pipeline.influence import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.training import ModelSpec, build_model
 
 
@@ -47,7 +47,7 @@ def test_same_seed_same_initial_weights():
     ],
 )
 def test_bad_specs_are_rejected(kwargs, message):
-    with pytest.raises(InfluenceInputError, match=message):
+    with pytest.raises(InputError, match=message):
         ModelSpec(**kwargs)
-    with pytest.raises(InfluenceInputError, match="malformed"):
+    with pytest.raises(InputError, match="malformed"):
         ModelSpec.from_dict({"kind": "mlp"})

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from z0inf_pipeline.influence import InfluenceInputError, read_loss_table
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import read_loss_table
 from z0inf_pipeline.training import ModelSpec, TrainConfig, build_model, checkpoint_steps, load_dataset, train
 from z0inf_pipeline.training import layout
 
@@ -32,7 +33,7 @@ def test_checkpoint_steps_spread_evenly_including_first_and_last():
         assert steps == sorted(steps)
     assert checkpoint_steps(10, every=2, unit_steps=3) == [0, 6, 10]
     assert checkpoint_steps(12, every=1, unit_steps=4) == [0, 4, 8, 12]
-    with pytest.raises(InfluenceInputError, match="only 5 steps"):
+    with pytest.raises(InputError, match="only 5 steps"):
         checkpoint_steps(5, count=7)
 
 
@@ -175,9 +176,9 @@ def test_every_model_optimizer_and_schedule_learns(config, tmp_path):
     ],
 )
 def test_bad_configs_are_rejected(changes, message):
-    with pytest.raises(InfluenceInputError, match=message):
+    with pytest.raises(InputError, match=message):
         TrainConfig(**changes)
-    with pytest.raises(InfluenceInputError, match="unknown field"):
+    with pytest.raises(InputError, match="unknown field"):
         TrainConfig.from_dict({"epoch": 3})
 
 

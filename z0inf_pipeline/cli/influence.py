@@ -15,7 +15,7 @@ from ..influence.analysis import (
     gram_to_frame,
     write_frame,
 )
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.atomic import check_output
 from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
@@ -120,18 +120,18 @@ def _train_test(args) -> None:
     if args.run:
         given = [name for name in ("checkpoints", "train_losses", "test_losses") if getattr(args, name)]
         if given:
-            raise InfluenceInputError(f"train-test --run takes the run's own files; drop {given}")
+            raise InputError(f"train-test --run takes the run's own files; drop {given}")
         analysis = _run_analysis(args, train_test)
     else:
         missing = [name for name in ("checkpoints", "train_losses", "test_losses") if not getattr(args, name)]
         if missing:
-            raise InfluenceInputError(f"train-test: give checkpoints, train_losses and test_losses, or --run RUN_ID "
+            raise InputError(f"train-test: give checkpoints, train_losses and test_losses, or --run RUN_ID "
                                       f"(missing {missing})")
         analysis = _analysis(args, args.test_losses, train_test=train_test)
     if args.full:
         size = len(analysis.train.example_ids) * len(analysis.test.example_ids)
         if size > FULL_MATRIX_LIMIT:
-            raise InfluenceInputError(
+            raise InputError(
                 f"train-test --full: {len(analysis.train.example_ids):,} x {len(analysis.test.example_ids):,} = "
                 f"{size:,} entries is above the limit of {FULL_MATRIX_LIMIT:,} (the full matrix is for measurement "
                 "on small runs); drop --full for the top-k"
@@ -152,7 +152,7 @@ def _run_analysis(args, train_test: TrainTestArguments) -> InfluenceAnalysis:
     random directions (without rebuildable data the trajectory answers, and the output says so)."""
     import pandas as pd
 
-    from ..review.run_data import forward_access, rebuild_data
+    from ..training.reevaluate import forward_access, rebuild_data
     from ..tracking import fetch_run
 
     run = fetch_run(args.run)

@@ -8,22 +8,22 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import Z0infError, named_error
+from ..evaluation.retrain import random_drop_accuracy
 from ..review.layout import outputs_base
 from ..review.policy import FlagPolicy
-from ..settings_schema import add_arguments, from_namespace, plain_values
+from ..settings_schema import add_arguments, from_namespace
 from ..training import DEMO_CONFIG, TrainConfig
+from .jobs import JobOutcome, dagster_instance, policy_run_config, run_job
 
 JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
 # Round 1 of the demo is decided by this stand-in, which knows the injected errors (an oracle no real
 # reviewer has): the name says so wherever the decisions show, on the page, in the sheet and in MLflow.
 SIMULATED_REVIEWER = "simulated reviewer (z0inf demo)"
-_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
-    return policy_run_config(plain_values(from_namespace(FlagPolicy, args)))
+    return policy_run_config(from_namespace(FlagPolicy, args))
 
 
 def _materialize_config(args) -> dict:
@@ -83,88 +83,14 @@ def _materialize_config(args) -> dict:
     the policy the run's queue was built with (a retrain cannot change it, so it is not asked for)."""
     from ..review import RunLayout, read_review_queue
 
-    given = plain_values(from_namespace(FlagPolicy, args))
+    given = from_namespace(FlagPolicy, args)
     layout = RunLayout.for_run(args.run, outputs_base())
-    if args.job != "influence" and given == plain_values(FlagPolicy()) and layout.review_queue.exists():
-        given = read_review_queue(layout.review_queue)[1]["policy"]
+    if args.job != "influence" and given == FlagPolicy() and layout.review_queue.exists():
+        given = FlagPolicy.from_dict(read_review_queue(layout.review_queue)[1]["policy"])
     config = policy_run_config(given)
     if args.policy_changed_by:
         config["ops"]["review_queue"]["config"]["policy_changed_by"] = args.policy_changed_by
     return config
-
-
-def policy_run_config(policy: dict) -> dict:
-    """The run config that builds the review queue with ``policy`` (a ``FlagPolicy`` as plain values)."""
-    return {"ops": {"review_queue": {"config": policy}}}
-
-
-@dataclass
-class JobOutcome:
-    """What one Dagster run did: success, per-step seconds, check results, failure messages."""
-
-    job: str
-    dagster_run_id: str
-    success: bool
-    step_seconds: dict[str, float] = field(default_factory=dict)
-    checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    named_error: Z0infError | None = None  # the first failed step's cause, when it is one of the named errors
-
-    def check_failed(self, name: str) -> bool:
-        return name in self.checks and not self.checks[name][0]
-
-
-def dagster_instance():
-    """The DAGSTER_HOME instance (runs show up in the UI), else a throwaway one."""
-    import dagster as dg
-
-    if os.environ.get("DAGSTER_HOME"):
-        Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-        return dg.DagsterInstance.get(), True
-    return dg.DagsterInstance.ephemeral(), False
-
-
-def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> JobOutcome:
-    """Execute a partitioned job for ``run_id`` in this process (adding the partition if needed)."""
-    from ..definitions import defs
-    from ..defs.partitions import mlflow_runs
-    from ..defs.recovery import fail_orphaned_runs, process_tags
-
-    fail_orphaned_runs(instance)  # runs of killed z0inf processes would hold queue slots for ever
-    if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
-        instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
-    result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance, partition_key=run_id, run_config={**_QUIET, **(run_config or {})}, raise_on_error=False,
-        tags=process_tags(),
-    )
-    stats = instance.get_run_step_stats(result.run_id)
-    outcome = JobOutcome(
-        job,
-        result.run_id,
-        result.success,
-        step_seconds={s.step_key: (s.end_time or s.start_time) - s.start_time for s in stats if s.start_time},
-        checks={e.check_name: (e.passed, e.description or "") for e in result.get_asset_check_evaluations()},
-    )
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error is not None:
-            error = event.step_failure_data.error
-            outcome.failures.append(f"{event.step_key}: {failure_cause(error)}")
-            while error.cause is not None:
-                error = error.cause
-            if outcome.named_error is None:
-                outcome.named_error = named_error(error.cls_name, error.message.strip(), where=f"{event.step_key}: ")
-    return outcome
-
-
-def failure_cause(error) -> str:
-    """The innermost error of a failed step, without Dagster's "Error occurred while executing op"
-    wrapper or the module path: what the asset or check itself said."""
-    while error.cause is not None:
-        error = error.cause
-    head, separator, text = error.message.strip().partition(": ")
-    if not separator or head.rsplit(".", 1)[-1] != error.cls_name:
-        return error.message.strip()
-    return text if error.cls_name == "Failure" else f"{error.cls_name}: {text}"
 
 
 def _materialize(args) -> int:
@@ -375,12 +301,12 @@ def _print_findings(layout) -> None:
         layout.review_queue,
     ):
         print(f"                      {path.relative_to(layout.root)}")
-    policy = info["policy"]
+    policy = FlagPolicy.from_dict(info["policy"])
     # The `flipped` column marks what was corrupted on purpose: a label (digits) or an answer (the LM recipe).
     injected, corrupted = ("wrong answers",) * 2 if "target" in queue else ("injected flips", "flipped labels")
     print(
         f"  flagged           {len(queue)} of {info['training_examples']} training examples "
-        f"(flag score {policy['score']}, cut-off {info['cutoff']:.4g}, policy {policy['method']})"
+        f"(flag score {policy.score}, cut-off {info['cutoff']:.4g}, policy {policy.method})"
     )
     if quality is not None:
         print(
@@ -411,14 +337,14 @@ def _print_findings(layout) -> None:
     )
 
 
-def _print_default_policy_quality(layout, queue_policy: dict, flipped_ids, injected: str) -> None:
+def _print_default_policy_quality(layout, queue_policy: FlagPolicy, flipped_ids, injected: str) -> None:
     """What the library's default flag policy would flag on the same scores, when the launchpad ran another
     (nothing when the queue's policy flags as the default does: only the review gate's share differs)."""
-    from ..review import FlagPolicy, detection_quality, flag_scores
+    from ..review import detection_quality, flag_scores
     from ..review.policy import given_labels
 
     policy = FlagPolicy()
-    if {**queue_policy, "max_unreviewed_fraction": policy.max_unreviewed_fraction} == policy.to_dict():
+    if replace(queue_policy, max_unreviewed_fraction=policy.max_unreviewed_fraction) == policy:
         return
     scores = pd.read_parquet(layout.self_influence)
     flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores))
@@ -460,7 +386,7 @@ def _print_retrained(layout, recipe=None) -> None:
     if recipe is None or row["dropped"] == 0:  # the random-drop baseline only means something after drops
         print(f"      test accuracy {parent:.4f} (parent) -> {retrained:.4f} (retrained)")
         return
-    random_drop = _random_drop_accuracy(recipe, int(row["dropped"]))
+    random_drop = random_drop_accuracy(recipe, int(row["dropped"]))
     print(
         f"      test accuracy: parent {parent:.4f}, without the {row['dropped']} flagged {retrained:.4f}, "
         f"without {row['dropped']} random examples {random_drop:.4f} (same recipe and seed)"
@@ -528,24 +454,6 @@ def _tracking_uri_in_environment(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI")
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
-def _random_drop_accuracy(recipe, count: int) -> float:
-    import tempfile
-
-    import numpy as np
-    import torch
-
-    from ..training import train, training_data
-
-    ids = training_data(recipe).train.example_ids
-    dropped = np.random.default_rng(recipe.seed).choice(ids, size=min(count, len(ids) - 1), replace=False)
-    with tempfile.TemporaryDirectory(prefix="z0inf-random-drop.") as work:
-        result = train(replace(recipe, exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
-                       record_losses=False)
-    with torch.no_grad():
-        predicted = result.model(result.bundle.test.features).argmax(dim=1)
-    return float((predicted == result.bundle.test.labels).float().mean())
 
 
 def _print_steps(outcome: JobOutcome) -> None:

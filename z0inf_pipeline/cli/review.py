@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..errors import ConfigurationError, ReviewError
 from ..influence.signals import SIGNAL_COLUMNS
-from ..review import ACTIONS, DecisionStore
+from ..review import ACTIONS, DecisionStore, FlagPolicy
 from ..review.cards import decision_effect, decision_text
 from ..review.gate import POLICY_CHANGES_KEY
 from ..review.layout import outputs_base
@@ -88,10 +88,9 @@ def _list(args) -> None:
             "decision": shown["decision"],
         }
     )
-    policy = info["policy"]
     print(
         f"run {review.run_name} ({args.run}): {len(queue)} {'pending ' if args.pending else ''}flagged example(s); policy "
-        f"{policy['method']} on {policy.get('score', 'self_influence')} (cut-off {info['cutoff']:.4g}); "
+        f"{review.policy.method} on {review.policy.score} (cut-off {info['cutoff']:.4g}); "
         f"decisions in {store.location}"
     )
     if len(table):
@@ -205,12 +204,12 @@ def _sheet(args) -> None:
     print(f"wrote the review sheet of run {args.run} ({len(review.queue)} flagged examples) to {args.output}")
 
 
-def _retrain_and_analyse(run_id: str, policy: dict, base) -> tuple[str | None, str]:
+def _retrain_and_analyse(run_id: str, policy: FlagPolicy, base) -> tuple[str | None, str]:
     """The page's retrain button: the gated ``retrain_job`` for ``run_id``, then ``influence_job`` for the
     retrained run, both with the flag policy the queue was built by, in this process on the DAGSTER_HOME
     instance (as ``z0inf materialize``). Returns (retrained run id or None, what happened)."""
     from ..review import RunLayout
-    from .pipeline import dagster_instance, policy_run_config, run_job
+    from .jobs import dagster_instance, policy_run_config, run_job
 
     config = policy_run_config(policy)
     instance, _ = dagster_instance()

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
-from ..review import RunLayout, evaluate_gate, lineage_decisions
+from ..review import RunLayout, lineage_decisions
+from ..review.gate import queue_gate
 from ..review.curation import relabels_of
 from .assets import (
     curated_training_set,
@@ -170,9 +171,7 @@ def review_gate(
     run_id = run_id_of(context)
     queue, info = review_queue.queue, review_queue.info
     current = lineage_decisions(decisions.open(), run_id, info)
-    status = evaluate_gate(
-        queue["example_id"], current["example_id"], info["training_examples"], info["policy"]["max_unreviewed_fraction"]
-    )
+    status = queue_gate(queue, info, current)
     metadata = {
         **mlflow.run_metadata(run_id),
         "flagged": status.flagged,

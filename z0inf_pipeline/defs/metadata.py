@@ -50,22 +50,22 @@ def rounded_metadata(values: dict[str, float], strip: str = "") -> dict[str, flo
     return {k.removeprefix(strip): rounded(v) for k, v in values.items()}
 
 
-def markdown_table(frame: pd.DataFrame, max_rows: int = 25, floatfmt: str = ".3g") -> str:
-    """A markdown table of the first rows (Dagster renders markdown metadata in the asset view)."""
+def table_metadata(frame: pd.DataFrame, max_rows: int = 25) -> dg.TableMetadataValue:
+    """The first rows as a Dagster table (the UI renders it as one, typed by column); floats rounded to
+    three significant digits, anything else a cell cannot hold (a list, a category) as text."""
     shown = frame.head(max_rows)
+    kinds = {c: "float" if pd.api.types.is_float_dtype(t) else "int" if pd.api.types.is_integer_dtype(t)
+             else "bool" if pd.api.types.is_bool_dtype(t) else "string" for c, t in shown.dtypes.items()}
 
-    def cell(value) -> str:
+    def cell(value, kind: str):
         if value is None or (not isinstance(value, (list, np.ndarray)) and pd.isna(value)):
-            return ""
-        if isinstance(value, (float, np.floating)):
-            return format(float(value), floatfmt)
-        return str(value)
+            return None
+        return {"float": rounded, "int": int, "bool": bool}.get(kind, str)(value)
 
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    if len(frame) > max_rows:
-        lines.append(f"\n{len(frame) - max_rows} more rows in the parquet file.")
-    return "\n".join(lines)
+    records = [dg.TableRecord({str(c): cell(v, kinds[c]) for c, v in zip(shown.columns, row)})
+               for row in shown.itertuples(index=False)]
+    schema = dg.TableSchema(columns=[dg.TableColumn(str(c), kinds[c]) for c in shown.columns])
+    return dg.MetadataValue.table(records, schema)
 
 
 def gx_metadata(mlflow, run_id: str, folder: Path, *reports: SuiteReport) -> dict:

@@ -14,6 +14,7 @@ import os
 import socket
 
 import dagster as dg
+import psutil
 
 HOST_TAG = "z0inf/host"
 PID_TAG = "z0inf/pid"
@@ -22,12 +23,10 @@ _IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
 def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``); None where unknown."""
+    """When the process started (``psutil``, seconds since the epoch); None when it is gone or unknown."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            # the command name (field 2) may hold spaces: fields after its closing parenthesis
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return repr(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
         return None
 
 

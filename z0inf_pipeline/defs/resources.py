@@ -107,7 +107,7 @@ class MlflowResource(dg.ConfigurableResource):
     def run_link(self, run_id: str) -> dg.MetadataValue:
         """The run's page in the MLflow UI's "Model training" view: on the tracking server, or for a local
         store on the UI that ``make mlflow-ui`` starts (``run_metadata`` says so beside it)."""
-        from ..tracking.previews import LOCAL_UI_URL, run_url
+        from ..tracking.ui_links import LOCAL_UI_URL, run_url
 
         uri = self.uri()
         ui = uri if uri.startswith(("http://", "https://")) else LOCAL_UI_URL

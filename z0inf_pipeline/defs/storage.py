@@ -30,6 +30,7 @@ from upath import UPath
 
 from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
 from ..influence.atomic import atomic_output
+from ..errors import InputError
 from ..influence.loss_tables import ID_COLUMN, LossTable, read_loss_table, step_column
 from ..review import RunLayout, read_review_queue, write_review_queue
 from ..review.layout import outputs_base
@@ -272,6 +273,25 @@ class LossShardsIOManager(dg.ConfigurableIOManager):
 
 # Outputs that are not a single frame; every other asset stores one DataFrame in its one file.
 _STRUCTURED = {"loss_tables": LossTables, "weight_gram": Gram, "review_queue": ReviewQueue}
+# The RunLayout properties each asset's output is stored in, first the asset's main file.
+ASSET_FILES: dict[str, tuple[str, ...]] = {
+    "training_run": ("examples",),
+    "loss_tables": ("train_losses", "test_losses", "predictions"),
+    "weight_gram": ("gram",),
+    "self_influence": ("self_influence",),
+    "train_test_influence": ("topk",),
+    "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
+    "curated_training_set": ("curated_set",),
+    "retrained_run": ("retrained",),
+    "model_promotion": ("promotion",),
+}
+
+
+def asset_files(layout: RunLayout, asset: str) -> dict[str, UPath]:
+    """The files an asset's output is stored in, by RunLayout property name."""
+    if asset not in ASSET_FILES:
+        raise InputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(ASSET_FILES)})")
+    return {name: getattr(layout, name) for name in ASSET_FILES[asset]}
 
 
 def _publish(source: Path, target: UPath) -> None:
@@ -314,7 +334,7 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
     def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
         asset = context.asset_key.to_user_string()
         run_id = context.asset_partition_key
-        return asset, run_id, self.layout(run_id).files_of(asset)
+        return asset, run_id, asset_files(self.layout(run_id), asset)
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         asset, run_id, files = self._files(context)

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from .metrics import columnwise_spearman
 
 
 def random_subsets(num_examples: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """(R, N) boolean masks: each example is in each subset independently with probability ``fraction``."""
     if not 0.0 < fraction < 1.0:
-        raise InfluenceInputError(f"fraction must be in (0, 1), got {fraction}")
+        raise InputError(f"fraction must be in (0, 1), got {fraction}")
     if num_examples < 1 or num_subsets < 1:
-        raise InfluenceInputError(f"need at least one example and one subset, got {num_examples} and {num_subsets}")
+        raise InputError(f"need at least one example and one subset, got {num_examples} and {num_subsets}")
     return np.random.default_rng(seed).random((num_subsets, num_examples)) < fraction
 
 
@@ -69,17 +69,17 @@ def linear_datamodeling_score(scores, holdout_masks, holdout_losses) -> LinearDa
     scores = np.asarray(scores, dtype=np.float64)
     masks = _check_masks(holdout_masks, need_both=False)
     if scores.ndim != 2 or scores.shape[0] != masks.shape[1]:
-        raise InfluenceInputError(
+        raise InputError(
             f"scores: expected (N={masks.shape[1]} training examples, M test examples), got shape {scores.shape}"
         )
     if not np.isfinite(scores).all():
-        raise InfluenceInputError("scores: hold NaN or inf values")
+        raise InputError("scores: hold NaN or inf values")
     losses = _check_losses(holdout_losses, (masks.shape[0], scores.shape[1]), "holdout_losses")
     predicted = -(masks.astype(np.float64) @ scores)  # (S, M)
     per_example = columnwise_spearman(predicted, losses)
     valid = per_example[np.isfinite(per_example)]
     if valid.size == 0:
-        raise InfluenceInputError("LDS: no test example has a loss and a prediction that vary over the subsets")
+        raise InputError("LDS: no test example has a loss and a prediction that vary over the subsets")
     stderr = float(valid.std(ddof=1) / np.sqrt(valid.size)) if valid.size > 1 else float("nan")
     return LinearDatamodelingScore(per_example=per_example, mean=float(valid.mean()), stderr=stderr)
 
@@ -87,14 +87,14 @@ def linear_datamodeling_score(scores, holdout_masks, holdout_losses) -> LinearDa
 def _check_masks(masks, need_both: bool = True) -> np.ndarray:
     masks = np.asarray(masks)
     if masks.dtype != bool or masks.ndim != 2:
-        raise InfluenceInputError(f"masks: expected an (R, N) boolean array, got dtype {masks.dtype}, shape {masks.shape}")
+        raise InputError(f"masks: expected an (R, N) boolean array, got dtype {masks.dtype}, shape {masks.shape}")
     if masks.shape[0] < 2:
-        raise InfluenceInputError(f"masks: need at least 2 subsets, got {masks.shape[0]}")
+        raise InputError(f"masks: need at least 2 subsets, got {masks.shape[0]}")
     if need_both:
         never_in = np.flatnonzero(~masks.any(axis=0))
         never_out = np.flatnonzero(masks.all(axis=0))
         if never_in.size or never_out.size:
-            raise InfluenceInputError(
+            raise InputError(
                 f"masks: SSRT needs every example both inside and outside some subset; {never_in.size} example(s) "
                 f"are never inside (columns {never_in[:5].tolist()}) and {never_out.size} never outside "
                 f"(columns {never_out[:5].tolist()}); train more models"
@@ -107,9 +107,9 @@ def _check_losses(losses, shape: tuple[int, int | None], name: str) -> np.ndarra
     rows, cols = shape
     if losses.ndim != 2 or losses.shape[0] != rows or (cols is not None and losses.shape[1] != cols):
         expected = f"({rows} models, {cols if cols is not None else 'M'} examples)"
-        raise InfluenceInputError(f"{name}: expected shape {expected}, got {losses.shape}")
+        raise InputError(f"{name}: expected shape {expected}, got {losses.shape}")
     if not np.isfinite(losses).all():
-        raise InfluenceInputError(f"{name}: holds NaN or inf values")
+        raise InputError(f"{name}: holds NaN or inf values")
     return losses
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -22,9 +22,9 @@ def columnwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman's rho between matching columns of two (S, M) arrays: (M,), NaN where a column is constant."""
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
     if a.shape != b.shape:
-        raise InfluenceInputError(f"columnwise_spearman: shapes differ, {a.shape} vs {b.shape}")
+        raise InputError(f"columnwise_spearman: shapes differ, {a.shape} vs {b.shape}")
     if a.shape[0] < 2:
-        raise InfluenceInputError(f"columnwise_spearman: needs at least 2 rows, got {a.shape[0]}")
+        raise InputError(f"columnwise_spearman: needs at least 2 rows, got {a.shape[0]}")
     ra = average_ranks(a)
     rb = average_ranks(b)
     ra = ra - ra.mean(axis=0)
@@ -55,13 +55,13 @@ def detection_scores(scores, positives) -> DetectionScores:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     positives = np.asarray(positives).reshape(-1)
     if positives.dtype != bool:
-        raise InfluenceInputError(f"positives: expected a boolean mask, got dtype {positives.dtype}")
+        raise InputError(f"positives: expected a boolean mask, got dtype {positives.dtype}")
     if scores.shape != positives.shape:
-        raise InfluenceInputError(f"scores ({scores.size}) and positives ({positives.size}) differ in length")
+        raise InputError(f"scores ({scores.size}) and positives ({positives.size}) differ in length")
     if positives.all() or not positives.any():
-        raise InfluenceInputError("positives: needs both positive and negative examples")
+        raise InputError("positives: needs both positive and negative examples")
     if not np.isfinite(scores).all():
-        raise InfluenceInputError("scores: hold NaN or inf values")
+        raise InputError("scores: hold NaN or inf values")
     return DetectionScores(
         auprc=float(average_precision_score(positives, scores)),
         auroc=float(roc_auc_score(positives, scores)),
@@ -72,7 +72,7 @@ def detection_scores(scores, positives) -> DetectionScores:
 def _as_2d(x, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
-        raise InfluenceInputError(f"{name}: expected a 2-D array, got shape {x.shape}")
+        raise InputError(f"{name}: expected a 2-D array, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise InfluenceInputError(f"{name}: holds NaN or inf values")
+        raise InputError(f"{name}: holds NaN or inf values")
     return x

@@ -23,9 +23,18 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..influence.checkpoints import load_state_dict, read_checkpoint, save_checkpoint
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import evaluate_losses
-from ..training import ModelSpec, Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
+from ..training import (
+    ModelSpec,
+    Split,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    cross_entropy_per_example,
+    train,
+    training_data,
+)
 from .ground_truth import random_subsets
 
 # Bump when the training loop changes in a way that makes cached models stale.
@@ -97,7 +106,7 @@ def _recorded_train_seconds(path: Path) -> float:
     try:
         return float(meta[_SECONDS_KEY])
     except (KeyError, ValueError):
-        raise InfluenceInputError(f"retrained model {path}: no training time in its metadata; delete the cache entry") from None
+        raise InputError(f"retrained model {path}: no training time in its metadata; delete the cache entry") from None
 
 
 def load_model(path: str | os.PathLike, spec: ModelSpec) -> torch.nn.Module:
@@ -131,7 +140,7 @@ def subsample_and_retrain(
     """Retrain ``reference``'s recipe on ``num_models`` random subsets (each example kept with probability
     ``fraction``) and evaluate every model on the reference run's whole train and test split."""
     if reference.config.train_subset is not None:
-        raise InfluenceInputError("subsample_and_retrain: the reference run must be trained on its whole train split")
+        raise InputError("subsample_and_retrain: the reference run must be trained on its whole train split")
     train_split, test_split = reference.bundle.train, reference.bundle.test
     masks = random_subsets(len(train_split), num_models, fraction, seed)
     models = retrain_on_subsets(
@@ -149,3 +158,16 @@ def model_losses(paths: Sequence[Path], spec: ModelSpec, splits: Sequence[Split]
         for row, split in zip(rows, splits):
             row.append(evaluate_losses(model, (split.features, split.labels), cross_entropy_per_example))
     return [torch.stack(row).numpy().astype(np.float64) for row in rows]
+
+
+def random_drop_accuracy(recipe: TrainConfig, count: int) -> float:
+    """Test accuracy of ``recipe`` retrained without ``count`` training examples drawn at random (seeded by
+    the recipe): the baseline a reviewed curation should beat."""
+    ids = training_data(recipe).train.example_ids
+    dropped = np.random.default_rng(recipe.seed).choice(ids, size=min(count, len(ids) - 1), replace=False)
+    with tempfile.TemporaryDirectory(prefix="z0inf-random-drop.") as work:
+        result = train(replace(recipe, exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
+                       record_losses=False)
+    with torch.no_grad():
+        predicted = result.model(result.bundle.test.features).argmax(dim=1)
+    return float((predicted == result.bundle.test.labels).float().mean())

@@ -8,7 +8,6 @@ from .checkpoints import (
     save_checkpoint,
     select_parameters,
 )
-from .errors import InfluenceInputError
 from .estimators import (
     DegenerateCheckpointWarning,
     TopKInfluence,
@@ -28,7 +27,6 @@ from .loss_tables import LossTable, compute_loss_table, evaluate_losses, read_lo
 __all__ = [
     "Checkpoint",
     "DegenerateCheckpointWarning",
-    "InfluenceInputError",
     "LossTable",
     "TopKInfluence",
     "center_per_checkpoint",

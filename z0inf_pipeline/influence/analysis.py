@@ -20,7 +20,7 @@ import torch
 
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
-from .errors import InfluenceInputError
+from ..errors import InputError
 from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from .estimators import InfluenceFactors, NeighborRule, influence_features, self_influence, topk_of_factors, warmup_window
 from .gram import gram_matrix
@@ -92,9 +92,9 @@ class InfluenceArguments:
         check_choices(self, "influence arguments")
         for name in ("neighbors", "topk"):
             if getattr(self, name) < 1:
-                raise InfluenceInputError(f"influence arguments: {name}={getattr(self, name)!r} must be at least 1")
+                raise InputError(f"influence arguments: {name}={getattr(self, name)!r} must be at least 1")
         if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InfluenceInputError(f"influence arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
+            raise InputError(f"influence arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,13 +156,13 @@ class TrainTestArguments:
         check_choices(self, "train-test arguments")
         for name in ("directions", "direction_checkpoints", "neighbors"):
             if getattr(self, name) < 1:
-                raise InfluenceInputError(f"train-test arguments: {name}={getattr(self, name)!r} must be at least 1")
+                raise InputError(f"train-test arguments: {name}={getattr(self, name)!r} must be at least 1")
         if not self.step_size > 0:
-            raise InfluenceInputError(f"train-test arguments: step_size={self.step_size!r} must be positive")
+            raise InputError(f"train-test arguments: step_size={self.step_size!r} must be positive")
         if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InfluenceInputError(f"train-test arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
+            raise InputError(f"train-test arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
         if self.trajectory_weight < 0:
-            raise InfluenceInputError(f"train-test arguments: trajectory_weight={self.trajectory_weight!r} must be >= 0")
+            raise InputError(f"train-test arguments: trajectory_weight={self.trajectory_weight!r} must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,7 +232,7 @@ class InfluenceAnalysis:
         self.device = torch.device(device)
         self.checkpoints = open_checkpoints(checkpoints)
         if len(self.checkpoints) < 2:
-            raise InfluenceInputError(f"Z0-Inf needs at least 2 checkpoints, got {len(self.checkpoints)}")
+            raise InputError(f"Z0-Inf needs at least 2 checkpoints, got {len(self.checkpoints)}")
         self.parameter_names = select_parameters(self.checkpoints, args.parameters)
         self.steps = tuple(c.step for c in self.checkpoints)
         self.train = _load_table(train_losses, self.steps)
@@ -242,7 +242,7 @@ class InfluenceAnalysis:
         elif gram is not None:
             check_gram(gram, "gram")
         if gram is not None and tuple(gram.shape) != (len(self.steps),) * 2:
-            raise InfluenceInputError(f"gram: shape {tuple(gram.shape)} does not match {len(self.steps)} checkpoints")
+            raise InputError(f"gram: shape {tuple(gram.shape)} does not match {len(self.steps)} checkpoints")
         self._given_gram = gram
 
     @property
@@ -254,13 +254,13 @@ class InfluenceAnalysis:
         """A Gram file's matrix, refused unless its provenance record matches these checkpoints and settings."""
         steps, matrix, recorded = read_gram_file(path)
         if recorded is None:
-            raise InfluenceInputError(
+            raise InputError(
                 f"gram file {path}: records no provenance (checkpoints, parameters, centring), so it cannot be "
                 "checked against these checkpoints; recompute it with `z0inf gram`"
             )
         differences = recorded.differences(self.provenance)
         if differences:
-            raise InfluenceInputError(f"gram file {path}: was computed from {'; '.join(differences)}")
+            raise InputError(f"gram file {path}: was computed from {'; '.join(differences)}")
         return matrix
 
     @cached_property
@@ -278,7 +278,7 @@ class InfluenceAnalysis:
             return None
         missing = [str(c.path) for c in self.checkpoints if c.learning_rate is None]
         if missing:
-            raise InfluenceInputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
+            raise InputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
         return torch.tensor([c.learning_rate for c in self.checkpoints], dtype=torch.float64)
 
     @cached_property
@@ -325,14 +325,14 @@ class InfluenceAnalysis:
         """INF(i, z) in factor form (``scores()`` forms any block): random directions at a few checkpoints
         plus ``trajectory_weight`` x the trajectory term, or the trajectory term alone (``train_test_method``)."""
         if self.test is None:
-            raise InfluenceInputError("train-test influence needs a test loss table")
+            raise InputError("train-test influence needs a test loss table")
         tt = self.train_test_args
         method, _ = self.train_test_method
         window = warmup_window(self.steps, tt.warmup_fraction)
         step_weights = self._step_weights(tt.eta)
         trajectory = None
         if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
-            raise InfluenceInputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
+            raise InputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
                                       "cannot be combined with random directions (set trajectory_weight=0)")
         if method == "trajectory" or tt.trajectory_weight > 0:
             keep = torch.from_numpy(window)
@@ -413,7 +413,7 @@ def require_finite_scores(frame: pd.DataFrame, columns: Sequence[str], id_column
         finite = np.isfinite(frame[column].to_numpy())
         if not finite.all():
             first = frame[id_column].to_numpy()[np.argmin(finite)]
-            raise InfluenceInputError(
+            raise InputError(
                 f"{column}: {int((~finite).sum())} scores are NaN or inf (first at {id_column} {first}): the "
                 f"{split} loss table's values are too large for the estimator's arithmetic"
             )
@@ -425,17 +425,17 @@ def check_gram(gram: torch.Tensor, where: str) -> None:
     else was edited or made by something else, and would give negative self-influence."""
     g = gram.double()
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
-        raise InfluenceInputError(f"{where}: a Gram matrix is square, got shape {tuple(g.shape)}")
+        raise InputError(f"{where}: a Gram matrix is square, got shape {tuple(g.shape)}")
     if not torch.isfinite(g).all():
-        raise InfluenceInputError(f"{where}: holds NaN or inf values")
+        raise InputError(f"{where}: holds NaN or inf values")
     diagonal = g.diagonal()
     if (diagonal < 0).any():
         t = int(torch.argmin(diagonal))
-        raise InfluenceInputError(f"{where}: diagonal entry {t} is {float(diagonal[t]):.6g}; squared norms are never negative")
+        raise InputError(f"{where}: diagonal entry {t} is {float(diagonal[t]):.6g}; squared norms are never negative")
     asymmetry = float((g - g.T).abs().max()) if g.numel() else 0.0
     scale = float(diagonal.max()) if g.numel() else 0.0
     if asymmetry > _SYMMETRY_TOLERANCE * scale:
-        raise InfluenceInputError(
+        raise InputError(
             f"{where}: not symmetric (largest |G - G^T| is {asymmetry:.6g} against a largest diagonal of {scale:.6g})"
         )
 
@@ -464,14 +464,14 @@ def read_gram_file(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tens
     try:
         frame = pd.read_parquet(path)
     except (FileNotFoundError, OSError, ValueError) as exc:
-        raise InfluenceInputError(f"gram file {path}: not a readable parquet file ({exc})") from None
+        raise InputError(f"gram file {path}: not a readable parquet file ({exc})") from None
     if "step" not in frame.columns:
-        raise InfluenceInputError(f"gram file {path}: has no 'step' column (columns: {list(frame.columns)})")
+        raise InputError(f"gram file {path}: has no 'step' column (columns: {list(frame.columns)})")
     steps = tuple(int(s) for s in frame["step"])
     columns = [step_column(s) for s in steps]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise InfluenceInputError(f"gram file {path}: missing columns {missing}")
+        raise InputError(f"gram file {path}: missing columns {missing}")
     gram = torch.from_numpy(frame[columns].to_numpy(dtype=np.float64, copy=True))
     check_gram(gram, f"gram file {path}")
     provenance = None
@@ -479,9 +479,9 @@ def read_gram_file(path: str | os.PathLike) -> tuple[tuple[int, ...], torch.Tens
         try:
             provenance = GramProvenance.from_json(frame.attrs[_PROVENANCE_KEY])
         except (TypeError, ValueError, KeyError) as exc:
-            raise InfluenceInputError(f"gram file {path}: malformed provenance record ({exc!r})") from None
+            raise InputError(f"gram file {path}: malformed provenance record ({exc!r})") from None
         if provenance.steps != steps or len(provenance.fingerprints) != len(steps):
-            raise InfluenceInputError(f"gram file {path}: its provenance record disagrees with its step column")
+            raise InputError(f"gram file {path}: its provenance record disagrees with its step column")
     return steps, gram, provenance
 
 
@@ -495,8 +495,8 @@ def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 def _load_table(source: str | os.PathLike | LossTable, steps: tuple[int, ...]) -> LossTable:
     if isinstance(source, LossTable):
         if source.steps != steps:
-            raise InfluenceInputError(f"loss table steps {list(source.steps)} do not match checkpoint steps {list(steps)}")
+            raise InputError(f"loss table steps {list(source.steps)} do not match checkpoint steps {list(steps)}")
         if len(source.example_ids) == 0:
-            raise InfluenceInputError("loss table: has no examples to score")
+            raise InputError("loss table: has no examples to score")
         return source
     return read_loss_table(source, expected_steps=steps)

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -18,14 +18,14 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
     parquet file among the checkpoints would be read as one next time)."""
     target = Path(path)
     if target.is_dir():
-        raise InfluenceInputError(f"output {path}: is a directory; name a file to write")
+        raise InputError(f"output {path}: is a directory; name a file to write")
     resolved = target.resolve()
     for source in filter(None, inputs):
         source_path = Path(source).resolve()
         if resolved == source_path or (target.exists() and source_path.exists() and os.path.samefile(target, source_path)):
-            raise InfluenceInputError(f"output {path}: is the input {source}; write the result elsewhere")
+            raise InputError(f"output {path}: is the input {source}; write the result elsewhere")
         if source_path.is_dir() and resolved.is_relative_to(source_path):
-            raise InfluenceInputError(f"output {path}: lies inside the input folder {source}; write it elsewhere")
+            raise InputError(f"output {path}: lies inside the input folder {source}; write it elsewhere")
     return target
 
 
@@ -36,7 +36,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InfluenceInputError(f"output {path}: its folder cannot be created ({exc.strerror})") from None
+        raise InputError(f"output {path}: its folder cannot be created ({exc.strerror})") from None
     # A fresh name the writer creates itself, so the file gets the usual permissions (umask),
     # not mkstemp's owner-only 0600.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")

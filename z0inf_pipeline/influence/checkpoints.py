@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_output
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 CHECKPOINT_SUFFIX = ".safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -100,22 +100,22 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     path = Path(path)
     if not path.is_file():
-        raise InfluenceInputError(f"checkpoint {path}: no such file")
+        raise InputError(f"checkpoint {path}: no such file")
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(9)
         header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else -1
         looks_like_safetensors = 0 <= header_len <= min(_MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
         if not looks_like_safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: this is a pickle / torch.save file, not safetensors; it was not "
                 "loaded, because unpickling a file can run arbitrary code. Save checkpoints with "
                 "safetensors (z0inf_pipeline.influence.save_checkpoint)."
             )
         if len(head) < 9:
-            raise InfluenceInputError(f"checkpoint {path}: not a safetensors file ({size} bytes, no header)")
+            raise InputError(f"checkpoint {path}: not a safetensors file ({size} bytes, no header)")
         if not looks_like_safetensors:
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: not a safetensors file, or truncated (header of {header_len} bytes "
                 f"announced in a file of {size} bytes)"
             )
@@ -124,9 +124,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InfluenceInputError(f"checkpoint {path}: not a safetensors file (header is not JSON: {exc})") from None
+        raise InputError(f"checkpoint {path}: not a safetensors file (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
-        raise InfluenceInputError(f"checkpoint {path}: not a safetensors file (header is not a JSON object)")
+        raise InputError(f"checkpoint {path}: not a safetensors file (header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     data_bytes = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
@@ -135,35 +135,35 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise InfluenceInputError(f"checkpoint {path}: malformed header entry for tensor {name!r}") from None
+            raise InputError(f"checkpoint {path}: malformed header entry for tensor {name!r}") from None
         if not all(_is_int(v) for v in (begin, end)):  # 1.5 or True would be misread as a position
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: tensor {name!r} has non-integer data offsets [{begin!r}, {end!r}]"
             )
         if not all(_is_int(v) and v >= 0 for v in shape):
-            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a malformed shape {list(shape)!r}")
+            raise InputError(f"checkpoint {path}: tensor {name!r} has a malformed shape {list(shape)!r}")
         if dtype not in _DTYPE_BYTES:
-            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
+            raise InputError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
         if not 0 <= begin <= end:
-            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has invalid data offsets [{begin}, {end}]")
+            raise InputError(f"checkpoint {path}: tensor {name!r} has invalid data offsets [{begin}, {end}]")
         if end > data_bytes:
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: truncated (tensor {name!r} ends at byte {end} of the data section, "
                 f"which holds only {data_bytes} bytes)"
             )
         if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            raise InfluenceInputError(f"checkpoint {path}: tensor {name!r} has a size that does not match its shape")
+            raise InputError(f"checkpoint {path}: tensor {name!r} has a size that does not match its shape")
         tensors[name] = TensorInfo(dtype, shape, 8 + header_len + begin)
         spans.append((begin, end, name))
     _check_layout(path, spans)
     if "step" not in meta:
-        raise InfluenceInputError(f"checkpoint {path}: metadata has no 'step' (checkpoints must record their step)")
+        raise InputError(f"checkpoint {path}: metadata has no 'step' (checkpoints must record their step)")
     try:
         step = int(meta["step"])
         epoch = float(meta["epoch"]) if "epoch" in meta else None
         learning_rate = float(meta["learning_rate"]) if "learning_rate" in meta else None
     except ValueError as exc:
-        raise InfluenceInputError(f"checkpoint {path}: malformed metadata ({exc})") from None
+        raise InputError(f"checkpoint {path}: malformed metadata ({exc})") from None
     return Checkpoint(path, step, epoch, learning_rate, tensors)
 
 
@@ -177,12 +177,12 @@ def _check_layout(path: Path, spans: list[tuple[int, int, str]]) -> None:
     position, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < position:
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: tensor {name!r} (bytes [{begin}, {end}]) overlaps tensor {previous!r} "
                 f"(which ends at byte {position})"
             )
         if begin > position:
-            raise InfluenceInputError(
+            raise InputError(
                 f"checkpoint {path}: tensor {name!r} starts at byte {begin}, but the data before it ends at "
                 f"byte {position} (a gap the header does not describe)"
             )
@@ -214,17 +214,17 @@ def open_checkpoints(source: str | os.PathLike | Sequence[str | os.PathLike | Ch
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         if not folder.is_dir():
-            raise InfluenceInputError(f"checkpoint folder {folder}: not a directory")
+            raise InputError(f"checkpoint folder {folder}: not a directory")
         items: list = sorted(folder.glob(f"*{CHECKPOINT_SUFFIX}"))
         if not items:
-            raise InfluenceInputError(f"checkpoint folder {folder}: holds no *{CHECKPOINT_SUFFIX} files")
+            raise InputError(f"checkpoint folder {folder}: holds no *{CHECKPOINT_SUFFIX} files")
     else:
         items = list(source)
     checkpoints = [c if isinstance(c, Checkpoint) else read_checkpoint(c) for c in items]
     checkpoints.sort(key=lambda c: c.step)
     for before, after in zip(checkpoints, checkpoints[1:]):
         if before.step == after.step:
-            raise InfluenceInputError(f"checkpoints {before.path} and {after.path} both claim step {after.step}")
+            raise InputError(f"checkpoints {before.path} and {after.path} both claim step {after.step}")
     return checkpoints
 
 
@@ -235,18 +235,18 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
     vectors would not be comparable, and the error names the first checkpoint that differs.
     """
     if not checkpoints:
-        raise InfluenceInputError("no checkpoints given")
+        raise InputError("no checkpoints given")
     first = checkpoints[0]
     names = first.parameter_names
     if not names:
-        raise InfluenceInputError(
+        raise InputError(
             f"checkpoint {first.path}: holds no floating-point tensors (only "
             f"{sorted({i.dtype for i in first.tensors.values()}) or 'none'}), so there are no weights to compare"
         )
     if patterns:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         if not names:
-            raise InfluenceInputError(
+            raise InputError(
                 f"parameter patterns {list(patterns)} match no floating tensor of {first.path} "
                 f"(it holds {first.parameter_names})"
             )
@@ -254,14 +254,14 @@ def select_parameters(checkpoints: Sequence[Checkpoint], patterns: Sequence[str]
         for name in names:
             info = ckpt.tensors.get(name)
             if info is None:
-                raise InfluenceInputError(f"checkpoint {ckpt.path}: has no tensor {name!r} (present in {first.path})")
+                raise InputError(f"checkpoint {ckpt.path}: has no tensor {name!r} (present in {first.path})")
             if info.shape != first.tensors[name].shape:
-                raise InfluenceInputError(
+                raise InputError(
                     f"checkpoint {ckpt.path}: tensor {name!r} has shape {list(info.shape)}, "
                     f"but {first.path} has {list(first.tensors[name].shape)}"
                 )
             if info.dtype != first.tensors[name].dtype:  # slices are read with one layout for all files
-                raise InfluenceInputError(
+                raise InputError(
                     f"checkpoint {ckpt.path}: tensor {name!r} is stored as {info.dtype}, "
                     f"but {first.path} stores it as {first.tensors[name].dtype}"
                 )
@@ -308,7 +308,7 @@ def iter_weight_slices(
             for row, (fh, ckpt) in enumerate(zip(files, checkpoints)):
                 view = memoryview(block[row].numpy())
                 if os.preadv(fh.fileno(), [view], ckpt.tensors[name].offset + start * width) != len(view):
-                    raise InfluenceInputError(f"checkpoint {ckpt.path}: truncated while reading tensor {name!r}")
+                    raise InputError(f"checkpoint {ckpt.path}: truncated while reading tensor {name!r}")
             return block.view(_TORCH_DTYPES[dtype])
 
         if _CAN_ADVISE:

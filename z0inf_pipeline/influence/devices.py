@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,9 +17,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InfluenceInputError(f"device {name!r} is not a torch device") from None
+        raise InputError(f"device {name!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InfluenceInputError(f"device {name!r} asked for, but CUDA is not available")
+        raise InputError(f"device {name!r} asked for, but CUDA is not available")
     return device
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Checkpoint, load_state_dict
-from .errors import InfluenceInputError
+from ..errors import InputError
 from .loss_tables import LossFn
 
 Distribution = str  # "rademacher" | "gaussian" (validated by TrainTestArguments)
@@ -76,7 +76,7 @@ def direction(
         elif distribution == "gaussian":
             out[name] = torch.randn(shape, generator=generator)
         else:
-            raise InfluenceInputError(f"distribution must be one of {list(DISTRIBUTIONS)}, not {distribution!r}")
+            raise InputError(f"distribution must be one of {list(DISTRIBUTIONS)}, not {distribution!r}")
     return out
 
 
@@ -105,13 +105,13 @@ def direction_projections(
     arithmetic. The model's own weights are never modified.
     """
     if directions < 1:
-        raise InfluenceInputError(f"directions={directions!r} must be at least 1")
+        raise InputError(f"directions={directions!r} must be at least 1")
     if not step_size > 0:
-        raise InfluenceInputError(f"step_size={step_size!r} must be positive")
+        raise InputError(f"step_size={step_size!r} must be positive")
     named = {name: p.detach() for name, p in model.named_parameters()}
     missing = [name for name in parameters if name not in named]
     if missing or not parameters:
-        raise InfluenceInputError(f"parameters {missing or list(parameters)}: not parameters of the model "
+        raise InputError(f"parameters {missing or list(parameters)}: not parameters of the model "
                                   f"(it has {sorted(named)[:8]}...)")
     chosen = {name: named[name] for name in parameters}
     fixed = {**{n: p for n, p in named.items() if n not in chosen}, **dict(model.named_buffers())}
@@ -142,7 +142,7 @@ def direction_projections(
                         rows = slice(start, start + batch_size)
                         both = batched(weights, inputs[rows], targets[rows]).double()  # (2B, n)
                         if both.shape[1:] != targets[rows].shape[:1]:
-                            raise InfluenceInputError(
+                            raise InputError(
                                 f"loss_fn returned shape {tuple(both.shape[1:])} for a batch of {len(targets[rows])} "
                                 "examples; it must return one value per example (for example reduction='none')"
                             )
@@ -202,7 +202,7 @@ def direction_features(
 def direction_checkpoint_positions(window: np.ndarray, count: int) -> np.ndarray:
     """``count`` positions spread evenly over the window, always its last checkpoint (the trained model)."""
     if count < 1:
-        raise InfluenceInputError(f"direction_checkpoints={count!r} must be at least 1")
+        raise InputError(f"direction_checkpoints={count!r} must be at least 1")
     if count >= len(window):
         return np.asarray(window)
     picks = np.floor(np.linspace(len(window) - 1, 0, count, endpoint=False) + 0.5).astype(int)

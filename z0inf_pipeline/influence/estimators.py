@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import InfluenceInputError
+from ..errors import InputError
 from .loss_tables import LossTable
 
 NeighborRule = Literal["order", "distance"]
@@ -58,7 +58,7 @@ def neighbor_indices(gram: torch.Tensor, neighbors: int, rule: NeighborRule = "o
         diag = gram.diagonal()
         key = diag[:, None] + diag[None, :] - 2 * gram
     else:
-        raise InfluenceInputError(f"neighbor_rule must be 'order' or 'distance', not {rule!r}")
+        raise InputError(f"neighbor_rule must be 'order' or 'distance', not {rule!r}")
     key = key.clone()
     key.fill_diagonal_(float("inf"))
     order = torch.sort(key, dim=1, stable=True).indices  # stable: equal keys keep index order
@@ -79,7 +79,7 @@ def checkpoint_kernels(
     gram = _check_gram(gram)
     T = gram.shape[0]
     if not isinstance(neighbors, int) or not 1 <= neighbors < T:
-        raise InfluenceInputError(f"neighbors must be an integer in [1, T-1] = [1, {T - 1}], got {neighbors!r}")
+        raise InputError(f"neighbors must be an integer in [1, T-1] = [1, {T - 1}], got {neighbors!r}")
     weights = _check_eta(eta, T).to(gram.device)
     nbrs = neighbor_indices(gram, neighbors, neighbor_rule)
     t = torch.arange(T, device=gram.device)[:, None]
@@ -113,9 +113,9 @@ def warmup_window(steps, warmup_fraction: float) -> np.ndarray:
     """
     steps = np.asarray(steps, dtype=np.float64).reshape(-1)
     if not 0.0 <= warmup_fraction < 1.0:
-        raise InfluenceInputError(f"warmup_fraction {warmup_fraction!r}: must be in [0, 1)")
+        raise InputError(f"warmup_fraction {warmup_fraction!r}: must be in [0, 1)")
     if len(steps) < 2:
-        raise InfluenceInputError(f"warmup_window: needs at least 2 checkpoints, got {len(steps)}")
+        raise InputError(f"warmup_window: needs at least 2 checkpoints, got {len(steps)}")
     first, last = steps.min(), steps.max()
     keep = np.flatnonzero(steps >= first + warmup_fraction * (last - first))
     return keep if len(keep) >= 2 else np.arange(len(steps) - 2, len(steps))
@@ -238,10 +238,10 @@ def topk_of_factors(
     (see ``train_test_topk``): any estimator in factor form (trajectory, random directions, both)."""
     N, M = features.train.shape[0], features.test.shape[0]
     if not isinstance(k, int) or not 1 <= k <= N:
-        raise InfluenceInputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
+        raise InputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
     for name, value in (("block_size", block_size), ("tile_rows", tile_rows)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise InfluenceInputError(f"{name} must be a positive integer, got {value!r}")
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
     device = features.train.device
     elements = _TOPK_TILE_ELEMENTS.get(device.type, _TOPK_TILE_ELEMENTS["cpu"])
     block = block_size or min(max(M, 1), _TOPK_TEST_BLOCK.get(device.type, _TOPK_TEST_BLOCK["cpu"]))
@@ -285,7 +285,7 @@ def variance_self_influence(train_losses) -> torch.Tensor:
     """SIvar(i): the variance of l_i(t) over checkpoints; needs no checkpoints at all."""
     losses = _as_tensor(train_losses, "train_losses")
     if losses.ndim != 2 or losses.shape[0] < 2:
-        raise InfluenceInputError(f"train_losses: expected a (T >= 2, N) table, got shape {tuple(losses.shape)}")
+        raise InputError(f"train_losses: expected a (T >= 2, N) table, got shape {tuple(losses.shape)}")
     _check_finite(losses, "train_losses")
     return losses.to(_compute_dtype(losses)).var(dim=0, correction=0)
 
@@ -348,7 +348,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise InfluenceInputError(f"{name}: expected a floating-point (T, N) tensor, array or LossTable, got {type(x).__name__}")
+        raise InputError(f"{name}: expected a floating-point (T, N) tensor, array or LossTable, got {type(x).__name__}")
     return x
 
 
@@ -356,27 +356,27 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     finite = torch.isfinite(x)
     if not finite.all():
         t, i = (~finite).nonzero()[0].tolist()
-        raise InfluenceInputError(
+        raise InputError(
             f"{name}: {int((~finite).sum())} NaN/inf value(s) (first at checkpoint row {t}, example column {i})"
         )
 
 
 def _check_gram(gram) -> torch.Tensor:
     if not isinstance(gram, torch.Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-        raise InfluenceInputError(f"gram: expected a square (T, T) tensor, got {getattr(gram, 'shape', type(gram))}")
+        raise InputError(f"gram: expected a square (T, T) tensor, got {getattr(gram, 'shape', type(gram))}")
     if gram.shape[0] < 2:
-        raise InfluenceInputError(f"gram: Z0-Inf needs at least 2 checkpoints, got {gram.shape[0]}")
+        raise InputError(f"gram: Z0-Inf needs at least 2 checkpoints, got {gram.shape[0]}")
     if not torch.isfinite(gram).all():
-        raise InfluenceInputError("gram: holds NaN or inf values")
+        raise InputError("gram: holds NaN or inf values")
     return gram.to(torch.float64)
 
 
 def _check_losses(losses, gram, name: str) -> torch.Tensor:
     losses = _as_tensor(losses, name)
     if losses.ndim != 2:
-        raise InfluenceInputError(f"{name}: expected a (T, N) table, got shape {tuple(losses.shape)}")
+        raise InputError(f"{name}: expected a (T, N) table, got shape {tuple(losses.shape)}")
     if losses.shape[0] != gram.shape[0]:
-        raise InfluenceInputError(
+        raise InputError(
             f"{name}: has {losses.shape[0]} checkpoint rows but the Gram matrix is for {gram.shape[0]} checkpoints"
         )
     _check_finite(losses, name)
@@ -388,7 +388,7 @@ def _check_eta(eta, T: int) -> torch.Tensor:
         return torch.ones(T, dtype=torch.float64)
     weights = torch.as_tensor(eta, dtype=torch.float64).reshape(-1)
     if weights.shape != (T,):
-        raise InfluenceInputError(f"eta: expected {T} per-checkpoint weights, got {weights.numel()}")
+        raise InputError(f"eta: expected {T} per-checkpoint weights, got {weights.numel()}")
     if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise InfluenceInputError(f"eta: weights must be finite and >= 0, got {weights.tolist()}")
+        raise InputError(f"eta: weights must be finite and >= 0, got {weights.tolist()}")
     return weights

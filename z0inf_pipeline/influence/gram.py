@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, iter_weight_slices, open_checkpoints, select_parameters
 from .devices import single_thread
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 # Columns widened to float64 at a time on the CPU: small enough that the shifted copy is still
 # in cache when the product reads it (measured fastest on 2 cores; see benchmarks/estimators.py).
@@ -48,9 +48,9 @@ def gram_matrix(
     max_elements = max_elements or (1 << 22 if on_gpu else 1 << 16)
     if isinstance(weights, torch.Tensor):
         if parameters:
-            raise InfluenceInputError("parameter patterns select tensors by name: pass checkpoint files, not a tensor")
+            raise InputError("parameter patterns select tensors by name: pass checkpoint files, not a tensor")
         if weights.ndim != 2:
-            raise InfluenceInputError(f"weights: expected a (T, D) tensor, got shape {tuple(weights.shape)}")
+            raise InputError(f"weights: expected a (T, D) tensor, got shape {tuple(weights.shape)}")
         rows, total = weights.shape[0], -(-weights.shape[1] // max_elements)
 
         def blocks() -> Iterator[tuple[str, torch.Tensor]]:
@@ -97,5 +97,5 @@ def _raise_non_finite(blocks: Callable[[], Iterator[tuple[str, torch.Tensor]]], 
         finite = torch.isfinite(block).all(dim=1)
         if not finite.all():
             row = int(torch.argmin(finite.to(torch.int8)))
-            raise InfluenceInputError(f"{where(row)}: tensor {name!r} holds NaN or inf values")
-    raise InfluenceInputError("weights: the Gram matrix overflowed (weights too large for float64 products)")
+            raise InputError(f"{where(row)}: tensor {name!r} holds NaN or inf values")
+    raise InputError("weights: the Gram matrix overflowed (weights too large for float64 products)")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, load_state_dict, open_checkpoints
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ID_COLUMN = "example_id"
@@ -49,7 +49,7 @@ class LossTable:
 
     def __post_init__(self) -> None:
         if self.values.shape != (len(self.steps), len(self.example_ids)):
-            raise InfluenceInputError(
+            raise InputError(
                 f"loss table: values have shape {tuple(self.values.shape)}, expected "
                 f"({len(self.steps)} checkpoints, {len(self.example_ids)} examples)"
             )
@@ -72,52 +72,52 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
-        raise InfluenceInputError(f"loss table {path}: no such file") from None
+        raise InputError(f"loss table {path}: no such file") from None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InfluenceInputError(f"loss table {path}: not a readable parquet file ({exc})") from None
+        raise InputError(f"loss table {path}: not a readable parquet file ({exc})") from None
     names = table.column_names
     if ID_COLUMN not in names:
-        raise InfluenceInputError(f"loss table {path}: has no '{ID_COLUMN}' column (columns: {names})")
+        raise InputError(f"loss table {path}: has no '{ID_COLUMN}' column (columns: {names})")
     step_cols = [n for n in names if n != ID_COLUMN]
     bad = [n for n in step_cols if not _STEP_COLUMN.match(n)]
     if bad:
-        raise InfluenceInputError(f"loss table {path}: column(s) {bad} are not of the form 'step_<step>'")
+        raise InputError(f"loss table {path}: column(s) {bad} are not of the form 'step_<step>'")
     steps = steps_of(step_cols)
     meta = table.schema.metadata or {}
     if _STEPS_KEY in meta and json.loads(meta[_STEPS_KEY]) != steps:
-        raise InfluenceInputError(
+        raise InputError(
             f"loss table {path}: columns {step_cols} disagree with the steps in its metadata "
             f"{json.loads(meta[_STEPS_KEY])}"
         )
     if steps != sorted(steps) or len(set(steps)) != len(steps):
-        raise InfluenceInputError(f"loss table {path}: step columns {step_cols} are not in increasing step order")
+        raise InputError(f"loss table {path}: step columns {step_cols} are not in increasing step order")
     if expected_steps is not None and list(expected_steps) != steps:
         missing = sorted(set(expected_steps) - set(steps))
         extra = sorted(set(steps) - set(expected_steps))
-        raise InfluenceInputError(
+        raise InputError(
             f"loss table {path}: step columns do not match the checkpoints (checkpoint steps "
             f"{list(expected_steps)}; missing columns {[step_column(s) for s in missing]}, "
             f"extra columns {[step_column(s) for s in extra]})"
         )
     if table.num_rows == 0:
-        raise InfluenceInputError(f"loss table {path}: has no rows (no examples to score)")
+        raise InputError(f"loss table {path}: has no rows (no examples to score)")
     ids = table.column(ID_COLUMN).to_numpy()
     if not np.issubdtype(ids.dtype, np.integer):
-        raise InfluenceInputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
+        raise InputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
     if len(np.unique(ids)) != len(ids):
-        raise InfluenceInputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
+        raise InputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
     values = np.empty((len(steps), len(ids)), dtype=np.float32)
     for t, name in enumerate(step_cols):
         column = table.column(name)
         if column.null_count:
-            raise InfluenceInputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
+            raise InputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
         if not pa.types.is_floating(column.type):
-            raise InfluenceInputError(f"loss table {path}: column '{name}' must be floating point, not {column.type}")
+            raise InputError(f"loss table {path}: column '{name}' must be floating point, not {column.type}")
         values[t] = column.to_numpy()
         finite = np.isfinite(values[t])
         if not finite.all():
             first = int(ids[np.argmin(finite)])
-            raise InfluenceInputError(
+            raise InputError(
                 f"loss table {path}: column '{name}' has {int((~finite).sum())} NaN/inf values "
                 f"(first at example_id {first})"
             )
@@ -147,7 +147,7 @@ def evaluate_losses(
             for inputs, targets in _batches(dataset, batch_size, device):
                 losses = loss_fn(model(inputs), targets)
                 if losses.shape != (len(targets),):
-                    raise InfluenceInputError(
+                    raise InputError(
                         f"loss_fn returned shape {tuple(losses.shape)} for a batch of {len(targets)} examples; "
                         "it must return one value per example (for example reduction='none')"
                     )

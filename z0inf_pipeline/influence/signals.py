@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import InfluenceInputError
+from ..errors import InputError
 
 LossKind = Literal["cross_entropy", "other"]
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
@@ -53,15 +53,15 @@ def signal(column: str) -> Signal:
     for candidate in SIGNALS:
         if candidate.column == column:
             return candidate
-    raise InfluenceInputError(f"signal {column!r}: must be one of {list(SIGNAL_COLUMNS)}")
+    raise InputError(f"signal {column!r}: must be one of {list(SIGNAL_COLUMNS)}")
 
 
 def loss_signals(losses: torch.Tensor, loss_kind: LossKind = "cross_entropy") -> dict[str, np.ndarray]:
     """Variance, mean, final loss, confidence and variability of each column of a (T, N) loss table."""
     if loss_kind not in LOSS_KINDS:
-        raise InfluenceInputError(f"loss_kind {loss_kind!r}: must be one of {list(LOSS_KINDS)}")
+        raise InputError(f"loss_kind {loss_kind!r}: must be one of {list(LOSS_KINDS)}")
     if losses.ndim != 2 or losses.shape[0] < 2:
-        raise InfluenceInputError(f"losses: expected a (T >= 2, N) table, got shape {tuple(losses.shape)}")
+        raise InputError(f"losses: expected a (T >= 2, N) table, got shape {tuple(losses.shape)}")
     values = losses.to(torch.float64)
     out = {
         "variance_self_influence": values.var(dim=0, correction=0),
@@ -101,7 +101,7 @@ def parse_flag_score(spec: str) -> tuple[str, ...]:
     for column in columns:
         signal(column)
     if len(set(columns)) != len(columns):
-        raise InfluenceInputError(f"flag score {spec!r}: names a signal twice")
+        raise InputError(f"flag score {spec!r}: names a signal twice")
     return columns
 
 
@@ -115,10 +115,10 @@ def flag_score(scores: pd.DataFrame, spec: str) -> np.ndarray:
     columns = parse_flag_score(spec)
     missing = [c for c in columns if c not in scores]
     if missing:
-        raise InfluenceInputError(f"flag score {spec!r}: the scores have no column(s) {missing}")
+        raise InputError(f"flag score {spec!r}: the scores have no column(s) {missing}")
     undefined = [c for c in columns if scores[c].isna().any()]
     if undefined:
-        raise InfluenceInputError(f"flag score {spec!r}: {undefined} undefined (NaN) here; {NO_CONFIDENCE_REASON}")
+        raise InputError(f"flag score {spec!r}: {undefined} undefined (NaN) here; {NO_CONFIDENCE_REASON}")
     if len(columns) == 1:
         return suspicion(scores, columns[0])
     n = len(scores)

@@ -29,14 +29,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import CONFIG_MAPPING, TrainerCallback
 
 import transformers
 
 from ..influence.devices import single_thread
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..tracking.client import ensure_experiment, tracking_client
 from ..tracking.contract import SOURCE_TAG
 from ..tracking.logger import ContractLogger
@@ -52,26 +51,10 @@ from ..training.lm import (
     pretrained_model,
     task_examples,
 )
-from ..training.recording import BatchLossFn, IdsFn, ids_from_batch
+from ..training.recording import BatchLossFn, IdsFn, ids_from_batch, token_mean_nll
 from ..training.trainer import checkpoint_steps
 
-IGNORE_INDEX = -100
-MODEL_INPUTS = ("input_ids", "attention_mask")
 CONTRACT_RUN_TAG = "z0inf.contract_run_id"
-
-
-def token_mean_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of each sequence's label tokens (labels -100 are masked out), (B,).
-
-    Causal LM convention: the logits at position t predict the label at t + 1. A sequence with no
-    label token has no loss (0 / 0 = NaN), which the recorder refuses by name.
-    """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    counted = labels.ne(IGNORE_INDEX)
-    return per_token.sum(dim=1) / counted.sum(dim=1)
 
 
 def id_batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int = 64) -> DataLoader:
@@ -85,7 +68,7 @@ def model_from_config(architecture: str, config: dict) -> torch.nn.Module:
     from a config dict: the ``factory`` of the model spec the callback writes (nothing is downloaded)."""
     model_class = getattr(transformers, architecture, None)
     if model_class is None or not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
-        raise InfluenceInputError(f"model spec: {architecture!r} is not a transformers model class")
+        raise InputError(f"model spec: {architecture!r} is not a transformers model class")
     config = dict(config)
     return model_class(CONFIG_MAPPING[config.pop("model_type")].from_dict(config))
 
@@ -153,7 +136,7 @@ class Z0InfCallback(TrainerCallback):
 
         steps = self.steps or checkpoint_steps(state.max_steps, count=min(self.num_checkpoints, state.max_steps + 1))
         if steps[0] != 0 or steps[-1] > state.max_steps:
-            raise InfluenceInputError(f"Z0InfCallback: checkpoint steps {steps} must start at 0 and end by "
+            raise InputError(f"Z0InfCallback: checkpoint steps {steps} must start at 0 and end by "
                                       f"max_steps={state.max_steps}")
         self._wanted = set(steps)
         framework_run = mlflow.active_run()  # transformers' MLflowCallback has opened its run by now, if reporting
@@ -218,16 +201,11 @@ class Z0InfCallback(TrainerCallback):
                 mlflow.end_run(status="FAILED")
 
 
-def train_and_log_lm(recipe: LMRecipe, **options) -> str:
+@single_thread()
+def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
+                     run_name=None) -> str:
     """Fine-tune the pretrained base on the recipe's task through a real ``Trainer`` and the callback;
-    return the contract run's id. ``options``: ``tracking_uri``, ``experiment``, ``parent_run_id``,
-    ``tags``, ``run_name`` (as for ``tracking.train_and_log``)."""
-    with single_thread():
-        return _fine_tune_and_log(recipe, **options)
-
-
-def _fine_tune_and_log(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
-                       run_name=None) -> str:
+    return the contract run's id."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     train, probe = task_examples(recipe)

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import step_column
 from ..influence.signals import SIGNAL_COLUMNS
 
@@ -53,7 +53,7 @@ def gx_project_dir() -> Path:
     chosen = os.environ.get(GX_DIR_ENV)
     path = Path(chosen) if chosen else Path(__file__).resolve().parents[2] / "gx"
     if not (path / "great_expectations.yml").is_file():
-        raise InfluenceInputError(f"GX project {path} (${GX_DIR_ENV}): has no great_expectations.yml")
+        raise InputError(f"GX project {path} (${GX_DIR_ENV}): has no great_expectations.yml")
     return path
 
 
@@ -149,7 +149,7 @@ def validate(
     try:
         suite = project.suites.get(suite_name)
     except Exception as exc:  # GX raises its own not-found / parse errors: name the suite and the file
-        raise InfluenceInputError(
+        raise InputError(
             f"GX suite {suite_name!r} ({gx_project_dir() / 'expectations' / (suite_name + '.json')}): {exc}"
         ) from None
     batch = batch or suite_name
@@ -418,13 +418,13 @@ def validate_flagging(
     flagging = [r for r in result.results if r.expectation_config.type == "expect_column_values_to_be_between"
                 and r.expectation_config.kwargs.get("column") == FLAG_SCORE_COLUMN]
     if len(flagging) != 1:
-        raise InfluenceInputError(
+        raise InputError(
             f"GX suite {FLAGGING_SUITE!r} ({gx_project_dir()}): needs exactly one expect_column_values_to_be_between "
             f"on {FLAG_SCORE_COLUMN!r} (its unexpected rows are the review queue), found {len(flagging)}"
         )
     outcome = flagging[0]
     if outcome.exception_info and outcome.exception_info.get("raised_exception"):
-        raise InfluenceInputError(f"GX suite {FLAGGING_SUITE!r}: the flagging expectation failed to run: "
+        raise InputError(f"GX suite {FLAGGING_SUITE!r}: the flagging expectation failed to run: "
                                   f"{outcome.exception_info.get('exception_message')}")
     rows = (outcome.result or {}).get("unexpected_index_list") or []
     flagged = np.asarray([int(row["example_id"]) for row in rows], dtype=np.int64)

@@ -1,6 +1,6 @@
 """Human review of flagged training examples: flag policy, review queue, durable decisions, gate, curation,
-and (``run_data``, imported on its own as it needs torch) the evidence a reviewer sees: a run's
-checkpoints re-evaluated into loss tables and predictions.
+and the evidence a reviewer sees (the page, the sheet). The loss tables and predictions it shows are
+recomputed by ``training.reevaluate``.
 
 Pure: no Dagster here (the assets in ``z0inf_pipeline.defs`` drive these functions).
 """

@@ -73,7 +73,7 @@ def training_cards(
                 "id": i,
                 "in_queue": i in queue.index,
                 "rank": int(queue.at[i, "rank"]) if i in queue.index else None,
-                "flag": _flag(standing, i, total, review.info["policy"]["score"]),
+                "flag": _flag(standing, i, total, review.policy.score),
                 **_label_and_prediction(review, i, queue),
                 "signals": _signals(ranks, i),
                 "flagged_by": review.flagged_by(i) if i in queue.index else (),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def curate(
         decisions = decisions[~(inherited & ~decisions["example_id"].isin(ids))]
     unknown = np.setdiff1d(decisions["example_id"].to_numpy(np.int64), ids)
     if len(unknown):
-        raise InfluenceInputError(
+        raise InputError(
             f"curation: {len(unknown)} decision(s) name ids that are not training examples of the run, "
             f"e.g. {unknown[:5].tolist()}"
         )
@@ -56,7 +56,7 @@ def curate(
         bad = {i: y for i, y in relabels.items() if y not in seen}
         where = "the labels seen in the run's training examples"
     if bad:
-        raise InfluenceInputError(f"curation: relabels {bad} are outside {where}")
+        raise InputError(f"curation: relabels {bad} are outside {where}")
 
     frame = pd.DataFrame({"example_id": ids, "observed_label": train_examples["label"].to_numpy(np.int64)})
     action = decisions.set_index("example_id")["action"].reindex(ids)

@@ -13,8 +13,10 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 
 from ..errors import ReviewError
+from .policy import FlagPolicy
 
 POLICY_CHANGES_KEY = "policy_changes"
 
@@ -62,6 +64,15 @@ def evaluate_gate(
         training_examples=int(training_examples),
         max_unreviewed_fraction=float(max_unreviewed_fraction),
         unreviewed_ids=tuple(int(i) for i in unreviewed),
+    )
+
+
+def queue_gate(queue: pd.DataFrame, info: dict, current: pd.DataFrame) -> GateStatus:
+    """The gate of a review queue (``read_review_queue``'s frame and info) for the decisions in force
+    (``lineage_decisions``): the one reading of the queue that the check, the CLI and the page share."""
+    policy = FlagPolicy.from_dict(info["policy"])
+    return evaluate_gate(
+        queue["example_id"], current["example_id"], info["training_examples"], policy.max_unreviewed_fraction
     )
 
 

@@ -5,44 +5,23 @@ through the IO manager resource (``RunOutputsIOManager.base_url``, else the envi
 the start of a command; every reader is then handed it. Any fsspec URL works (``s3://bucket/z0inf``,
 ``memory://``, ...). Paths are ``universal_pathlib`` UPaths: on the local disk ordinary paths.
 
-Dagster's IO manager writes here (``RUN_OUTPUTS`` says which files belong to which asset), the
-review CLI, the demo and the review page read here; this one definition keeps them in step.
+Dagster's IO manager writes here (``defs.storage.ASSET_FILES`` says which of these files belong to which
+asset), the review CLI, the demo and the review page read here; this one definition keeps them in step.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from upath import UPath
 
-from ..influence.errors import InfluenceInputError
 from ..settings import data_dir
+from ..training.layout import check_run_id
 
 OUTPUTS_URL_ENV = "Z0INF_OUTPUTS_URL"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
-# The RunLayout properties each asset's output is stored in, first the asset's main file.
-RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "training_run": ("examples",),
-    "loss_tables": ("train_losses", "test_losses", "predictions"),
-    "weight_gram": ("gram",),
-    "self_influence": ("self_influence",),
-    "train_test_influence": ("topk",),
-    "review_queue": ("review_queue", "histogram", "flagged_grid", "review_sheet", "review_table_csv", "review_table_html"),
-    "curated_training_set": ("curated_set",),
-    "retrained_run": ("retrained",),
-    "model_promotion": ("promotion",),
-}
-
-
-def check_run_id(run_id: str) -> str:
-    """MLflow run ids are hex strings; anything else (a path, '..') is refused before it names a folder."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise InfluenceInputError(f"run id {run_id!r}: not an MLflow run id (letters, digits, '_' and '-' only)")
-    return run_id
 
 
 def outputs_base(base: str | os.PathLike | None = None) -> UPath:
@@ -63,12 +42,6 @@ class RunLayout:
     def for_run(cls, run_id: str, base: str | os.PathLike) -> "RunLayout":
         """The run's folder under ``base``, the outputs base ``outputs_base`` resolved."""
         return cls(check_run_id(run_id), UPath(base) / "runs" / run_id)
-
-    def files_of(self, asset: str) -> dict[str, UPath]:
-        """The files an asset's output is stored in, by RunLayout property name."""
-        if asset not in RUN_OUTPUTS:
-            raise InfluenceInputError(f"asset {asset!r}: has no files in a run's outputs (known: {sorted(RUN_OUTPUTS)})")
-        return {name: getattr(self, name) for name in RUN_OUTPUTS[asset]}
 
     @property
     def gx_folder(self) -> Path:

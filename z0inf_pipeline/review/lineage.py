@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from .layout import RunLayout
 from .policy import INHERITING_METHODS, FlagPolicy
 from .queue import read_review_queue
@@ -43,10 +43,10 @@ def decisions_in_force(decisions: pd.DataFrame, lineage: Sequence[str]) -> pd.Da
     """
     lineage = list(lineage)
     if not lineage:
-        raise InfluenceInputError("decisions_in_force: the lineage holds no run")
+        raise InputError("decisions_in_force: the lineage holds no run")
     outside = sorted(set(decisions["run_id"]) - set(lineage))
     if outside:
-        raise InfluenceInputError(f"decisions_in_force: decisions of run(s) {outside[:3]} outside the lineage")
+        raise InputError(f"decisions_in_force: decisions of run(s) {outside[:3]} outside the lineage")
     latest = decisions.sort_values("sequence", kind="stable").drop_duplicates("example_id", keep="last")
     latest = latest.rename(columns={"run_id": "decided_on_run"}).sort_values("example_id", kind="stable")
     return latest[[*DECISION_COLUMNS, "decided_on_run", "sequence"]].reset_index(drop=True)
@@ -56,7 +56,7 @@ def lineage_of(run_id: str, info: dict) -> list[str]:
     """The lineage a review queue was built for (its metadata), or just the run for older queues."""
     lineage = list(info.get(LINEAGE_INFO_KEY) or [run_id])
     if lineage[0] != run_id:
-        raise InfluenceInputError(f"review queue of run {run_id}: its lineage starts at {lineage[0]}")
+        raise InputError(f"review queue of run {run_id}: its lineage starts at {lineage[0]}")
     return lineage
 
 
@@ -114,12 +114,11 @@ def inherited_cutoff(lineage: Sequence[str], policy: FlagPolicy, base: str | os.
     ``base``: the outputs base the queues were stored under."""
     if policy.method not in INHERITING_METHODS or not policy.inherit_cutoff:
         return None
-    wanted = policy.to_dict()
     for ancestor in list(lineage)[1:]:
         path = RunLayout.for_run(ancestor, base).review_queue
         if not path.is_file():
             continue
         _, info = read_review_queue(path)
-        if info.get("policy") == wanted and info.get("cutoff") is not None:
+        if "policy" in info and FlagPolicy.from_dict(info["policy"]) == policy and info.get("cutoff") is not None:
             return float(info["cutoff"]), str(info.get(CALIBRATED_ON_KEY, ancestor))
     return None

@@ -17,12 +17,12 @@ the GX suite ``flagging`` (``z0inf_pipeline.quality``), whose unexpected rows ar
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.signals import SIGNAL_COLUMNS, flag_score, parse_flag_score
 from ..settings_schema import check_choices
 from ..training.layout import NO_LABEL
@@ -89,20 +89,27 @@ class FlagPolicy:
         check_choices(self, "flag policy")
         parse_flag_score(self.score)
         if not 0.0 < self.quantile < 1.0:
-            raise InfluenceInputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
+            raise InputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
         if not np.isfinite(self.z_threshold) or self.z_threshold <= 0:
-            raise InfluenceInputError(f"flag policy: z_threshold {self.z_threshold} must be a positive number")
+            raise InputError(f"flag policy: z_threshold {self.z_threshold} must be a positive number")
         if not 0.0 < self.posterior < 1.0:
-            raise InfluenceInputError(f"flag policy: posterior {self.posterior} must be strictly between 0 and 1")
+            raise InputError(f"flag policy: posterior {self.posterior} must be strictly between 0 and 1")
         if not isinstance(self.max_flagged, (int, np.integer)) or self.max_flagged < 0:
-            raise InfluenceInputError(f"flag policy: max_flagged {self.max_flagged!r} must be an integer >= 0")
+            raise InputError(f"flag policy: max_flagged {self.max_flagged!r} must be an integer >= 0")
         if not 0.0 <= self.max_unreviewed_fraction <= 1.0:
-            raise InfluenceInputError(
+            raise InputError(
                 f"flag policy: max_unreviewed_fraction {self.max_unreviewed_fraction} must be in [0, 1]"
             )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FlagPolicy":
+        """The policy a review queue recorded (``to_dict``); a setting the queue predates keeps its default,
+        except the score, which was self-influence before it could be chosen."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{"score": "self_influence", **{k: v for k, v in values.items() if k in known}})
 
     def describe(self) -> str:
         if self.method == "confident":
@@ -250,7 +257,7 @@ def given_labels(examples: pd.DataFrame, scores: pd.DataFrame) -> np.ndarray | N
     train = examples[examples["split"] == "train"] if "split" in examples else examples
     labels = train.set_index("example_id")["label"].reindex(scores["example_id"].to_numpy())
     if labels.isna().any():
-        raise InfluenceInputError(f"flag policy: {int(labels.isna().sum())} scored example(s) have no label")
+        raise InputError(f"flag policy: {int(labels.isna().sum())} scored example(s) have no label")
     return labels.to_numpy()
 
 
@@ -261,7 +268,7 @@ def _confident_count(scores: pd.DataFrame, labels) -> int | None:
         return None
     labels = np.asarray(labels)
     if len(labels) != len(scores):
-        raise InfluenceInputError(f"flag policy: {len(labels)} labels for {len(scores)} scores")
+        raise InputError(f"flag policy: {len(labels)} labels for {len(scores)} scores")
     return confident_error_count(scores["mean_loss"].to_numpy(np.float64), labels)
 
 
@@ -269,9 +276,9 @@ def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = No
                  confident_errors: int | None = None) -> Flags:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
-        raise InfluenceInputError(f"flag policy: expected a non-empty vector of scores, got shape {values.shape}")
+        raise InputError(f"flag policy: expected a non-empty vector of scores, got shape {values.shape}")
     if not np.isfinite(values).all():
-        raise InfluenceInputError(f"flag policy: {int((~np.isfinite(values)).sum())} score(s) are NaN or inf")
+        raise InputError(f"flag policy: {int((~np.isfinite(values)).sum())} score(s) are NaN or inf")
     z, median, scale = robust_z(values)
     if policy.method == "quantile":
         cutoff = float(np.quantile(values, policy.quantile))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import step_column, steps_of
 from ..influence.signals import SIGNAL_COLUMNS, suspicion_ranks
 from ..training.layout import TEXT_COLUMNS
@@ -46,7 +46,7 @@ def build_review_queue(
     label, the loss at every checkpoint, and the decision in force so far (a snapshot: the store stays
     authoritative). ``decisions`` may carry ``decided_on_run`` (the lineage run a decision came from)."""
     if len(flags.flagged) != len(scores):
-        raise InfluenceInputError(f"review queue: {len(flags.flagged)} flags for {len(scores)} scores")
+        raise InputError(f"review queue: {len(flags.flagged)} flags for {len(scores)} scores")
     signals = [c for c in SIGNAL_COLUMNS if c in scores]
     everyone = scores[["example_id", *signals]].reset_index(drop=True)
     everyone = pd.concat([everyone, suspicion_ranks(everyone, signals)], axis=1)
@@ -63,7 +63,7 @@ def build_review_queue(
     examples = train_examples.set_index("example_id")
     missing = np.setdiff1d(queue["example_id"], examples.index)
     if len(missing):
-        raise InfluenceInputError(f"review queue: flagged ids {missing[:5].tolist()} are not training examples")
+        raise InputError(f"review queue: flagged ids {missing[:5].tolist()} are not training examples")
     queue["label"] = examples.loc[queue["example_id"], "label"].to_numpy()
     queue["original_label"] = examples.loc[queue["example_id"], "original_label"].to_numpy()
     queue["flipped"] = examples.loc[queue["example_id"], "flipped"].to_numpy()
@@ -137,10 +137,10 @@ def read_review_queue(path) -> tuple[pd.DataFrame, dict]:
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
-        raise InfluenceInputError(
+        raise InputError(
             f"review queue {path}: no such file (materialise the run's review_queue first)"
         ) from None
     info = (table.schema.metadata or {}).get(_INFO_KEY)
     if info is None:
-        raise InfluenceInputError(f"review queue {path}: has no review metadata (not written by the pipeline)")
+        raise InputError(f"review queue {path}: has no review metadata (not written by the pipeline)")
     return table.to_pandas(), json.loads(info)

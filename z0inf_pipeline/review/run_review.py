@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 from upath import UPath
 
-from ..errors import ReviewError
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError, ReviewError
 from ..influence.loss_tables import step_column, steps_of
 from ..influence.signals import SIGNAL_COLUMNS, flag_score
 from .evidence import (
@@ -27,9 +26,10 @@ from .evidence import (
     split_names,
     strongest_effects,
 )
-from .gate import GateStatus, evaluate_gate
+from .gate import GateStatus, queue_gate
 from .layout import RunLayout, check_run_id
 from .lineage import applied_in, lineage_decisions, lineage_of
+from .policy import FlagPolicy
 from .queue import read_review_queue
 from .store import DecisionStore, as_example_id
 
@@ -173,12 +173,12 @@ class RunReview:
 
     def gate(self, current: pd.DataFrame) -> GateStatus:
         """The review gate for the decisions in force (``decisions``)."""
-        return evaluate_gate(
-            self.queue["example_id"],
-            current["example_id"],
-            self.info["training_examples"],
-            self.info["policy"]["max_unreviewed_fraction"],
-        )
+        return queue_gate(self.queue, self.info, current)
+
+    @cached_property
+    def policy(self) -> FlagPolicy:
+        """The flag policy the queue was built with."""
+        return FlagPolicy.from_dict(self.info["policy"])
 
     # --- the run's outputs -------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class RunReview:
         queue = self.queue.set_index("example_id")
         standing = pd.DataFrame({"score": queue["flag_score"], "percentile": np.nan, "rank": np.nan}, index=queue.index)
         if self.all_scores is not None:
-            everyone = flag_score(self.all_scores, self.info["policy"]["score"])
+            everyone = flag_score(self.all_scores, self.policy.score)
             standing["percentile"], standing["rank"] = flag_score_standing(standing["score"], everyone)
         return standing
 
@@ -289,10 +289,10 @@ class RunReview:
     def neighbours(self, test_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(proponents, opponents) of one test example: training id and score, strongest first."""
         if self.topk is None:
-            raise InfluenceInputError(f"run {self.run_id}: has no train-test top-k table yet")
+            raise InputError(f"run {self.run_id}: has no train-test top-k table yet")
         rows = self.topk[self.topk["test_example_id"] == int(test_id)].sort_values("rank")
         if rows.empty:
-            raise InfluenceInputError(f"run {self.run_id}: {test_id} is not a test example with influence scores")
+            raise InputError(f"run {self.run_id}: {test_id} is not a test example with influence scores")
         proponents = rows[["proponent_id", "proponent_score"]].set_axis(["example_id", "score"], axis=1)
         opponents = rows[["opponent_id", "opponent_score"]].set_axis(["example_id", "score"], axis=1)
         return proponents.reset_index(drop=True), opponents.reset_index(drop=True)
@@ -358,13 +358,13 @@ class RunReview:
 
         try:
             config = TrainConfig.from_dict(self.train_config)
-        except InfluenceInputError:  # another recipe (the LM recipe): its examples are shown by their text
+        except InputError:  # another recipe (the LM recipe): its examples are shown by their text
             return None
         options = dict(seed=config.seed, test_fraction=config.test_fraction, label_column=config.label_column)
         for image in (True, False):
             try:
                 return load_dataset(config.dataset, image=image, **options)
-            except InfluenceInputError:
+            except InputError:
                 continue
         return None
 
@@ -391,7 +391,7 @@ def runs_with_queue(base: Path) -> list[str]:
 def _is_run_id(name: str) -> bool:
     try:
         check_run_id(name)
-    except InfluenceInputError:
+    except InputError:
         return False
     return True
 

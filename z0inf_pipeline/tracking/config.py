@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sqlalchemy.engine import make_url
+
 from ..errors import ConfigurationError
 from ..settings import data_dir
 
@@ -99,14 +101,12 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI as SQLAlchemy (MLflow's store) reads it: ``sqlite:////abs``
+    absolute, ``sqlite:///rel`` relative to the working directory; None for other stores and in memory."""
     if not tracking_uri.startswith("sqlite:"):
         return None
-    path = urlparse(tracking_uri).path
-    if tracking_uri.startswith("sqlite:////"):  # sqlite:////abs/path keeps its leading slash
-        path = "/" + path.lstrip("/")
-    elif tracking_uri.startswith("sqlite:///"):  # sqlite:///rel/path is relative to the working directory
-        path = path[1:]
-    return Path(path).resolve() if path and path != ":memory:" else None
+    database = make_url(tracking_uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
 
 
 def prepare_store(tracking_uri: str) -> None:

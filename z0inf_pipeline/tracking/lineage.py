@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from .contract import PARENT_TAG
 
 MAX_LINEAGE_DEPTH = 100
@@ -23,12 +23,12 @@ def run_lineage(run_id: str, client: MlflowClient, *, max_depth: int = MAX_LINEA
             parent = client.get_run(lineage[-1]).data.tags.get(PARENT_TAG)
         except MlflowException:
             if len(lineage) == 1:
-                raise InfluenceInputError(f"run lineage: MLflow run {run_id} does not exist") from None
+                raise InputError(f"run lineage: MLflow run {run_id} does not exist") from None
             return lineage
         if not parent:
             return lineage
         if parent in lineage:
-            raise InfluenceInputError(f"run lineage of {run_id}: cycle through {parent} ({' -> '.join(lineage)})")
+            raise InputError(f"run lineage of {run_id}: cycle through {parent} ({' -> '.join(lineage)})")
         if len(lineage) > max_depth:
-            raise InfluenceInputError(f"run lineage of {run_id}: longer than {max_depth} runs; stopped at {parent}")
+            raise InputError(f"run lineage of {run_id}: longer than {max_depth} runs; stopped at {parent}")
         lineage.append(parent)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ from .contract import (
 ARTIFACTS = "artifacts"
 RUN_INFO = "run.json"
 _PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass
@@ -188,8 +186,7 @@ def fetch_run(
 ) -> ContractRun:
     """Download and validate a contract run into ``cache_dir/<run_id>`` (the cache is reused unless
     ``refresh``); raise ContractError saying what is missing or malformed."""
-    if not _RUN_ID.match(run_id or ""):
-        raise ContractError(f"run id {run_id!r}: not a valid MLflow run id")
+    layout.check_run_id(run_id, ContractError)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / run_id

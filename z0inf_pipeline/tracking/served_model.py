@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ContractError
 from ..influence.checkpoints import load_state_dict
+from ..training.recording import token_mean_nll
 
 WEIGHTS = "weights.safetensors"
 MODEL_JSON = "model.json"
@@ -82,8 +83,6 @@ class CheckpointPredictor:
                 return torch.cat(
                     [self.model(chunk).argmax(dim=1) for chunk in features.split(PREDICT_BATCH)]
                 ).numpy().astype(np.int64)
-            from ..integrations.hf import token_mean_nll
-
             tensors = {k: torch.as_tensor(np.asarray(model_input[k], dtype=np.int64)) for k in LM_INPUTS}
             chunks = zip(*(tensors[k].split(PREDICT_BATCH) for k in LM_INPUTS))
             return torch.cat(

@@ -13,7 +13,7 @@ from .datasets import (
 )
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder, cross_entropy_per_example
-from .trainer import DEMO_CONFIG, TrainConfig, TrainResult, checkpoint_steps, learning_rate_factor, train, training_data
+from .trainer import DEMO_CONFIG, TrainConfig, TrainResult, checkpoint_steps, train, training_data
 
 __all__ = [
     "DEMO_CONFIG",
@@ -31,7 +31,6 @@ __all__ = [
     "confusable_classes",
     "cross_entropy_per_example",
     "curate_train",
-    "learning_rate_factor",
     "load_dataset",
     "relabel",
     "subset",

@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import ConfigurationError
-from ..influence.errors import InfluenceInputError
+from ..errors import ConfigurationError, InputError
 from ..influence.loss_tables import ID_COLUMN
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
@@ -84,7 +83,7 @@ def load_dataset(
         raise ConfigurationError(f"test_fraction {test_fraction}: must be between 0 and 1")
     ids, features, labels, class_names, source, feature_names = _load_raw(name, label_column)
     if image and name != "digits":
-        raise InfluenceInputError(f"dataset {name}: image=True is only available for digits")
+        raise InputError(f"dataset {name}: image=True is only available for digits")
     input_shape = _DIGITS_IMAGE_SHAPE if image else (features.shape[1],)
     train_pos, test_pos = _stratified_split(labels, test_fraction, seed, source)
     train_x, test_x = _standardise(features[train_pos], features[test_pos], per_feature=not image)
@@ -123,7 +122,7 @@ def relabel(split: Split, new_labels: Mapping[int, int] | Iterable[tuple[int, in
     values = np.asarray([pairs[int(i)] for i in ids], dtype=np.int64)
     bad = values[(values < 0) | (values >= num_classes)]
     if len(bad):
-        raise InfluenceInputError(f"relabel: label(s) {bad[:5].tolist()} out of range [0, {num_classes})")
+        raise InputError(f"relabel: label(s) {bad[:5].tolist()} out of range [0, {num_classes})")
     order = np.argsort(split.example_ids)
     positions = order[np.searchsorted(split.example_ids, ids, sorter=order)]
     labels = split.labels.clone()
@@ -148,7 +147,7 @@ def curate_train(
     keep = train.example_ids if train_subset is None else _known_ids(train, train_subset, "train_subset")
     keep = np.setdiff1d(keep, exclude)
     if len(keep) == 0:
-        raise InfluenceInputError(f"dataset {bundle.name}: curation leaves no training examples")
+        raise InputError(f"dataset {bundle.name}: curation leaves no training examples")
     mask = np.isin(train.example_ids, keep)
     kept = subset(train, keep)
     kept_ids = set(keep.tolist())
@@ -165,7 +164,7 @@ def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
     wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
     unknown = np.setdiff1d(wanted, split.example_ids)
     if len(unknown):
-        raise InfluenceInputError(
+        raise InputError(
             f"{what}: {len(unknown)} example id(s) are not in the training split, e.g. {unknown[:5].tolist()}"
         )
     return wanted
@@ -194,15 +193,15 @@ def _load_raw(name: str, label_column: str):
         return np.arange(len(data.target), dtype=np.int64), features, data.target, names, name, feature_names
     path = Path(name)
     if path.suffix.lower() not in (".csv", ".parquet"):
-        raise InfluenceInputError(
+        raise InputError(
             f"dataset {name!r}: not a known dataset ({', '.join(BUILTIN_DATASETS)}) nor a .csv/.parquet file"
         )
     if not path.is_file():
-        raise InfluenceInputError(f"dataset {path}: no such file")
+        raise InputError(f"dataset {path}: no such file")
     try:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - any parser failure is bad input, reported with the file
-        raise InfluenceInputError(f"dataset {path}: cannot be read ({exc})") from None
+        raise InputError(f"dataset {path}: cannot be read ({exc})") from None
     return _from_frame(frame, label_column, str(path))
 
 
@@ -213,7 +212,7 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
-        raise InfluenceInputError("dataset mnist1d: needs the mnist1d package (pip install mnist1d)") from None
+        raise InputError("dataset mnist1d: needs the mnist1d package (pip install mnist1d)") from None
     data = make_dataset(get_dataset_args())
     features = np.concatenate([data["x"], data["x_test"]]).astype(np.float64)
     labels = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
@@ -224,35 +223,35 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
 
 def _from_frame(frame: pd.DataFrame, label_column: str, source: str):
     if label_column not in frame.columns:
-        raise InfluenceInputError(
+        raise InputError(
             f"dataset {source}: has no label column {label_column!r} (columns: {list(frame.columns)})"
         )
     if frame[label_column].isna().any():
-        raise InfluenceInputError(f"dataset {source}: label column {label_column!r} has missing values")
+        raise InputError(f"dataset {source}: label column {label_column!r} has missing values")
     if ID_COLUMN in frame.columns:
         ids = frame[ID_COLUMN]
         if not pd.api.types.is_integer_dtype(ids):
-            raise InfluenceInputError(f"dataset {source}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
+            raise InputError(f"dataset {source}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
         if ids.duplicated().any():
             dupes = ids[ids.duplicated()].unique()[:5].tolist()
-            raise InfluenceInputError(f"dataset {source}: column '{ID_COLUMN}' has duplicate ids, e.g. {dupes}")
+            raise InputError(f"dataset {source}: column '{ID_COLUMN}' has duplicate ids, e.g. {dupes}")
         ids = ids.to_numpy(np.int64)
     else:
         ids = np.arange(len(frame), dtype=np.int64)
     feature_cols = [c for c in frame.columns if c not in (label_column, ID_COLUMN)]
     if not feature_cols:
-        raise InfluenceInputError(f"dataset {source}: has no feature columns besides {label_column!r}")
+        raise InputError(f"dataset {source}: has no feature columns besides {label_column!r}")
     non_numeric = [c for c in feature_cols if not (pd.api.types.is_numeric_dtype(frame[c]))]
     if non_numeric:
-        raise InfluenceInputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
+        raise InputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
     features = frame[feature_cols].to_numpy(np.float64)
     missing = ~np.isfinite(features)
     if missing.any():
         bad = [c for c, n in zip(feature_cols, missing.sum(axis=0)) if n]
-        raise InfluenceInputError(f"dataset {source}: feature column(s) {bad} have missing or infinite values")
+        raise InputError(f"dataset {source}: feature column(s) {bad} have missing or infinite values")
     classes, labels = np.unique(frame[label_column].to_numpy(), return_inverse=True)
     if len(classes) < 2:
-        raise InfluenceInputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
+        raise InputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
     return ids, features, labels.astype(np.int64), tuple(str(c) for c in classes), source, tuple(map(str, feature_cols))
 
 
@@ -265,7 +264,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int, sourc
             positions, test_size=test_fraction, stratify=labels, random_state=seed
         )
     except ValueError as exc:
-        raise InfluenceInputError(f"dataset {source}: cannot split stratified with test_fraction "
+        raise InputError(f"dataset {source}: cannot split stratified with test_fraction "
                                   f"{test_fraction} ({exc})") from None
     return np.sort(train_pos), np.sort(test_pos)
 
@@ -283,7 +282,7 @@ def _check_standardised(train: np.ndarray, test: np.ndarray, feature_names: tupl
     bad = ~(np.isfinite(train).all(axis=0) & np.isfinite(test).all(axis=0))
     if bad.any():
         names = [n for n, b in zip(feature_names, bad) if b]
-        raise InfluenceInputError(
+        raise InputError(
             f"dataset {source}: feature column(s) {names[:10]} are NaN or inf after standardisation (values too "
             "large for float64 mean and variance); rescale them"
         )

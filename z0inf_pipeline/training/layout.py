@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..influence.atomic import atomic_output
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOSSES = "loss_tables/train.parquet"
@@ -27,6 +28,8 @@ MODEL_SPEC = "model_spec.json"
 TRAIN_CONFIG = "train_config.json"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = (MODEL_SPEC, EXAMPLES, TRAIN_LOSSES, TEST_LOSSES)
+# MLflow run ids are hex strings; a custom store's may use letters, "_" and "-", never "/" or a leading "-".
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 EXAMPLE_COLUMNS = ("example_id", "split", "label", "original_label", "flipped")
 # Optional text columns of contract v2 (sequence tasks, files): shown to reviewers, never parsed.
 TEXT_COLUMNS = ("prompt", "target", "uri")
@@ -48,9 +51,9 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         payload = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InfluenceInputError(f"{path}: not a readable JSON file ({exc})") from None
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(payload, dict):
-        raise InfluenceInputError(f"{path}: holds JSON {type(payload).__name__}, expected an object")
+        raise InputError(f"{path}: holds JSON {type(payload).__name__}, expected an object")
     return payload
 
 
@@ -92,7 +95,7 @@ def write_examples(
     unknown = sorted(set(text) - set(TEXT_COLUMNS))
     wrong_length = [c for c, v in text.items() if len(v) != len(train_ids) + len(test_ids)]
     if unknown or wrong_length:
-        raise InfluenceInputError(
+        raise InputError(
             f"examples table: text columns must be among {list(TEXT_COLUMNS)} (got {unknown}) and hold one "
             f"value per example (wrong length: {wrong_length})"
         )
@@ -107,3 +110,11 @@ def write_examples(
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def check_run_id(run_id: str, error: type[InputError] = InputError) -> str:
+    """Refuse anything but a run id (a path, '..') before it names a folder or an MLflow request: the
+    one rule for run ids (the contract cache, the outputs folders, the review store)."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise error(f"run id {run_id!r}: not a valid MLflow run id (letters, digits, '_' and '-' only)")
+    return run_id

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigurationError
+from .recording import IGNORE_INDEX
 
 RECIPE = "lm"
 REGISTERED_MODEL = "lm-reversal"  # every round of the recipe is a version of this registered model
@@ -29,7 +30,6 @@ ALPHABET = "abcdefgh"
 # 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
 VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
 PAD, BOS, EOS = 0, 1, 2
-IGNORE_INDEX = -100
 
 
 def _shifted(text: str) -> str:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import nn
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 
 MODEL_KINDS = ("logreg", "mlp", "cnn")
 _CNN_CHANNELS = (16, 32)
@@ -27,13 +27,13 @@ class ModelSpec:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if self.kind not in MODEL_KINDS:
-            raise InfluenceInputError(f"model kind {self.kind!r}: must be one of {list(MODEL_KINDS)}")
+            raise InputError(f"model kind {self.kind!r}: must be one of {list(MODEL_KINDS)}")
         if self.num_classes < 2:
-            raise InfluenceInputError(f"model spec: num_classes {self.num_classes} must be at least 2")
+            raise InputError(f"model spec: num_classes {self.num_classes} must be at least 2")
         if any(h < 1 for h in self.hidden):
-            raise InfluenceInputError(f"model spec: hidden widths {list(self.hidden)} must be positive")
+            raise InputError(f"model spec: hidden widths {list(self.hidden)} must be positive")
         if self.kind == "cnn" and len(self.input_shape) != 3:
-            raise InfluenceInputError(
+            raise InputError(
                 f"model spec: a cnn needs (channels, height, width) inputs, not {list(self.input_shape)} "
                 "(load digits with image=True)"
             )
@@ -47,7 +47,7 @@ class ModelSpec:
             return cls(kind=d["kind"], input_shape=tuple(d["input_shape"]), num_classes=int(d["num_classes"]),
                        hidden=tuple(d.get("hidden", (64,))))
         except (KeyError, TypeError, ValueError) as exc:
-            raise InfluenceInputError(f"model spec {d!r}: malformed ({exc!r})") from None
+            raise InputError(f"model spec {d!r}: malformed ({exc!r})") from None
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -17,14 +17,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..influence.errors import InfluenceInputError
+from ..errors import InputError
 from ..influence.loss_tables import LossFn, LossTable, evaluate_losses
 
 EVAL_BATCH_SIZE = 1024
+# Hugging Face conventions: label tokens -100 are not scored; the inputs a causal LM is called with.
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def token_mean_nll(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of each sequence's label tokens (labels -100 are masked out), (B,).
+
+    Causal LM convention: the logits at position t predict the label at t + 1. A sequence with no
+    label token has no loss (0 / 0 = NaN), which the recorder refuses by name.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = labels.ne(IGNORE_INDEX)
+    return per_token.sum(dim=1) / counted.sum(dim=1)
+
 
 
 class SplitRecorder:
@@ -42,12 +60,12 @@ class SplitRecorder:
     ) -> None:
         self.example_ids = np.asarray(example_ids, dtype=np.int64)
         if len(self.example_ids) != len(features) or len(features) != len(labels):
-            raise InfluenceInputError(
+            raise InputError(
                 f"{name}: {len(self.example_ids)} example ids, {len(features)} feature rows and "
                 f"{len(labels)} labels; they must match"
             )
         if len(np.unique(self.example_ids)) != len(self.example_ids):
-            raise InfluenceInputError(f"{name}: example ids are not unique")
+            raise InputError(f"{name}: example ids are not unique")
         self.name = name
         self.data = (features, labels)
         self.loss_fn = loss_fn
@@ -58,7 +76,7 @@ class SplitRecorder:
     def record(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate ``model`` on the split; return the mean loss and (for class scores) the accuracy."""
         if self.steps and step <= self.steps[-1]:
-            raise InfluenceInputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
+            raise InputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
         row = len(self.steps)
         if row == len(self._values):
             self._values = torch.cat([self._values, torch.empty_like(self._values)])
@@ -128,7 +146,7 @@ class BatchLossRecorder:
     def __init__(self, batches: Iterable, loss_fn: BatchLossFn, *, ids_fn: IdsFn = ids_from_batch,
                  capacity: int = 16, name: str = "split") -> None:
         if isinstance(batches, Iterator):
-            raise InfluenceInputError(
+            raise InputError(
                 f"{name}: batches are a one-shot iterator; pass something iterable once per checkpoint "
                 "(a DataLoader, a list, an object with __iter__)"
             )
@@ -141,7 +159,7 @@ class BatchLossRecorder:
     def record(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """One ``no_grad`` pass over the batches; return the split's mean loss."""
         if self.steps and step <= self.steps[-1]:
-            raise InfluenceInputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
+            raise InputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         ids_seen: list[np.ndarray] = []
         losses_seen: list[torch.Tensor] = []
@@ -166,7 +184,7 @@ class BatchLossRecorder:
             self._fix_ids(ids_seen, step)
             self._row(0)[:] = torch.cat(losses_seen)
         elif filled != len(self.example_ids):
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: at step {step} the batches hold {filled} examples, but {len(self.example_ids)} at "
                 f"step {self.steps[0]}; the set must not change between checkpoints"
             )
@@ -175,20 +193,20 @@ class BatchLossRecorder:
 
     def table(self) -> LossTable:
         if self.example_ids is None:
-            raise InfluenceInputError(f"{self.name}: no checkpoint was recorded")
+            raise InputError(f"{self.name}: no checkpoint was recorded")
         return LossTable(self.example_ids, tuple(self.steps), self._values[: len(self.steps)])
 
     def _batch_ids(self, batch: Any, number: int, step: int) -> np.ndarray:
         try:
             raw = self.ids_fn(batch)
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: batch {number} at step {step} carries no example ids ({type(exc).__name__}: {exc}); "
                 f"put them in the batch (default: batch[{ID_KEY!r}]) or pass ids_fn"
             ) from None
         ids = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: batch {number} at step {step}: example ids must be a 1-d sequence of integers, "
                 f"got {ids.dtype} of shape {ids.shape}"
             )
@@ -198,7 +216,7 @@ class BatchLossRecorder:
         losses = self.loss_fn(model, batch)
         if not isinstance(losses, torch.Tensor) or losses.shape != (len(ids),):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: loss_fn returned {shape} for batch {number} of {len(ids)} examples at step {step}; "
                 "it must return one value per example, shape (B,)"
             )
@@ -206,7 +224,7 @@ class BatchLossRecorder:
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             first = int(ids[int(torch.argmin(finite.to(torch.int8)))])
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: loss_fn returned {int((~finite).sum())} NaN/inf loss(es) in batch {number} at step "
                 f"{step} (first at example_id {first})"
             )
@@ -214,12 +232,12 @@ class BatchLossRecorder:
 
     def _fix_ids(self, ids_seen: list[np.ndarray], step: int) -> None:
         if not ids_seen:
-            raise InfluenceInputError(f"{self.name}: the batches are empty at step {step}")
+            raise InputError(f"{self.name}: the batches are empty at step {step}")
         ids = np.concatenate(ids_seen)
         unique, counts = np.unique(ids, return_counts=True)
         if len(unique) != len(ids):
             repeated = unique[counts > 1]
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: {len(repeated)} example id(s) appear more than once across batches, e.g. "
                 f"{repeated[:5].tolist()}; every example must come exactly once per pass (no shuffling "
                 "sampler that draws with replacement, no drop_last)"
@@ -230,7 +248,7 @@ class BatchLossRecorder:
     def _check_same_ids(self, ids: np.ndarray, offset: int, number: int, step: int) -> None:
         expected = self.example_ids[offset : offset + len(ids)]
         if len(expected) != len(ids) or not np.array_equal(expected, ids):
-            raise InfluenceInputError(
+            raise InputError(
                 f"{self.name}: batch {number} at step {step} holds ids {ids[:5].tolist()}..., where step "
                 f"{self.steps[0]} had {expected[:5].tolist()}...; the set and its order must not change between "
                 "checkpoints (use shuffle=False)"

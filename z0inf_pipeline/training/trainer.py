@@ -183,15 +183,6 @@ def checkpoint_steps(total_steps: int, *, count: int = 20, every: int = 0, unit_
     return np.floor(np.linspace(0, total_steps, count) + 0.5).astype(int).tolist()
 
 
-def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
-    progress = step / max(total_steps, 1)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 1.0
-
-
 def training_data(config: TrainConfig) -> DatasetBundle:
     """The data exactly as ``config`` trains on it: same split and noise, then subset, drops and relabels
     (the pretraining part, if any, left out)."""
@@ -349,20 +340,29 @@ def train(
 
 
 def _updates(model, optimizer, features, labels, config: TrainConfig, epochs: int, total_steps: int, shuffle):
-    """Minibatch updates over ``epochs`` with the config's schedule; yields (step, lr) after each one."""
+    """Minibatch updates over ``epochs`` with the config's schedule; yields (step, lr of that update) after each."""
+    scheduler = _scheduler(optimizer, config.schedule, total_steps)
     model.train()
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=shuffle)
         for batch in order.split(config.batch_size):
-            lr = config.lr * learning_rate_factor(config.schedule, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(features[batch]), labels[batch]).backward()
             optimizer.step()
+            scheduler.step()
             step += 1
             yield step, lr
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
+    """torch's schedules over ``total_steps`` updates: cosine annealing or linear decay to 0, or constant."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if schedule == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -5,7 +5,7 @@ import pandas as pd
 
 from ...review import curate, lineage_decisions, lineage_of
 from ...review.lineage import DECISIONS_THROUGH
-from ..metadata import markdown_table, run_id_of
+from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
@@ -56,10 +56,8 @@ def curated_training_set(
             "inherited_decisions": int((current["decided_on_run"] != run_id).sum()),
             DECISIONS_THROUGH: through,
             "dropped_ids": dg.MetadataValue.json(list(curated.dropped_ids)),
-            "relabels": dg.MetadataValue.md(
-                markdown_table(
-                    relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
-                )
+            "relabels": table_metadata(
+                relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
             ),
             "dagster/row_count": curated.size,
         },

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError
 from ...influence.loss_tables import LossTable, read_loss_table
-from ...review.run_data import (
+from ...training.reevaluate import (
     max_deviation,
     rebuild_data,
     shard_of,
@@ -56,7 +56,7 @@ def plan_loss_shards(
     run = mlflow.fetch(run_id_of(context))
     data = None if config.source == "logged" else rebuild_data(run.run_id, run.train_config, run.model_spec, training_run)
     if data is None and (config.source == "recompute" or config.loss != "cross_entropy"):
-        raise InfluenceInputError(
+        raise InputError(
             f"run {run.run_id}: loss tables can only be recomputed (source={config.source!r}, loss={config.loss!r}) "
             "for runs whose training config rebuilds their data; use source='logged' with loss='cross_entropy'"
         )
@@ -137,7 +137,7 @@ def assemble_loss_tables(
         deviation = max(max_deviation(tables["train"], logged_train), max_deviation(tables["test"], logged_test))
         metadata["max_deviation_from_logged"] = rounded(deviation)
         if deviation > LOGGED_TOLERANCE:
-            raise InfluenceInputError(
+            raise InputError(
                 f"run {run.run_id}: losses recomputed from the checkpoints differ from the logged loss tables "
                 f"by up to {deviation:.3g} (tolerance {LOGGED_TOLERANCE}); checkpoints and tables do not match"
             )

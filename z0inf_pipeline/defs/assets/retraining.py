@@ -4,7 +4,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError
 from ...integrations import train_and_log_recipe
 from ...review import CuratedSet, retrain_config
 from ...review.curation import relabels_of
@@ -46,7 +46,7 @@ def retrained_run(
     The output is a one-row summary: parent, retrained run, sizes, test accuracy of both."""
     parent = mlflow.fetch(run_id_of(context))
     if parent.train_config is None:
-        raise InfluenceInputError(
+        raise InputError(
             f"run {parent.run_id}: has no training config (train_config.json), so its recipe cannot be retrained here"
         )
     curated = curated_from_frame(curated_training_set, training_run)

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError
 from ...quality import validate_flagging
 from ...review import RunLayout, build_review_queue, detection_quality, flag_scores, read_review_queue
 from ...review.gate import POLICY_CHANGES_KEY, policy_changes
@@ -22,7 +22,7 @@ from ...review.policy import given_labels
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
-from ..metadata import gx_metadata, markdown_table, rounded, run_id_of
+from ..metadata import gx_metadata, rounded, run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..provenance import verify_scores
 from ..resources import DecisionStoreResource, MlflowResource
@@ -120,9 +120,7 @@ def review_queue(
         "policy_changes": dg.MetadataValue.json(changes),
         **gx_metadata(mlflow, run_id, RunLayout.for_run(run_id, base).gx_folder, flagging.report),
         "unreviewed": int(queue["decision"].isna().sum()),
-        "review_queue": dg.MetadataValue.md(
-            markdown_table(reviewer_table(review, current), PREVIEW_ROWS)
-        ),
+        "review_queue": table_metadata(reviewer_table(review, current), PREVIEW_ROWS),
         "flag_score_histogram": dg.MetadataValue.md(markdown_image(histogram, f"histogram of the flag score ({policy.score})")),
         "dagster/row_count": len(queue),
     }
@@ -184,7 +182,7 @@ def _flagged_grid(run, flagged: pd.DataFrame) -> bytes | None:
             label_column=config.label_column,
             image=True,
         )
-    except InfluenceInputError:
+    except InputError:
         return None
     ids = flagged["example_id"].to_numpy(np.int64)
     positions = pd.Index(bundle.train.example_ids).get_indexer(ids)

@@ -5,9 +5,9 @@ from dataclasses import replace
 import dagster as dg
 import pandas as pd
 
+from ...errors import InputError
 from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
 from ...influence.directions import ForwardAccess
-from ...influence.errors import InfluenceInputError
 from ..config import EstimatorConfig
 from ..metadata import quantiles, rounded_metadata, run_id_of
 from ..partitions import PER_RUN
@@ -19,7 +19,7 @@ def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArgum
                        train_test: TrainTestArguments = TrainTestArguments(), forward: ForwardAccess | None = None):
     """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
     if list(gram.steps) != list(run.steps):
-        raise InfluenceInputError(
+        raise InputError(
             f"run {run.run_id}: weight_gram was computed for steps {list(gram.steps)}, the checkpoints are at "
             f"{list(run.steps)}; materialise weight_gram again"
         )
@@ -30,7 +30,7 @@ def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArgum
                                  train_test=train_test, forward=forward)
     differences = [] if gram.provenance is None else gram.provenance.differences(analysis.provenance)
     if differences:
-        raise InfluenceInputError(
+        raise InputError(
             f"run {run.run_id}: weight_gram was computed from {'; '.join(differences)}; materialise weight_gram again"
         )
     return analysis

@@ -3,9 +3,9 @@
 import dagster as dg
 import pandas as pd
 
-from ...review.run_data import forward_access, rebuild_data
+from ...training.reevaluate import forward_access, rebuild_data
 from ..config import TopKConfig
-from ..metadata import markdown_table, run_id_of
+from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import GPU_STEP_TAGS, ComputeResource, MlflowResource
 from ..storage import Gram, LossTables
@@ -52,11 +52,9 @@ def train_test_influence(
             "k": k,
             "dagster/row_count": len(frame),
             **{
-                f"frequent_top_{role}s": dg.MetadataValue.md(
-                    markdown_table(
-                        top1[f"{role}_id"].value_counts().rename_axis("training example").reset_index(name="test examples"),
-                        10,
-                    )
+                f"frequent_top_{role}s": table_metadata(
+                    top1[f"{role}_id"].value_counts().rename_axis("training example").reset_index(name="test examples"),
+                    10,
                 )
                 for role in ("proponent", "opponent")
             },

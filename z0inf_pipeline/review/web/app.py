@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 from flask import Flask, abort, flash, redirect, render_template, request
 
-from ...errors import ReviewError
-from ...influence.errors import InfluenceInputError
+from ...errors import InputError, ReviewError
 from ..cards import ATTRIBUTION_ACCURACY, decision_text, test_example_cards, training_cards
 from ..evidence import sparkline, split_names
 from ..layout import RunLayout
+from ..policy import FlagPolicy
 from ..run_review import RunReview, decisions_needed, lineage_history, runs_with_queue
 from ..sheet import run_review_sheet, stored_histogram
 from ..store import DecisionStore
@@ -52,7 +52,7 @@ class ReviewSite:
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
     # None hides the page's retrain button (the page then only shows the command)
-    retrain: Callable[[str, dict], tuple[str | None, str]] | None = None
+    retrain: Callable[[str, FlagPolicy], tuple[str | None, str]] | None = None
     _reviews: dict[str, tuple[int, RunReview]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _retraining: threading.Lock = field(default_factory=threading.Lock)
@@ -63,14 +63,14 @@ class ReviewSite:
         missing = f"run {run_id}: no review queue (materialise its review_queue first)"
         try:
             stamp = RunLayout.for_run(run_id, self.base).review_queue.stat().st_mtime_ns
-        except (InfluenceInputError, OSError):
+        except (InputError, OSError):
             abort(404, missing)
         with self._lock:
             cached = self._reviews.get(run_id)
             if cached is None or cached[0] != stamp:
                 try:
                     review = RunReview.open(run_id, self.base, self.train_config_for(run_id))
-                except InfluenceInputError:
+                except InputError:
                     abort(404, missing)
                 cached = self._reviews[run_id] = (stamp, review)
             return cached[1]
@@ -176,12 +176,12 @@ def create_app(site: ReviewSite) -> Flask:
             # the class picker is in every form of a classification run: its value only counts for a relabel
             label = review.label_index(form.get("label")) if action == "relabel" and form.get("label") else None
             if not reviewer:
-                raise InfluenceInputError("review decide: give your name as reviewer (it is kept with the decision)")
+                raise InputError("review decide: give your name as reviewer (it is kept with the decision)")
             if None in ids:
-                raise InfluenceInputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
+                raise InputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
             review.record(site.store, ids, action, label=label, reviewer=reviewer,
                           note=(form.get("note") or "").strip() or None)
-        except (InfluenceInputError, ReviewError) as exc:
+        except (InputError, ReviewError) as exc:
             flash(str(exc), "error")
             anchor = ids[0] if ids and ids[0] is not None else None
             return redirect(_run_url(site, review, back, anchor), 303)
@@ -210,7 +210,7 @@ def create_app(site: ReviewSite) -> Flask:
             flash("a retrain is already running on this server; try again when it has finished", "error")
             return redirect(f"/runs/{run_id}", 303)
         try:
-            child, message = site.retrain(run_id, review.info["policy"])
+            child, message = site.retrain(run_id, review.policy)
         finally:
             site._retraining.release()
         flash(message, "ok" if child else "error")
@@ -237,7 +237,7 @@ def create_app(site: ReviewSite) -> Flask:
         review = site.review(run_id)
         try:
             proponents, opponents = review.neighbours(test_id)
-        except InfluenceInputError as exc:
+        except InputError as exc:
             abort(404, str(exc))
         current = review.decisions(site.store)
         history = lineage_history(site.store, review.lineage)

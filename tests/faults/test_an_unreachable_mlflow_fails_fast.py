@@ -1,4 +1,4 @@
-"""Issue 10, case 3: an unreachable MLflow is a named error within seconds, for the CLI and the assets.
+"""An unreachable MLflow is a named error within seconds, for the CLI and the assets.
 
 Port 9 (discard) on 127.0.0.1 has no listener here: connections are refused at once, which is what a
 stopped server looks like. The < 15 s bound is the acceptance criterion of a time bound, not a speed target.

@@ -1,4 +1,4 @@
-"""Issue 10, case 8: a rejected recipe leaves no MLflow run; unsafe artifact names are judged by path parts."""
+"""A rejected recipe leaves no MLflow run; unsafe artifact names are judged by path parts."""
 
 from __future__ import annotations
 

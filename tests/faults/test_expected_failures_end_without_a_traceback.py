@@ -1,4 +1,4 @@
-"""Issue 10, case 7: every expected failure ends as ``z0inf: error: ...`` with exit status 2, no traceback;
+"""Every expected failure ends as ``z0inf: error: ...`` with exit status 2, no traceback;
 ``--debug`` shows the traceback."""
 
 from __future__ import annotations

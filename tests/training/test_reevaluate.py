@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from z0inf_pipeline.influence.errors import InfluenceInputError
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.loss_tables import read_loss_table
-from z0inf_pipeline.review.run_data import final_predictions, max_deviation, rebuild_data, recompute_loss_tables
 from z0inf_pipeline.training import ModelSpec, TrainConfig, build_model, train
+from z0inf_pipeline.training.reevaluate import final_predictions, max_deviation, rebuild_data, recompute_loss_tables
 from z0inf_pipeline.training.trainer import TrainResult
 
 CONFIG = TrainConfig(epochs=2, checkpoints=3, hidden=(16,), label_noise=0.1, exclude_ids=(0, 5), relabels=((7, 3),))
@@ -52,7 +52,7 @@ def test_rebuild_refuses_a_run_whose_examples_disagree(trained):
     examples = pd.read_parquet(trained.examples)
     row = examples.index[examples["split"] == "train"][0]
     examples.loc[row, "label"] = (examples.loc[row, "label"] + 1) % 10
-    with pytest.raises(InfluenceInputError, match="does not match the run's examples table"):
+    with pytest.raises(InputError, match="does not match the run's examples table"):
         rebuild_data("run", trained.config.to_dict(), trained.model_spec.to_dict(), examples)
     assert rebuild_data("run", None, trained.model_spec.to_dict(), examples) is None
     assert rebuild_data("run", trained.config.to_dict(), {"factory": "pkg:fn"}, examples) is None
@@ -78,7 +78,7 @@ def test_zero_one_losses_and_predictions_agree_with_the_trainers_accuracy(traine
     test_rows = predictions[predictions["split"] == "test"]
     assert (test_rows["predicted_label"] == test_rows["label"]).mean() == pytest.approx(logged_accuracy, abs=1e-6)
     assert predictions["confidence"].between(0, 1).all()
-    with pytest.raises(InfluenceInputError, match="must be one of"):
+    with pytest.raises(InputError, match="must be one of"):
         recompute_loss_tables(factory(trained), trained.checkpoints, data, "hinge")
 
 

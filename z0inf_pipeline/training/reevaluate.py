@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import InputError
 from ..influence.directions import ForwardAccess
-from ..influence.errors import InfluenceInputError
 from ..influence.loss_tables import LossTable, compute_loss_table
-from ..training import DatasetBundle, Split, TrainConfig, training_data
-from ..training.recording import cross_entropy_per_example
+from .datasets import DatasetBundle, Split
+from .recording import cross_entropy_per_example
+from .trainer import TrainConfig, training_data
 
 
 def zero_one_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,14 +35,14 @@ def rebuild_data(
         return None
     try:
         bundle = training_data(TrainConfig.from_dict(train_config))
-    except InfluenceInputError:
+    except InputError:
         return None
     logged = examples.set_index("example_id")
     for name, split in (("train", bundle.train), ("test", bundle.test)):
         rows = logged[logged["split"] == name]
         same_ids = np.array_equal(np.sort(split.example_ids), np.sort(rows.index.to_numpy()))
         if not same_ids or not np.array_equal(rows.loc[split.example_ids, "label"], split.labels.numpy()):
-            raise InfluenceInputError(
+            raise InputError(
                 f"run {run_id}: its {name} data rebuilt from the training config does not match the run's "
                 "examples table (ids or labels differ); the run cannot be analysed reproducibly"
             )
@@ -79,7 +80,7 @@ def split_loss_table(
     """One split's (or one shard's) loss table. A shard that starts on a batch boundary is evaluated in
     exactly the batches of the whole split, so its losses are the same bits as the unsharded ones."""
     if loss not in LOSSES:
-        raise InfluenceInputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
+        raise InputError(f"loss {loss!r}: must be one of {sorted(LOSSES)}")
     return compute_loss_table(
         lambda: model_factory().to(dtype),
         checkpoints,
@@ -112,7 +113,7 @@ def forward_access(
 def _in_order(split: Split, example_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     order = pd.Index(split.example_ids).get_indexer(example_ids)
     if (order < 0).any():
-        raise InfluenceInputError("loss tables: hold example ids that the rebuilt data does not")
+        raise InputError("loss tables: hold example ids that the rebuilt data does not")
     index = torch.from_numpy(order)
     return split.features[index], split.labels[index]
 
@@ -121,7 +122,7 @@ def max_deviation(recomputed: LossTable, logged: LossTable) -> float:
     """Largest absolute difference between two loss tables of the same examples (any row order)."""
     order = pd.Index(logged.example_ids).get_indexer(recomputed.example_ids)
     if (order < 0).any() or recomputed.steps != logged.steps:
-        raise InfluenceInputError("loss tables: recomputed and logged tables hold different examples or steps")
+        raise InputError("loss tables: recomputed and logged tables hold different examples or steps")
     return float((recomputed.values - logged.values[:, order]).abs().max())
 
 

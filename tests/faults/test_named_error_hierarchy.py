@@ -1,4 +1,4 @@
-"""The named error hierarchy: one base class, the old core name kept, the pure core free of services."""
+"""The named error hierarchy: one base class, the pure core free of services."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import sys
 import pytest
 
 from z0inf_pipeline import errors
-from z0inf_pipeline.influence import InfluenceInputError
 from z0inf_pipeline.review import DecisionStore
 from z0inf_pipeline.tracking import ContractError, load_mlflow_config
 from z0inf_pipeline.training import TrainConfig
 
 
-def test_every_named_error_is_a_z0inf_error_and_the_core_name_is_input_error():
-    assert InfluenceInputError is errors.InputError
+def test_every_named_error_is_a_z0inf_error():
     assert ContractError is errors.ContractError
     for cls in (errors.InputError, errors.ContractError, errors.ConfigurationError, errors.ReviewError,
                 errors.ServiceUnavailable, errors.MlflowUnavailable):
         assert issubclass(cls, errors.Z0infError)
     # a bad run, setting or review store is still bad input to code that catches the core's error
     for cls in (errors.ContractError, errors.ConfigurationError, errors.ReviewError):
-        assert issubclass(cls, InfluenceInputError)
+        assert issubclass(cls, errors.InputError)
     # an unreachable service is not bad input: callers retry instead
     assert not issubclass(errors.MlflowUnavailable, errors.InputError)
 

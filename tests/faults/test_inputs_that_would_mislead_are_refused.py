@@ -1,4 +1,4 @@
-"""Issue 10, case 5: inputs that used to give wrong scores with exit status 0 are now refused by name."""
+"""Inputs that used to give wrong scores with exit status 0 are now refused by name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from z0inf_pipeline.cli import main
-from z0inf_pipeline.influence import InfluenceInputError, LossTable, gram_matrix, save_checkpoint, self_influence
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import LossTable, gram_matrix, save_checkpoint, self_influence
 from z0inf_pipeline.influence.checkpoints import read_checkpoint
 from z0inf_pipeline.training.datasets import load_dataset
 
@@ -107,7 +108,7 @@ def raw_safetensors(path, tensors: dict, data_bytes: int):
 )
 def test_overlapping_gapped_or_float_offsets_are_refused(tmp_path, tensors, data_bytes, message):
     path = raw_safetensors(tmp_path / "odd.safetensors", tensors, data_bytes)
-    with pytest.raises(InfluenceInputError, match=f"odd.safetensors: {message}"):
+    with pytest.raises(InputError, match=f"odd.safetensors: {message}"):
         read_checkpoint(path)
 
 
@@ -143,5 +144,5 @@ def test_a_feature_column_that_overflows_when_standardised_is_named(tmp_path):
     frame = pd.DataFrame({"ok": rng.normal(size=40), "huge": np.where(np.arange(40) % 2, 1e308, -1e308),
                           "label": np.arange(40) % 2})
     frame.to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(InfluenceInputError, match=r"t.csv: feature column\(s\) \['huge'\] are NaN or inf after standardisation"):
+    with pytest.raises(InputError, match=r"t.csv: feature column\(s\) \['huge'\] are NaN or inf after standardisation"):
         load_dataset(str(tmp_path / "t.csv"))

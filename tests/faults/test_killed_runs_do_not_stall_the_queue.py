@@ -1,4 +1,4 @@
-"""Issue 10, case 1: ``z0inf materialize`` killed with SIGKILL mid-run leaves no run STARTED for good;
+"""``z0inf materialize`` killed with SIGKILL mid-run leaves no run STARTED for good;
 the queue moves on, and the next sensor request completes under the real ``dagster-daemon``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 10, case 6: an output never replaces an input, and a directory is not an output."""
+"""An output never replaces an input, and a directory is not an output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from z0inf_pipeline.cli import main
-from z0inf_pipeline.influence import InfluenceInputError, LossTable
+from z0inf_pipeline.errors import InputError
+from z0inf_pipeline.influence import LossTable
 from z0inf_pipeline.influence.atomic import atomic_output
 
 
@@ -53,6 +54,6 @@ def test_an_output_that_is_a_directory_is_refused(files, tmp_path, capsys):
     assert main(["self-influence", str(folder), str(train), "-o", str(target)]) == 2
     assert f"z0inf: error: output {target}: is a directory" in capsys.readouterr().err
     assert os.listdir(target) == []
-    with pytest.raises(InfluenceInputError, match="is a directory"):
+    with pytest.raises(InputError, match="is a directory"):
         with atomic_output(target):
             pass

@@ -1,4 +1,4 @@
-"""Issue 10, case 4: a run's model spec may only name a factory from a trusted module (default: none)."""
+"""A run's model spec may only name a factory from a trusted module (default: none)."""
 
 from __future__ import annotations
 
