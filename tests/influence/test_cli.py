@@ -102,7 +102,8 @@ def test_full_matrix_from_files_is_the_trajectory_and_says_so(run_files, tmp_pat
     Z0-Inf at the train-test window, and the output says so."""
     folder, train, train_path, test, test_path = run_files
     out = tmp_path / "full.parquet"
-    result = run_cli("train-test", folder, train_path, test_path, "-o", out, "--full", "--window", "0", "--neighbors", "2")
+    result = run_cli("train-test", folder, train_path, test_path, "-o", out, "--full", "--window", "0", "--neighbors", "2",
+                     "--neighbor-rule", "distance")
     assert result.returncode == 0, result.stderr
     assert "no model factory" in result.stdout and "method trajectory" in result.stdout
     frame = pd.read_parquet(out)

@@ -179,7 +179,7 @@ def test_without_a_model_the_trajectory_answers_and_says_so(run):
     train, test = data(12, 1), data(6, 2)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(12)), (test, range(6)))]
     analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(),
-                                 train_test=TrainTestArguments(warmup_fraction=0.0, neighbors=1))
+                                 train_test=TrainTestArguments(warmup_fraction=0.0, neighbors=1, neighbor_rule="distance"))
     method, fallback = analysis.train_test_method
     assert method == "trajectory" and "no model factory" in fallback
     expected = train_test_influence(analysis.gram, tables[0].values, tables[1].values, 1, neighbor_rule="distance")
