@@ -9,6 +9,7 @@ from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
+from .retraining import refuse_second_retrain
 
 
 @dg.asset(**PER_RUN, kinds={"parquet"})
@@ -25,6 +26,7 @@ def curated_training_set(
     takes effect at the next retrain. Runs only after the blocking review gate on ``review_queue``
     passed in the same run."""
     run_id = run_id_of(context)
+    refuse_second_retrain(context, run_id)  # before the curated set of the retrain in flight is overwritten
     train = training_run[training_run["split"] == "train"]
     store = decisions.open()
     through = store.high_water_mark()
