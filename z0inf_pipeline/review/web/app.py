@@ -27,7 +27,7 @@ from flask import Flask, abort, flash, redirect, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ...errors import InputError, ReviewError, Z0infError
-from ..cards import decision_text, test_example_cards, training_cards
+from ..cards import ATTRIBUTION_ACCURACY, decision_text, test_example_cards, training_cards
 from ..evidence import sparkline, split_names
 from ..layout import RunLayout
 from ..policy import FlagPolicy
@@ -41,6 +41,8 @@ TOKEN_COOKIE = "z0inf_review_token"
 TOKEN_HEADER = "X-Z0inf-Token"
 REVIEWER_COOKIE = "z0inf_reviewer"
 _YEAR_S = 365 * 24 * 3600
+# The suite's tables in a source checkout (the attribution line on cards links here).
+ACCURACY_TABLE = Path(__file__).resolve().parents[3] / "benchmarks" / "README.md"
 # Limits: every form of the page is far below them. A larger body is refused (413) before it is read.
 MAX_REQUEST_BYTES = 64 * 1024
 # Wrong access tokens: after this many from one address within the window, it gets 429 until the window passes.
@@ -121,7 +123,15 @@ def create_app(site: ReviewSite) -> Flask:
 
     @app.context_processor
     def _common():
-        return {"csrf": csrf_token, "reviewer": request.cookies.get(REVIEWER_COOKIE, "")}
+        return {"csrf": csrf_token, "reviewer": request.cookies.get(REVIEWER_COOKIE, ""),
+                "attribution": ATTRIBUTION_ACCURACY}
+
+    @app.get("/accuracy")
+    def accuracy():
+        """The suite's tables (benchmarks/README.md of this checkout), where the attribution line links."""
+        if not ACCURACY_TABLE.is_file():
+            abort(404, "benchmarks/README.md is not in this installation")
+        return ACCURACY_TABLE.read_text(), 200, {"Content-Type": "text/plain; charset=utf-8"}
 
     @app.before_request
     def _guard():
