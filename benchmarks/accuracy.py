@@ -24,9 +24,11 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -55,10 +57,12 @@ from z0inf_pipeline.influence import (
     train_test_influence,
     warmup_window,
 )
-from z0inf_pipeline.influence.analysis import InfluenceArguments
+from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
+from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
+from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
 from z0inf_pipeline.review.policy import FlagPolicy, flag_scores
-from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, train
+from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -104,6 +108,17 @@ NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
 NEIGHBOR_RULES = ("order", "distance")
 CENTERINGS = (False, True)
+# Forward-only random directions (train-test): direction counts, checkpoints, step weights, and whether
+# the trajectory term is added. Smaller P and C are prefixes of the largest (direction p and the
+# checkpoint positions are nested), so one pass serves all; its cost is measured, the smaller settings'
+# scaled from it (cost is linear in P x C). Measured on the first case and not kept in the grid (cost):
+# directions over the last layer only gave lower LDS than over all parameters (0.25 against 0.35 at
+# P = 1024, C = 4, --quick); P = 1024 (0.397 at C = 4 on the first case, full run) costs 2 P C forward
+# passes, 10-30 minutes on the CNN case on 2 shared cores; C = 4 was within 0.01 of C = 1 on the first
+# four cases (0.514 against 0.506 at P = 256).
+DIRECTION_COUNTS = (64, 256)
+DIRECTION_CHECKPOINTS = (1, 2)
+TRAJECTORY_WEIGHTS = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,48 @@ class Stopwatch:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry (MiB), sampled every 2 ms from /proc/self/statm:
+    torch's CPU allocations bypass tracemalloc, and a process-wide maxrss never comes back down."""
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def _rss(cls) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * cls._PAGE
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.mib = (self.peak - self.base) / 2**20
+
+
+class Measured:
+    """Wall time and peak memory of one block: ``with Measured() as cost: ...; cost.seconds, cost.mib``."""
+
+    def __enter__(self):
+        self._clock, self._memory = Stopwatch().__enter__(), PeakMemory().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._memory.__exit__(*exc)
+        self._clock.__exit__(*exc)
+        self.seconds, self.mib = self._clock.seconds, self._memory.mib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +356,7 @@ def cleanlab_scores(run: TrainResult, cache: Path) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_ARGS = InfluenceArguments()
+DEFAULT_TRAIN_TEST = TrainTestArguments()
 PAIR_SCORES = tuple("+".join(pair) for pair in itertools.combinations(SIGNAL_COLUMNS, 2))
 
 
@@ -353,29 +411,137 @@ def evaluate_case(report: Report, case: Case, work: Path, cache: Path, scale: Sc
     def lds(scores: np.ndarray) -> float:
         return linear_datamodeling_score(scores, holdout.masks, holdout.test_losses[:, shown]).mean
 
-    for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
-        gram, train_losses, test_losses, _ = windowed(z0, warmup)
-        inf = train_test_influence(gram, train_losses, test_losses[:, shown],
-                                   min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1),
-                                   neighbor_rule=DEFAULT_ARGS.neighbor_rule, center_losses=center,
-                                   weight_by_correlation=weight).numpy()
-        report.add("z0_lds", quiet=True, case=name, warmup=warmup, center=center, weight=weight, lds=lds(inf))
-
-    def peer(method: str, **row) -> None:
-        report.add("peers", case=name, method=method, **row)
-
+    evaluate_train_test(report, name, classifier_subject(run, lds_run, z0, scale), lds)
     values, seconds = tracin_self(run)
-    peer("TracInCP", spearman=spearman(values, truth), seconds=seconds, **detection(values))
-    values, seconds = tracin_train_test(lds_run)
-    peer("TracInCP train-test", lds=lds(values), seconds=seconds)
-    last = len(run.checkpoints) - 1
-    positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
-    values, seconds = trak_train_test(lds_run, positions, scale.trak_proj_dim)
-    peer("TRAK", lds=lds(values), seconds=seconds)
+    report.add("peers", case=name, method="TracInCP", spearman=spearman(values, truth), seconds=seconds,
+               **detection(values))
     if case.noisy:
         values, flags, seconds = cleanlab_scores(run, cache)
-        peer("cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
+        report.add("peers", case=name, method="cleanlab", seconds=seconds, flagged=int(flags.sum()), **detection(values))
     evaluate_counts(report, case, run, work, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-test attribution: every method's LDS with its wall time and peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainTestSubject:
+    """What every train-test method needs from one case: the loss tables' inputs, the run's checkpoints,
+    model and data (for random directions), and the peers to compare with, each a ``() -> (N, M) scores``."""
+
+    z0: Z0Inputs
+    checkpoints: list
+    access: ForwardAccess
+    parameter_names: list[str]
+    peers: dict
+
+
+def evaluate_train_test(report: Report, name: str, subject: TrainTestSubject, lds) -> None:
+    """LDS of the trajectory grid (window, k, rule; centring and correlation weighting at the default k),
+    of random directions at every (P, checkpoints, eta, trajectory weight), and of the peers, each with
+    its wall time and peak memory (``tests/influence/test_directions.py`` checks that ``InfluenceAnalysis``
+    computes the same ``direction_features``)."""
+    z0 = subject.z0
+    shown = len(subject.access.test[1])
+    measure = lds
+
+    def lds(scores: np.ndarray) -> float:
+        """LDS, and 0 for scores that predict nothing (every prediction equal: no rank correlation)."""
+        try:
+            return measure(scores)
+        except InputError:
+            return 0.0
+
+    for warmup, k, rule in itertools.product(WARMUPS, NEIGHBORS, NEIGHBOR_RULES):
+        gram, train_losses, test_losses, _ = windowed(z0, warmup)
+        if k >= gram.shape[0]:
+            continue
+        with Measured() as cost:
+            inf = train_test_influence(gram, train_losses, test_losses[:, :shown], k, neighbor_rule=rule).numpy()
+        report.add("z0_lds", quiet=True, case=name, warmup=warmup, k=k, rule=rule, center=False, weight=False,
+                   lds=lds(inf), seconds=cost.seconds, mib=cost.mib)
+    for warmup, center, weight in itertools.product(WARMUPS, CENTERINGS, (False, True)):
+        gram, train_losses, test_losses, _ = windowed(z0, warmup)
+        k = min(DEFAULT_ARGS.neighbors, gram.shape[0] - 1)
+        if not (center or weight) or k < 1:
+            continue
+        inf = train_test_influence(gram, train_losses, test_losses[:, :shown], k,
+                                   neighbor_rule=DEFAULT_ARGS.neighbor_rule, center_losses=center,
+                                   weight_by_correlation=weight).numpy()
+        report.add("z0_lds", quiet=True, case=name, warmup=warmup, k=k, rule=DEFAULT_ARGS.neighbor_rule,
+                   center=center, weight=weight, lds=lds(inf))
+
+    gram, train_losses, test_losses, _ = windowed(z0, DEFAULT_TRAIN_TEST.warmup_fraction)
+    trajectory = train_test_influence(gram, train_losses, test_losses[:, :shown],
+                                      min(DEFAULT_TRAIN_TEST.neighbors, gram.shape[0] - 1),
+                                      neighbor_rule=DEFAULT_TRAIN_TEST.neighbor_rule).numpy()
+    positions = direction_checkpoint_positions(warmup_window(z0.steps, DEFAULT_TRAIN_TEST.warmup_fraction),
+                                               max(DIRECTION_CHECKPOINTS))
+    top = max(DIRECTION_COUNTS)
+    with Measured() as cost:  # one pass at the largest P and C; smaller settings are its prefixes
+        train_s, test_s = direction_features(subject.access, [subject.checkpoints[p] for p in positions],
+                                             subject.parameter_names, None, directions=top,
+                                             step_size=DEFAULT_TRAIN_TEST.step_size, seed=DEFAULT_TRAIN_TEST.seed)
+    blocks = len(positions)
+    train_s = train_s.reshape(len(train_s), blocks, top) * top  # back to s_{i,p}: features carry 1/P
+    test_s = test_s.reshape(len(test_s), blocks, top)
+    for P, C, eta, weight in itertools.product(DIRECTION_COUNTS, DIRECTION_CHECKPOINTS, ETAS, TRAJECTORY_WEIGHTS):
+        use = slice(blocks - min(C, blocks), blocks)  # positions ascend: the last C end at the last checkpoint
+        step_weights = (z0.learning_rates[positions[use]] if eta == "learning_rate"
+                        else torch.ones(len(positions[use]), dtype=torch.float64))
+        inf = torch.einsum("ncp,mcp,c->nm", train_s[:, use, :P], test_s[:, use, :P], step_weights).numpy() / P
+        if weight:
+            inf = inf + weight * trajectory
+        report.add("directions_lds", quiet=True, case=name, P=P, C=C, eta=eta, trajectory_weight=weight,
+                   lds=lds(inf), seconds=cost.seconds * P * min(C, blocks) / (top * blocks), mib=cost.mib)
+    best = max((r for r in report.sections["directions_lds"] if r["case"] == name), key=lambda r: r["lds"])
+    print(f"[directions_lds] {name}: best of the grid {best}", flush=True)
+    for method, scores in subject.peers.items():
+        with Measured() as cost:
+            values = scores()
+        report.add("train_test", case=name, method=method, lds=lds(values), seconds=cost.seconds, mib=cost.mib)
+
+
+def classifier_subject(run: TrainResult, lds_run: TrainResult, z0: Z0Inputs, scale: Scale) -> TrainTestSubject:
+    """A classification case: its model spec and data, captum TracInCP and TRAK as peers."""
+    last = len(run.checkpoints) - 1
+    trak_positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
+    return TrainTestSubject(
+        z0, open_checkpoints(run.checkpoints), forward_access(lds_run),
+        [n for n, _ in build_model(run.model_spec).named_parameters()],
+        {"TracInCP": lambda: tracin_train_test(lds_run)[0],
+         "TRAK": lambda: trak_train_test(lds_run, trak_positions, scale.trak_proj_dim)[0]},
+    )
+
+
+def evaluate_lm_case(report: Report, case, work: Path, scale: Scale) -> None:
+    """An LM fine-tuning case (``lm_cases``): held-out answer accuracy and train-test LDS only (no SSRT:
+    the LM recipe's review signals are measured in docs/run-contract.md)."""
+    from lm_cases import TokenLM, train_lm_case
+
+    with Stopwatch() as clock:
+        run = train_lm_case(case, work, scale.holdout_models)
+    report.add("lm_cases", case=case.name, train_examples=len(run.train[0]), test_accuracy=run.test_accuracy,
+               train_seconds=clock.seconds, holdout_models=scale.holdout_models)
+    z0 = Z0Inputs(gram_matrix(run.checkpoints), [c.step for c in run.checkpoints], run.train_losses,
+                  run.test_losses, torch.tensor([c.learning_rate for c in run.checkpoints], dtype=torch.float64))
+
+    def lds(scores: np.ndarray) -> float:
+        return linear_datamodeling_score(scores, run.holdout_masks, run.holdout_test_losses).mean
+
+    names = [n for n, _ in TokenLM(case.recipe).named_parameters()]
+    evaluate_train_test(report, case.name, TrainTestSubject(z0, run.checkpoints, run.access(), names,
+                                                            {"TracInCP": run.tracincp}), lds)
+
+
+def forward_access(run: TrainResult) -> ForwardAccess:
+    """What random directions need from a run: its model factory and data, as the pipeline rebuilds them."""
+    train_split, test_split = run.bundle.train, run.bundle.test
+    return ForwardAccess(lambda: build_model(run.model_spec), (train_split.features, train_split.labels),
+                         (test_split.features, test_split.labels), cross_entropy_per_example)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,14 +683,105 @@ def per_case_tables(report: Report) -> dict[str, pd.DataFrame]:
         if metric != "spearman":
             table = table[[c in set(peers.loc[peers["method"] == "cleanlab", "case"]) for c in table.index]]
         tables[metric] = _with_mean(table)
-    lds = report.frame("z0_lds")
-    lds = lds[lds["warmup"] == coded["warmup_fraction"]]
-    columns = {f"Z0 (center={c}, corr={w})": lds[(lds["center"] == c) & (lds["weight"] == w)].set_index("case")["lds"]
-               for c, w in itertools.product(CENTERINGS, (False, True))}
-    for method in ("TracInCP train-test", "TRAK"):
-        columns[method] = peers[peers["method"] == method].set_index("case")["lds"]
-    tables["lds"] = _with_mean(pd.DataFrame(columns).reindex(cases))
     return tables
+
+
+def train_test_cases(report: Report) -> list[str]:
+    return [r["case"] for r in report.sections.get("cases", [])] + [r["case"] for r in report.sections.get("lm_cases", [])]
+
+
+def _suite_best(frame: pd.DataFrame, keys: list[str], cases: list[str]) -> tuple[pd.Series, tuple]:
+    """Suite-mean LDS of every setting measured on every case, best first, and the best setting."""
+    frame = frame[frame["case"].isin(cases)]
+    complete = frame.groupby(keys)["case"].nunique() == len(cases)
+    means = frame.groupby(keys)["lds"].mean()[complete].sort_values(ascending=False)
+    return means, means.index[0]
+
+
+def choose_train_test(report: Report) -> dict:
+    """Train-test settings by suite-mean LDS (classification and LM cases), apart from the self-influence
+    choice: the trajectory's window, k and rule; random directions' P, checkpoints, eta and trajectory
+    weight; and the forward-only method with the higher mean. Never one case."""
+    cases = train_test_cases(report)
+    trajectory = report.frame("z0_lds")
+    trajectory = trajectory[~trajectory["center"] & ~trajectory["weight"]]
+    t_means, (warmup, k, rule) = _suite_best(trajectory, ["warmup", "k", "rule"], cases)
+    d_means, (P, C, eta, weight) = _suite_best(report.frame("directions_lds"), ["P", "C", "eta", "trajectory_weight"],
+                                               cases)
+    return {"trajectory": {"warmup_fraction": float(warmup), "neighbors": int(k), "neighbor_rule": rule,
+                           "lds": float(t_means.iloc[0])},
+            "directions": {"directions": int(P), "direction_checkpoints": int(C), "eta": eta,
+                           "trajectory_weight": float(weight), "lds": float(d_means.iloc[0])},
+            "method": "directions" if d_means.iloc[0] >= t_means.iloc[0] else "trajectory"}
+
+
+def coded_train_test() -> dict:
+    tt = DEFAULT_TRAIN_TEST
+    return {"method": tt.method, "warmup_fraction": tt.warmup_fraction, "neighbors": tt.neighbors,
+            "neighbor_rule": tt.neighbor_rule, "eta": tt.eta, "directions": tt.directions,
+            "direction_checkpoints": tt.direction_checkpoints, "trajectory_weight": tt.trajectory_weight}
+
+
+def train_test_tables(report: Report) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(LDS, cost) per case and the suite mean: trajectory-only Z0 at the self-influence defaults and at the
+    LDS-chosen ones, random directions at every P (other settings as chosen), and the peers."""
+    cases = train_test_cases(report)
+    choice = choose_train_test(report)["directions"]
+    t = report.frame("z0_lds")
+    t = t[~t["center"] & ~t["weight"]]
+    chosen_t = choose_train_test(report)["trajectory"]
+
+    def trajectory_at(warmup, k, rule) -> pd.DataFrame:
+        rows = t[(t["warmup"] == warmup) & (t["rule"] == rule)]
+        # a case with fewer checkpoints in the window uses every other one (as the analysis clamps k)
+        return rows.sort_values("k").groupby("case").apply(
+            lambda g: g[g["k"] <= k].iloc[-1] if (g["k"] <= k).any() else g.iloc[0], include_groups=False)
+
+    columns, costs = {}, {}
+    si = trajectory_at(DEFAULT_ARGS.warmup_fraction, DEFAULT_ARGS.neighbors, DEFAULT_ARGS.neighbor_rule)
+    columns["Z0 trajectory (self-influence defaults)"] = si["lds"]
+    lds_chosen = trajectory_at(chosen_t["warmup_fraction"], chosen_t["neighbors"], chosen_t["neighbor_rule"])
+    label = f"Z0 trajectory (LDS-chosen: window {chosen_t['warmup_fraction']}, k={chosen_t['neighbors']}, {chosen_t['neighbor_rule']})"
+    columns[label], costs[label + " s"], costs[label + " MiB"] = lds_chosen["lds"], lds_chosen["seconds"], lds_chosen["mib"]
+    d = report.frame("directions_lds")
+    for P in DIRECTION_COUNTS:
+        rows = d[(d["P"] == P) & (d["C"] == choice["direction_checkpoints"]) & (d["eta"] == choice["eta"])
+                 & (d["trajectory_weight"] == choice["trajectory_weight"])].set_index("case")
+        label = f"directions P={P}"
+        columns[label], costs[label + " s"], costs[label + " MiB"] = rows["lds"], rows["seconds"], rows["mib"]
+    peers = report.frame("train_test")
+    for method in ("TracInCP", "TRAK"):
+        rows = peers[peers["method"] == method].set_index("case")
+        columns[method], costs[method + " s"], costs[method + " MiB"] = rows["lds"], rows["seconds"], rows["mib"]
+    lds = _with_mean(pd.DataFrame(columns).reindex(cases))
+    cost = _with_median(pd.DataFrame(costs).reindex(cases))
+    return lds, cost
+
+
+def train_test_targets(report: Report, lds: pd.DataFrame, cost: pd.DataFrame) -> list[str]:
+    """The issue's train-test targets for the coded default, met or with their gaps in figures."""
+    coded = coded_train_test()
+    column = (f"directions P={coded['directions']}" if coded["method"] == "directions"
+              else next(c for c in lds.columns if c.startswith("Z0 trajectory (LDS")))
+    lines = []
+    if column not in lds:
+        return [f"- the coded default ({coded}) was not measured in this run"]
+    ours, tracin = lds.at["suite mean", column], lds.at["suite mean", "TracInCP"]
+    lines.append(f"- default train-test method ({column}) suite-mean LDS {ours:.3f} >= TracInCP's {tracin:.3f}: "
+                 + ("met" if ours >= tracin else f"MISSED by {tracin - ours:.3f}"))
+    lm_names = [r["case"] for r in report.sections.get("lm_cases", [])]
+    for case in lm_names:
+        a, b = lds.at[case, column], lds.at[case, "TracInCP"]
+        lines.append(f"- on {case}: LDS {a:.3f} vs TracInCP {b:.3f}: " + ("met" if a >= b else f"MISSED by {b - a:.3f}"))
+    slower = [(c, cost.at[c, column + " s"], cost.at[c, "TracInCP s"]) for c in lds.index[:-1]
+              if column + " s" in cost and cost.at[c, column + " s"] > cost.at[c, "TracInCP s"]]
+    lines.append("- wall time <= TracInCP's on each case: " + ("met" if not slower else "MISSED on " + "; ".join(
+        f"{c} ({a:.1f} s vs {b:.1f} s)" for c, a, b in slower)))
+    return lines
+
+
+def _with_median(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([table, table.median(axis=0).to_frame("median").T])
 
 
 def _with_mean(table: pd.DataFrame) -> pd.DataFrame:
@@ -601,6 +858,16 @@ def write_markdown(report: Report, out: Path, quick: bool, total_seconds: float)
                   .agg(auprc=("auprc", "mean"), auroc=("auroc", "mean"), spearman=("spearman", "mean"))
                   .sort_values("auprc", ascending=False).reset_index()) if "auprc" in signals else pd.DataFrame()
     agrees = all(coded[k] == chosen[k] for k in coded)
+    tt_lds, tt_cost = train_test_tables(report)
+    tt_choice = choose_train_test(report)
+    cases = train_test_cases(report)
+    tt = report.frame("z0_lds")
+    tt_traj_means, _ = _suite_best(tt[~tt["center"] & ~tt["weight"]], ["warmup", "k", "rule"], cases)
+    tt_dir_means, _ = _suite_best(report.frame("directions_lds"), ["P", "C", "eta", "trajectory_weight"], cases)
+    coded_tt = coded_train_test()
+    tt_agrees = (coded_tt["method"] == tt_choice["method"]
+                 and all(coded_tt[k] == v for k, v in tt_choice["trajectory"].items() if k != "lds")
+                 and all(coded_tt[k] == v for k, v in tt_choice["directions"].items() if k != "lds"))
     text = f"""# Accuracy of every zeroth-order signal on a suite of {len(tables['spearman']) - 1} problems
 
 Written by `nice -n 10 python benchmarks/accuracy.py{' --quick' if quick else ''}` in {total_seconds:.0f} s on
@@ -619,9 +886,27 @@ eta = {coded['eta']}, center_losses = {coded['center_losses']}; flag score `{cod
 
 {markdown(tables['spearman'])}
 
-## Train-test attribution: LDS (Z0 at the coded window and k, eta = 1)
+## Train-test attribution: LDS per method (classification and LM cases)
 
-{markdown(tables['lds'])}
+LM cases (tiny GPT-2, copy-pretrained, fine-tuned on another task; `lm_cases.py`), held-out answer
+accuracy of the fine-tuned model:
+
+{markdown(report.frame('lm_cases'), None) if 'lm_cases' in report.sections else 'not run'}
+
+{markdown(tt_lds)}
+
+Wall time (s) and peak memory above the start (MiB, resident, sampled every 2 ms) of the same
+computations; directions at P < the largest are scaled from the largest pass (cost is linear in P x C):
+
+{markdown(tt_cost)}
+
+Train-test settings by suite-mean LDS (apart from the self-influence choice), top 8 of each:
+
+{markdown(tt_traj_means.head(8).reset_index(), None)}
+
+{markdown(tt_dir_means.head(8).reset_index(), None)}
+
+Suite choice: {json.dumps(tt_choice)}; coded train-test defaults {'equal' if tt_agrees else 'DIFFER from'} the choice: {json.dumps(coded_train_test())}.
 
 ## Label-noise detection: AUPRC (noisy cases)
 
@@ -654,7 +939,7 @@ Coded defaults {'equal the suite choice' if agrees else 'DIFFER from the suite c
 
 ## Targets
 
-""" + "\n".join(targets(report, tables) + count_lines(report)) + "\n"
+""" + "\n".join(targets(report, tables) + train_test_targets(report, tt_lds, tt_cost) + count_lines(report)) + "\n"
     path = out / "accuracy.md"
     path.write_text(text)
     return path
@@ -670,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for these tiny models on a shared 2-core box)")
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
+    parser.add_argument("--lm-only", action="store_true",
+                        help="run only the LM cases and merge their rows into the folder's accuracy.json")
+    parser.add_argument("--lm-case", type=int, default=None, help="with --lm-only: only this LM case (0-based)")
     parser.add_argument("--counts", action="store_true",
                         help="only the flag-count section (queue and cleanlab F1, clean twins), into the existing results")
     parser.add_argument("--report-only", action="store_true",
@@ -692,18 +980,39 @@ def main(argv: list[str] | None = None) -> int:
         report = Report(saved["sections"], saved["notes"])
         print(write_markdown(report, out, args.quick, report.notes["total_seconds"]).read_text())
         return 0
+    from lm_cases import LM_CASES
+
     report = Report(notes={"ssrt_models": scale.ssrt_models, "holdout_models": scale.holdout_models})
+    if args.lm_only and (out / "accuracy.json").is_file():
+        saved = json.loads((out / "accuracy.json").read_text())
+        names = {c.name for c in LM_CASES}
+        report = Report({k: [r for r in rows if r.get("case") not in names] for k, rows in saved["sections"].items()},
+                        saved["notes"])
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
-        for case in CASES[: args.cases]:
-            with Stopwatch() as clock:
-                evaluate_case(report, case, Path(tmp), args.cache, scale)
-            print(f"== {case.name}: {clock.seconds:.0f} s", flush=True)
-    total = time.perf_counter() - start
-    report.notes["total_seconds"] = total
-    report.notes["suite_choice"] = choose_defaults(report)
     json_path = out / "accuracy.json"
-    json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1, default=float))
+
+    def save() -> None:  # after every case: a long run that is stopped keeps what it measured
+        json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1, default=float))
+
+    with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
+        classifiers = [] if args.lm_only else list(CASES[: args.cases])
+        lms = list(LM_CASES) if args.lm_only or args.cases is None else []
+        lms = lms if args.lm_case is None else [LM_CASES[args.lm_case]]
+        # the CNN case last: its 2 P C forward passes of random directions take longest on a shared CPU
+        cnn = [c for c in classifiers if c.config.model == "cnn"]
+        for case in [c for c in classifiers if c not in cnn] + lms + cnn:
+            with Stopwatch() as clock:
+                if isinstance(case, Case):
+                    evaluate_case(report, case, Path(tmp), args.cache, scale)
+                else:
+                    evaluate_lm_case(report, case, Path(tmp) / f"lm-{lms.index(case)}", scale)
+            print(f"== {case.name}: {clock.seconds:.0f} s", flush=True)
+            save()
+    total = time.perf_counter() - start
+    report.notes["total_seconds" if not args.lm_only else "lm_seconds"] = total
+    total = report.notes.get("total_seconds", total)
+    report.notes["suite_choice"] = choose_defaults(report)
+    save()
     md = write_markdown(report, out, args.quick, total)
     print(md.read_text())
     print(f"wrote {md} and {json_path} ({total:.0f} s)")

@@ -12,15 +12,17 @@ import pydantic
 import pytest
 
 from z0inf_pipeline.cli import build_parser, main
+from z0inf_pipeline.cli.influence import influence_arguments_of
 from z0inf_pipeline.defs.config import (
     EstimatorConfig,
     FlagPolicyConfig,
     GramConfig,
     TopKConfig,
+    TrainTestConfig,
     TrainingConfig,
     config_class,
 )
-from z0inf_pipeline.influence.analysis import InfluenceArguments
+from z0inf_pipeline.influence.analysis import TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints, select_parameters
 from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.review.policy import FlagPolicy
@@ -35,7 +37,8 @@ GENERATED = [
     (EstimatorConfig, InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
                                            if f.name not in ("parameters", "center", "topk")]),
     (TopKConfig, InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
-                                      if f.name not in ("parameters", "center")]),
+                                      if f.name not in ("parameters", "center", *TRAIN_TEST_OWN)]),
+    (TrainTestConfig, TrainTestArguments, [f.name for f in dataclasses.fields(TrainTestArguments)]),
     (FlagPolicyConfig, FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)]),
 ]
 
@@ -65,7 +68,7 @@ def test_dagster_schema_equals_the_dataclass(config_cls, arguments, names):
 def test_choices_reach_the_launchpad_as_enums():
     schema = _dagster_fields(TrainingConfig)
     assert [v.config_value for v in schema["model"].config_type.enum_values] == ["logreg", "mlp", "cnn"]
-    assert [v.config_value for v in _dagster_fields(TopKConfig)["eta"].config_type.enum_values] == [
+    assert [v.config_value for v in _dagster_fields(EstimatorConfig)["eta"].config_type.enum_values] == [
         "uniform", "learning_rate",
     ]
 
@@ -79,8 +82,11 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     "command, arguments, names, base",
     [
         ("train", TrainConfig, [n for n in GENERATED[0][2]], TrainConfig()),
-        ("train-test", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)], None),
-        ("self-influence", InfluenceArguments, [n for n in GENERATED[3][2] if n != "topk"] + ["parameters"], None),
+        ("train-test", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
+                                            if f.name not in TRAIN_TEST_OWN], None),
+        ("train-test", TrainTestArguments, [f.name for f in dataclasses.fields(TrainTestArguments)], None),
+        ("self-influence", InfluenceArguments, [f.name for f in dataclasses.fields(InfluenceArguments)
+                                                if f.name not in ("center", "topk")], None),
         ("demo", FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)], None),
         ("materialize", FlagPolicy, [f.name for f in dataclasses.fields(FlagPolicy)], None),
         ("demo", TrainConfig, ["epochs", "checkpoints", "label_noise"], DEMO_CONFIG),
@@ -107,11 +113,12 @@ def test_cli_sequences_and_booleans_parse_to_the_dataclass():
     args = _subparser("train").parse_args(["--hidden", "32,16", "--model", "logreg"])
     assert from_namespace(TrainConfig, args).hidden == (32, 16)
     args = _subparser("train-test").parse_args(
-        ["ckpts", "tr.parquet", "te.parquet", "-o", "x", "--parameters", "3.*", "1.weight", "--no-center", "-k", "3"]
+        ["ckpts", "tr.parquet", "te.parquet", "-o", "x", "--parameters", "3.*", "1.weight", "--no-center", "-k", "3",
+         "--neighbors", "4", "--window", "0.2"]
     )
-    assert from_namespace(InfluenceArguments, args) == InfluenceArguments(
-        parameters=("3.*", "1.weight"), center=False, topk=3
-    )
+    # the window, k, rule and eta flags of train-test are TrainTestArguments': InfluenceArguments keeps its own
+    assert influence_arguments_of(args) == InfluenceArguments(parameters=("3.*", "1.weight"), center=False, topk=3)
+    assert from_namespace(TrainTestArguments, args) == TrainTestArguments(neighbors=4, warmup_fraction=0.2)
 
 
 @pytest.mark.parametrize(

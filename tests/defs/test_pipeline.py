@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from z0inf_pipeline.definitions import defs
 from z0inf_pipeline.influence import read_loss_table
+from z0inf_pipeline.influence.analysis import TrainTestArguments
 from z0inf_pipeline.review import RunLayout, read_review_queue
 from z0inf_pipeline.review.layout import outputs_base
 from z0inf_pipeline.tracking import fetch_run, train_and_log
@@ -136,6 +137,11 @@ def test_materialisation_metadata_shows_queue_histogram_and_images(instance, con
     assert metadata["flagged_fraction"].value == round(metadata["flagged_fraction"].value, 3)
     assert "data:image/png;base64," in metadata["flag_score_histogram"].value
     assert "data:image/png;base64," in metadata["flagged_examples"].value
+    # a built-in recipe's data is rebuilt: train-test influence runs along random directions
+    topk = next(m.event_specific_data.materialization.metadata for m in result.get_asset_materialization_events()
+                if m.event_specific_data.materialization.asset_key.to_user_string() == "train_test_influence")
+    assert topk["method"].value == "directions" and "fallback" not in topk
+    assert topk["train_test_estimator"].value["directions"] == TrainTestArguments().directions
     # influence_job computes the scores and the queue but leaves the review gate to retrain_job.
     assert "review_gate" not in {e.check_name for e in result.get_asset_check_evaluations()}
     assert all(e.metadata["mlflow_run_id"].value == contract_run for e in result.get_asset_check_evaluations())

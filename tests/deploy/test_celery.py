@@ -136,15 +136,15 @@ def _logs(root: Path) -> str:
     return "\n".join(f"--- {name}\n{(root / f'{name}.log').read_text()[-3000:]}" for name in WORKERS)
 
 
-def _launch(setting) -> tuple[threading.Thread, dict]:
-    """influence_job on the celery location, launched from a thread of this process (its run worker);
-    the thread puts the ``ExecuteJobResult`` under ``"result"``."""
+def _launch(setting, job=None) -> tuple[threading.Thread, dict]:
+    """``job`` (influence_job on the celery location by default), launched from a thread of this process
+    (its run worker); the thread puts the ``ExecuteJobResult`` under ``"result"``."""
     launched: dict = {}
 
     def run():
         with dg.DagsterInstance.get() as instance:
             launched["result"] = dg.execute_job(
-                _influence_job(), instance, run_config=RUN_CONFIG, tags={"dagster/partition": setting["run_id"]}
+                job or _influence_job(), instance, run_config=RUN_CONFIG, tags={"dagster/partition": setting["run_id"]}
             )
 
     thread = threading.Thread(target=run, daemon=True)
@@ -152,11 +152,16 @@ def _launch(setting) -> tuple[threading.Thread, dict]:
     return thread, launched
 
 
-def _finished(setting, thread: threading.Thread, launched: dict):
+def _ended(setting, thread: threading.Thread, launched: dict):
     """The run's result once it has ended; a run that never ends fails the test with the workers' logs."""
     thread.join(RUN_TIMEOUT_S)
     assert not thread.is_alive(), "the run did not finish:\n" + _logs(setting["root"])
-    result = launched["result"]
+    return launched["result"]
+
+
+def _finished(setting, thread: threading.Thread, launched: dict):
+    """The run's result once it has ended successfully."""
+    result = _ended(setting, thread, launched)
     assert result.success, _logs(setting["root"])
     return result
 
@@ -176,14 +181,22 @@ def _worker_of_each_attempt(instance, run_id: str) -> dict[str, list[str]]:
 SHARDED_OUTPUTS = {"loss_tables/train.parquet", "loss_tables/test.parquet", "predictions.parquet"}
 
 
+def _output_files(folder: Path) -> list[str]:
+    """The run's output files, without GX's store of validation results (one timestamped record per
+    validation, not an output of the computation)."""
+    files = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(f) for f in files if f.parts[0] != "gx")
+
+
 def _assert_same_outputs(root: Path, run_id: str) -> None:
     """The run's outputs are the in-process executor's: the same files; the sharded loss tables and
-    predictions, and every picture and page, byte for byte; the other tables equal to 1e-12 relative
-    (the float64 estimator sums of a fresh worker process differ from the test process's in the last
-    bits, and parquet files keep the folder they were read from in their pandas metadata)."""
+    predictions, and every picture and page, byte for byte; the other tables to float32 precision
+    (the estimators' multithreaded float32 reductions over the same loss tables differ in the last
+    bits from one process to another, and parquet files keep the folder they were read from in their
+    pandas metadata)."""
     reference, celery = root / "reference" / "runs" / run_id, root / "celery" / "runs" / run_id
-    files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
-    assert files and files == sorted(str(p.relative_to(celery)) for p in celery.rglob("*") if p.is_file())
+    files = _output_files(reference)
+    assert files and files == _output_files(celery)
     assert SHARDED_OUTPUTS <= set(files)
     for name in files:
         ours, theirs = celery / name, reference / name
@@ -191,7 +204,7 @@ def _assert_same_outputs(root: Path, run_id: str) -> None:
             assert ours.read_bytes() == theirs.read_bytes(), name
         else:
             read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
-            pd.testing.assert_frame_equal(read(ours), read(theirs), check_exact=False, rtol=1e-12, atol=0)
+            pd.testing.assert_frame_equal(read(ours), read(theirs), check_exact=False, rtol=1e-6, atol=0)
 
 
 def test_shards_run_on_both_workers_with_the_in_process_outputs(setting, workers):
@@ -241,23 +254,26 @@ def test_a_shard_whose_worker_is_killed_is_finished_by_the_other_worker(setting,
     _assert_same_outputs(setting["root"], setting["run_id"])
 
 
-def test_a_run_whose_broker_is_down_fails_at_once_with_a_named_error(setting):
+def test_a_run_whose_broker_is_down_fails_at_once_with_a_named_error(setting, tmp_path):
     """Nothing listens on the broker's port: the run fails with CeleryBrokerUnavailable within 15 s of
     starting (the broker probe waits 5 s at most) and is left FAILURE, not STARTED."""
     from tests.conftest import _free_port
 
     down = f"redis://127.0.0.1:{_free_port()}/0"
-    try:
-        _celery_module(down)
-        with dg.DagsterInstance.get() as instance:
-            result = dg.execute_job(
-                _influence_job(), instance, run_config=RUN_CONFIG, tags={"dagster/partition": setting["run_id"]}
-            )
-            run = instance.get_run_by_id(result.run_id)
-            failure = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-            start = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_START)
-    finally:
-        _celery_module(setting["broker"])
+    location = tmp_path / "location_with_a_dead_broker.py"
+    location.write_text(
+        "from z0inf_pipeline import definitions as local\n"
+        "from z0inf_pipeline.deployments import celery\n"
+        f"defs = celery.celery_definitions(local.defs, celery.celery_settings({down!r}))\n"
+    )
+    job = ReconstructableRepository.for_file(str(location), "defs", str(tmp_path)).get_reconstructable_job(
+        "influence_job"
+    )
+    result = _ended(setting, *_launch(setting, job))
+    with dg.DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(result.run_id)
+        failure = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        start = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_START)
     assert not result.success and run.status == dg.DagsterRunStatus.FAILURE
     error = failure[0].dagster_event.event_specific_data.error
     assert "CeleryBrokerUnavailable" in error.to_string() and down in error.to_string()

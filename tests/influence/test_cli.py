@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from z0inf_pipeline.influence import LossTable, gram_matrix, self_influence, train_test_influence, warmup_window
-from z0inf_pipeline.influence.analysis import InfluenceArguments
+from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
 
 
 def run_cli(*args):
@@ -55,7 +55,12 @@ def test_cli_scores_match_the_library(run_files, tmp_path):
     result = run_cli("train-test", folder, train_path, test_path, "-o", tmp_path / "tt.parquet", "-k", "3")
     assert result.returncode == 0, result.stderr
     top = pd.read_parquet(tmp_path / "tt.parquet")
-    full = train_test_influence(G, train_values, test_values, **estimator).numpy()  # (N, M)
+    # no model from files: the trajectory answers, over the train-test window (its own default)
+    train_test = TrainTestArguments()
+    keep = torch.from_numpy(warmup_window(train.steps, train_test.warmup_fraction))
+    G = gram_matrix(folder)[keep][:, keep]
+    estimator = dict(neighbors=min(train_test.neighbors, len(keep) - 1), neighbor_rule=train_test.neighbor_rule)
+    full = train_test_influence(G, train.values[keep], test.values[keep], **estimator).numpy()  # (N, M)
     for m, test_id in enumerate(test.example_ids):
         rows = top[top["test_example_id"] == test_id].sort_values("rank")
         np.testing.assert_array_equal(rows["proponent_id"], train.example_ids[np.argsort(-full[:, m], kind="stable")[:3]])
@@ -90,3 +95,38 @@ def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
     result = run_cli("self-influence", folder, train_path, "-o", out, "--gram", tmp_path / "absent.parquet")
     assert result.returncode == 2 and "absent.parquet: not a readable parquet file" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".si.parquet*"))
+
+
+def test_full_matrix_from_files_is_the_trajectory_and_says_so(run_files, tmp_path):
+    """From files there is no model to run forward passes on: the full N x M matrix is trajectory-only
+    Z0-Inf at the train-test window, and the output says so."""
+    folder, train, train_path, test, test_path = run_files
+    out = tmp_path / "full.parquet"
+    result = run_cli("train-test", folder, train_path, test_path, "-o", out, "--full", "--window", "0", "--neighbors", "2",
+                     "--neighbor-rule", "distance")
+    assert result.returncode == 0, result.stderr
+    assert "no model factory" in result.stdout and "method trajectory" in result.stdout
+    frame = pd.read_parquet(out)
+    assert frame["example_id"].tolist() == train.example_ids.tolist()
+    assert list(frame.columns[1:]) == [str(i) for i in test.example_ids]
+    expected = train_test_influence(gram_matrix(folder), train.values, test.values, 2, neighbor_rule="distance")
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.numpy(), rtol=1e-5)
+
+
+def test_full_matrix_above_the_limit_is_refused_with_the_size(run_files, tmp_path, monkeypatch):
+    from z0inf_pipeline.cli import influence as command
+
+    folder, train, train_path, test, test_path = run_files
+    monkeypatch.setattr(command, "FULL_MATRIX_LIMIT", 100)  # 20 x 6 = 120 entries
+    parser = command.argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["train-test", str(folder), str(train_path), str(test_path), "-o", str(tmp_path / "x.parquet"),
+                              "--full"])
+    with pytest.raises(command.InputError, match="20 x 6 = 120 entries is above the limit of 100"):
+        args.handler(args)
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_train_test_needs_files_or_a_run(tmp_path):
+    result = run_cli("train-test", "-o", tmp_path / "x.parquet")
+    assert result.returncode == 2 and "or --run RUN_ID" in result.stderr

@@ -17,7 +17,7 @@ from z0inf_pipeline.errors import InputError  # noqa: E402
 from z0inf_pipeline.influence import read_loss_table  # noqa: E402
 from z0inf_pipeline.integrations.hf import Z0InfCallback, id_batches, token_mean_nll  # noqa: E402
 from z0inf_pipeline.tracking import fetch_run, list_contract_runs  # noqa: E402
-from z0inf_pipeline.training.lm import IGNORE_INDEX, VOCAB, LMRecipe, SequenceDataset, reversal_task  # noqa: E402
+from z0inf_pipeline.training.lm import IGNORE_INDEX, VOCAB, LMRecipe, SequenceDataset, task_examples  # noqa: E402
 
 STEPS = [0, 2, 4, 6]
 
@@ -38,7 +38,7 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 
 def data():
-    train, probe = reversal_task(LMRecipe(n_train=40, n_probe=12, string_length=4, corrupt_fraction=0.25))
+    train, probe = task_examples(LMRecipe(n_train=40, n_probe=12, string_length=4, corrupt_fraction=0.25))
     return train, probe, SequenceDataset(train, 11), SequenceDataset(probe, 11)
 
 

@@ -25,7 +25,7 @@ from z0inf_pipeline.training.lm import (  # noqa: E402
     SequenceDataset,
     decode,
     recipe_from_dict,
-    reversal_task,
+    task_examples,
 )
 
 SMALL = LMRecipe(n_train=60, n_probe=10, corrupt_fraction=0.2, pretrain_steps=5, epochs=1, checkpoints=3,
@@ -33,16 +33,19 @@ SMALL = LMRecipe(n_train=60, n_probe=10, corrupt_fraction=0.2, pretrain_steps=5,
 
 
 def test_the_task_has_exactly_the_corrupted_fraction_wrong_and_probes_right():
-    train, probe = reversal_task(LMRecipe(n_train=500, n_probe=50, corrupt_fraction=0.1))
-    right = np.array([p[:-1][::-1] == t for p, t in zip(train["prompt"], train["target"])])
-    np.testing.assert_array_equal(~right, train["corrupted"].to_numpy())
-    assert train["corrupted"].sum() == 50 and not probe["corrupted"].any()
-    assert all(p[:-1][::-1] == t for p, t in zip(probe["prompt"], probe["target"]))
+    shift = {a: b for a, b in zip("abcdefgh", "bcdefgha")}
+    answers = {"reversal": lambda s: s[::-1], "shift": lambda s: "".join(shift[c] for c in s)}
+    for task, answer in answers.items():
+        train, probe = task_examples(LMRecipe(task=task, n_train=500, n_probe=50, corrupt_fraction=0.1))
+        right = np.array([answer(p[:-1]) == t for p, t in zip(train["prompt"], train["target"])])
+        np.testing.assert_array_equal(~right, train["corrupted"].to_numpy())
+        assert train["corrupted"].sum() == 50 and not probe["corrupted"].any()
+        assert all(answer(p[:-1]) == t for p, t in zip(probe["prompt"], probe["target"]))
     assert set(train["example_id"]).isdisjoint(probe["example_id"])
 
 
 def test_only_answer_tokens_are_labels():
-    train, _ = reversal_task(SMALL)
+    train, _ = task_examples(SMALL)
     item = SequenceDataset(train, SMALL.sequence_length)[0]
     labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
     assert labelled[-1] == EOS and decode(labelled) == train.at[0, "target"]
@@ -73,7 +76,7 @@ def test_a_logged_lm_run_retrains_without_the_dropped_examples(tracking_uri, tmp
 
 
 def test_answer_accuracy_counts_whole_answers():
-    train, _ = reversal_task(SMALL)
+    train, _ = task_examples(SMALL)
     dataset = SequenceDataset(train.head(4), SMALL.sequence_length)
     batch = {k: torch.stack([dataset[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask", "labels")}
 

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from ..influence.analysis import (
     GRAM_SETTINGS,
     GramProvenance,
     InfluenceAnalysis,
     InfluenceArguments,
+    TRAIN_TEST_OWN,
+    TrainTestArguments,
     gram_to_frame,
     write_frame,
 )
+from ..errors import InputError
 from ..influence.atomic import check_output
 from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
 from ..settings_schema import add_arguments, from_namespace
+
+# `train-test --full` writes N x M float64 values: 2.5 * 10^7 entries is 200 MB in memory, a parquet
+# file of about as much; past that, the top-k is what to ask for.
+FULL_MATRIX_LIMIT = 25_000_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,16 +42,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_estimator_args(si)
     si.set_defaults(handler=_self_influence)
 
-    tt = sub.add_parser("train-test", help="top-k proponents and opponents of every test example")
-    _add_checkpoint_args(tt)
-    tt.add_argument("train_losses", help="training loss table (parquet)")
-    tt.add_argument("test_losses", help="test loss table (parquet)")
-    _add_estimator_args(tt, exclude=())
+    tt = sub.add_parser(
+        "train-test",
+        help="top-k proponents and opponents of every test example (or, with --full, the whole N x M matrix)",
+        description="Train-test influence. From files (checkpoints and loss tables) only the trajectory method "
+        "can run: random directions need the run's model and data, which --run RUN_ID takes from a contract "
+        "run (its checkpoints, loss tables and model).",
+    )
+    _add_checkpoint_args(tt, optional=True)
+    tt.add_argument("train_losses", nargs="?", help="training loss table (parquet); not with --run")
+    tt.add_argument("test_losses", nargs="?", help="test loss table (parquet); not with --run")
+    _add_estimator_args(tt, exclude=TRAIN_TEST_OWN)
+    add_arguments(tt.add_argument_group("train-test method (defaults chosen on the suite's LDS)"), TrainTestArguments)
+    tt.add_argument("--run", metavar="RUN_ID", help="a contract run's checkpoints, loss tables, model and data "
+                    "(MLflow at $MLFLOW_TRACKING_URI)")
+    tt.add_argument("--full", action="store_true",
+                    help=f"write the whole N x M matrix (rows example_id, one column per test example; at most "
+                    f"{FULL_MATRIX_LIMIT:,} entries) instead of the top-k")
     tt.set_defaults(handler=_train_test)
 
 
-def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", help="folder of *.safetensors checkpoints (with 'step' in their metadata)")
+def _add_checkpoint_args(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("checkpoints", nargs="?" if optional else None,
+                        help="folder of *.safetensors checkpoints (with 'step' in their metadata)")
     parser.add_argument("-o", "--output", required=True, help="parquet file to write (atomically)")
     add_arguments(parser, InfluenceArguments, include=GRAM_SETTINGS)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
@@ -65,17 +86,28 @@ def _gram(args) -> None:
     print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
 
 
-def _analysis(args, test_losses=None) -> InfluenceAnalysis:
+def _analysis(args, test_losses=None, **train_test) -> InfluenceAnalysis:
     """The analysis of the command's inputs, once its output path is known not to replace any of them."""
     check_output(args.output, [args.checkpoints, args.train_losses, test_losses, args.gram])
     return InfluenceAnalysis(
         args.checkpoints,
         args.train_losses,
         test_losses,
-        from_namespace(InfluenceArguments, args),
+        influence_arguments_of(args),
         device=resolve_device(args.device),
         gram=args.gram,
+        **train_test,
     )
+
+
+def influence_arguments_of(args) -> InfluenceArguments:
+    """The command's ``InfluenceArguments``. On ``train-test`` the flags named in ``TRAIN_TEST_OWN`` are
+    ``TrainTestArguments``' (its own window, k, rule, eta), so those fields keep their defaults here."""
+    arguments = from_namespace(InfluenceArguments, args)
+    if args.handler is not _train_test:
+        return arguments
+    defaults = InfluenceArguments()
+    return replace(arguments, **{name: getattr(defaults, name) for name in TRAIN_TEST_OWN})
 
 
 def _self_influence(args) -> None:
@@ -84,5 +116,51 @@ def _self_influence(args) -> None:
 
 
 def _train_test(args) -> None:
-    frame = _analysis(args, args.test_losses).topk_frame()
-    print(f"wrote {write_frame(frame, args.output)} ({frame['test_example_id'].nunique()} test examples)")
+    train_test = from_namespace(TrainTestArguments, args)
+    if args.run:
+        given = [name for name in ("checkpoints", "train_losses", "test_losses") if getattr(args, name)]
+        if given:
+            raise InputError(f"train-test --run takes the run's own files; drop {given}")
+        analysis = _run_analysis(args, train_test)
+    else:
+        missing = [name for name in ("checkpoints", "train_losses", "test_losses") if not getattr(args, name)]
+        if missing:
+            raise InputError(f"train-test: give checkpoints, train_losses and test_losses, or --run RUN_ID "
+                                      f"(missing {missing})")
+        analysis = _analysis(args, args.test_losses, train_test=train_test)
+    if args.full:
+        size = len(analysis.train.example_ids) * len(analysis.test.example_ids)
+        if size > FULL_MATRIX_LIMIT:
+            raise InputError(
+                f"train-test --full: {len(analysis.train.example_ids):,} x {len(analysis.test.example_ids):,} = "
+                f"{size:,} entries is above the limit of {FULL_MATRIX_LIMIT:,} (the full matrix is for measurement "
+                "on small runs); drop --full for the top-k"
+            )
+        frame = analysis.full_frame()
+        shown = f"{len(frame)} x {frame.shape[1] - 1} matrix"
+    else:
+        frame = analysis.topk_frame()
+        shown = f"{frame['test_example_id'].nunique()} test examples"
+    method, fallback = analysis.train_test_method
+    if fallback:
+        print(f"note: {fallback}")
+    print(f"wrote {write_frame(frame, args.output)} ({shown}; method {method})")
+
+
+def _run_analysis(args, train_test: TrainTestArguments) -> InfluenceAnalysis:
+    """A contract run's analysis: its checkpoints and loss tables, and its model and rebuilt data for
+    random directions (without rebuildable data the trajectory answers, and the output says so)."""
+    import pandas as pd
+
+    from ..training.reevaluate import forward_access, rebuild_data
+    from ..tracking import fetch_run
+
+    run = fetch_run(args.run)
+    check_output(args.output, [run.cache_dir])
+    device = resolve_device(args.device)
+    analysis = InfluenceAnalysis(run.checkpoints, run.train_losses, run.test_losses,
+                                 influence_arguments_of(args), device=device, gram=args.gram,
+                                 train_test=train_test)
+    data = rebuild_data(run.run_id, run.train_config, run.model_spec, pd.read_parquet(run.examples))
+    analysis.forward = forward_access(run.build_model, data, analysis.train.example_ids, analysis.test.example_ids)
+    return analysis

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--recipe",
         choices=["digits", "lm"],
         default="digits",
-        help="digits: the MLP on flipped labels; lm: a tiny GPT-2 fine-tuned on string reversal with 10%% of the "
+        help="digits: the MLP on flipped labels; lm: a tiny GPT-2 fine-tuned on letter shifting with 10%% of the "
         "answers wrong, through the Hugging Face callback (needs the [hf] extra; --epochs etc. do not apply)",
     )
     add_arguments(
@@ -135,7 +135,7 @@ def _demo(args) -> int:
         f"{config.checkpoints} checkpoints, {config.label_noise:.0%} of training labels flipped on purpose"
         if args.recipe == "digits"
         else f"z0inf demo --recipe lm: tiny GPT-2 ({config.n_layer} layers, width {config.n_embd}) pretrained "
-        f"{config.pretrain_steps} steps, fine-tuned {config.epochs} epochs on {config.n_train} string reversals, "
+        f"{config.pretrain_steps} steps, fine-tuned {config.epochs} epochs on {config.n_train} '{config.task}' prompts, "
         f"{config.corrupt_fraction:.0%} of answers wrong on purpose, {config.checkpoints} checkpoints"
     )
     print(f"  MLflow: {tracking_uri}")
@@ -148,6 +148,7 @@ def _demo(args) -> int:
     )
     timings["train + log contract run"] = time.perf_counter() - tick
     print(f"[1/3] trained and logged MLflow run {run_id} ({timings['train + log contract run']:.1f} s)")
+    _print_learned(tracking_uri, run_id, "held-out answer accuracy" if args.recipe == "lm" else "test accuracy")
 
     influence = run_job(instance, "influence_job", run_id, _policy_config(args))
     timings.update({f"influence_job: {k}": v for k, v in influence.step_seconds.items()})
@@ -390,6 +391,16 @@ def _print_retrained(layout, recipe=None) -> None:
         f"      test accuracy: parent {parent:.4f}, without the {row['dropped']} flagged {retrained:.4f}, "
         f"without {row['dropped']} random examples {random_drop:.4f} (same recipe and seed)"
     )
+
+
+def _print_learned(tracking_uri: str, run_id: str, what: str) -> None:
+    """The trained model's accuracy on held-out examples at its last checkpoint: an attribution of a
+    model that learned nothing would mean little."""
+    from mlflow import MlflowClient
+
+    accuracy = MlflowClient(tracking_uri).get_run(run_id).data.metrics.get("test_accuracy")
+    if accuracy is not None:
+        print(f"      {what} of the parent run: {accuracy:.3f}")
 
 
 def _print_promotion(layout, recipe=None) -> int:

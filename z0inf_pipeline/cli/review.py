@@ -4,12 +4,14 @@ store (on the command line or on the review page), write the self-contained revi
 from __future__ import annotations
 
 import argparse
+import secrets
+import socket
 import sys
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, ReviewError
+from ..errors import ConfigurationError, ReviewError, Z0infError
 from ..influence.signals import SIGNAL_COLUMNS
 from ..review import ACTIONS, DecisionStore, FlagPolicy
 from ..review.cards import decision_effect, decision_text
@@ -46,7 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--token",
         help="access token: the page answers 401 unless opened once with ?token=T (then a cookie) or sent "
-        "header X-Z0inf-Token (required when --host is not a loopback address)",
+        "header X-Z0inf-Token (required when --host is not a loopback address: then at least "
+        f"{MIN_PUBLIC_TOKEN_CHARS} characters, not only whitespace)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the page is reached by (e.g. review.example.org); repeatable. Requests whose Host "
+        "header names anything else than these, the bound address and this machine's loopback names are "
+        "refused (DNS rebinding)",
     )
     serve.add_argument("--run", help="MLflow run id: print the link straight to its review")
     serve.set_defaults(handler=_serve)
@@ -119,9 +131,13 @@ def _decide(args) -> None:
 
 
 def _summary(store: DecisionStore, base) -> None:
-    rows = []
+    rows, broken = [], {}
     for run_id in runs_with_queue(base):
-        review = RunReview.open(run_id, base)
+        try:
+            review = RunReview.open(run_id, base)
+        except Z0infError as exc:  # one unreadable queue does not hide the others
+            broken[run_id] = str(exc)
+            continue
         status = review.gate(review.decisions(store))
         rows.append(
             {
@@ -133,10 +149,13 @@ def _summary(store: DecisionStore, base) -> None:
                 "gate": "open" if status.passed else "BLOCKED",
             }
         )
-    if not rows:
+    if not rows and not broken:
         print(f"no review queues under {base / 'runs'} yet (materialise a run's review_queue, e.g. `z0inf demo`)")
         return
-    print(pd.DataFrame(rows).to_string(index=False))
+    if rows:
+        print(pd.DataFrame(rows).to_string(index=False))
+    for run_id, reason in broken.items():
+        print(f"run {run_id}: left out: {reason}")
 
 
 def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
@@ -160,25 +179,57 @@ def _sparkline(values) -> str:
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_WILDCARD = ("0.0.0.0", "::", "")
+MIN_PUBLIC_TOKEN_CHARS = 16
+
+
+def _check_token(host: str, token: str | None) -> None:
+    """Off loopback the token is all that guards the page: refuse none, a short one or whitespace, and
+    offer a strong one."""
+    if host in _LOOPBACK:
+        if token is not None and not token.strip():
+            raise ConfigurationError("review serve: --token is only whitespace; give a real token or none")
+        return
+    offer = f"for example --token {secrets.token_urlsafe(24)}"
+    if token is None:
+        raise ConfigurationError(f"review serve: --host {host} exposes the page beyond this machine; give --token as "
+                                 f"well ({offer})")
+    if not token.strip() or len(token.strip()) < MIN_PUBLIC_TOKEN_CHARS:
+        raise ConfigurationError(
+            f"review serve: --host {host} needs a token of at least {MIN_PUBLIC_TOKEN_CHARS} characters that is not "
+            f"only whitespace; this one has {len(token.strip())} ({offer})"
+        )
+
+
+def _allowed_hosts(host: str, extra: list[str]) -> frozenset[str]:
+    """The host names requests may carry: loopback names, the bound address (or, bound to every address,
+    this machine's names) and those given with --allowed-host."""
+    from ..review.web.app import LOOPBACK_NAMES
+
+    names = set(LOOPBACK_NAMES) | {n.strip().lower() for n in extra if n.strip()}
+    if host in _WILDCARD:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        names.add(host.strip("[]").lower())
+    return frozenset(names)
 
 
 def _serve(args) -> None:
     import waitress
 
-    from ..review.web.app import ReviewSite, create_app
+    from ..review.web.app import MAX_REQUEST_BYTES, ReviewSite, create_app
 
-    if args.host not in _LOOPBACK and not args.token:
-        raise ConfigurationError(
-            f"review serve: --host {args.host} exposes the page beyond this machine; give --token as well"
-        )
+    _check_token(args.host, args.token)
     base = outputs_base()
     if args.run is not None:
         RunReview.open(args.run, base)  # a clear error now rather than a 404 later
     site = ReviewSite(DecisionStore.open(), base, token=args.token, train_config_for=_train_config,
-                      retrain=lambda run_id, policy: _retrain_and_analyse(run_id, policy, base))
+                      retrain=lambda run_id, policy: _retrain_and_analyse(run_id, policy, base),
+                      allowed_hosts=_allowed_hosts(args.host, args.allowed_host))
     try:
+        # waitress refuses bodies far over the page's own limit before Flask reads them
         server = waitress.create_server(create_app(site), host=args.host, port=args.port, threads=8,
-                                        ident="z0inf-review")
+                                        ident="z0inf-review", max_request_body_size=4 * MAX_REQUEST_BYTES)
     except OSError as exc:
         raise ConfigurationError(f"review serve: cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
     host = f"[{args.host}]" if ":" in args.host else args.host

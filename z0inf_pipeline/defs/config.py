@@ -14,7 +14,7 @@ import dagster as dg
 from pydantic import Field, model_validator
 
 from ..evaluation.promotion import PromotionPolicy
-from ..influence.analysis import GRAM_SETTINGS, InfluenceArguments
+from ..influence.analysis import GRAM_SETTINGS, TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
 from ..review.policy import FlagPolicy
 from ..settings_schema import Setting, setting_fields
 from ..training import TrainConfig
@@ -82,12 +82,19 @@ GramConfig = config_class(
     include=GRAM_SETTINGS,
 )
 
-TopKConfig = config_class(
-    InfluenceArguments,
-    "TopKConfig",
-    "How train-test influence is estimated, and how many proponents and opponents are kept.",
-    exclude=GRAM_SETTINGS,
+TrainTestConfig = config_class(
+    TrainTestArguments,
+    "TrainTestConfig",
+    "Which train-test method runs (random directions by default) and its settings, chosen on the suite's LDS.",
 )
+
+
+class TopKConfig(config_class(InfluenceArguments, "_TopKSettings", "Loss options and top-k.",
+                              exclude=(*GRAM_SETTINGS, *TRAIN_TEST_OWN))):
+    """How train-test influence is estimated, and how many proponents and opponents are kept."""
+
+    train_test: TrainTestConfig = Field(default_factory=TrainTestConfig,
+                                        description="the train-test method and its settings")
 
 EstimatorConfig = config_class(
     InfluenceArguments,

@@ -2,8 +2,14 @@
 
 ``self_influence_is_valid`` records the content hash of the scores it passed. Before the review
 queue is rebuilt from stored scores (``retrain_job`` loads them from storage), the hash of what is
-loaded now must equal the last passing check's, and the scores must cover every training example:
-an edited file cannot shrink the queue and open the gate.
+loaded now must equal the one the check passed in the Dagster run that materialised those scores,
+and the scores must cover every training example: an edited file cannot shrink the queue and open
+the gate.
+
+Only Dagster's public API: the latest materialisation of ``self_influence`` for the run names the
+Dagster run that wrote the scores, and that run's event log holds the check's evaluation. A check
+planned but never evaluated (its run still going, or killed) is "not evaluated": a clear failure
+that says to run ``influence_job``, never an internal error.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import json
 import dagster as dg
 import numpy as np
 import pandas as pd
-from dagster._core.event_api import PartitionKeyFilter
 
 SCORES_CHECK = dg.AssetCheckKey(dg.AssetKey("self_influence"), "self_influence_is_valid")
 HASH_KEY = "scores_sha256"
@@ -30,18 +35,33 @@ def content_hash(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def checked_hash(instance: dg.DagsterInstance, run_id: str) -> str | None:
-    """The content hash recorded by the latest evaluation of the scores check for ``run_id`` if it
-    passed; None when it failed or never ran."""
-    record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [SCORES_CHECK], partition_filter=PartitionKeyFilter(key=run_id)
-    ).get(SCORES_CHECK)
-    if record is None or record.event is None or record.event.dagster_event is None:
-        return None
-    evaluation = record.event.dagster_event.asset_check_evaluation_data
-    if not evaluation.passed or HASH_KEY not in evaluation.metadata:
-        return None
-    return str(evaluation.metadata[HASH_KEY].value)
+def checked_hash(instance: dg.DagsterInstance, run_id: str) -> tuple[str | None, str]:
+    """(content hash the scores check passed, what was found) for the latest stored scores of
+    ``run_id``: the hash is None when the check failed, or was planned but never evaluated (the
+    materialising Dagster run is still going or was killed), or the scores were never materialised."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=SCORES_CHECK.asset_key, asset_partitions=[run_id]), limit=1
+    ).records
+    if not records:
+        return None, "self_influence was never materialised"
+    dagster_run = records[0].run_id
+    evaluations = [
+        entry.dagster_event.asset_check_evaluation_data
+        for entry in instance.all_logs(dagster_run, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        if entry.dagster_event is not None
+        and entry.dagster_event.asset_check_evaluation_data.asset_check_key == SCORES_CHECK
+    ]
+    if not evaluations:
+        return None, (
+            f"self_influence_is_valid was not evaluated in Dagster run {dagster_run}, which wrote the scores "
+            "(still running, or interrupted)"
+        )
+    evaluation = evaluations[-1]
+    if not evaluation.passed:
+        return None, f"self_influence_is_valid failed in Dagster run {dagster_run}"
+    if HASH_KEY not in evaluation.metadata:
+        return None, f"self_influence_is_valid in Dagster run {dagster_run} recorded no {HASH_KEY}"
+    return str(evaluation.metadata[HASH_KEY].value), f"passed in Dagster run {dagster_run}"
 
 
 def verify_scores(instance: dg.DagsterInstance, run_id: str, scores: pd.DataFrame, train_ids: np.ndarray) -> None:
@@ -60,9 +80,9 @@ def verify_scores(instance: dg.DagsterInstance, run_id: str, scores: pd.DataFram
 
 
 def _verify_checked(instance: dg.DagsterInstance, run_id: str, scores: pd.DataFrame, where: str) -> None:
-    expected, actual = checked_hash(instance, run_id), content_hash(scores)
+    (expected, found), actual = checked_hash(instance, run_id), content_hash(scores)
     if expected is None:
-        raise dg.Failure(f"{where}: no passing self_influence_is_valid evaluation is recorded; run influence_job")
+        raise dg.Failure(f"{where}: no passing self_influence_is_valid evaluation ({found}); run influence_job")
     if actual != expected:
         raise dg.Failure(
             f"{where}: content (sha256 {actual[:16]}) is not what self_influence_is_valid passed "

@@ -21,7 +21,8 @@ import torch
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from ..errors import InputError
-from .estimators import NeighborRule, self_influence, train_test_topk, warmup_window
+from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
+from .estimators import InfluenceFactors, NeighborRule, influence_features, self_influence, topk_of_factors, warmup_window
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
 from .signals import LossKind, loss_signals
@@ -101,6 +102,70 @@ class InfluenceArguments:
 
 # The settings that shape the Gram matrix (the rest only the estimators read).
 GRAM_SETTINGS = ("parameters", "center")
+# Settings that train-test influence takes from ``TrainTestArguments``, not from ``InfluenceArguments``.
+TRAIN_TEST_OWN = ("warmup_fraction", "neighbors", "neighbor_rule", "eta")
+
+TrainTestMethod = Literal["directions", "trajectory"]
+
+
+@dataclass(frozen=True)
+class TrainTestArguments:
+    """How train-test influence is estimated: its defaults are chosen on the suite's mean LDS
+    (``benchmarks/accuracy.py``), separately from the self-influence settings of ``InfluenceArguments``
+    (chosen on Spearman against SSRT), so no train-test default follows from the self-influence choice.
+
+    ``directions``: forward passes along P random directions at a few checkpoints (a zeroth-order
+    TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term; it needs the
+    run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
+    ``trajectory``: Z0-Inf's trajectory directions only."""
+
+    method: TrainTestMethod = field(
+        default="directions",
+        metadata={"help": "directions: forward passes along random directions (needs the run's model and data; "
+                  "else falls back to trajectory); trajectory: checkpoint differences only"},
+    )
+    warmup_fraction: float = field(
+        default=0.05,
+        metadata={"help": "train-test leaves out checkpoints before this fraction of training (by step); its "
+                  "own setting, chosen on LDS", "flags": ("--window",)},
+    )
+    neighbors: int = field(default=1, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
+    neighbor_rule: NeighborRule = field(
+        default="order", metadata={"help": "trajectory term: neighbours nearest in training order, or in parameter distance"}
+    )
+    eta: Literal["uniform", "learning_rate"] = field(
+        default="uniform", metadata={"help": "per-checkpoint weights of train-test influence: uniform, or the "
+                                     "recorded learning rate"}
+    )
+    directions: int = field(default=256, metadata={"help": "random directions P per checkpoint (error ~ 1/sqrt(P))"})
+    direction_checkpoints: int = field(
+        default=2, metadata={"help": "checkpoints perturbed, spread over the window, always the last"}
+    )
+    step_size: float = field(
+        default=1e-3, metadata={"help": "finite-difference step, relative to the RMS of the perturbed weights"}
+    )
+    distribution: Literal["rademacher", "gaussian"] = field(
+        default="rademacher", metadata={"help": "law of the direction's entries (both have E[u u^T] = I)"}
+    )
+    seed: int = field(default=0, metadata={"help": "directions are regenerated from (seed, step, index), never stored"})
+    trajectory_weight: float = field(
+        default=0.0, metadata={"help": "directions: add this multiple of the trajectory term (0: directions only)"}
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self, "train-test arguments")
+        for name in ("directions", "direction_checkpoints", "neighbors"):
+            if getattr(self, name) < 1:
+                raise InputError(f"train-test arguments: {name}={getattr(self, name)!r} must be at least 1")
+        if not self.step_size > 0:
+            raise InputError(f"train-test arguments: step_size={self.step_size!r} must be positive")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InputError(f"train-test arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
+        if self.trajectory_weight < 0:
+            raise InputError(f"train-test arguments: trajectory_weight={self.trajectory_weight!r} must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -155,9 +220,15 @@ class InfluenceAnalysis:
         *,
         device: str | torch.device = "cpu",
         gram: torch.Tensor | str | os.PathLike | None = None,
+        train_test: TrainTestArguments = TrainTestArguments(),
+        forward: ForwardAccess | None = None,
     ) -> None:
-        """``gram``: a precomputed Gram matrix, or a Gram parquet file (its steps must match the checkpoints)."""
+        """``gram``: a precomputed Gram matrix, or a Gram parquet file (its steps must match the checkpoints).
+        ``forward``: the run's model factory and data, for train-test influence along random directions;
+        without it train-test influence is the trajectory's (``train_test_method`` says which ran)."""
         self.args = args
+        self.train_test_args = train_test
+        self.forward = forward
         self.device = torch.device(device)
         self.checkpoints = open_checkpoints(checkpoints)
         if len(self.checkpoints) < 2:
@@ -200,7 +271,10 @@ class InfluenceAnalysis:
 
     @cached_property
     def eta(self) -> torch.Tensor | None:
-        if self.args.eta == "uniform":
+        return self._step_weights(self.args.eta)
+
+    def _step_weights(self, kind: str) -> torch.Tensor | None:
+        if kind == "uniform":
             return None
         missing = [str(c.path) for c in self.checkpoints if c.learning_rate is None]
         if missing:
@@ -216,22 +290,80 @@ class InfluenceAnalysis:
     def neighbors(self) -> int:
         """k as asked, at most every other checkpoint of the window: a short run (few checkpoints) uses
         all of them rather than failing; the clamp is announced with a warning."""
-        available = len(self.window) - 1
-        if self.args.neighbors > available:
+        return self._neighbors_within(self.window)
+
+    def _neighbors_within(self, window: np.ndarray, neighbors: int | None = None) -> int:
+        asked = self.args.neighbors if neighbors is None else neighbors
+        available = len(window) - 1
+        if asked > available:
             warnings.warn(
-                f"neighbors={self.args.neighbors} but the checkpoint window holds {available + 1} checkpoints: "
+                f"neighbors={asked} but the checkpoint window holds {available + 1} checkpoints: "
                 f"using k={available}",
                 NeighborsClampedWarning,
-                stacklevel=3,  # past functools' cached_property, to the estimate that asked
+                stacklevel=4,  # past functools' cached_property, to the estimate that asked
             )
-        return min(self.args.neighbors, available)
+        return min(asked, available)
 
-    def _windowed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The Gram matrix and step weights restricted to the window (a sub-block of G: the
-        differences of the kept checkpoints do not depend on the others)."""
-        keep = torch.from_numpy(self.window)
-        eta = None if self.eta is None else self.eta[keep]
-        return self.gram[keep][:, keep], eta
+    def _windowed(self, window: np.ndarray | None = None, eta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Gram matrix and step weights restricted to a window (the self-influence ones unless given;
+        a sub-block of G: the differences of the kept checkpoints do not depend on the others)."""
+        keep = torch.from_numpy(self.window if window is None else window)
+        eta = self.eta if window is None else eta
+        return self.gram[keep][:, keep], None if eta is None else eta[keep]
+
+    @property
+    def train_test_method(self) -> tuple[str, str | None]:
+        """(the train-test method that runs, why it is not the one asked for or None): random directions
+        need the run's model and data; without them the trajectory answers."""
+        asked = self.train_test_args.method
+        if asked == "directions" and self.forward is None:
+            return "trajectory", ("the run has no model factory and data to run forward passes on (a contract "
+                                  "logged from an outside loop): trajectory-only Z0-Inf instead of random directions")
+        return asked, None
+
+    def train_test_factors(self) -> InfluenceFactors:
+        """INF(i, z) in factor form (``scores()`` forms any block): random directions at a few checkpoints
+        plus ``trajectory_weight`` x the trajectory term, or the trajectory term alone (``train_test_method``)."""
+        if self.test is None:
+            raise InputError("train-test influence needs a test loss table")
+        tt = self.train_test_args
+        method, _ = self.train_test_method
+        window = warmup_window(self.steps, tt.warmup_fraction)
+        step_weights = self._step_weights(tt.eta)
+        trajectory = None
+        if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
+            raise InputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
+                                      "cannot be combined with random directions (set trajectory_weight=0)")
+        if method == "trajectory" or tt.trajectory_weight > 0:
+            keep = torch.from_numpy(window)
+            gram, eta = self._windowed(window, step_weights)
+            trajectory = influence_features(
+                gram, self.train.values[keep].to(self.device), self.test.values[keep].to(self.device),
+                self._neighbors_within(window, tt.neighbors), eta, tt.neighbor_rule, self.args.center_losses,
+                self.args.weight_by_correlation,
+            )
+        if method == "trajectory":
+            return trajectory
+        positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
+        eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]
+        train, test = direction_features(
+            self.forward, [self.checkpoints[p] for p in positions], self.parameter_names, eta,
+            directions=tt.directions, step_size=tt.step_size, seed=tt.seed, distribution=tt.distribution,
+            device=self.device,
+        )
+        train, test = train.to(self.device), test.to(self.device)
+        if trajectory is not None:
+            train = torch.cat([train, tt.trajectory_weight * trajectory.train.to(train.dtype)], dim=1)
+            test = torch.cat([test, trajectory.test.to(test.dtype)], dim=1)
+        return InfluenceFactors(train, test, None, None)
+
+    def full_frame(self) -> pd.DataFrame:
+        """The whole N x M matrix INF(i, z): rows ``example_id`` (training), one column per test example
+        (its id as the column name). For measurement on small runs; the pipeline keeps top-k only."""
+        scores = self.train_test_factors().scores().T.double().cpu().numpy()
+        frame = pd.DataFrame(scores, columns=[str(i) for i in self.test.example_ids])
+        frame.insert(0, "example_id", self.train.example_ids)
+        return require_finite_scores(frame, frame.columns[1:], "example_id", "train")
 
     def gram_frame(self) -> pd.DataFrame:
         return gram_to_frame(self.steps, self.gram, self.provenance)
@@ -257,22 +389,9 @@ class InfluenceAnalysis:
         return require_finite_scores(frame, ["self_influence", "variance_self_influence"], "example_id", "train")
 
     def topk_frame(self) -> pd.DataFrame:
-        if self.test is None:
-            raise InputError("train-test influence needs a test loss table")
+        factors = self.train_test_factors()
         k = min(self.args.topk, len(self.train.example_ids))
-        keep = torch.from_numpy(self.window)
-        gram, eta = self._windowed()
-        top = train_test_topk(
-            gram,
-            self.train.values[keep].to(self.device),
-            self.test.values[keep].to(self.device),
-            k=k,
-            neighbors=self.neighbors,
-            eta=eta,
-            neighbor_rule=self.args.neighbor_rule,
-            center_losses=self.args.center_losses,
-            weight_by_correlation=self.args.weight_by_correlation,
-        )
+        top = topk_of_factors(factors, k)
         M = len(self.test.example_ids)
         train_ids = torch.from_numpy(self.train.example_ids)
         frame = pd.DataFrame(

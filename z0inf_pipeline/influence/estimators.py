@@ -228,6 +228,14 @@ def train_test_topk(
     features = influence_features(
         gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses, weight_by_correlation
     )
+    return topk_of_factors(features, k, block_size=block_size, tile_rows=tile_rows)
+
+
+def topk_of_factors(
+    features: "InfluenceFactors", k: int, *, block_size: int | None = None, tile_rows: int | None = None
+) -> TopKInfluence:
+    """Top-k proponents and opponents of every test example of INF = ``features``, tile by tile
+    (see ``train_test_topk``): any estimator in factor form (trajectory, random directions, both)."""
     N, M = features.train.shape[0], features.test.shape[0]
     if not isinstance(k, int) or not 1 <= k <= N:
         raise InputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
@@ -251,7 +259,7 @@ _TOPK_TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
 _TOPK_TEST_BLOCK = {"cpu": 64, "cuda": 4096}
 
 
-def _block_topk(features: "_InfluenceFactors", columns: slice, N: int, rows: int, k: int) -> tuple[torch.Tensor, ...]:
+def _block_topk(features: "InfluenceFactors", columns: slice, N: int, rows: int, k: int) -> tuple[torch.Tensor, ...]:
     """Top and bottom k over all N training examples for one block of test examples, tile by tile."""
     best: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices) for largest, smallest
     for first in range(0, N, rows):
@@ -283,8 +291,8 @@ def variance_self_influence(train_losses) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _InfluenceFactors:
-    """INF = train @ test^T, optionally times rho = train_ranks @ test_ranks^T elementwise: two
+class InfluenceFactors:
+    """INF = train @ test^T (an estimator in factor form), optionally times rho = train_ranks @ test_ranks^T elementwise: two
     low-rank products, so any block of test columns is formed without the N x M matrix."""
 
     train: torch.Tensor  # (N, Tk)
@@ -303,7 +311,7 @@ class _InfluenceFactors:
 
 def influence_features(
     gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses=False, weight_by_correlation=False
-) -> _InfluenceFactors:
+) -> InfluenceFactors:
     """A = [Dtr_1 K_1 | ... | Dtr_T K_T] (N, Tk) and B = [Dte_1 | ... | Dte_T] (M, Tk), so INF = A B^T."""
     train = _check_losses(train_losses, gram, "train_losses")
     test = _check_losses(test_losses, gram, "test_losses").to(train.device)
@@ -317,8 +325,8 @@ def influence_features(
     train_features = weighted.permute(2, 0, 1).reshape(train.shape[1], -1)
     test_features = d_test.permute(2, 0, 1).reshape(test.shape[1], -1)
     if not weight_by_correlation:
-        return _InfluenceFactors(train_features, test_features, None, None)
-    return _InfluenceFactors(
+        return InfluenceFactors(train_features, test_features, None, None)
+    return InfluenceFactors(
         train_features, test_features, trajectory_rank_factors(train, dtype), trajectory_rank_factors(test, dtype)
     )
 

@@ -131,8 +131,10 @@ def evaluate_losses(
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-example losses of ``model`` on ``dataset`` under ``torch.no_grad``, as an (N,) float32 CPU tensor.
+    """Per-example losses of ``model`` on ``dataset`` under ``torch.no_grad``, as an (N,) CPU tensor of
+    ``dtype`` (float32 for loss tables; float64 keeps a float64 model's finite differences exact).
 
     ``loss_fn(outputs, targets)`` must return one value per example; it need not be
     differentiable (a 0-1 error works).
@@ -149,7 +151,7 @@ def evaluate_losses(
                         f"loss_fn returned shape {tuple(losses.shape)} for a batch of {len(targets)} examples; "
                         "it must return one value per example (for example reduction='none')"
                     )
-                out.append(losses.to(torch.float32))
+                out.append(losses.to(dtype))
     finally:
         model.train(was_training)
     return torch.cat(out).cpu()

@@ -49,7 +49,7 @@ from ..training.lm import (
     build_model,
     model_kwargs,
     pretrained_model,
-    reversal_task,
+    task_examples,
 )
 from ..training.recording import BatchLossFn, IdsFn, ids_from_batch, token_mean_nll
 from ..training.trainer import checkpoint_steps
@@ -204,11 +204,11 @@ class Z0InfCallback(TrainerCallback):
 @single_thread()
 def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf", parent_run_id=None, tags=None,
                      run_name=None) -> str:
-    """Fine-tune the pretrained base on the reversal task through a real ``Trainer`` and the callback;
+    """Fine-tune the pretrained base on the recipe's task through a real ``Trainer`` and the callback;
     return the contract run's id."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    train, probe = reversal_task(recipe)
+    train, probe = task_examples(recipe)
     train = train[~train["example_id"].isin(recipe.exclude_ids)].reset_index(drop=True)
     train_set, probe_set = (SequenceDataset(f, recipe.sequence_length) for f in (train, probe))
     model = pretrained_model(recipe)
@@ -223,8 +223,8 @@ def train_and_log_lm(recipe: LMRecipe, *, tracking_uri=None, experiment="z0inf",
         examples=pd.concat([train, probe])[["example_id", "prompt", "target"]],
         flipped_ids=train.loc[train["corrupted"], "example_id"].to_numpy(),
         train_config=recipe.to_dict(), experiment=experiment, tracking_uri=tracking_uri,
-        run_name=run_name or f"lm-reversal-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
-        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset="generated-reversal",
+        run_name=run_name or f"lm-{recipe.task}-corrupt{recipe.corrupt_fraction:g}", parent_run_id=parent_run_id,
+        tags={SOURCE_TAG: "lm recipe", **(tags or {})}, dataset=f"generated-{recipe.task}",
         registered_model=REGISTERED_MODEL,
         params={"n_corrupted": int(train["corrupted"].sum()), "recipe": RECIPE},
     )

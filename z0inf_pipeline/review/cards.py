@@ -11,6 +11,12 @@ from .evidence import short_number, sparkline
 from .run_review import RunReview
 
 
+# How far to trust "helps most" / "hurts most": the default train-test method and its suite-mean LDS
+# against TracInCP's, from benchmarks/README.md ("Train-test attribution"); updated with the suite.
+ATTRIBUTION_ACCURACY = {"method": "Z0-Inf along 256 random directions", "lds": "0.463", "tracincp": "0.462",
+                        "table": "/accuracy"}
+
+
 def decision_effect(applied_in) -> str:
     """When a decision in force takes effect (``RunReview.decisions``'s ``applied_in``): never 'applied'
     unless a retrain's snapshot held it."""

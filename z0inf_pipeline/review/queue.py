@@ -134,13 +134,23 @@ def read_review_queue(path) -> tuple[pd.DataFrame, dict]:
 
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
         raise InputError(
             f"review queue {path}: no such file (materialise the run's review_queue first)"
         ) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(
+            f"review queue {path}: cannot be read ({type(exc).__name__}: {exc}); materialise the run's review_queue "
+            "again (influence_job)"
+        ) from None
     info = (table.schema.metadata or {}).get(_INFO_KEY)
     if info is None:
         raise InputError(f"review queue {path}: has no review metadata (not written by the pipeline)")
-    return table.to_pandas(), json.loads(info)
+    try:
+        return table.to_pandas(), json.loads(info)
+    except (pa.ArrowException, ValueError) as exc:
+        raise InputError(f"review queue {path}: cannot be read ({exc}); materialise it again") from None

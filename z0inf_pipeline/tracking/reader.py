@@ -106,6 +106,19 @@ BUILTIN_FACTORIES = frozenset(
 )
 
 
+# Callables that load code or files (and would do it with arguments from the run) are refused even under a
+# trusted prefix: trusting ``torch`` must not trust ``torch.hub:load``. A backstop by name, not a sandbox.
+_LOADING_MODULES = ("torch.hub", "torch.jit", "torch.package", "torch.serialization", "pickle", "marshal",
+                    "importlib", "runpy", "builtins", "os", "subprocess", "shutil", "code", "dill", "joblib")
+_LOADING_NAMES = ("load", "exec", "eval", "compile", "system", "popen", "spawn", "import", "from_pretrained",
+                  "download", "urlopen")
+
+
+def _loads_code_or_files(module_name: str, attribute: str) -> bool:
+    in_module = any(module_name == m or module_name.startswith(f"{m}.") for m in _LOADING_MODULES)
+    return in_module or any(word in attribute.lower() for word in _LOADING_NAMES)
+
+
 def check_factory_trusted(run_id: str, spec: dict) -> None:
     """Refuse a ``factory`` model spec unless it is one of this project's own builders or its module is
     under a trusted prefix (``$Z0INF_TRUSTED_FACTORIES``, empty by default): rebuilding the model imports
@@ -121,6 +134,11 @@ def check_factory_trusted(run_id: str, spec: dict) -> None:
             f"run {run_id}: model spec factory {factory!r} is not in a trusted module (${TRUSTED_FACTORIES_ENV}: "
             f"{list(trusted) or 'empty'}); nothing was imported. Add its package to ${TRUSTED_FACTORIES_ENV} "
             "only if you trust the code it names"
+        )
+    if factory not in BUILTIN_FACTORIES and _loads_code_or_files(module_name, attribute):
+        raise ContractError(
+            f"run {run_id}: model spec factory {factory!r} loads code or files (with arguments from the run); "
+            "such callables are refused even under a trusted prefix. Name a function that only builds the network"
         )
 
 

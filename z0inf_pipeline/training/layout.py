@@ -115,6 +115,6 @@ def write_examples(
 def check_run_id(run_id: str, error: type[InputError] = InputError) -> str:
     """Refuse anything but a run id (a path, '..') before it names a folder or an MLflow request: the
     one rule for run ids (the contract cache, the outputs folders, the review store)."""
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise error(f"run id {run_id!r}: not a valid MLflow run id (letters, digits, '_' and '-' only)")
     return run_id

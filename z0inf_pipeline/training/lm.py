@@ -1,9 +1,12 @@
 """The paper's setting, offline and small: fine-tuning a tiny causal LM, with some answers wrong on purpose.
 
 A GPT-2-style model (random init, ~10^5 parameters, nothing downloaded) is pretrained briefly on
-a generated copying corpus, then fine-tuned through ``Z0InfCallback`` and a real
-``transformers.Trainer`` on string reversal (prompt ``"abcde>"``, answer ``"edcba"``), where a
-known fraction of the training answers is replaced by a random string. The run carries the
+a generated copying corpus (one task family), then fine-tuned through ``Z0InfCallback`` and a real
+``transformers.Trainer`` on another: by default letter shifting (prompt ``"abcde>"``, answer
+``"bcdef"``, each letter moved one place on, ``h`` wrapping to ``a``), which the model learns to a
+held-out answer accuracy of 1.0 within the recipe's 4 epochs; string reversal (``"edcba"``) is the
+harder option (``task="reversal"``: accuracy about 0.1 in the same budget). A known fraction of the
+training answers is replaced by a random string. The run carries the
 recipe as its ``train_config.json`` (``"recipe": "lm"``), so ``retrained_run`` can fine-tune it
 again without the dropped examples. Needs the ``[hf]`` extra (transformers).
 """
@@ -29,11 +32,24 @@ VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
 PAD, BOS, EOS = 0, 1, 2
 
 
+def _shifted(text: str) -> str:
+    return "".join(ALPHABET[(ALPHABET.index(ch) + 1) % len(ALPHABET)] for ch in text)
+
+
+def _complemented(text: str) -> str:
+    return "".join(ALPHABET[len(ALPHABET) - 1 - ALPHABET.index(ch)] for ch in text)
+
+
+# The fine-tuning tasks: the right answer to a prompt string (complement: a <-> h, b <-> g, ...).
+TASKS = {"shift": _shifted, "complement": _complemented, "reversal": lambda text: text[::-1]}
+
+
 @dataclass(frozen=True)
 class LMRecipe:
-    """String reversal fine-tuning of a pretrained tiny GPT-2, ``corrupt_fraction`` of answers wrong."""
+    """Fine-tuning a pretrained tiny GPT-2 on a generated string task, ``corrupt_fraction`` of answers wrong."""
 
     recipe: str = RECIPE
+    task: str = "shift"
     seed: int = 0
     n_train: int = 1200
     n_probe: int = 200
@@ -55,6 +71,7 @@ class LMRecipe:
         object.__setattr__(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
         checks = [
             (self.recipe == RECIPE, "recipe", repr(RECIPE)),
+            (self.task in TASKS, "task", f"one of {sorted(TASKS)}"),
             (self.relabels == (), "relabels", "empty: a sequence answer has no class to relabel to (drop it instead)"),
             (0.0 <= self.corrupt_fraction < 1.0, "corrupt_fraction", "in [0, 1)"),
             (self.n_train >= 2 and self.n_probe >= 1, "n_train", "at least 2 (and n_probe at least 1)"),
@@ -79,7 +96,7 @@ class LMRecipe:
         return 2 * self.string_length + 3  # <s> prompt > answer </s>
 
 
-# The LM demo: 1,200 reversal prompts, 10% of the answers wrong, 12 checkpoints over 4 epochs.
+# The LM demo: 1,200 letter-shift prompts, 10% of the answers wrong, 12 checkpoints over 4 epochs.
 LM_DEMO_RECIPE = LMRecipe()
 
 
@@ -117,14 +134,14 @@ def model_kwargs(recipe: LMRecipe) -> dict:
             "n_positions": recipe.sequence_length}
 
 
-def reversal_task(recipe: LMRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+def task_examples(recipe: LMRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, probe) frames: ``example_id``, ``prompt``, ``target`` (as trained), ``corrupted``. Probe
     answers are always right; a ``corrupt_fraction`` of training answers is a random other string."""
     rng = np.random.default_rng(recipe.seed)
     total = recipe.n_train + recipe.n_probe
     letters = rng.integers(0, len(ALPHABET), size=(total, recipe.string_length))
     strings = ["".join(ALPHABET[i] for i in row) for row in letters]
-    targets = [s[::-1] for s in strings]
+    targets = [TASKS[recipe.task](s) for s in strings]
     corrupted = np.zeros(total, dtype=bool)
     corrupted[rng.choice(recipe.n_train, size=round(recipe.corrupt_fraction * recipe.n_train), replace=False)] = True
     for i in np.flatnonzero(corrupted):
@@ -157,7 +174,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 def probe_inputs(recipe: LMRecipe) -> dict[str, np.ndarray]:
     """The probe (held-out) examples as one batch of token arrays: ``input_ids``, ``attention_mask``,
     ``labels`` (what the registered LM scores)."""
-    _, probe = reversal_task(recipe)
+    _, probe = task_examples(recipe)
     dataset = SequenceDataset(probe, recipe.sequence_length)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
     return {key: batch[key].numpy() for key in ("input_ids", "attention_mask", "labels")}

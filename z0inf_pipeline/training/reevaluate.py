@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
+from ..influence.directions import ForwardAccess
 from ..influence.loss_tables import LossTable, compute_loss_table
 from .datasets import DatasetBundle, Split
 from .recording import cross_entropy_per_example
@@ -90,6 +91,31 @@ def split_loss_table(
         batch_size=batch_size,
         progress=False,
     )
+
+
+def forward_access(
+    model_factory: Callable[[], torch.nn.Module],
+    data: DatasetBundle | None,
+    train_ids: np.ndarray,
+    test_ids: np.ndarray,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> ForwardAccess | None:
+    """The run's model and data for train-test influence along random directions, in the loss tables'
+    example order (the rows of INF are the tables' rows); None when the data cannot be rebuilt. The loss
+    is the training loss (cross-entropy): the directions estimate its gradient products, as TracIn does."""
+    if data is None:
+        return None
+    return ForwardAccess(model_factory, _in_order(data.train, train_ids), _in_order(data.test, test_ids),
+                         LOSSES["cross_entropy"], dtype)
+
+
+def _in_order(split: Split, example_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    order = pd.Index(split.example_ids).get_indexer(example_ids)
+    if (order < 0).any():
+        raise InputError("loss tables: hold example ids that the rebuilt data does not")
+    index = torch.from_numpy(order)
+    return split.features[index], split.labels[index]
 
 
 def max_deviation(recomputed: LossTable, logged: LossTable) -> float:

@@ -78,7 +78,7 @@ def _analysed(root: Path, train) -> PipelineRun:
 
 @pytest.fixture(scope="package")
 def analysed_lm_run(tmp_path_factory) -> PipelineRun:
-    """A text run: the LM recipe, small (string reversal, 10% of the answers wrong), analysed."""
+    """A text run: the LM recipe, small (letter shift, 10% of the answers wrong), analysed."""
     from z0inf_pipeline.integrations.hf import train_and_log_lm
     from z0inf_pipeline.training.lm import LMRecipe
 

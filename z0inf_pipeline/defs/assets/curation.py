@@ -10,6 +10,7 @@ from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
+from .retraining import refuse_second_retrain
 
 
 @dg.asset(**PER_RUN, kinds={"parquet"}, output_required=False)
@@ -27,6 +28,7 @@ def curated_training_set(
     curated (no output), so ``retrained_run`` is skipped and the run ends successful with the gate's
     message (``review_gate`` reports the same state)."""
     run_id = run_id_of(context)
+    refuse_second_retrain(context, run_id)  # before the curated set of the retrain in flight is overwritten
     store = decisions.open()
     through = store.high_water_mark()
     current = lineage_decisions(store, run_id, review_queue.info, through=through)

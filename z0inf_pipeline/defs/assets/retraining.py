@@ -33,6 +33,38 @@ def decisions_through(curated: pd.DataFrame) -> int:
     return int(curated.attrs[DECISIONS_THROUGH])
 
 
+_RETRAINING_JOBS = ("retrain_job", "pipeline_job")
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED]
+
+
+def refuse_second_retrain(context: dg.AssetExecutionContext, run_id: str) -> None:
+    """One child per round: a retrain of ``run_id`` while another is in flight, or one that another
+    finished while this one waited, fails naming the other (the earliest-launched one goes on)."""
+    instance = context.instance
+    this = instance.get_run_record_by_id(context.run_id)
+    others = [
+        r for r in instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": run_id}, statuses=_IN_FLIGHT))
+        if r.dagster_run.run_id != context.run_id and r.dagster_run.job_name in _RETRAINING_JOBS
+        and r.create_timestamp < this.create_timestamp
+    ]
+    if others:
+        first = min(others, key=lambda r: r.create_timestamp).dagster_run
+        raise dg.Failure(
+            f"run {run_id}: is already being retrained by Dagster run {first.run_id} ({first.job_name}, "
+            f"{first.status.value}); one retrain per round: wait for it (a run whose process died is failed by "
+            "the orphaned_runs sensor or the next `z0inf materialize`)"
+        )
+    latest = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("retrained_run"), asset_partitions=[run_id]), limit=1
+    ).records
+    if latest and latest[0].run_id != context.run_id and latest[0].timestamp > this.create_timestamp.timestamp():
+        raise dg.Failure(
+            f"run {run_id}: was retrained by Dagster run {latest[0].run_id} while this retrain waited; one retrain "
+            "per round: review that retrained run"
+        )
+
+
 @dg.asset(**PER_RUN, kinds={"pytorch", "mlflow"})
 def retrained_run(
     context: dg.AssetExecutionContext,
@@ -43,7 +75,9 @@ def retrained_run(
 ) -> dg.Output[pd.DataFrame]:
     """Train the parent run's recipe again without the dropped examples and with the relabels; log it as
     a new contract run tagged ``z0inf.parent_run_id`` (the sensor then analyses it like any other run).
+    One child per round: refused while another retrain of the run, launched earlier, is in flight.
     The output is a one-row summary: parent, retrained run, sizes, test accuracy of both."""
+    refuse_second_retrain(context, run_id_of(context))
     parent = mlflow.fetch(run_id_of(context))
     if parent.train_config is None:
         raise InputError(

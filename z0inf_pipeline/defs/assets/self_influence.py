@@ -5,8 +5,9 @@ from dataclasses import replace
 import dagster as dg
 import pandas as pd
 
-from ...influence.analysis import InfluenceAnalysis, InfluenceArguments
 from ...errors import InputError
+from ...influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
+from ...influence.directions import ForwardAccess
 from ..config import EstimatorConfig
 from ..metadata import quantiles, rounded_metadata, run_id_of
 from ..partitions import PER_RUN
@@ -14,7 +15,8 @@ from ..resources import GPU_STEP_TAGS, ComputeResource, MlflowResource
 from ..storage import Gram, LossTables
 
 
-def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArguments, device, *, with_test=False):
+def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArguments, device, *, with_test=False,
+                       train_test: TrainTestArguments = TrainTestArguments(), forward: ForwardAccess | None = None):
     """An analysis of the run that reuses the materialised Gram instead of reading the weights again."""
     if list(gram.steps) != list(run.steps):
         raise InputError(
@@ -24,7 +26,8 @@ def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArgum
     if gram.provenance is not None:  # estimate over the parameters the Gram was configured with
         args = replace(args, parameters=gram.provenance.parameters, center=gram.provenance.center)
     test = tables.test_table() if with_test else None
-    analysis = InfluenceAnalysis(run.checkpoints, tables.train_table(), test, args=args, device=device, gram=gram.matrix)
+    analysis = InfluenceAnalysis(run.checkpoints, tables.train_table(), test, args=args, device=device, gram=gram.matrix,
+                                 train_test=train_test, forward=forward)
     differences = [] if gram.provenance is None else gram.provenance.differences(analysis.provenance)
     if differences:
         raise InputError(

@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 
+from ...training.reevaluate import forward_access, rebuild_data
 from ..config import TopKConfig
 from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
@@ -15,17 +16,27 @@ from .self_influence import analysis_from_gram
 def train_test_influence(
     context: dg.AssetExecutionContext,
     config: TopKConfig,
+    training_run: pd.DataFrame,
     loss_tables: LossTables,
     weight_gram: Gram,
     mlflow: MlflowResource,
     compute: ComputeResource,
 ) -> dg.Output[pd.DataFrame]:
     """INF(i, z) = sum_t eta_t <g_i(t), g_z(t)>: for each test example z the k training examples that
-    helped it most (proponents) and hurt it most (opponents); the full N x M matrix never exists."""
+    helped it most (proponents) and hurt it most (opponents); the full N x M matrix never exists.
+    By default INF comes from forward passes along random directions (``TrainTestArguments``); a run
+    whose data cannot be rebuilt here gets trajectory-only Z0-Inf, and the metadata says so."""
     run = mlflow.fetch(run_id_of(context))
-    args = config.to_arguments()
-    analysis = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device(), with_test=True)
+    args, train_test = config.to_arguments(), config.train_test.to_arguments()
+    data = rebuild_data(run.run_id, run.train_config, run.model_spec, training_run)
+    forward = forward_access(run.build_model, data, loss_tables.train_table().example_ids,
+                             loss_tables.test_table().example_ids, dtype=compute.torch_dtype())
+    analysis = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device(), with_test=True,
+                                  train_test=train_test, forward=forward)
     frame = analysis.topk_frame()
+    method, fallback = analysis.train_test_method
+    if fallback:
+        context.log.warning(f"run {run.run_id}: {fallback}")
     k = int(frame["rank"].max())
     # Training examples that most often top a test example's proponent or opponent list.
     top1 = frame[frame["rank"] == 1]
@@ -34,6 +45,9 @@ def train_test_influence(
         frame,
         metadata={
             "estimator": dg.MetadataValue.json(args.to_dict()),
+            "train_test_estimator": dg.MetadataValue.json(train_test.to_dict()),
+            "method": method,
+            **({"fallback": fallback} if fallback else {}),
             "test_examples": int(frame["test_example_id"].nunique()),
             "k": k,
             "dagster/row_count": len(frame),

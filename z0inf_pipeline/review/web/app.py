@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import secrets
 import threading
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,15 +24,16 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import pandas as pd
 from flask import Flask, abort, flash, redirect, render_template, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from ...errors import InputError, ReviewError
-from ..cards import decision_text, test_example_cards, training_cards
+from ...errors import InputError, ReviewError, Z0infError
+from ..cards import ATTRIBUTION_ACCURACY, decision_text, test_example_cards, training_cards
 from ..evidence import sparkline, split_names
 from ..layout import RunLayout
 from ..policy import FlagPolicy
 from ..run_review import RunReview, decisions_needed, lineage_history, runs_with_queue
 from ..sheet import run_review_sheet, stored_histogram
-from ..store import DecisionStore
+from ..store import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, DecisionStore
 
 PAGE_SIZE = 100
 TESTS_SHOWN = 200
@@ -37,6 +41,14 @@ TOKEN_COOKIE = "z0inf_review_token"
 TOKEN_HEADER = "X-Z0inf-Token"
 REVIEWER_COOKIE = "z0inf_reviewer"
 _YEAR_S = 365 * 24 * 3600
+# The suite's tables in a source checkout (the attribution line on cards links here).
+ACCURACY_TABLE = Path(__file__).resolve().parents[3] / "benchmarks" / "README.md"
+# Limits: every form of the page is far below them. A larger body is refused (413) before it is read.
+MAX_REQUEST_BYTES = 64 * 1024
+# Wrong access tokens: after this many from one address within the window, it gets 429 until the window passes.
+WRONG_TOKEN_LIMIT = 10
+WRONG_TOKEN_WINDOW_S = 60.0
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass
@@ -47,6 +59,9 @@ class ReviewSite:
     store: DecisionStore
     base: Path  # the outputs base (``review.layout.outputs_base``), resolved by whoever serves the page
     token: str | None = None
+    # host names (no port) a request's Host header may carry: the bound address, the names given with
+    # --allowed-host, and this machine's loopback names; anything else is refused (DNS rebinding)
+    allowed_hosts: frozenset[str] = LOOPBACK_NAMES
     train_config_for: Callable[[str], dict | None] = lambda run_id: None
     # runs the gated retrain of a run and analyses the retrained run: (retrained run id or None, message);
     # None hides the page's retrain button (the page then only shows the command)
@@ -54,6 +69,18 @@ class ReviewSite:
     _reviews: dict[str, tuple[int, RunReview]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _retraining: threading.Lock = field(default_factory=threading.Lock)
+    _wrong_tokens: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+
+    def too_many_wrong_tokens(self, address: str, *, wrong: bool) -> bool:
+        """Count a wrong token from ``address`` (when ``wrong``); True while it has sent too many lately."""
+        now = time.monotonic()
+        with self._lock:
+            recent = self._wrong_tokens[address]
+            while recent and now - recent[0] > WRONG_TOKEN_WINDOW_S:
+                recent.popleft()
+            if wrong:
+                recent.append(now)
+            return len(recent) >= WRONG_TOKEN_LIMIT
 
     def review(self, run_id: str) -> RunReview:
         """The run under review, loaded once per materialisation of its queue (its evidence is cached
@@ -66,39 +93,70 @@ class ReviewSite:
         with self._lock:
             cached = self._reviews.get(run_id)
             if cached is None or cached[0] != stamp:
-                try:
-                    review = RunReview.open(run_id, self.base, self.train_config_for(run_id))
-                except InputError:
-                    abort(404, missing)
+                # a queue that is there but unreadable is a named error: the error page says which file
+                review = RunReview.open(run_id, self.base, self.train_config_for(run_id))
                 cached = self._reviews[run_id] = (stamp, review)
             return cached[1]
 
+    def readable_reviews(self) -> tuple[dict[str, RunReview], dict[str, str]]:
+        """Every run with a queue that can be read, and why each of the others cannot (one broken run
+        does not hide the rest)."""
+        reviews, broken = {}, {}
+        for run_id in runs_with_queue(self.base):
+            try:
+                reviews[run_id] = self.review(run_id)
+            except Z0infError as exc:
+                broken[run_id] = str(exc)
+        return reviews, broken
+
     def children(self, run_id: str, reviews: dict[str, RunReview] | None = None) -> list[RunReview]:
         """The analysed runs retrained from ``run_id`` (by the lineage their queue records), oldest name first."""
-        reviews = reviews or {r: self.review(r) for r in runs_with_queue(self.base)}
+        reviews = reviews or self.readable_reviews()[0]
         return sorted((r for r in reviews.values() if r.lineage[1:2] == [run_id]), key=lambda r: r.run_name)
 
 
 def create_app(site: ReviewSite) -> Flask:
     app = Flask(__name__)
     app.secret_key = secrets.token_bytes(32)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     csrf_token = secrets.token_urlsafe(24)
 
     @app.context_processor
     def _common():
-        return {"csrf": csrf_token, "reviewer": request.cookies.get(REVIEWER_COOKIE, "")}
+        return {"csrf": csrf_token, "reviewer": request.cookies.get(REVIEWER_COOKIE, ""),
+                "attribution": ATTRIBUTION_ACCURACY}
+
+    @app.get("/accuracy")
+    def accuracy():
+        """The suite's tables (benchmarks/README.md of this checkout), where the attribution line links."""
+        if not ACCURACY_TABLE.is_file():
+            abort(404, "benchmarks/README.md is not in this installation")
+        return ACCURACY_TABLE.read_text(), 200, {"Content-Type": "text/plain; charset=utf-8"}
 
     @app.before_request
     def _guard():
+        host = _host_name(request.host)
+        if host not in site.allowed_hosts:
+            return (f"refused: this review page does not serve the host name {host!r} (it serves "
+                    f"{', '.join(sorted(site.allowed_hosts))}; start it with --allowed-host {host} to add it)"), 421
         if site.token is not None:
+            address = request.remote_addr or "?"
+            if site.too_many_wrong_tokens(address, wrong=False):
+                return "too many wrong access tokens from this address: wait a minute", 429, {
+                    "Retry-After": str(int(WRONG_TOKEN_WINDOW_S))}
             given = request.args.get("token")
-            if given is not None and hmac.compare_digest(given, site.token):
+            if given is not None and not hmac.compare_digest(given.encode(), site.token.encode()):
+                site.too_many_wrong_tokens(address, wrong=True)
+                return "access token required: this one is wrong (use the link `z0inf review serve` printed)", 401
+            if given is not None:
                 query = {k: v for k, v in request.args.items() if k != "token"}
                 response = redirect(request.path + (f"?{urlencode(query)}" if query else ""), 303)
                 response.set_cookie(TOKEN_COOKIE, site.token, httponly=True, samesite="Strict", max_age=_YEAR_S)
                 return response
             presented = request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE) or ""
-            if not hmac.compare_digest(presented, site.token):
+            if not hmac.compare_digest(presented.encode(), site.token.encode()):
+                if presented:
+                    site.too_many_wrong_tokens(address, wrong=True)
                 return "access token required: open the link with ?token=... printed by `z0inf review serve`", 401
         if request.method == "POST":
             origin = request.headers.get("Origin") or request.headers.get("Referer")
@@ -109,7 +167,9 @@ def create_app(site: ReviewSite) -> Flask:
 
     @app.get("/")
     def index():
-        reviews = {r: site.review(r) for r in runs_with_queue(site.base)}
+        reviews, broken = site.readable_reviews()
+        for run_id, reason in broken.items():
+            flash(f"run {run_id} is left out: {reason}", "error")
         rows = []
         for run_id, review in reviews.items():
             parent = review.lineage[1] if len(review.lineage) > 1 else None
@@ -162,6 +222,12 @@ def create_app(site: ReviewSite) -> Flask:
         ids = [_int(v, None) for v in form.getlist("example_id")]
         action = form.get("action", "")
         back = _filters(form, review)
+        note = (form.get("note") or "").strip() or None
+        if note is not None and len(note) > MAX_NOTE_CHARS:
+            return (f"refused: the note has {len(note)} characters; at most {MAX_NOTE_CHARS} are kept "
+                    "(go back and shorten it)"), 400
+        if len(reviewer) > MAX_REVIEWER_CHARS:
+            return f"refused: the reviewer name has {len(reviewer)} characters; at most {MAX_REVIEWER_CHARS}", 400
         try:
             # the class picker is in every form of a classification run: its value only counts for a relabel
             label = review.label_index(form.get("label")) if action == "relabel" and form.get("label") else None
@@ -169,15 +235,14 @@ def create_app(site: ReviewSite) -> Flask:
                 raise InputError("review decide: give your name as reviewer (it is kept with the decision)")
             if None in ids:
                 raise InputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
-            review.record(site.store, ids, action, label=label, reviewer=reviewer,
-                          note=(form.get("note") or "").strip() or None)
+            review.record(site.store, ids, action, label=label, reviewer=reviewer, note=note)
         except (InputError, ReviewError) as exc:
             flash(str(exc), "error")
             anchor = ids[0] if ids and ids[0] is not None else None
             return redirect(_run_url(site, review, back, anchor), 303)
         flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label, review.class_names)} (by {reviewer})", "ok")
         follow = form.get("then", "")
-        if follow.startswith(f"/runs/{run_id}/tests/") and follow[len(f"/runs/{run_id}/tests/"):].isdigit():
+        if re.fullmatch(rf"/runs/{re.escape(run_id)}/tests/-?\d+", follow):
             target = follow
         else:
             target = _run_url(site, review, back, _next_pending(site, review, back, ids[-1]))
@@ -222,7 +287,7 @@ def create_app(site: ReviewSite) -> Flask:
         return render_template("tests.html", run_id=run_id, review=review, cards=cards,
                                total=0 if wrong is None else len(wrong), tests=review.test_count)
 
-    @app.get("/runs/<run_id>/tests/<int:test_id>")
+    @app.get("/runs/<run_id>/tests/<int(signed=True):test_id>")
     def test_view(run_id: str, test_id: int):
         review = site.review(run_id)
         try:
@@ -259,6 +324,25 @@ def create_app(site: ReviewSite) -> Flask:
         html = run_review_sheet(review, site.store, stored_histogram(review))
         return html, 200, {"Content-Type": "text/html; charset=utf-8",
                            "Content-Disposition": f'attachment; filename="review-{run_id}.html"'}
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc):
+        return f"refused: the request is larger than {MAX_REQUEST_BYTES // 1024} KiB (no form of this page is)", 413
+
+    @app.errorhandler(Z0infError)
+    def _named_error(exc):
+        """What broke and what to do, as a page; the next request tries again (the store reconnects)."""
+        return render_template("error.html", title="This page cannot be shown right now", message=str(exc)), 503
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc):
+        if isinstance(exc, HTTPException):
+            return exc
+        app.logger.exception("review page: unexpected error")
+        return render_template(
+            "error.html", title="Something broke on the review server",
+            message=f"{type(exc).__name__}: {exc}. The server log has the details; nothing was recorded by this request.",
+        ), 500
 
     @app.after_request
     def _headers(response):
@@ -358,9 +442,22 @@ def _promotion(review: RunReview) -> dict | None:
     return pd.read_parquet(path).iloc[0].to_dict()
 
 
+_LOCAL_PATH = re.compile(r"/(?![/\\])[\x21-\x7e]*")
+
+
 def _local(target: str) -> str:
-    """Only redirect within this site."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """Only redirect within this site: a path of printable ASCII without spaces, tabs or backslashes
+    (browsers drop tabs and newlines and read a backslash as a slash, so '/\t/evil' would be '//evil')."""
+    return target if _LOCAL_PATH.fullmatch(target) and "\\" not in target else "/"
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header, lowercased, without its port: 'Example.org:8765' -> 'example.org',
+    '[::1]:8765' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _int(value, default):
