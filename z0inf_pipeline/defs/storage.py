@@ -331,6 +331,16 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
     def layout(self, run_id: str) -> RunLayout:
         return RunLayout.for_run(run_id, self.outputs_base())
 
+    def mark_attempt(self, asset: str, run_id: str, dagster_run_id: str) -> None:
+        """Record that a materialisation of ``asset`` started (only ``review_queue`` has an attempt file):
+        until ``handle_output`` publishes its output and removes the record, readers know the stored
+        output is not the latest attempt's (it failed, or is still running)."""
+        marker = getattr(self.layout(run_id), f"{asset}_attempt")
+        with tempfile.TemporaryDirectory(prefix="z0inf-stage-") as tmp:
+            staged = Path(tmp) / marker.name
+            staged.write_text(json.dumps({"asset": asset, "dagster_run_id": dagster_run_id}))
+            _publish(staged, marker)
+
     def _files(self, context) -> tuple[str, str, dict[str, UPath]]:
         asset = context.asset_key.to_user_string()
         run_id = context.asset_partition_key
@@ -352,6 +362,9 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
                     _publish(written[name], target)
                 else:  # an optional file this materialisation has none of (no predictions, no image grid)
                     target.unlink(missing_ok=True)
+            attempt = getattr(self.layout(run_id), f"{asset}_attempt", None)
+            if attempt is not None:  # published whole: what is stored is this attempt's
+                attempt.unlink(missing_ok=True)
             if self.log_to_mlflow:
                 self.mlflow.log_artifacts(run_id, f"z0inf/{asset}", list(written.values()))
             rows = [f"| `{files[n]}` | {p.stat().st_size:,} | `{sha256_of(p)[:16]}` |" for n, p in written.items()]

@@ -85,6 +85,12 @@ class RunLayout:
         return self.root / "review_queue.parquet"
 
     @property
+    def review_queue_attempt(self) -> UPath:
+        """Written when a ``review_queue`` materialisation starts (its Dagster run id), removed once its
+        queue is published: while it is there the queue on disk is not the latest attempt's."""
+        return self.root / "review_queue.attempt.json"
+
+    @property
     def histogram(self) -> UPath:
         return self.root / "flag_score_histogram.png"
 

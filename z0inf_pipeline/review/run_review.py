@@ -5,6 +5,7 @@ deciding). Reads run outputs only through ``RunLayout``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -65,6 +66,20 @@ class RunReview:
     @property
     def run_id(self) -> str:
         return self.layout.run_id
+
+    def out_of_date(self) -> str | None:
+        """Why this queue is not the latest attempt's, or None: a ``review_queue`` materialisation started
+        after it was stored and has not stored its own (it failed, or is still running). Read on every
+        call: the attempt record comes and goes while the queue file stays."""
+        try:
+            attempt = json.loads(self.layout.review_queue_attempt.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            attempt = {}
+        return (f"out of date: the last review_queue run (Dagster run {attempt.get('dagster_run_id', 'unknown')}) "
+                "failed or has not finished; this queue is from an earlier run. Look at that run in the Dagster UI "
+                f"and materialise review_queue again: z0inf materialize influence --run {self.run_id}")
 
     @property
     def run_name(self) -> str:

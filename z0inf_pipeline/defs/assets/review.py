@@ -50,6 +50,8 @@ def review_queue(
     ``self_influence_is_valid``. Decisions live in the review store (``z0inf review decide``), which
     re-materialising never touches."""
     run_id = run_id_of(context)
+    if isinstance(run_outputs, RunOutputsIOManager):  # until this attempt's queue is stored, the old one is out of date
+        run_outputs.mark_attempt("review_queue", run_id, context.run_id)
     base = outputs_base_of(run_outputs)  # where the ancestors' queues are, as Dagster config set it
     policy = config.to_policy()
     layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in

@@ -196,6 +196,7 @@ def create_app(site: ReviewSite) -> Flask:
             run_id=run_id,
             info=review.info,
             review=review,
+            out_of_date=review.out_of_date(),
             parent=_name_of(site, parent),
             status=status,
             needed=decisions_needed(status),
