@@ -125,5 +125,5 @@ def test_decide_refuses_ids_that_are_not_training_examples(instance, contract_ru
     assert main(["review", "decide", contract_run, str(test_id), "--action", "drop"]) == 2
     assert "not training examples" in capsys.readouterr().err
     assert main(["review", "decide", contract_run, "--flagged", "--action", "relabel", "--label", "10"]) == 2
-    assert "outside the run's classes" in capsys.readouterr().err
+    assert "label 10 is outside the run's label set" in capsys.readouterr().err
     assert DecisionStore.open().current(contract_run).empty

@@ -4,6 +4,7 @@ of at most MAX_NOTE_CHARS, run ids without a trailing newline. Real store, real 
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from z0inf_pipeline.cli import main
@@ -16,16 +17,22 @@ from z0inf_pipeline.review.store import MAX_NOTE_CHARS
 from ..defs.conftest import contract_run, dagster_home, execute, instance  # noqa: F401 - fixtures
 
 
-def test_relabels_outside_the_labels_a_run_has_are_refused_without_num_classes(instance, contract_run, capsys):
+def test_relabels_to_labels_no_example_carries_are_refused_without_num_classes(instance, contract_run, capsys):
     assert execute(instance, "influence_job", contract_run).success
-    path = RunLayout.for_run(contract_run, outputs_base()).review_queue
-    queue, info = read_review_queue(path)
-    write_review_queue(queue, path, {**info, "num_classes": None})  # as a ContractLogger run records it
+    layout = RunLayout.for_run(contract_run, outputs_base())
+    queue, info = read_review_queue(layout.review_queue)
+    write_review_queue(queue, layout.review_queue, {**info, "num_classes": None})  # as a ContractLogger run records it
+    # a run whose examples carry no 4: inside [0, largest label], but not a label of this run
+    examples = pd.read_parquet(layout.examples)
+    examples.loc[examples["label"] == 4, "label"] = 5
+    examples.to_parquet(layout.examples, index=False)
+    seen = sorted(set(examples["label"].astype(int)))
+    assert 4 not in seen and max(seen) > 4
     example = str(int(queue["example_id"].iloc[0]))
-    for label in ("999", "2147483648", "-1"):
+    for label in ("4", "999", "2147483648", "-1"):
         assert main(["review", "decide", contract_run, example, "--action", "relabel", "--label", label]) == 2
         err = capsys.readouterr().err
-        assert "outside" in err and "Traceback" not in err, label
+        assert f"label {label} is outside" in err and str(seen[-1]) in err and "Traceback" not in err, label
     assert DecisionStore.open().current(contract_run).empty
     assert main(["review", "decide", contract_run, example, "--action", "relabel", "--label", "3"]) == 0
 

@@ -132,6 +132,23 @@ class RunReview:
                 f"({', '.join(self.class_names) or 'a text run has none'}) nor a class index"
             ) from None
 
+    @cached_property
+    def allowed_labels(self) -> tuple[int, ...]:
+        """The labels a relabel may name: the run's classes ``0 .. num_classes-1`` where it records
+        ``num_classes``, else (a ``ContractLogger`` run) the labels its examples carry, no others: a
+        label no example has is more likely a typo than a class."""
+        if self.is_text:
+            return ()
+        if self.info.get("num_classes") is not None:
+            return tuple(range(int(self.info["num_classes"])))
+        return tuple(int(v) for v in np.unique(self.examples["label"].dropna().to_numpy(np.int64)))
+
+    @property
+    def allowed_labels_source(self) -> str:
+        if self.info.get("num_classes") is not None:
+            return f"num_classes={self.info['num_classes']}"
+        return "the run records no num_classes: the labels its examples carry"
+
     # --- deciding ----------------------------------------------------------------------------------
 
     @cached_property
@@ -153,10 +170,12 @@ class RunReview:
                 f"review decide: run {self.run_id} is a text run: its answers have no class to relabel to "
                 "(drop a wrong answer, or keep it)"
             )
-        classes = len(self.class_names)
-        if action == "relabel" and label is not None and classes and not 0 <= int(label) < classes:
+        allowed = self.allowed_labels
+        if action == "relabel" and label is not None and int(label) not in allowed:
+            shown = ", ".join(str(a) for a in allowed[:50]) + (", ..." if len(allowed) > 50 else "")
             raise ReviewError(
-                f"review decide: label {label} is outside the run's classes [0, {classes})"
+                f"review decide: label {label} is outside the run's label set {{{shown}}} "
+                f"({self.allowed_labels_source})"
             )
 
     def record(
