@@ -8,6 +8,7 @@ Every message names the input (file, column, run, setting, URI) it is about.
     │   ├── ContractError     an MLflow run breaks the run contract
     │   ├── ConfigurationError  a setting, YAML file, tracking URI or allow-list is wrong
     │   └── ReviewError       the review store or a review decision is unusable
+    ├── StorageError          a folder or store cannot take a write (disk full, read-only, gone)
     └── ServiceUnavailable    a service did not answer in time: retry later, nothing is wrong with the input
         ├── MlflowUnavailable
         └── CeleryBrokerUnavailable
@@ -34,6 +35,11 @@ class ConfigurationError(InputError):
 
 class ReviewError(InputError):
     """The review store cannot be used (unreadable, not a database) or a review decision is invalid."""
+
+
+class StorageError(Z0infError):
+    """A folder or store cannot take a write (the disk is full, it is read-only, it is gone): nothing is
+    wrong with the input; the message names the folder or store and what to free or fix."""
 
 
 class ServiceUnavailable(Z0infError):

@@ -8,6 +8,7 @@ metrics), and only then is renamed to ``<cache>/<run_id>``: a rejected run leave
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import shutil
@@ -20,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from ..errors import StorageError, Z0infError
 from ..influence.checkpoints import load_state_dict
 from ..settings import data_dir
 from ..training import layout
@@ -295,9 +297,37 @@ def download_artifact(client: MlflowClient, run_id: str, path: str, root: Path) 
         with no_progress_bars():
             local = Path(client.download_artifacts(run_id, path, dst_path=str(destination.parent)))
     except (MlflowException, OSError) as exc:
-        raise ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})") from None
+        raise download_failure(run_id, path, destination.parent, exc) from None
     if local.resolve() != destination or not destination.is_file():
         raise ContractError(f"run {run_id}: artifact {path!r} did not arrive at {destination}")
+
+
+# Less free space than this in the download folder after a failed download: the disk filled up.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def download_failure(run_id: str, path: str, folder: Path, exc: Exception) -> Z0infError:
+    """The named error for a failed artifact download. A full disk (``ENOSPC``, raised here or reported
+    in MLflow's message) is a ``StorageError`` naming the folder: MLflow's ``runs:/`` download swallows
+    the OSError and says "please ensure that the path is correct", so a folder left with under 1 MiB
+    free after the failure counts as full too. Anything else: the run's artifact cannot be downloaded."""
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        isinstance(exc, MlflowException)
+        and ("No space left on device" in exc.message or _free_bytes(folder) < _NEARLY_FULL_BYTES)
+    )
+    if full:
+        return StorageError(
+            f"run {run_id}: artifact {path!r} cannot be downloaded: the disk holding {folder} is full "
+            f"({_free_bytes(folder):,} bytes free); free space there or set $Z0INF_DATA_DIR to a folder on a larger disk"
+        )
+    return ContractError(f"run {run_id}: artifact {path!r} cannot be downloaded ({_reason(exc)})")
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return _NEARLY_FULL_BYTES  # cannot tell: not counted as full
 
 
 def _reason(exc: Exception) -> str:
