@@ -14,7 +14,9 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
+from ..errors import StorageError
 from ..influence.checkpoints import save_checkpoint
 from ..influence.loss_tables import ID_COLUMN, LossFn
 from ..training import layout
@@ -87,6 +89,25 @@ class RunWriter:
         status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
+    def store_refused(self, exc: Exception) -> StorageError:
+        """The named error for an MLflow store that stopped taking writes during the run: the run is
+        marked FAILED where the store still allows it, and the message says which happened."""
+        try:
+            self.abort(exc)
+            marked = "the run is marked FAILED"
+        except (MlflowException, OSError) as again:
+            marked = f"the run could not be marked FAILED ({_short(again)}) and stays RUNNING in the store"
+        return StorageError(
+            f"MLflow store {self.client.tracking_uri}: run {self.run_id} cannot be written ({_short(exc)}); "
+            f"{marked}. Make the store and its artifact location writable, then train again"
+        )
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's first line, without MLflow's or SQLAlchemy's pages of context."""
+    text = exc.message if isinstance(exc, MlflowException) else str(exc)
+    return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
+
 
 def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
@@ -140,6 +161,8 @@ def train_and_log(
                                model_spec=result.model_spec.to_dict(),
                                input_example=result.bundle.test.features[:5].numpy())
             writer.finish(Path(tmp) / "run", final)
+    except (MlflowException, OSError) as exc:  # the store or its artifact location stopped taking writes
+        raise writer.store_refused(exc) from None
     except BaseException as exc:
         writer.abort(exc)
         raise
