@@ -53,7 +53,7 @@ def test_a_reused_gram_must_come_from_the_same_parameters_and_checkpoints(files,
     mine = folder.rename(tmp_path / "mine")
     other_folder, _ = checkpoint_dir(T=5, seed=1)  # the fixture writes a fresh folder where the first was
     code, err = cli(capsys, "self-influence", other_folder, train_path, "-o", out, "--gram", full_gram)
-    assert code == 2 and "other checkpoint contents at step(s) [0, 10, 20, 30, 40]" in err
+    assert code == 2 and "other checkpoint files at step(s) [0, 10, 20, 30, 40]" in err
 
     # no --no-center for a centred Gram either
     code, err = cli(capsys, "self-influence", mine, train_path, "-o", out, "--gram", full_gram, "--no-center")

@@ -263,7 +263,7 @@ def test_warmup_window_keeps_checkpoints_from_the_fraction_on(fraction, kept):
 def test_windowed_analysis_matches_materialised_on_the_kept_checkpoints(checkpoint_dir, fraction):
     """InfluenceAnalysis with a warm-up window = the brute-force estimator on the kept checkpoints only."""
     from z0inf_pipeline.influence import LossTable
-    from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments
+    from z0inf_pipeline.influence.analysis import InfluenceAnalysis, InfluenceArguments, TrainTestArguments
     from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS
 
     folder, states = checkpoint_dir(T=6)
@@ -276,7 +276,10 @@ def test_windowed_analysis_matches_materialised_on_the_kept_checkpoints(checkpoi
     test = LossTable(np.arange(100, 104, dtype=np.int64), steps, torch.from_numpy(Lz))
     args = InfluenceArguments(neighbors=2, warmup_fraction=fraction, eta="learning_rate", center_losses=True,
                               weight_by_correlation=True, topk=2)
-    analysis = InfluenceAnalysis(folder, train, test, args)
+    # train-test has its own window, k, rule and eta (TrainTestArguments): the same ones here, on the trajectory
+    train_test = TrainTestArguments(method="trajectory", warmup_fraction=fraction, neighbors=2,
+                                    neighbor_rule=args.neighbor_rule, eta="learning_rate")
+    analysis = InfluenceAnalysis(folder, train, test, args, train_test=train_test)
     keep = [t for t, s in enumerate(steps) if s >= fraction * 50]
     eta = np.array([0.1 / (t + 1) for t in keep])
     Lw, Lzw = L[keep], Lz[keep]
