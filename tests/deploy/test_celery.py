@@ -122,6 +122,7 @@ def workers(setting):
             pytest.fail(f"celery workers {dead or WORKERS} did not start:\n" + _logs(setting["root"]))
         answered = {name.split("@")[0] for reply in app.control.ping(timeout=1.0) for name in reply}
     yield processes
+    app.close()  # its broker connections must not outlive the test in this process
     for process in processes.values():
         _stop(process)
 

@@ -81,7 +81,9 @@ def _decide_in_turn(url: str, writer: int, rounds: int) -> None:
 def test_concurrent_writers_lose_nothing_and_the_latest_wins(store_url):
     writers, rounds = 4, 15
     DecisionStore.open(store_url)
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: a forked child runs the after-fork hooks of whatever the test process holds (kombu's
+    # pools from the Celery tests block in them on Redis), while a spawned one starts clean, as a CLI call does
+    context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_decide_in_turn, args=(store_url, w, rounds)) for w in range(writers)]
     for process in processes:
         process.start()
