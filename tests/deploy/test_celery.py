@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = ("w1", "w2")
 # Small enough that the kill test waits seconds, not hours, for a dead worker's task to be handed on;
 # larger than any step of this tiny run takes on a busy machine, so no live task is handed on twice.
-VISIBILITY_TIMEOUT_S = 30
+VISIBILITY_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 300
 SHARD_STEP = "loss_tables.compute_loss_shard"
 # shards of 3 batches: ~1350 digits for training in 4 shards, ~450 for testing in 2, more than workers
