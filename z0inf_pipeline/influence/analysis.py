@@ -22,7 +22,15 @@ from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from ..errors import InputError
 from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
-from .estimators import InfluenceFactors, NeighborRule, influence_features, self_influence, topk_of_factors, warmup_window
+from .estimators import (
+    InfluenceFactors,
+    NeighborRule,
+    combine_standardised,
+    influence_features,
+    self_influence,
+    topk_of_factors,
+    warmup_window,
+)
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
 from .signals import LossKind, loss_signals
@@ -115,7 +123,8 @@ class TrainTestArguments:
     (chosen on Spearman against SSRT), so no train-test default follows from the self-influence choice.
 
     ``directions``: forward passes along P random directions at a few checkpoints (a zeroth-order
-    TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term; it needs the
+    TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term (both standardised per
+    test example, ``estimators.combine_standardised``); it needs the
     run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
     ``trajectory``: Z0-Inf's trajectory directions only."""
 
@@ -149,7 +158,8 @@ class TrainTestArguments:
     )
     seed: int = field(default=0, metadata={"help": "directions are regenerated from (seed, step, index), never stored"})
     trajectory_weight: float = field(
-        default=0.0, metadata={"help": "directions: add this multiple of the trajectory term (0: directions only)"}
+        default=0.0, metadata={"help": "directions: add this multiple of the trajectory term, both divided by the "
+                                     "spread of their scores per test example (0: directions only)"}
     )
 
     def __post_init__(self) -> None:
@@ -351,11 +361,10 @@ class InfluenceAnalysis:
             directions=tt.directions, step_size=tt.step_size, seed=tt.seed, distribution=tt.distribution,
             device=self.device,
         )
-        train, test = train.to(self.device), test.to(self.device)
-        if trajectory is not None:
-            train = torch.cat([train, tt.trajectory_weight * trajectory.train.to(train.dtype)], dim=1)
-            test = torch.cat([test, trajectory.test.to(test.dtype)], dim=1)
-        return InfluenceFactors(train, test, None, None)
+        directions = InfluenceFactors(train.to(self.device), test.to(self.device), None, None)
+        if trajectory is None:
+            return directions
+        return combine_standardised(directions, trajectory, tt.trajectory_weight)
 
     def full_frame(self) -> pd.DataFrame:
         """The whole N x M matrix INF(i, z): rows ``example_id`` (training), one column per test example
