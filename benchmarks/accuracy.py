@@ -109,13 +109,14 @@ NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
 NEIGHBOR_RULES = ("order", "distance")
 CENTERINGS = (False, True)
-# Forward-only random directions (train-test): direction counts, checkpoints, step weights, parameters (all,
-# or the last layer: the classifier's last Linear, the LM's last block, where the frozen prefix runs once per
-# batch) and the weight of the trajectory term. Smaller P and C are prefixes of the largest (direction p and
+# Forward-only random directions (train-test): direction counts per parameter set (all; or the last layer:
+# the classifier's last Linear, the LM's last MLP and final norm, where the frozen prefix runs once per batch,
+# so P = 1024 costs less than P = 256 over all parameters), checkpoints, step weights and the weight of the
+# trajectory term. Smaller P and C are prefixes of the largest (direction p and
 # the checkpoint positions are nested), so one pass per parameter set serves all; its cost is measured, the
 # smaller settings' scaled from it (cost is linear in P x C). C = 4 was within 0.01 of C = 1 on the first
 # four cases in an earlier run (0.514 against 0.506 at P = 256), so it is not in the grid.
-DIRECTION_COUNTS = (64, 256, 1024)
+DIRECTION_COUNTS = {"all": (64, 256), "last layer": (64, 256, 1024)}
 DIRECTION_CHECKPOINTS = (1, 2)
 # the trajectory term's share against the directions' (each standardised per test example: combine_standardised)
 TRAJECTORY_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
@@ -435,7 +436,7 @@ class TrainTestSubject:
     checkpoints: list
     access: ForwardAccess
     parameter_names: list[str]
-    last_layer: list[str]  # the parameters of the subset setting: the classifier's last layer, the LM's last block
+    last_layer: list[str]  # the subset setting: the classifier's last Linear, the LM's last MLP and final norm
     peers: dict
 
 
@@ -480,16 +481,16 @@ def evaluate_train_test(report: Report, name: str, subject: TrainTestSubject, ld
                                     DEFAULT_TRAIN_TEST.neighbor_rule)
     positions = direction_checkpoint_positions(warmup_window(z0.steps, DEFAULT_TRAIN_TEST.warmup_fraction),
                                                max(DIRECTION_CHECKPOINTS))
-    top = max(DIRECTION_COUNTS)
     blocks = len(positions)
     for parameters, names in (("all", subject.parameter_names), ("last layer", subject.last_layer)):
+        top = max(DIRECTION_COUNTS[parameters])
         with Measured() as cost:  # one pass at the largest P and C; smaller settings are its prefixes
             train_s, test_s = direction_features(subject.access, [subject.checkpoints[p] for p in positions], names,
                                                  None, directions=top, step_size=DEFAULT_TRAIN_TEST.step_size,
                                                  seed=DEFAULT_TRAIN_TEST.seed)
         train_s = train_s.reshape(len(train_s), blocks, top) * top  # back to s_{i,p}: features carry 1/P
         test_s = test_s.reshape(len(test_s), blocks, top)
-        for P, C, eta in itertools.product(DIRECTION_COUNTS, DIRECTION_CHECKPOINTS, ETAS):
+        for P, C, eta in itertools.product(DIRECTION_COUNTS[parameters], DIRECTION_CHECKPOINTS, ETAS):
             use = slice(blocks - min(C, blocks), blocks)  # positions ascend: the last C end at the last checkpoint
             step_weights = (z0.learning_rates[positions[use]] if eta == "learning_rate"
                             else torch.ones(len(positions[use]), dtype=torch.float64))
@@ -539,8 +540,9 @@ def evaluate_lm_case(report: Report, case, work: Path, scale: Scale) -> None:
         return linear_datamodeling_score(scores, run.holdout_masks, run.holdout_test_losses).mean
 
     names = [n for n, _ in TokenLM(case.recipe).named_parameters()]
-    last_block = [n for n in names if n.startswith((f"lm.transformer.h.{case.recipe.n_layer - 1}.", "lm.transformer.ln_f."))]
-    evaluate_train_test(report, case.name, TrainTestSubject(z0, run.checkpoints, run.access(), names, last_block,
+    last_mlp = [n for n in names if n.startswith((f"lm.transformer.h.{case.recipe.n_layer - 1}.mlp.",
+                                                    "lm.transformer.ln_f."))]
+    evaluate_train_test(report, case.name, TrainTestSubject(z0, run.checkpoints, run.access(), names, last_mlp,
                                                             {"TracInCP": run.tracincp}), lds)
 
 
@@ -755,7 +757,7 @@ def train_test_tables(report: Report) -> tuple[pd.DataFrame, pd.DataFrame]:
     label = f"Z0 trajectory (LDS-chosen: window {chosen_t['warmup_fraction']}, k={chosen_t['neighbors']}, {chosen_t['neighbor_rule']})"
     columns[label], costs[label + " s"], costs[label + " MiB"] = lds_chosen["lds"], lds_chosen["seconds"], lds_chosen["mib"]
     d = report.frame("directions_lds")
-    for P in DIRECTION_COUNTS:
+    for P in DIRECTION_COUNTS[choice["parameters"]]:
         rows = d[(d["P"] == P) & (d["C"] == choice["direction_checkpoints"]) & (d["eta"] == choice["eta"])
                  & (d["trajectory_weight"] == choice["trajectory_weight"])
                  & (d["parameters"] == choice["parameters"])].set_index("case")
@@ -968,6 +970,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for these tiny models on a shared 2-core box)")
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
+    parser.add_argument("--only", default=None, help="only the classification cases whose name contains this "
+                        "text (no LM case): run parts of the suite in parallel, then --merge their results")
+    parser.add_argument("--merge", type=Path, nargs="+", default=(),
+                        help="with --report-only: results (accuracy.json) of other runs of the same code, whose cases "
+                        "replace the folder's rows of the same case")
     parser.add_argument("--lm-only", action="store_true",
                         help="run only the LM cases and merge their rows into the folder's accuracy.json")
     parser.add_argument("--lm-case", type=int, default=None, help="with --lm-only: only this LM case (0-based)")
@@ -991,6 +998,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         saved = json.loads((out / "accuracy.json").read_text())
         report = Report(saved["sections"], saved["notes"])
+        for path in args.merge:
+            other = json.loads(path.read_text())["sections"]
+            names = {r["case"] for rows in other.values() for r in rows if "case" in r}
+            for section in set(report.sections) | set(other):
+                kept = [r for r in report.sections.get(section, []) if r.get("case") not in names]
+                report.sections[section] = kept + other.get(section, [])
+            report.notes["merged"] = [*report.notes.get("merged", []), str(path)]
+        if args.merge:
+            report.notes["suite_choice"] = choose_defaults(report)
+            json_path = out / "accuracy.json"
+            json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1,
+                                            default=float))
         print(write_markdown(report, out, args.quick, report.notes["total_seconds"]).read_text())
         return 0
     from lm_cases import LM_CASES
@@ -1008,8 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1, default=float))
 
     with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
-        classifiers = [] if args.lm_only else list(CASES[: args.cases])
-        lms = list(LM_CASES) if args.lm_only or args.cases is None else []
+        classifiers = [] if args.lm_only else [c for c in CASES[: args.cases] if args.only is None or args.only in c.name]
+        lms = list(LM_CASES) if args.lm_only or (args.cases is None and args.only is None) else []
         lms = lms if args.lm_case is None else [LM_CASES[args.lm_case]]
         # the CNN case last: its 2 P C forward passes of random directions take longest on a shared CPU
         cnn = [c for c in classifiers if c.config.model == "cnn"]

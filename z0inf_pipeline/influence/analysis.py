@@ -22,6 +22,7 @@ from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from ..errors import InputError
 from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
+from .tracin import tracincp_features
 from .estimators import (
     InfluenceFactors,
     NeighborRule,
@@ -113,7 +114,7 @@ GRAM_SETTINGS = ("parameters", "center")
 # Settings that train-test influence takes from ``TrainTestArguments``, not from ``InfluenceArguments``.
 TRAIN_TEST_OWN = ("warmup_fraction", "neighbors", "neighbor_rule", "eta")
 
-TrainTestMethod = Literal["directions", "trajectory"]
+TrainTestMethod = Literal["directions", "trajectory", "tracincp"]
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,15 @@ class TrainTestArguments:
     TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term (both standardised per
     test example, ``estimators.combine_standardised``); it needs the
     run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
-    ``trajectory``: Z0-Inf's trajectory directions only."""
+    ``trajectory``: Z0-Inf's trajectory directions only. ``tracincp`` (opt-in, not zeroth-order): exact
+    per-example gradients at every checkpoint, learning-rate weighted (``influence.tracin``); it needs the
+    model and data as ``directions`` does."""
 
     method: TrainTestMethod = field(
         default="directions",
         metadata={"help": "directions: forward passes along random directions (needs the run's model and data; "
-                  "else falls back to trajectory); trajectory: checkpoint differences only"},
+                  "else falls back to trajectory); trajectory: checkpoint differences only; tracincp: exact "
+                  "per-example gradients at every checkpoint (backward passes, memory N x D; needs the model)"},
     )
     warmup_fraction: float = field(
         default=0.05,
@@ -326,9 +330,9 @@ class InfluenceAnalysis:
         """(the train-test method that runs, why it is not the one asked for or None): random directions
         need the run's model and data; without them the trajectory answers."""
         asked = self.train_test_args.method
-        if asked == "directions" and self.forward is None:
+        if asked in ("directions", "tracincp") and self.forward is None:
             return "trajectory", ("the run has no model factory and data to run forward passes on (a contract "
-                                  "logged from an outside loop): trajectory-only Z0-Inf instead of random directions")
+                                  f"logged from an outside loop): trajectory-only Z0-Inf instead of {asked}")
         return asked, None
 
     def train_test_factors(self) -> InfluenceFactors:
@@ -344,7 +348,7 @@ class InfluenceAnalysis:
         if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
             raise InputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
                                       "cannot be combined with random directions (set trajectory_weight=0)")
-        if method == "trajectory" or tt.trajectory_weight > 0:
+        if method == "trajectory" or (method == "directions" and tt.trajectory_weight > 0):
             keep = torch.from_numpy(window)
             gram, eta = self._windowed(window, step_weights)
             trajectory = influence_features(
@@ -354,6 +358,12 @@ class InfluenceAnalysis:
             )
         if method == "trajectory":
             return trajectory
+        if method == "tracincp":
+            recorded = all(c.learning_rate is not None for c in self.checkpoints)
+            train, test = tracincp_features(self.forward, self.checkpoints, self.parameter_names,
+                                            self._step_weights("learning_rate") if recorded else None,
+                                            device=self.device)
+            return InfluenceFactors(train, test, None, None)
         positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
         eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]
         train, test = direction_features(

@@ -18,9 +18,11 @@ forward-AD formula). The step is relative to the weights' scale, and the float32
 difference is checked (a warning names the step when it is too small); in float64 the projections
 match autograd's to 1e-6 (tests/influence/test_directions.py).
 
-Memory: the model, one direction and a copy of the chosen weights (O(D)), and the (N + M) x P
-projections: never N x D, never a stored direction (each is regenerated from ``(seed, step, p)``).
-Cost: 2 P forward passes over the N + M examples per checkpoint used.
+Memory: the model, the directions of one pass and a copy of the chosen weights (O(D)), one batch of
+activations, and the (N + M) x P projections: never N x D, never a stored direction (each is regenerated
+from ``(seed, step, p)``, once per batch of examples). Cost: 2 P forward passes over the N + M examples
+per checkpoint used; with a parameter subset (``--parameters``, e.g. the head) only the modules from the
+first perturbed one on run per direction (``frozen_prefix``): the rest runs once per batch.
 """
 
 from __future__ import annotations
