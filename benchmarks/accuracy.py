@@ -572,7 +572,7 @@ def evaluate_counts(report: Report, case: Case, run: TrainResult, work: Path, ca
     row = dict(case=case.name, train_examples=len(flipped), flips=int(flipped.sum()), queue_flagged=int(queue.sum()))
     if case.noisy:
         _, cleanlab, _ = cleanlab_scores(run, cache)
-        twin = train(replace(case.config, label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
+        twin = train(case.config.replace(label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
         clean_flagged = int(default_queue(twin).sum())
         row.update(queue_f1=_f1(queue, flipped), cleanlab_flagged=int(cleanlab.sum()),
                    cleanlab_f1=_f1(cleanlab.astype(bool), flipped), clean_twin_flagged=clean_flagged,
