@@ -165,6 +165,8 @@ def test_held_out_count_follows_the_noise_where_hard_examples_abound():
     """Clean labels with a long tail of hard examples (in training and held out alike): the mixture still
     finds a high group, the default flags at most 2% (chance). 100 wrong labels that training memorises by the
     end: the default still counts them (at the checkpoint where they stand out) and flags them."""
+    from z0inf_pipeline.review.policy import held_out_excess
+
     rng = np.random.default_rng(6)
     labels = rng.integers(0, 3, 1000)
     train, test = _run_losses(rng, wrong=0)
@@ -176,6 +178,7 @@ def test_held_out_count_follows_the_noise_where_hard_examples_abound():
     tables = (_loss_frame(train), _loss_frame(test))
     flags = flag_scores(_scores_frame(train.mean(axis=0)), FlagPolicy(), labels=labels, loss_tables=tables)
     assert 85 <= flags.count <= 125 and flags.flagged[:100].mean() > 0.85
+    assert flags.counted_by.startswith(f"{held_out_excess(*tables).excess} training losses above")
     # without the held-out table the default counts as ``confident``
     assert (flag_scores(_scores_frame(clean), FlagPolicy(), labels=labels).count
             == flag_scores(_scores_frame(clean), FlagPolicy(method="confident"), labels=labels).count)

@@ -153,6 +153,8 @@ class Flags:
     # Per example, the signals that flag it on their own under the same policy, joined by ", "
     # ("" for none); None when only a score vector was given.
     flagged_by: np.ndarray | None = None
+    # How the count was found, in words (the held-out excess and its extension), "" for other methods.
+    counted_by: str = ""
 
     @property
     def count(self) -> int:
@@ -252,6 +254,14 @@ class HeldOutExcess:
     threshold: float
     significant: bool
 
+    def describe(self, confident_errors: int | None) -> str:
+        counted = (f"{self.excess} training losses above what the held-out losses predict (at step {self.step}, "
+                   f"loss > {self.threshold:.3g}, {self.above} above it)")
+        if not self.significant or confident_errors is None:
+            return counted + ("; within sampling noise" if not self.significant else "")
+        return (counted + f"; significant, so up to the fewer of confident learning's {confident_errors} and those "
+                f"{self.above}: {self.count(confident_errors)}")
+
     def count(self, confident_errors: int | None) -> int:
         """How many to flag: the excess (a lower bound: clean training examples are fit better than held-out
         ones, and a memorised wrong label drops below the threshold); when it is significant, up to the fewer
@@ -310,11 +320,14 @@ def flag_scores(scores, policy: FlagPolicy, *, labels=None, loss_tables=None,
         return _flag_values(scores, policy, inherited_cutoff)
     counting = policy.method in ("held_out", "confident")
     errors = _confident_count(scores, labels) if counting else None
-    count = None
+    count, counted_by = None, ""
     if policy.method == "held_out" and errors is not None and loss_tables is not None:
         excess = held_out_excess(*loss_tables)
-        count = None if excess is None else excess.count(errors)
+        if excess is not None:
+            count, counted_by = excess.count(errors), excess.describe(errors)
     flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors, count)
+    if inherited_cutoff is None:
+        flags = replace(flags, counted_by=counted_by)
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:

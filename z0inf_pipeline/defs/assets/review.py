@@ -87,6 +87,7 @@ def review_queue(
             "expectation": "expect_column_values_to_be_between(flag_score, max_value=cutoff, strict_max=True)",
             "cutoff": flags.cutoff,
             "policy_cutoff": policy_cutoff,
+            "counted_by": flags.counted_by,
             "mostly": flagging.mostly,
             "flagged": flags.count,
             "success": flagging.report.success,
