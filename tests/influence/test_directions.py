@@ -110,7 +110,7 @@ def test_estimate_converges_to_tracin_inner_products_as_directions_grow(run):
     train, test = data(12, 1), data(6, 2)
     eta = torch.tensor([c.learning_rate for c in run], dtype=torch.float64)
     exact = tracin(run, NAMES_ALL, train, test, eta)
-    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
     errors = {}
     for P in (16, 256, 4096):
         a, b = direction_features(access, run, NAMES_ALL, eta, directions=P, step_size=1e-4, seed=1)
@@ -162,7 +162,7 @@ def test_analysis_full_matrix_converges_to_tracin_over_the_chosen_checkpoints(ru
     """Through InfluenceAnalysis: rows follow the loss table's ids, the window's last checkpoints are
     perturbed, and at P = 4096 the matrix is TracInCP's over those checkpoints (eta = learning rate)."""
     train, test = data(12, 1), data(6, 2)
-    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(100, 112)), (test, range(6)))]
     settings = TrainTestArguments(warmup_fraction=0.0, directions=4096, direction_checkpoints=2, step_size=1e-4,
                                   eta="learning_rate")
@@ -272,7 +272,7 @@ def test_trajectory_weight_adds_the_two_estimators_each_standardised_per_test_ex
     """The combined matrix equals, computed densely, directions / std + w trajectory / std per column,
     from the two methods' own full matrices."""
     train, test = data(12, 1), data(6, 2)
-    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(12)), (test, range(6)))]
 
     def full(**settings):
