@@ -62,7 +62,7 @@ def test_webserver_serves_assets_and_checks_over_graphql(dagster_home, tmp_path)
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a hang guard: the wait ends once it serves, or on the server's exit
         data = None
         while time.monotonic() < deadline:
             assert server.poll() is None, (tmp_path / "webserver.log").read_text()[-3000:]

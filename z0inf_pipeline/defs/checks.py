@@ -31,7 +31,7 @@ from .assets import (
 )
 from ..review.lineage import DECISIONS_THROUGH
 from .assets.retraining import curated_from_frame, decisions_through
-from .metadata import gx_metadata, rounded, run_id_of, split_ids
+from .metadata import file_link, gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
@@ -185,12 +185,13 @@ def review_gate(
     }
     if "flagging" in info:  # the GX validation whose unexpected rows are the queue
         metadata["flagging_cutoff"] = rounded(info["flagging"]["cutoff"])
-        metadata["data_docs_flagging"] = dg.MetadataValue.path(info["flagging"]["data_docs"])
+        metadata["data_docs_flagging"] = dg.MetadataValue.md(file_link(Path(info["flagging"]["data_docs"])))
     if not status.passed:
         shown = " ".join(str(i) for i in status.unreviewed_ids[:10])
         metadata["how_to_review"] = dg.MetadataValue.md(
             f"`z0inf review list --run {run_id}` shows the queue; decide with e.g.\n\n"
-            f"`z0inf review decide {run_id} {shown} --action drop` (or `keep`, `relabel --label Y`)"
+            f"`z0inf review decide {run_id} {shown} --action drop` (or `keep`; `relabel --label Y` on a "
+            "classification run, `edit_target --target TEXT` on a text run)"
         )
     context.log.info(status.message())
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
