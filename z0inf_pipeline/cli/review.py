@@ -269,17 +269,19 @@ def _retrain_and_analyse(run_id: str, policy: FlagPolicy, base) -> tuple[str | N
     from .jobs import dagster_instance, policy_run_config, run_job
 
     config = policy_run_config(policy)
-    instance, _ = dagster_instance()
+    instance, persistent = dagster_instance()
+    # without DAGSTER_HOME the jobs run on a throwaway instance: the Dagster UI would never show them
+    unkept = "" if persistent else " (DAGSTER_HOME is not set: the Dagster UI keeps no record of this; `make review` sets it)"
     outcome = run_job(instance, "retrain_job", run_id, config)
     if outcome.check_failed("review_gate"):
         return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
     if not outcome.success:
-        return None, "retrain_job failed: " + "; ".join(outcome.failures)
+        return None, "retrain_job failed: " + "; ".join(outcome.failures) + unkept
     child = str(pd.read_parquet(RunLayout.for_run(run_id, base).retrained)["retrained_run_id"].iloc[0])
     analysed = run_job(instance, "influence_job", child, config)
     if not analysed.success:
-        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)
-    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue"
+        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures) + unkept
+    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue" + unkept
 
 
 def _train_config(run_id: str) -> dict | None:

@@ -44,13 +44,17 @@ def serve(tmp_path):
         _stop(server.process)
 
 
-def test_a_text_run_shows_prompts_targets_and_answers_and_lists_its_wrong_answers(analysed_lm_run, serve, page):
-    run_id = analysed_lm_run.run_id
-    server = serve(analysed_lm_run)
-    layout = RunLayout.for_run(run_id, server.data_dir)
-    queue = read_review_queue(layout.review_queue)[0]
+def served_text_run(serve, run):
+    """The LM run served on a copy of its data: (run id, server, layout, queue, examples, the model's answers)."""
+    server = serve(run)
+    layout = RunLayout.for_run(run.run_id, server.data_dir)
     examples = pd.read_parquet(layout.examples).set_index("example_id")
     answers = pd.read_parquet(layout.predictions).set_index("example_id")
+    return run.run_id, server, layout, read_review_queue(layout.review_queue)[0], examples, answers
+
+
+def test_a_text_run_shows_prompts_targets_and_answers_and_lists_its_wrong_answers(analysed_lm_run, serve, page):
+    run_id, server, layout, queue, examples, answers = served_text_run(serve, analysed_lm_run)
 
     open_fresh(page, f"{server.url}/runs/{run_id}")
     name = MlflowClient(analysed_lm_run.tracking_uri).get_run(run_id).info.run_name
@@ -108,12 +112,7 @@ def shifted(prompt: str) -> str:
 
 
 def test_a_text_runs_target_is_edited_kept_and_retrained_on(analysed_lm_run, serve, page, monkeypatch, capsys):
-    run_id = analysed_lm_run.run_id
-    server = serve(analysed_lm_run)
-    layout = RunLayout.for_run(run_id, server.data_dir)
-    queue = read_review_queue(layout.review_queue)[0]
-    examples = pd.read_parquet(layout.examples).set_index("example_id")
-    answers = pd.read_parquet(layout.predictions).set_index("example_id")
+    run_id, server, layout, queue, examples, answers = served_text_run(serve, analysed_lm_run)
     assert len(queue) >= 3, "the half-size LM recipe flags a few wrong answers"
     first, second, *rest = [int(i) for i in queue["example_id"]]
 
