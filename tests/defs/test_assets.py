@@ -103,7 +103,9 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         )
     assert result.success
     queue = result.output_for_node("review_queue")
-    expected = flagged_by_default_policy(result.output_for_node("self_influence"), result.output_for_node("training_run"))
+    tables = result.output_for_node("loss_tables")
+    expected = flagged_by_default_policy(result.output_for_node("self_influence"), result.output_for_node("training_run"),
+                                         tables.frame("train"), tables.frame("test"))
     assert set(queue.queue["example_id"]) == expected and len(expected) > 0
     assert queue.flagged_grid is None
     assert Image.open(io.BytesIO(queue.histogram)).format == "PNG"

@@ -347,7 +347,8 @@ def _print_default_policy_quality(layout, queue_policy: FlagPolicy, flipped_ids,
     if replace(queue_policy, max_unreviewed_fraction=policy.max_unreviewed_fraction) == policy:
         return
     scores = pd.read_parquet(layout.self_influence)
-    flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores))
+    flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores),
+                        loss_tables=(pd.read_parquet(layout.train_losses), pd.read_parquet(layout.test_losses)))
     quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
     print(
         f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "

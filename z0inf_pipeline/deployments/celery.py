@@ -30,6 +30,9 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 VISIBILITY_TIMEOUT_ENV = "Z0INF_CELERY_VISIBILITY_TIMEOUT_S"
 # Seconds a worker may hold an unfinished task before Redis gives it to another worker.
 VISIBILITY_TIMEOUT_S = 6 * 3600
+# Seconds the lock of one sweep for dead workers' tasks outlives a worker that died during the sweep
+# (kombu's default, 300 s, would hold back every redelivery for 5 minutes); a sweep takes milliseconds.
+SWEEP_LOCK_EXPIRY_S = 30
 BROKER_PROBE_TIMEOUT_S = 5.0
 
 
@@ -49,6 +52,7 @@ def celery_settings(broker: str, *, visibility_timeout_s: float = VISIBILITY_TIM
                 # look for tasks of dead workers every few seconds, not every 100 s
                 "unacked_restore_interval": 2,
                 "unacked_restore_throttle": 1,
+                "unacked_mutex_expire": SWEEP_LOCK_EXPIRY_S,
                 # a broker that is down fails a submission within seconds
                 "max_retries": 3,
                 "interval_start": 0,
