@@ -594,7 +594,7 @@ def evaluate_counts(report: Report, case: Case, run: TrainResult, work: Path, ca
     row = dict(case=case.name, train_examples=len(flipped), flips=int(flipped.sum()), queue_flagged=int(queue.sum()))
     if case.noisy:
         _, cleanlab, _ = cleanlab_scores(run, cache)
-        twin = train(replace(case.config, label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
+        twin = train(case.config.replace(label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
         twin_queues = run_queues(twin)
         clean_flagged = int(twin_queues[COUNT_METHODS[0]].sum())
         row.update(queue_f1=_f1(queue, flipped), best_f1_any_count=best_f1(run, flipped), cleanlab_flagged=int(cleanlab.sum()),

@@ -94,25 +94,23 @@ def test_answer_accuracy_counts_whole_answers():
 
 
 def test_edited_targets_are_trained_on_and_checked_against_the_recipe():
-    from dataclasses import replace
-
     train, _ = task_examples(SMALL)
     wrong = int(train.index[train["corrupted"]][0])
     letters = "abcdefgh"  # the letter-shift answer, written out here
     right = "".join(letters[(letters.index(c) + 1) % 8] for c in train.at[wrong, "prompt"][:-1])
-    edited, _ = task_examples(replace(SMALL, target_edits=((wrong, right), (1, "ab"))))
+    edited, _ = task_examples(SMALL.replace(target_edits=((wrong, right), (1, "ab"))))
     assert edited.at[wrong, "target"] == right and not edited.at[wrong, "corrupted"]  # fixed: no longer injected noise
     assert edited.at[1, "target"] == "ab" and edited.at[1, "corrupted"]  # a wrong edit is still a wrong answer
     unchanged = ~edited["example_id"].isin([wrong, 1])
     assert edited.loc[unchanged, "target"].tolist() == train.loc[unchanged, "target"].tolist()
     for text, message in [("xyz", "outside the recipe's letters"), ("abcdefg", "an answer has 1 to 5"), ("", "1 to 5")]:
         with pytest.raises(InputError, match=message):
-            replace(SMALL, target_edits=((0, text),))
+            SMALL.replace(target_edits=((0, text),))
     with pytest.raises(InputError, match="not training examples"):
-        task_examples(replace(SMALL, target_edits=((SMALL.n_train, "ab"),)))
+        task_examples(SMALL.replace(target_edits=((SMALL.n_train, "ab"),)))
 
     # curation carries edits into an LM recipe (earlier rounds' kept, dropped ids' removed), never into a class recipe
-    parent = replace(SMALL, target_edits=((2, "cc"), (3, "dd")))
+    parent = SMALL.replace(target_edits=((2, "cc"), (3, "dd")))
     child = retrain_config(parent, CuratedSet(pd.DataFrame(), (3,), {}, {4: "ee"}))
     assert child.target_edits == ((2, "cc"), (4, "ee")) and child.exclude_ids == (3,)
     with pytest.raises(InputError, match="trains on class labels"):

@@ -3,7 +3,7 @@ recipe to retrain on it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -89,7 +89,7 @@ def retrain_config(parent, curated: CuratedSet):
     relabels.update(curated.relabels)
     relabels = {i: y for i, y in relabels.items() if i not in set(excluded)}
     changes = {"exclude_ids": tuple(excluded), "relabels": tuple(sorted(relabels.items()))}
-    if "target_edits" in {f.name for f in fields(parent)}:
+    if "target_edits" in type(parent).model_fields:
         edits = dict(parent.target_edits)
         edits.update(curated.target_edits)
         changes["target_edits"] = tuple(sorted((i, t) for i, t in edits.items() if i not in set(excluded)))
@@ -98,4 +98,4 @@ def retrain_config(parent, curated: CuratedSet):
             f"curation: {len(curated.target_edits)} target edit(s), e.g. example {min(curated.target_edits)}, but "
             f"the run's recipe ({type(parent).__name__}) trains on class labels, not target texts"
         )
-    return replace(parent, **changes)
+    return parent.replace(**changes)

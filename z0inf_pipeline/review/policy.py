@@ -22,15 +22,17 @@ unexpected rows are the review queue.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from ..errors import InputError
 from ..influence.loss_tables import step_column, steps_of
 from ..influence.signals import SIGNAL_COLUMNS, flag_score, parse_flag_score
-from ..settings_schema import check_choices
+from ..arguments import Settings
 from ..training.layout import NO_LABEL
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
@@ -45,63 +47,54 @@ WRONG_LABEL_LOSS = float(np.log(2))
 EXCESS_ALPHA = 0.05
 
 
-@dataclass(frozen=True)
-class FlagPolicy:
+class FlagPolicy(Settings):
     """How examples are flagged for review, and how many may stay unreviewed before retraining."""
 
-    score: str = field(
-        default="mean_loss",
-        metadata={
-            "help": "the flag score: one signal, or several joined by '+' (the mean of their suspicion ranks); "
-            f"chosen on the benchmark suite's mean AUPRC (signals: {', '.join(SIGNAL_COLUMNS)})",
-        },
+    owner: ClassVar[str] = "flag policy"
+
+    score: str = Field(
+        "mean_loss",
+        description="the flag score: one signal, or several joined by '+' (the mean of their suspicion ranks); "
+        f"chosen on the benchmark suite's mean AUPRC (signals: {', '.join(SIGNAL_COLUMNS)})",
     )
-    method: str = field(
-        default="held_out",
-        metadata={
-            "help": "held_out: flag as many as the training examples whose loss runs above what the held-out "
-            "(test) losses predict, at the checkpoint and loss threshold where the gap is largest; when that gap "
-            "is beyond sampling noise, up to the fewer of confident learning's count and the training examples "
-            "above that threshold (needs labels, a cross-entropy loss and a held-out loss table, else as "
-            "confident); confident: flag as many as the smaller of confident learning's count of confidently "
-            "mislabelled examples (per-class thresholds on exp(-mean_loss); needs labels and a cross-entropy "
-            "loss, else the mixture alone) and the mixture's high group; mixture: flag the high component of a "
-            "two-Gaussian mixture on the score (none if the score has no separate high group); quantile: flag "
-            "above the quantile; zscore: robust z above z_threshold",
-            "choices": METHODS,
-        },
+    method: Literal[METHODS] = Field(
+        "held_out",
+        description="held_out: flag as many as the training examples whose loss runs above what the held-out "
+        "(test) losses predict, at the checkpoint and loss threshold where the gap is largest; when that gap "
+        "is beyond sampling noise, up to the fewer of confident learning's count and the training examples "
+        "above that threshold (needs labels, a cross-entropy loss and a held-out loss table, else as "
+        "confident); confident: flag as many as the smaller of confident learning's count of confidently "
+        "mislabelled examples (per-class thresholds on exp(-mean_loss); needs labels and a cross-entropy "
+        "loss, else the mixture alone) and the mixture's high group; mixture: flag the high component of a "
+        "two-Gaussian mixture on the score (none if the score has no separate high group); quantile: flag "
+        "above the quantile; zscore: robust z above z_threshold",
     )
-    quantile: float = field(default=0.9, metadata={"help": "method=quantile: flag scores above this quantile"})
-    z_threshold: float = field(
-        default=3.5, metadata={"help": "method=zscore: flag robust z = (score - median) / (1.4826 MAD) above this"}
+    quantile: float = Field(0.9, description="method=quantile: flag scores above this quantile")
+    z_threshold: float = Field(
+        3.5, description="method=zscore: flag robust z = (score - median) / (1.4826 MAD) above this"
     )
-    posterior: float = field(
-        default=0.5,
-        metadata={"help": "methods confident and mixture (and held_out without a held-out table): the mixture flags where the posterior of its high "
-                "component exceeds this"},
+    posterior: float = Field(
+        0.5,
+        description="methods confident and mixture (and held_out without a held-out table): the mixture flags "
+        "where the posterior of its high component exceeds this",
     )
-    inherit_cutoff: bool = field(
-        default=True,
-        metadata={
-            "help": "methods held_out, confident and mixture: a retrained run keeps the cut-off found on its nearest "
-            "reviewed ancestor "
-            "(same policy), so a cleaner run flags fewer examples instead of a fresh mixture's share"
-        },
+    inherit_cutoff: bool = Field(
+        True,
+        description="methods held_out, confident and mixture: a retrained run keeps the cut-off found on its "
+        "nearest reviewed ancestor (same policy), so a cleaner run flags fewer examples instead of a fresh "
+        "mixture's share",
     )
-    max_flagged: int = field(
-        default=1000,
-        metadata={"help": "review budget: flag at most this many examples, highest scores first (0: no cap)"},
+    max_flagged: int = Field(
+        1000, description="review budget: flag at most this many examples, highest scores first (0: no cap)"
     )
-    max_unreviewed_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "share of the training set that may be flagged yet have no decision before the review gate "
-            "blocks retraining (0: every flagged example needs a decision)"
-        },
+    max_unreviewed_fraction: float = Field(
+        0.0,
+        description="share of the training set that may be flagged yet have no decision before the review gate "
+        "blocks retraining (0: every flagged example needs a decision)",
     )
 
-    def __post_init__(self) -> None:
-        check_choices(self, "flag policy")
+    @model_validator(mode="after")
+    def _check(self) -> "FlagPolicy":
         parse_flag_score(self.score)
         if not 0.0 < self.quantile < 1.0:
             raise InputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
@@ -109,21 +102,19 @@ class FlagPolicy:
             raise InputError(f"flag policy: z_threshold {self.z_threshold} must be a positive number")
         if not 0.0 < self.posterior < 1.0:
             raise InputError(f"flag policy: posterior {self.posterior} must be strictly between 0 and 1")
-        if not isinstance(self.max_flagged, (int, np.integer)) or self.max_flagged < 0:
+        if self.max_flagged < 0:
             raise InputError(f"flag policy: max_flagged {self.max_flagged!r} must be an integer >= 0")
         if not 0.0 <= self.max_unreviewed_fraction <= 1.0:
             raise InputError(
                 f"flag policy: max_unreviewed_fraction {self.max_unreviewed_fraction} must be in [0, 1]"
             )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self
 
     @classmethod
     def from_dict(cls, values: dict) -> "FlagPolicy":
         """The policy a review queue recorded (``to_dict``); a setting the queue predates keeps its default,
         except the score, which was self-influence before it could be chosen."""
-        known = {f.name for f in fields(cls)}
+        known = set(cls.model_fields)
         return cls(**{"score": "self_influence", **{k: v for k, v in values.items() if k in known}})
 
     def describe(self) -> str:
@@ -335,7 +326,7 @@ def flag_scores(scores, policy: FlagPolicy, *, labels=None, loss_tables=None,
             values = flag_score(scores, column)
             alone = _highest(values, flags.count) & (values > values.min())  # a constant signal singles out none
         else:
-            alone = _flag_values(flag_score(scores, column), replace(policy, score=column)).flagged
+            alone = _flag_values(flag_score(scores, column), policy.replace(score=column)).flagged
         joined = joined + np.where(alone, column + ", ", "")
     flagged_by = joined.str.removesuffix(", ").to_numpy(dtype=object)
     return replace(flags, flagged_by=flagged_by)
