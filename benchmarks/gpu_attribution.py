@@ -81,7 +81,7 @@ def attributions(access: ForwardAccess, checkpoints, steps, train_losses, test_l
 
     def tracincp():
         a, b = tracincp_features(access, checkpoints, names, learning_rates, device=device)
-        return a.double() @ b.double().T
+        return a.double() @ b.double().T  # (N, M) scores times the identity
 
     methods = {"Z0 trajectory (train-test defaults)": trajectory,
                f"directions P={directions} C={tt.direction_checkpoints}, 1 per pass": random_directions(1),

@@ -72,5 +72,5 @@ def test_tracincp_without_a_model_falls_back_to_the_trajectory_and_says_so(run):
 def test_tracincp_refuses_to_hold_too_many_gradients(run, monkeypatch):  # noqa: F811
     monkeypatch.setattr("z0inf_pipeline.influence.tracin.GRADIENT_LIMIT", 100)
     access = ForwardAccess(tiny_model, data(12, 1), data(6, 2), per_example_loss, dtype=torch.float64)
-    with pytest.raises(InputError, match="method tracincp: 12 \\+ 6 examples x 3 checkpoints x 43 parameters"):
+    with pytest.raises(InputError, match="method tracincp: \\(12 \\+ 6 examples\\) x 43 parameters \\+ the 12 x 6 scores"):
         tracincp_features(access, run, NAMES_ALL, None)

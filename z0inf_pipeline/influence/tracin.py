@@ -5,9 +5,9 @@
 over every checkpoint, eta_t the recorded learning rate (uniform where none is recorded): TracIn's
 definition, and the peer the suite measures random directions against (``benchmarks/accuracy.py``).
 It is offered because no forward-only setting meets its accuracy on every case of the suite; it is not
-zeroth-order. It needs a backward pass per example and checkpoint, and holds every example's gradient
-over the chosen parameters: memory (N + M) x T x D, so it is refused above ``GRADIENT_LIMIT`` entries
-(``--parameters`` narrows D, or use ``directions``).
+zeroth-order. It needs a backward pass per example and checkpoint, and holds every example's gradient at one
+checkpoint over the chosen parameters and the N x M scores: memory (N + M) x D + N x M, refused above
+``GRADIENT_LIMIT`` entries (``--parameters`` narrows D, or use ``directions``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .checkpoints import Checkpoint, load_state_dict
 from .directions import ForwardAccess
 from .loss_tables import LossFn
 
-# (N + M) x T x D gradient entries held at once: 2^28 float32 = 1 GiB
+# gradient and score entries held at once: 2^28 (1-2 GiB)
 GRADIENT_LIMIT = 1 << 28
 
 
@@ -77,28 +77,28 @@ def tracincp_features(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with A B^T = sum_t eta_t G_train(t) G_test(t)^T: A = [eta_t G_train(t)]_t (N, T D),
-    B = [G_test(t)]_t (M, T D), on ``device``."""
+    """(S, I) with S = sum_t eta_t G_train(t) G_test(t)^T (N, M), accumulated one checkpoint at a time, and
+    I the (M, M) identity: the factor form of a matrix the method forms whole, on ``device``."""
     model = access.model_factory().to(device=device, dtype=access.dtype)
     trainable = dict(model.named_parameters())
     parameters = [name for name in parameters if name in trainable]  # buffers (running statistics) stay put
     size = sum(trainable[name].numel() for name in parameters)
-    held = (len(access.train[1]) + len(access.test[1])) * len(checkpoints) * size
+    n, m = len(access.train[1]), len(access.test[1])
+    held = (n + m) * size + n * m
     if held > GRADIENT_LIMIT:
         raise InputError(
-            f"method tracincp: {len(access.train[1]):,} + {len(access.test[1]):,} examples x {len(checkpoints)} "
-            f"checkpoints x {size:,} parameters = {held:,} gradient entries, above the limit of {GRADIENT_LIMIT:,}; "
-            "narrow --parameters (e.g. the head) or use --method directions (forward passes, no gradients held)"
+            f"method tracincp: ({n:,} + {m:,} examples) x {size:,} parameters + the {n:,} x {m:,} scores = {held:,} "
+            f"entries, above the limit of {GRADIENT_LIMIT:,}; narrow --parameters (e.g. the head) or use --method "
+            "directions (forward passes, no gradients held)"
         )
     data = [(x.to(device=device, dtype=access.dtype if x.is_floating_point() else x.dtype), y.to(device))
             for x, y in (access.train, access.test)]
     weights = torch.ones(len(checkpoints), dtype=torch.float64) if eta is None else eta.double()
-    train_parts, test_parts = [], []
+    scores = torch.zeros(n, m, dtype=torch.float64, device=device)
     for t, checkpoint in enumerate(checkpoints):
         state = load_state_dict(checkpoint)
         model.load_state_dict({k: v.to(access.dtype) if v.is_floating_point() else v for k, v in state.items()})
         train_g, test_g = (per_example_gradients(model, parameters, x, y, access.loss_fn, batch_size=batch_size)
                            for x, y in data)
-        train_parts.append(train_g * float(weights[t]))
-        test_parts.append(test_g)
-    return torch.cat(train_parts, dim=1), torch.cat(test_parts, dim=1)
+        scores += float(weights[t]) * (train_g.double() @ test_g.double().T)
+    return scores, torch.eye(m, dtype=torch.float64, device=device)
