@@ -90,6 +90,17 @@ class PrefixReuseWarning(UserWarning):
     used outside the module that owns it): every direction runs the whole model instead."""
 
 
+def _forward_with_hooks(model: torch.nn.Module, inputs: torch.Tensor, handles: Sequence) -> None:
+    """One forward pass of ``inputs`` without gradients, for what the hooks behind ``handles`` record; the
+    hooks are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def frozen_prefix(model: torch.nn.Module, parameters: Sequence[str], inputs: torch.Tensor) -> list[torch.nn.Module]:
     """The largest modules that finish before any module owning a chosen parameter starts, called once per
     forward pass: their outputs do not depend on the perturbation, so one pass per batch serves every
@@ -107,13 +118,8 @@ def frozen_prefix(model: torch.nn.Module, parameters: Sequence[str], inputs: tor
     def after(module, args, output):
         ends[module] = next(clock)
 
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, inputs, [h for m in model.modules()
+                                        for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))])
     if not owners <= starts.keys():
         return []
     first_use = min(starts[m] for m in owners)
@@ -128,14 +134,8 @@ class _ReplayedPrefix:
 
     def __init__(self, model: torch.nn.Module, prefix: Sequence[torch.nn.Module], inputs: torch.Tensor) -> None:
         self.prefix, outputs = list(prefix), {}
-        handles = [m.register_forward_hook(lambda module, args, output: outputs.__setitem__(module, output))
-                   for m in self.prefix]
-        try:
-            with torch.no_grad():
-                model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        _forward_with_hooks(model, inputs, [m.register_forward_hook(
+            lambda module, args, output: outputs.__setitem__(module, output)) for m in self.prefix])
         self.outputs = outputs
 
     def __enter__(self):
