@@ -61,7 +61,7 @@ from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArgum
 from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
-from z0inf_pipeline.review.policy import FlagPolicy, flag_scores
+from z0inf_pipeline.review.policy import FlagPolicy, flag_scores, held_out_excess
 from z0inf_pipeline.training import Split, TrainConfig, TrainResult, build_model, cross_entropy_per_example, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -554,31 +554,60 @@ def _f1(flagged: np.ndarray, flipped: np.ndarray) -> float:
     return 2 * hits / (int(flagged.sum()) + int(flipped.sum())) if hits else 0.0
 
 
-def default_queue(run: TrainResult) -> np.ndarray:
-    """The default policy's flags on a run (its loss-table signals and labels, no reviewed ancestor)."""
+# The count methods compared on the suite (the default first); the others' F1 and clean-twin share go into
+# the ``count_methods`` section, beside the held-out excess alone (no extension by confident learning).
+COUNT_METHODS = ("held_out", "confident", "mixture")
+
+
+def best_f1(run: TrainResult, flipped: np.ndarray) -> float:
+    """The highest F1 the default flag score's ranking reaches at any count: what a perfect count would give."""
+    losses = read_loss_table(run.train_losses)
+    score = flag_score(pd.DataFrame(loss_signals(losses.values.double())), FlagPolicy().score)
+    hits = np.cumsum(flipped[np.argsort(-score, kind="stable")])
+    return float((2 * hits / (np.arange(1, len(score) + 1) + flipped.sum())).max())
+
+
+def run_queues(run: TrainResult) -> dict[str, np.ndarray]:
+    """Each count method's flags on a run (its loss-table signals, labels and held-out table, no reviewed
+    ancestor), and ``excess``: the held-out excess alone, highest flag score first."""
     losses = read_loss_table(run.train_losses)
     if not np.array_equal(losses.example_ids, run.bundle.train.example_ids):
         raise RuntimeError("loss table columns are not in the run's example order")
     frame = pd.DataFrame(loss_signals(losses.values.double()))
-    return flag_scores(frame, FlagPolicy(), labels=run.bundle.train.labels.numpy()).flagged
+    tables = tuple(pd.read_parquet(path) for path in (run.train_losses, run.test_losses))
+    labels = run.bundle.train.labels.numpy()
+    queues = {method: flag_scores(frame, FlagPolicy(method=method), labels=labels, loss_tables=tables).flagged
+              for method in COUNT_METHODS}
+    score = flag_score(frame, FlagPolicy().score)
+    queues["excess"] = np.isin(np.arange(len(score)), np.argsort(-score, kind="stable")[:held_out_excess(*tables).excess])
+    return queues
 
 
 def evaluate_counts(report: Report, case: Case, run: TrainResult, work: Path, cache: Path) -> None:
     """Section ``counts``: the default queue's size and F1 against the injected flips beside cleanlab's
     (its own count, 5-fold out-of-fold as in the peers), and for a noisy case the same recipe trained on
-    clean labels from scratch (no reviewed ancestor): how many it flags, as a share and against its twin."""
+    clean labels from scratch (no reviewed ancestor): how many it flags, as a share and against its twin.
+    Section ``count_methods``: the same for every compared count method."""
     flipped = np.isin(run.bundle.train.example_ids, run.bundle.flipped_ids)
-    queue = default_queue(run)
+    queues = run_queues(run)
+    queue = queues[COUNT_METHODS[0]]
     row = dict(case=case.name, train_examples=len(flipped), flips=int(flipped.sum()), queue_flagged=int(queue.sum()))
     if case.noisy:
         _, cleanlab, _ = cleanlab_scores(run, cache)
-        twin = train(replace(case.config, label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
-        clean_flagged = int(default_queue(twin).sum())
-        row.update(queue_f1=_f1(queue, flipped), cleanlab_flagged=int(cleanlab.sum()),
+        twin = train(case.config.replace(label_noise=0.0), work / f"clean-twin-{len(report.sections.get('counts', []))}")
+        twin_queues = run_queues(twin)
+        clean_flagged = int(twin_queues[COUNT_METHODS[0]].sum())
+        row.update(queue_f1=_f1(queue, flipped), best_f1_any_count=best_f1(run, flipped), cleanlab_flagged=int(cleanlab.sum()),
                    cleanlab_f1=_f1(cleanlab.astype(bool), flipped), clean_twin_flagged=clean_flagged,
                    clean_twin_rate=clean_flagged / len(flipped), clean_vs_noisy=clean_flagged / max(int(queue.sum()), 1))
+        for method, flags in queues.items():
+            report.add("count_methods", quiet=True, case=case.name, method=method, flagged=int(flags.sum()),
+                       f1=_f1(flags, flipped), clean_twin_rate=int(twin_queues[method].sum()) / len(flipped))
     else:
         row.update(clean_rate=int(queue.sum()) / len(flipped))
+        for method, flags in queues.items():
+            report.add("count_methods", quiet=True, case=case.name, method=method, flagged=int(flags.sum()),
+                       clean_rate=int(flags.sum()) / len(flipped))
     report.add("counts", **row)
 
 
@@ -617,6 +646,7 @@ def counts_only(out: Path, cache: Path, cases: int | None) -> Report:
     saved = json.loads(path.read_text()) if path.is_file() else {"sections": {}, "notes": {}}
     report = Report(saved["sections"], saved["notes"])
     report.sections["counts"] = []
+    report.sections["count_methods"] = []
     with tempfile.TemporaryDirectory(prefix="z0inf-counts.") as tmp:
         for index, case in enumerate(CASES[:cases]):
             run = train(case.config, Path(tmp) / f"case-{index}")
@@ -833,6 +863,27 @@ def count_table(report: Report) -> str:
     return markdown(shown)
 
 
+def count_method_table(report: Report) -> str:
+    """Per count method: mean F1 over the noisy cases, how many of them reach cleanlab's F1, the worst
+    clean-twin share and the worst clean-case share (the suite mean chooses the default)."""
+    methods, counts = report.frame("count_methods"), report.frame("counts")
+    if methods.empty:
+        return "not measured (run with --counts)"
+    cleanlab = counts.set_index("case")["cleanlab_f1"]
+    rows = {}
+    methods = methods.reindex(columns=[*methods.columns.drop(["f1", "clean_twin_rate", "clean_rate"], errors="ignore"),
+                                       "f1", "clean_twin_rate", "clean_rate"])
+    for method, group in methods.groupby("method", sort=False):
+        noisy = group.dropna(subset=["f1"]).set_index("case")
+        clean = group[group["f1"].isna()]
+        rows[method] = {"mean_f1": noisy["f1"].mean(),
+                        "cases_at_or_above_cleanlab": f"{int((noisy['f1'] >= cleanlab[noisy.index]).sum())} of {len(noisy)}",
+                        "worst_twin_rate": noisy["clean_twin_rate"].max(), "worst_clean_case_rate": clean["clean_rate"].max()}
+    rows["cleanlab (own count)"] = {"mean_f1": cleanlab.dropna().mean(), "cases_at_or_above_cleanlab": "-",
+                                    "worst_twin_rate": float("nan"), "worst_clean_case_rate": float("nan")}
+    return markdown(pd.DataFrame(rows).T, index="count")
+
+
 def markdown(frame: pd.DataFrame, index: str | None = "case") -> str:
     frame = frame.reset_index().rename(columns={"index": index}) if index else frame
 
@@ -920,6 +971,11 @@ Suite choice: {json.dumps(tt_choice)}; coded train-test defaults {'equal' if tt_
 
 {count_table(report)}
 
+Every count method compared on the same runs (`held_out` is the default; `excess` is the held-out excess
+alone, without the extension by confident learning):
+
+{count_method_table(report)}
+
 ## How the defaults were chosen (suite means, never one case)
 
 Z0-Inf settings by suite-mean Spearman against SSRT self-influence (AUPRC: mean over the noisy cases);
@@ -973,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         report = counts_only(out, args.cache, args.cases)
         if "suite_choice" in report.notes:
             write_markdown(report, out, args.quick, report.notes["total_seconds"])
-        print(count_table(report), *count_lines(report), sep="\n")
+        print(count_table(report), count_method_table(report), *count_lines(report), sep="\n")
         return 0
     if args.report_only:
         saved = json.loads((out / "accuracy.json").read_text())

@@ -9,6 +9,8 @@ Sections, each figure printed next to its limit:
 - ``pipeline``: synthetic contract runs (M = N/10 probe examples, T = 20 checkpoints of D float32
   weights, losses as real parquet files) logged to a SQLite MLflow store, then ``influence_job``
   in a fresh process (its own peak RSS): wall time per asset and per data check;
+- ``checks``: each GX data check of ``influence_job`` and the flagging expectation beside the asset
+  computation it checks, on synthetic tables in fresh processes (medians), and the fixed cost per process;
 - ``topk``: train-test top-k at N = 10^6, M = 10^5, k = 10 against a bare GEMM of the same shape;
 - ``loss``: loss tables recorded from a DataLoader against a bare ``no_grad`` loop over the same loader;
 - ``gram``: the streaming Gram against a cold read of the same files and a bare in-memory float64 product.
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -160,6 +163,87 @@ def section_pipeline(args) -> None:
                 "N x M = N^2/10" if key.startswith("train_test_influence") else "linear in N")
         verdict = limit(b / a <= 1.3 * ratio_n) if kind == "linear in N" else "-"
         print(f"  {key:<60} {a:7.2f} s -> {b:7.2f} s  ratio {b / a:6.1f}  ({kind}) {verdict}")
+
+
+# ---------------------------------------------------------------- the GX data checks beside what they check
+
+
+def checks_child(n: int, repeats: int) -> None:
+    """In a fresh process, on a synthetic run of N training examples (M = N/10, T = 20): each GX data check
+    beside the asset computation it checks, the median of ``repeats`` after the first; prints JSON. The
+    fixed cost of the checks in a process is importing GX plus the first validation's extra time over a
+    later one (what every Dagster step process that runs a check pays once)."""
+    from z0inf_pipeline.influence.analysis import InfluenceAnalysis
+    from z0inf_pipeline.influence.loss_tables import read_loss_table
+    from z0inf_pipeline.review.policy import FlagPolicy, flag_scores
+
+    with tempfile.TemporaryDirectory(prefix="z0inf-checks-") as tmp:
+        folder = Path(tmp)
+        write_run_folder(folder, n, n // 10, 10_000, seed=n)
+        checkpoints = sorted((folder / layout.CHECKPOINT_DIR).glob("*.safetensors"))
+        train_path, test_path = folder / layout.TRAIN_LOSSES, folder / layout.TEST_LOSSES
+        gram = gram_matrix(checkpoints)
+        analysis = InfluenceAnalysis(checkpoints, train_path, test_path, gram=gram)
+        start = time.perf_counter()
+        import great_expectations  # noqa: F401  (the import the first check of a process pays)
+
+        gx_import = time.perf_counter() - start
+        from z0inf_pipeline.quality import validate_flagging, validate_loss_table, validate_self_influence, validate_topk
+
+        train, test = read_loss_table(train_path), read_loss_table(test_path)
+        scores, topk = analysis.self_influence_frame(), analysis.topk_frame()
+        train_frame, test_frame = pd.read_parquet(train_path), pd.read_parquet(test_path)
+        labels = np.arange(n) % 10
+        flags = flag_scores(scores, FlagPolicy(), labels=labels, loss_tables=(train_frame, test_frame))
+        gx = folder / "gx"
+        pairs = {  # check -> (its validation, the asset computation it checks)
+            "loss_tables_are_valid": (
+                lambda: validate_loss_table(train_frame, train.steps, n, expected_ids=train.example_ids, folder=gx),
+                lambda: (read_loss_table(train_path), read_loss_table(test_path))),
+            "self_influence_is_valid": (
+                lambda: validate_self_influence(scores, train.example_ids, folder=gx), analysis.self_influence_frame),
+            "train_test_influence_is_valid": (
+                lambda: validate_topk(topk, train.example_ids, test.example_ids, 10, folder=gx), analysis.topk_frame),
+            "flagging (review_queue)": (
+                lambda: validate_flagging(scores["example_id"], flags.score, flags.cutoff, 0.0, folder=gx),
+                lambda: flag_scores(scores, FlagPolicy(), labels=labels, loss_tables=(train_frame, test_frame))),
+        }
+        results, first = {}, None
+        for name, (check, asset) in pairs.items():
+            start = time.perf_counter()
+            check()
+            once = time.perf_counter() - start
+            check_median = median_seconds(check, repeats, warmup=0)
+            first = first if first is not None else once - check_median
+            results[name] = {"check": check_median, "asset": median_seconds(asset, repeats, warmup=0)}
+    print(json.dumps({"gx_import": gx_import, "first_extra": first, "results": results}))
+
+
+def section_checks(args) -> None:
+    sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    runs, repeats = (1, 1) if args.quick else (3, 3)
+    print(f"\n## GX data checks beside the computations they check, T = {T}, M = N/10, {runs} fresh processes "
+          f"per size, each check and asset the median of {repeats} in each (medians over processes below)")
+    for n in sizes:
+        outs = []
+        for _ in range(runs):
+            out = subprocess.run([sys.executable, __file__, "--checks-child", str(n), str(repeats)],
+                                 capture_output=True, text=True, check=True)
+            outs.append(json.loads(out.stdout.splitlines()[-1]))
+        fixed = [o["gx_import"] + o["first_extra"] for o in outs]
+        print(f"\nN = {n:,}: fixed cost per process {statistics.median(fixed):.2f} s (import GX "
+              f"{statistics.median(o['gx_import'] for o in outs):.2f} s + first validation's extra "
+              f"{statistics.median(o['first_extra'] for o in outs):.2f} s)"
+              + (f", limit <= 5 s: {limit(statistics.median(fixed) <= 5)}" if n == 10_000 else ""))
+        total_check = total_asset = 0.0
+        for name in outs[0]["results"]:
+            check = statistics.median(o["results"][name]["check"] for o in outs)
+            asset = statistics.median(o["results"][name]["asset"] for o in outs)
+            total_check, total_asset = total_check + check, total_asset + asset
+            print(f"  {name:<32} check {check:6.2f} s | asset {asset:6.2f} s | ratio {check / asset:6.2f}")
+        verdict = f", limit <= 1 at N = 10^5: {limit(total_check <= total_asset)}" if n == 100_000 else ""
+        print(f"  {'all four':<32} check {total_check:6.2f} s | asset {total_asset:6.2f} s | "
+              f"ratio {total_check / total_asset:6.2f}{verdict}")
 
 
 # ---------------------------------------------------------------- top-k vs a bare GEMM
@@ -493,6 +577,8 @@ def main() -> None:
             train_child(sys.argv[2])
         elif kind == "--celery-child":
             celery_child(sys.argv[2], int(sys.argv[3]))
+        elif kind == "--checks-child":
+            checks_child(int(sys.argv[2]), int(sys.argv[3]))
         elif kind == "--topk-child":
             topk_child(*map(int, sys.argv[2:5]))
         else:
@@ -500,11 +586,11 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", nargs="+", choices=["pipeline", "topk", "loss", "gram", "scaleout"])
+    parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram", "scaleout"])
     args = parser.parse_args()
     print(f"# z0inf scale benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
-    for name, fn in {"pipeline": section_pipeline, "topk": section_topk, "loss": section_loss,
+    for name, fn in {"pipeline": section_pipeline, "checks": section_checks, "topk": section_topk, "loss": section_loss,
                      "gram": section_gram, "scaleout": section_scaleout}.items():
         if not args.only or name in args.only:
             fn(args)

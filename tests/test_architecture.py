@@ -102,3 +102,15 @@ def test_tracking_imports_nothing_above_it():
         if t.split(".")[1] in above
     ]
     assert not reaches, reaches
+
+
+def test_no_dagster_internals_are_named():
+    """Dagster's public API only: an internal module (``dagster._core...``), imported or named in a string
+    (a logger name), is an upgrade risk."""
+    reaches = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in (ROOT / "z0inf_pipeline").rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "dagster._" in line
+    ]
+    assert not reaches, "\n".join(reaches)

@@ -30,29 +30,35 @@ STAGES = [
 ]
 
 
-def flagged_by_default_policy(scores: pd.DataFrame, examples: pd.DataFrame) -> set[int]:
+def flagged_by_default_policy(scores: pd.DataFrame, examples: pd.DataFrame, train_losses: pd.DataFrame,
+                              test_losses: pd.DataFrame) -> set[int]:
     """The example ids the default flag policy flags in a fresh run, recomputed here (not the pipeline's
-    code): the fewer of (a) the high component of a two-Gaussian mixture on mean_loss (scikit-learn EM,
-    posterior > 0.5 and above the low mean, started from the lower half and the top tenth as the policy
-    documents) and (b) confident learning's count (examples whose exp(-mean_loss) leaves room for another
-    class's mean exp(-mean_loss); labels from the run's ``examples`` table), highest mean_loss first, at most ``max_flagged``."""
-    from sklearn.mixture import GaussianMixture
-
+    code, one threshold at a time): at each checkpoint after step 0 and each training loss x >= ln 2, the
+    share of training losses above x minus the share of test losses above x; the largest gap times N
+    (rounded) is the count, unless the gap exceeds sqrt(ln(2 / 0.05) / 2 (1/N + 1/M)): then the larger of
+    that and the fewer of confident learning's count (examples whose exp(-mean_loss) leaves room for another
+    class's mean exp(-mean_loss); labels from the run's ``examples`` table) and the training losses above
+    that x. Highest mean_loss first, at most ``max_flagged``."""
     policy = FlagPolicy()
-    assert (policy.score, policy.method, policy.posterior) == ("mean_loss", "confident", 0.5), "defaults changed"
+    assert (policy.score, policy.method) == ("mean_loss", "held_out"), "defaults changed"
+    best = (-1.0, 0)
+    for column in [c for c in train_losses.columns if c.startswith("step_") and c != "step_0" and c in test_losses]:
+        train, test = train_losses[column].to_numpy(), test_losses[column].to_numpy()
+        for x in train[train >= np.log(2)]:
+            gap = (train > x).mean() - (test > x).mean()
+            if gap > best[0]:
+                best = (gap, int((train > x).sum()))
+    gap, above = best
+    n, m = len(train_losses), len(test_losses)
     x = scores["mean_loss"].to_numpy(dtype=np.float64)
-    groups = [x[x <= np.quantile(x, 0.5)], x[x >= np.quantile(x, 0.9)]]
-    mixture = GaussianMixture(
-        2, tol=1e-12, max_iter=2000, reg_covar=1e-6 * x.var(),
-        weights_init=[0.9, 0.1], means_init=[[g.mean()] for g in groups], precisions_init=[[[1 / g.var()]] for g in groups],
-    ).fit(x[:, None])
-    high, low = np.argmax(mixture.means_[:, 0]), np.argmin(mixture.means_[:, 0])
-    mixture_count = int(((mixture.predict_proba(x[:, None])[:, high] > 0.5) & (x > mixture.means_[low, 0])).sum())
-    train = examples[examples["split"] == "train"].set_index("example_id")
-    p, labels = np.exp(-x), train.loc[scores["example_id"], "label"].to_numpy()
-    class_mean = {c: p[labels == c].mean() for c in np.unique(labels)}
-    confident = sum(p[i] <= 1 - min(t for c, t in class_mean.items() if c != labels[i]) for i in range(len(x)))
-    count = min(mixture_count, int(confident), policy.max_flagged)
+    count = max(0, round(gap * n))
+    if gap > np.sqrt(np.log(2 / 0.05) / 2 * (1 / n + 1 / m)):
+        train = examples[examples["split"] == "train"].set_index("example_id")
+        p, labels = np.exp(-x), train.loc[scores["example_id"], "label"].to_numpy()
+        class_mean = {c: p[labels == c].mean() for c in np.unique(labels)}
+        confident = sum(p[i] <= 1 - min(t for c, t in class_mean.items() if c != labels[i]) for i in range(len(x)))
+        count = max(count, min(int(confident), above))
+    count = min(count, policy.max_flagged)
     return set(scores["example_id"].to_numpy()[np.argsort(-x, kind="stable")[:count]].tolist())
 
 

@@ -3,7 +3,6 @@ with ``materialize_to_memory``, no IO manager and no files of the pipeline's own
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import dagster as dg
@@ -38,7 +37,7 @@ def _value(output):
 def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_uri):
     """Constant learning rate lr: eta='learning_rate' weighs every checkpoint by lr, so its scores are
     exactly lr times the uniform ones (an eta that is ignored would leave them equal)."""
-    recipe = dataclasses.replace(TINY, schedule="constant", lr=0.05)
+    recipe = TINY.replace(schedule="constant", lr=0.05)
     run_id = train_and_log(recipe, tracking_uri=tracking_uri)
     mlflow, compute = MlflowResource(), ComputeResource(device="cpu")
     run = fetch_run(run_id, tracking_uri=tracking_uri)
@@ -88,7 +87,7 @@ def test_logged_loss_tables_and_learning_rate_eta_on_in_memory_inputs(tracking_u
 
 def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
     """breast_cancer rows are not images: the queue and histogram are made, the image grid is not."""
-    run_id = train_and_log(dataclasses.replace(TINY, dataset="breast_cancer"), tracking_uri=tracking_uri)
+    run_id = train_and_log(TINY.replace(dataset="breast_cancer"), tracking_uri=tracking_uri)
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("mlflow_runs", [run_id])
         result = dg.materialize_to_memory(
@@ -103,7 +102,9 @@ def test_flagged_grid_is_absent_for_tabular_data(tracking_uri):
         )
     assert result.success
     queue = result.output_for_node("review_queue")
-    expected = flagged_by_default_policy(result.output_for_node("self_influence"), result.output_for_node("training_run"))
+    tables = result.output_for_node("loss_tables")
+    expected = flagged_by_default_policy(result.output_for_node("self_influence"), result.output_for_node("training_run"),
+                                         tables.frame("train"), tables.frame("test"))
     assert set(queue.queue["example_id"]) == expected and len(expected) > 0
     assert queue.flagged_grid is None
     assert Image.open(io.BytesIO(queue.histogram)).format == "PNG"

@@ -3,7 +3,6 @@ queue is the unexpected rows of the suite's flagging expectation, whatever cut-o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -32,7 +31,7 @@ def test_an_edited_cutoff_in_the_flagging_suite_changes_the_next_queue(tracking_
     project = tmp_path / "gx"
     shutil.copytree(REPO_ROOT / "gx", project, ignore=shutil.ignore_patterns("uncommitted"))
     monkeypatch.setenv(GX_DIR_ENV, str(project))
-    run_id = train_and_log(dataclasses.replace(TINY, dataset="breast_cancer"), tracking_uri=tracking_uri)
+    run_id = train_and_log(TINY.replace(dataset="breast_cancer"), tracking_uri=tracking_uri)
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("mlflow_runs", [run_id])
         first, scores = _queue(instance, run_id)

@@ -70,7 +70,8 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     metrics = client.get_run(contract_run).data.metrics
     scores = pd.read_parquet(layout.self_influence)
     si = scores["self_influence"].to_numpy()
-    expected_flagged = flagged_by_default_policy(scores, pd.read_parquet(layout.examples))
+    expected_flagged = flagged_by_default_policy(scores, pd.read_parquet(layout.examples),
+                                                 pd.read_parquet(layout.train_losses), pd.read_parquet(layout.test_losses))
     assert metrics["z0inf.self_influence_q90"] == pytest.approx(np.quantile(si, 0.9))
     assert metrics["z0inf.self_influence_max"] == pytest.approx(si.max())
     assert metrics["z0inf.flagged_fraction"] == pytest.approx(len(expected_flagged) / len(si))

@@ -8,7 +8,6 @@ SciPy's bootstrap, not with the pipeline's code."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import dagster as dg
 import mlflow
@@ -31,7 +30,7 @@ from .conftest import execute
 pytestmark = pytest.mark.mlflow_server
 
 # The demo's recipe (fewer checkpoints): relabelling its flagged flips is a measurable gain on 450 test digits.
-RECIPE = replace(DEMO_CONFIG, checkpoints=6)
+RECIPE = DEMO_CONFIG.replace(checkpoints=6)
 CHECK = "retrained_model_is_champion"
 
 

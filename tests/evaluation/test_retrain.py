@@ -31,7 +31,7 @@ def test_subsample_and_retrain_matches_direct_training_and_reuses_the_cache(refe
 
     # Independent computation: train model 1's subset directly and evaluate it by hand.
     subset_ids = first.train_ids[first.masks[1]]
-    direct = train(replace(TINY, train_subset=tuple(subset_ids)), tmp_path / "direct", record_losses=False).model
+    direct = train(TINY.replace(train_subset=tuple(subset_ids)), tmp_path / "direct", record_losses=False).model
     with torch.no_grad():
         expected_train = F.cross_entropy(direct(reference.bundle.train.features), reference.bundle.train.labels,
                                          reduction="none")
@@ -52,13 +52,13 @@ def test_subsample_and_retrain_matches_direct_training_and_reuses_the_cache(refe
 
 
 def test_config_key_follows_the_subset_and_the_recipe():
-    a = replace(TINY, train_subset=(1, 2, 3))
-    assert config_key(a) == config_key(replace(TINY, train_subset=(1, 2, 3)))
-    assert config_key(a) != config_key(replace(TINY, train_subset=(1, 2, 4)))
-    assert config_key(a) != config_key(replace(a, lr=0.2))
+    a = TINY.replace(train_subset=(1, 2, 3))
+    assert config_key(a) == config_key(TINY.replace(train_subset=(1, 2, 3)))
+    assert config_key(a) != config_key(TINY.replace(train_subset=(1, 2, 4)))
+    assert config_key(a) != config_key(a.replace(lr=0.2))
 
 
 def test_reference_must_use_the_whole_train_split(reference, tmp_path):
-    partial = replace(reference, config=replace(TINY, train_subset=tuple(reference.bundle.train.example_ids[:50])))
+    partial = replace(reference, config=TINY.replace(train_subset=tuple(reference.bundle.train.example_ids[:50])))
     with pytest.raises(InputError, match="whole train split"):
         subsample_and_retrain(partial, 2, tmp_path)

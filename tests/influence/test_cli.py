@@ -80,7 +80,7 @@ def test_errors_name_the_input_and_leave_no_output(run_files, tmp_path):
     assert result.returncode == 2 and "both claim step 0" in result.stderr
     (folder / "extra.safetensors").unlink()
     result = run_cli("self-influence", folder, train_path, "-o", out, "--neighbors", "0")
-    assert result.returncode == 2 and "neighbors=0 must be at least 1" in result.stderr
+    assert result.returncode == 2 and "neighbors=0 Input should be greater than or equal to 1" in result.stderr
     shifted = LossTable(train.example_ids, (0, 10, 20, 30, 45), train.values).write(tmp_path / "shifted.parquet")
     result = run_cli("self-influence", folder, shifted, "-o", out)
     assert result.returncode == 2 and "shifted.parquet" in result.stderr

@@ -101,13 +101,14 @@ def test_confident_policy_follows_the_noise_where_the_mixture_finds_a_group_anyw
     labels = rng.integers(0, 3, 1000)
     clean = rng.gamma(1.0, 0.05, 1000)  # p(given label) mostly > 0.9, a tail down to ~0.6
     assert flag_scores(clean, FlagPolicy(method="mixture")).count > 30
-    assert flag_scores(_scores_frame(clean), FlagPolicy(), labels=labels).count <= 3
+    confident = FlagPolicy(method="confident")
+    assert flag_scores(_scores_frame(clean), confident, labels=labels).count <= 3
     noisy = clean.copy()
     noisy[:100] = rng.normal(2.5, 0.3, 100)  # 100 wrong labels: p(given label) ~ 0.08
-    flags = flag_scores(_scores_frame(noisy), FlagPolicy(), labels=labels)
+    flags = flag_scores(_scores_frame(noisy), confident, labels=labels)
     assert 90 <= flags.count <= 110 and flags.flagged[:100].mean() > 0.9
     # without labels the count is the mixture's
-    assert flag_scores(_scores_frame(clean), FlagPolicy()).count == flag_scores(clean, FlagPolicy(method="mixture")).count
+    assert flag_scores(_scores_frame(clean), confident).count == flag_scores(clean, FlagPolicy(method="mixture")).count
 
 
 def test_mixture_flags_the_high_group_and_an_inherited_cutoff_is_kept():
@@ -122,7 +123,68 @@ def test_mixture_flags_the_high_group_and_an_inherited_cutoff_is_kept():
     assert flag_scores(cleaner, FlagPolicy(method="quantile"), inherited_cutoff=flags.cutoff).count == 90
 
 
-@pytest.mark.parametrize("method", ["confident", "mixture", "quantile", "zscore"])
+def _loss_frame(values):
+    """A loss table frame: (T, N) values at steps 0, 10, 20, ..."""
+    import pandas as pd
+
+    return pd.DataFrame({"example_id": np.arange(values.shape[1]),
+                         **{f"step_{10 * t}": row for t, row in enumerate(values)}})
+
+
+def _run_losses(rng, wrong: int, n=1000, m=500, steps=5):
+    """Train and held-out loss tables of one run: every example has a difficulty (the same distribution for
+    both splits, a long tail of hard ones) and its loss falls as training goes on, a training example's a
+    little faster (it is fit); the first ``wrong`` training examples are wrong labels: high loss that
+    training memorises by the last checkpoint."""
+    decay = np.linspace(1.0, 0.3, steps)[:, None]
+    train = rng.gamma(1.0, 0.6, n)[None, :] * decay * np.linspace(1.0, 0.8, steps)[:, None]
+    test = rng.gamma(1.0, 0.6, m)[None, :] * decay
+    train[0] = rng.gamma(1.0, 0.6, n)  # step 0: nothing trained yet, every example alike
+    train[1:, :wrong] = rng.normal(3.0, 0.3, wrong)[None, :] * np.linspace(1.0, 0.05, steps - 1)[:, None]
+    return train, test
+
+
+def test_held_out_excess_matches_a_threshold_by_threshold_count():
+    """The largest gap between the training and held-out shares above a loss x >= ln 2, over the trained
+    checkpoints, recomputed one threshold at a time; step 0 never counts, and the DKW band decides."""
+    from z0inf_pipeline.review.policy import held_out_excess
+
+    rng = np.random.default_rng(5)
+    train, test = _run_losses(rng, wrong=60)
+    train[0, :300] = 9.0  # a huge gap at step 0 (an untrained model) must not count
+    best = max(((train[t] > x).mean() - (test[t] > x).mean(), (train[t] > x).sum(), 10 * t, x)
+               for t in range(1, len(train)) for x in train[t][train[t] >= np.log(2)])
+    found = held_out_excess(_loss_frame(train), _loss_frame(test))
+    assert (found.excess, found.above, found.step) == (round(best[0] * 1000), best[1], best[2])
+    assert found.threshold == pytest.approx(best[3]) and 40 <= found.excess <= 80
+    assert found.significant == (best[0] > np.sqrt(np.log(40) / 2 * (1 / 1000 + 1 / 500)))
+    assert held_out_excess(_loss_frame(train), _loss_frame(test)[["example_id", "step_0"]]) is None  # nothing shared
+
+
+def test_held_out_count_follows_the_noise_where_hard_examples_abound():
+    """Clean labels with a long tail of hard examples (in training and held out alike): the mixture still
+    finds a high group, the default flags at most 2% (chance). 100 wrong labels that training memorises by the
+    end: the default still counts them (at the checkpoint where they stand out) and flags them."""
+    from z0inf_pipeline.review.policy import held_out_excess
+
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 1000)
+    train, test = _run_losses(rng, wrong=0)
+    clean = train.mean(axis=0)
+    assert flag_scores(clean, FlagPolicy(method="mixture")).count > 30
+    tables = (_loss_frame(train), _loss_frame(test))
+    assert flag_scores(_scores_frame(clean), FlagPolicy(), labels=labels, loss_tables=tables).count <= 20  # 2%: sampling noise only
+    train, test = _run_losses(rng, wrong=100)
+    tables = (_loss_frame(train), _loss_frame(test))
+    flags = flag_scores(_scores_frame(train.mean(axis=0)), FlagPolicy(), labels=labels, loss_tables=tables)
+    assert 85 <= flags.count <= 125 and flags.flagged[:100].mean() > 0.85
+    assert flags.counted_by.startswith(f"{held_out_excess(*tables).excess} training losses above")
+    # without the held-out table the default counts as ``confident``
+    assert (flag_scores(_scores_frame(clean), FlagPolicy(), labels=labels).count
+            == flag_scores(_scores_frame(clean), FlagPolicy(method="confident"), labels=labels).count)
+
+
+@pytest.mark.parametrize("method", ["held_out", "confident", "mixture", "quantile", "zscore"])
 def test_review_budget_keeps_the_highest_scores(method):
     x = _bimodal(seed=1)
     capped = flag_scores(x, FlagPolicy(method=method, max_flagged=7))

@@ -4,7 +4,6 @@ real decision store), and the mixture cut-off of a reviewed run is kept for its 
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -111,7 +110,7 @@ def _frame(run):
 )
 def test_a_run_retrained_without_the_flips_flags_at_most_a_third_as_many(config, tracking_uri, tmp_path):
     parent = train(config, tmp_path / "parent")
-    child = train(replace(config, exclude_ids=tuple(parent.bundle.flipped_ids)), tmp_path / "child")
+    child = train(config.replace(exclude_ids=tuple(parent.bundle.flipped_ids)), tmp_path / "child")
     policy = FlagPolicy()
     parent_flags = flag_scores(_frame(parent), policy)
     flipped = np.isin(parent.bundle.train.example_ids, parent.bundle.flipped_ids)
@@ -125,6 +124,6 @@ def test_a_run_retrained_without_the_flips_flags_at_most_a_third_as_many(config,
                        {"policy": policy.to_dict(), "cutoff": parent_flags.cutoff, CALIBRATED_ON_KEY: parent_id})
     inherited = inherited_cutoff(run_lineage(child_id, client), policy, outputs_base())
     assert inherited == (parent_flags.cutoff, parent_id)
-    assert inherited_cutoff(run_lineage(child_id, client), replace(policy, posterior=0.9), outputs_base()) is None  # other policy
+    assert inherited_cutoff(run_lineage(child_id, client), policy.replace(posterior=0.9), outputs_base()) is None  # other policy
     child_flags = flag_scores(_frame(child), policy, inherited_cutoff=inherited[0])
     assert child_flags.count <= parent_flags.count / 3, (child_flags.count, parent_flags.count)

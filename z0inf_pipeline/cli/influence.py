@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-
 from ..influence.analysis import (
-    GRAM_SETTINGS,
+    GramArguments,
     GramProvenance,
     InfluenceAnalysis,
     InfluenceArguments,
-    TRAIN_TEST_OWN,
+    LossArguments,
+    TopKArguments,
     TrainTestArguments,
+    WindowArguments,
     gram_to_frame,
     write_frame,
 )
@@ -20,11 +20,17 @@ from ..influence.atomic import check_output
 from ..influence.checkpoints import open_checkpoints, select_parameters
 from ..influence.devices import resolve_device
 from ..influence.gram import gram_matrix
-from ..settings_schema import add_arguments, from_namespace
+from .arguments import add_settings, settings_from
 
 # `train-test --full` writes N x M float64 values: 2.5 * 10^7 entries is 200 MB in memory, a parquet
 # file of about as much; past that, the top-k is what to ask for.
 FULL_MATRIX_LIMIT = 25_000_000
+# The estimator settings each command shows besides the Gram's (``GramArguments``): train-test takes its
+# window from ``TrainTestArguments``; self-influence keeps no top-k.
+ESTIMATOR_SETTINGS = {
+    "self-influence": (WindowArguments, LossArguments),
+    "train-test": (LossArguments, TopKArguments),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_checkpoint_args(si)
     si.add_argument("train_losses", help="training loss table (parquet)")
-    _add_estimator_args(si)
+    _add_estimator_args(si, ESTIMATOR_SETTINGS["self-influence"])
     si.set_defaults(handler=_self_influence)
 
     tt = sub.add_parser(
@@ -52,8 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_args(tt, optional=True)
     tt.add_argument("train_losses", nargs="?", help="training loss table (parquet); not with --run")
     tt.add_argument("test_losses", nargs="?", help="test loss table (parquet); not with --run")
-    _add_estimator_args(tt, exclude=TRAIN_TEST_OWN)
-    add_arguments(tt.add_argument_group("train-test method (defaults chosen on the suite's LDS)"), TrainTestArguments)
+    _add_estimator_args(tt, ESTIMATOR_SETTINGS["train-test"])
+    add_settings(tt.add_argument_group("train-test method (defaults chosen on the suite's LDS)"), TrainTestArguments,
+                 shortcuts=["warmup_fraction"])
     tt.add_argument("--run", metavar="RUN_ID", help="a contract run's checkpoints, loss tables, model and data "
                     "(MLflow at $MLFLOW_TRACKING_URI)")
     tt.add_argument("--full", action="store_true",
@@ -66,23 +73,25 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, optional: bool = False
     parser.add_argument("checkpoints", nargs="?" if optional else None,
                         help="folder of *.safetensors checkpoints (with 'step' in their metadata)")
     parser.add_argument("-o", "--output", required=True, help="parquet file to write (atomically)")
-    add_arguments(parser, InfluenceArguments, include=GRAM_SETTINGS)
+    add_settings(parser, GramArguments)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
 
 
-def _add_estimator_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ("topk",)) -> None:
-    add_arguments(parser, InfluenceArguments, exclude=(*GRAM_SETTINGS, *exclude))
+def _add_estimator_args(parser: argparse.ArgumentParser, concepts: tuple[type, ...]) -> None:
+    for concept in concepts:
+        add_settings(parser, concept, shortcuts=["topk"] if concept is TopKArguments else ())
     parser.add_argument("--gram", help="reuse a Gram parquet written by 'z0inf gram' instead of reading checkpoints")
 
 
 def _gram(args) -> None:
     check_output(args.output, [args.checkpoints])
     checkpoints = open_checkpoints(args.checkpoints)
-    names = select_parameters(checkpoints, args.parameters)
+    settings = settings_from(args, GramArguments)
+    names = select_parameters(checkpoints, settings.parameters)
     gram = gram_matrix(
-        checkpoints, parameters=names, center=args.center, device=resolve_device(args.device), progress=True
+        checkpoints, parameters=names, center=settings.center, device=resolve_device(args.device), progress=True
     )
-    frame = gram_to_frame([c.step for c in checkpoints], gram, GramProvenance.of(checkpoints, names, args.center))
+    frame = gram_to_frame([c.step for c in checkpoints], gram, GramProvenance.of(checkpoints, names, settings.center))
     print(f"wrote {write_frame(frame, args.output)} ({len(checkpoints)} checkpoints)")
 
 
@@ -101,13 +110,13 @@ def _analysis(args, test_losses=None, **train_test) -> InfluenceAnalysis:
 
 
 def influence_arguments_of(args) -> InfluenceArguments:
-    """The command's ``InfluenceArguments``. On ``train-test`` the flags named in ``TRAIN_TEST_OWN`` are
-    ``TrainTestArguments``' (its own window, k, rule, eta), so those fields keep their defaults here."""
-    arguments = from_namespace(InfluenceArguments, args)
-    if args.handler is not _train_test:
-        return arguments
-    defaults = InfluenceArguments()
-    return replace(arguments, **{name: getattr(defaults, name) for name in TRAIN_TEST_OWN})
+    """The command's ``InfluenceArguments``, from the concepts its flags show (on ``train-test`` the window
+    flags are ``TrainTestArguments``', so ``WindowArguments`` keeps its defaults here)."""
+    command = "train-test" if args.handler is _train_test else "self-influence"
+    values = {}
+    for concept in (GramArguments, *ESTIMATOR_SETTINGS[command]):
+        values.update(settings_from(args, concept, shortcuts=["topk"] if concept is TopKArguments else ()))
+    return InfluenceArguments(**values)
 
 
 def _self_influence(args) -> None:
@@ -116,7 +125,7 @@ def _self_influence(args) -> None:
 
 
 def _train_test(args) -> None:
-    train_test = from_namespace(TrainTestArguments, args)
+    train_test = settings_from(args, TrainTestArguments, shortcuts=["warmup_fraction"])
     if args.run:
         given = [name for name in ("checkpoints", "train_losses", "test_losses") if getattr(args, name)]
         if given:

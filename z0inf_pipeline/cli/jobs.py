@@ -10,26 +10,33 @@ from pathlib import Path
 
 from ..errors import Z0infError, named_error
 from ..review.policy import FlagPolicy
-from ..settings_schema import plain_values
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 class _ShutGateNotice(logging.Filter):
     """Drops Dagster's warning that a blocking check "emitted no result": it is logged when
-    ``curated_training_set`` yields nothing because the review gate is shut, which the gate's own
-    message already says (the retrain's steps are skipped, as intended)."""
+    ``curated_training_set`` yields nothing because the review gate is shut (its check is then skipped),
+    which the gate's own message already says (the retrain's steps are skipped, as intended).
+
+    Dagster's module loggers have no handler, so Python prints their warnings through
+    ``logging.lastResort``; the filter sits there, on the record's logger family and message, so it
+    names no Dagster module and leaves every other warning (and any handler a user configures) alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "emitted no result" not in record.getMessage()
+        return not (record.name.startswith("dagster") and "emitted no result" in record.getMessage())
 
 
-_PLAN_LOGGER = logging.getLogger("dagster._core.execution.plan.active")
+def quiet_shut_gate_notice() -> None:
+    """Install ``_ShutGateNotice`` on Python's last-resort handler (once)."""
+    handler = logging.lastResort
+    if handler is not None and not any(isinstance(f, _ShutGateNotice) for f in handler.filters):
+        handler.addFilter(_ShutGateNotice())
 
 
 def policy_run_config(policy: FlagPolicy) -> dict:
     """The run config that builds the review queue with ``policy``."""
-    return {"ops": {"review_queue": {"config": plain_values(policy)}}}
+    return {"ops": {"review_queue": {"config": policy.to_dict()}}}
 
 
 @dataclass
@@ -65,8 +72,7 @@ def run_job(instance, job: str, run_id: str, run_config: dict | None = None) -> 
     from ..defs.recovery import fail_orphaned_runs, process_tags
 
     fail_orphaned_runs(instance)  # runs of killed z0inf processes would hold queue slots for ever
-    if not any(isinstance(f, _ShutGateNotice) for f in _PLAN_LOGGER.filters):
-        _PLAN_LOGGER.addFilter(_ShutGateNotice())
+    quiet_shut_gate_notice()
     if not instance.has_dynamic_partition(mlflow_runs.name, run_id):
         instance.add_dynamic_partitions(mlflow_runs.name, [run_id])
     result = defs.resolve_job_def(job).execute_in_process(

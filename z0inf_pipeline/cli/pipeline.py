@@ -8,7 +8,6 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +15,8 @@ import pandas as pd
 from ..evaluation.retrain import random_drop_accuracy
 from ..review.layout import outputs_base
 from ..review.policy import FlagPolicy
-from ..settings_schema import add_arguments, from_namespace
-from ..training import DEMO_CONFIG, TrainConfig
+from ..training import DEMO_CONFIG, TrainConfig, TrainRecipe
+from .arguments import add_settings, settings_from
 from .jobs import JobOutcome, dagster_instance, policy_run_config, run_job
 
 JOBS = {"influence": "influence_job", "retrain": "retrain_job", "pipeline": "pipeline_job"}
@@ -43,10 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="digits: the MLP on flipped labels; lm: a tiny GPT-2 fine-tuned on letter shifting with 10%% of the "
         "answers wrong, through the Hugging Face callback (needs the [hf] extra; --epochs etc. do not apply)",
     )
-    add_arguments(
+    add_settings(
         demo.add_argument_group("the demo's recipe"),
-        TrainConfig,
-        include=("epochs", "checkpoints", "label_noise"),
+        TrainRecipe,
+        only=("epochs", "checkpoints", "label_noise"),
         defaults=DEMO_CONFIG,
     )
     _add_policy_args(demo)
@@ -70,12 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    add_arguments(parser.add_argument_group("flag policy (review_queue config)"), FlagPolicy)
+    add_settings(parser.add_argument_group("flag policy (review_queue config)"), FlagPolicy)
 
 
 def _policy_config(args) -> dict:
     """The review_queue op config of the flags given (validated by FlagPolicy before any job starts)."""
-    return policy_run_config(from_namespace(FlagPolicy, args))
+    return policy_run_config(settings_from(args, FlagPolicy))
 
 
 def _materialize_config(args) -> dict:
@@ -83,7 +82,7 @@ def _materialize_config(args) -> dict:
     the policy the run's queue was built with (a retrain cannot change it, so it is not asked for)."""
     from ..review import RunLayout, read_review_queue
 
-    given = from_namespace(FlagPolicy, args)
+    given = settings_from(args, FlagPolicy)
     layout = RunLayout.for_run(args.run, outputs_base())
     if args.job != "influence" and given == FlagPolicy() and layout.review_queue.exists():
         given = FlagPolicy.from_dict(read_review_queue(layout.review_queue)[1]["policy"])
@@ -125,7 +124,7 @@ def _demo(args) -> int:
     from ..tracking import resolve_tracking_uri
 
     started = time.perf_counter()
-    config = from_namespace(TrainConfig, args, base=DEMO_CONFIG)
+    config = settings_from(args, TrainRecipe, base=DEMO_CONFIG)
     if args.recipe == "lm":
         from ..training.lm import LM_DEMO_RECIPE as config
     instance, persistent = dagster_instance()
@@ -344,10 +343,11 @@ def _print_default_policy_quality(layout, queue_policy: FlagPolicy, flipped_ids,
     from ..review.policy import given_labels
 
     policy = FlagPolicy()
-    if replace(queue_policy, max_unreviewed_fraction=policy.max_unreviewed_fraction) == policy:
+    if queue_policy.replace(max_unreviewed_fraction=policy.max_unreviewed_fraction) == policy:
         return
     scores = pd.read_parquet(layout.self_influence)
-    flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores))
+    flags = flag_scores(scores, policy, labels=given_labels(pd.read_parquet(layout.examples), scores),
+                        loss_tables=(pd.read_parquet(layout.train_losses), pd.read_parquet(layout.test_losses)))
     quality = detection_quality(scores.loc[flags.flagged, "example_id"], flipped_ids)
     print(
         f"  default policy    {policy.describe()}: {flags.count} flagged, precision {quality['precision']:.3f}, "

@@ -6,13 +6,13 @@ import argparse
 import sys
 from datetime import datetime, timezone
 
-from ..settings_schema import add_arguments, from_namespace
-from ..training.trainer import TrainConfig
+from ..training.trainer import TrainConfig, TrainRecipe
+from .arguments import add_settings, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model and log a contract run to MLflow; prints the run id")
-    add_arguments(train.add_argument_group("training recipe"), TrainConfig)
+    add_settings(train.add_argument_group("training recipe"), TrainRecipe)
     _add_store_args(train)
     train.add_argument("--experiment", default="z0inf", help="MLflow experiment (default: %(default)s)")
     train.set_defaults(handler=_train)
@@ -34,7 +34,7 @@ def _add_store_args(parser: argparse.ArgumentParser) -> None:
 def _train(args) -> None:
     from ..tracking import train_and_log
 
-    config = from_namespace(TrainConfig, args)
+    config = settings_from(args, TrainRecipe, base=TrainConfig())
     run_id = train_and_log(config, tracking_uri=args.tracking_uri, experiment=args.experiment, progress=True)
     print(run_id)
 

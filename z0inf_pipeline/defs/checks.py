@@ -15,6 +15,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from ..influence.analysis import InfluenceArguments
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
 from ..review import RunLayout, lineage_decisions
 from ..review.gate import queue_gate
@@ -156,7 +157,7 @@ def _configured_topk(context: dg.AssetCheckExecutionContext, run_id: str) -> int
     ).records
     if not records:
         raise dg.Failure(f"train_test_influence of run {run_id}: has never been materialised")
-    return int(records[0].asset_materialization.metadata["estimator"].value["topk"])
+    return InfluenceArguments(**records[0].asset_materialization.metadata["estimator"].value).topk
 
 
 # Not blocking: a shut gate is the expected state while a review is under way, not a failed run.

@@ -10,39 +10,42 @@ a ``challenger``. Pure numpy: no MLflow, no Dagster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from ..arguments import Settings
 
 from ..errors import ConfigurationError, InputError
 
 _RESAMPLE_ELEMENTS = 1 << 22  # indices drawn at once: resamples are vectorised in blocks of this many
 
 
-@dataclass(frozen=True)
-class PromotionPolicy:
+class PromotionPolicy(Settings):
     """When a retrained model replaces the champion in the MLflow Model Registry."""
 
-    margin: float = field(
-        default=0.0,
-        metadata={
-            "help": "champion moves only when the lower end of the interval on the mean per-example gain "
-            "(retrained minus champion: accuracy for classifiers, loss in nats for LM runs) is at least this"
-        },
-    )
-    confidence: float = field(
-        default=0.95, metadata={"help": "two-sided confidence of the paired bootstrap interval on the gain"}
-    )
-    resamples: int = field(default=2000, metadata={"help": "bootstrap resamples of the held-out examples"})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstrap's resampling"})
+    owner: ClassVar[str] = "promotion policy"
 
-    def __post_init__(self) -> None:
+    margin: float = Field(
+        0.0,
+        description="champion moves only when the lower end of the interval on the mean per-example gain "
+        "(retrained minus champion: accuracy for classifiers, loss in nats for LM runs) is at least this",
+    )
+    confidence: float = Field(0.95, description="two-sided confidence of the paired bootstrap interval on the gain")
+    resamples: int = Field(2000, description="bootstrap resamples of the held-out examples")
+    seed: int = Field(0, description="seed of the bootstrap's resampling")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromotionPolicy":
         if not 0.0 < self.confidence < 1.0:
             raise ConfigurationError(f"promotion policy: confidence={self.confidence} must be strictly between 0 and 1")
         if self.resamples < 100:
             raise ConfigurationError(f"promotion policy: resamples={self.resamples} must be at least 100")
         if not np.isfinite(self.margin):
             raise ConfigurationError(f"promotion policy: margin={self.margin} must be a finite number")
+        return self
 
 
 @dataclass(frozen=True)

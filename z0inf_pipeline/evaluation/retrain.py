@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -78,7 +78,7 @@ def retrain_on_subsets(
     cache.mkdir(parents=True, exist_ok=True)
     paths, trained, seconds = [], 0, 0.0
     for ids in tqdm(subsets, desc="retrain", unit="model", disable=not progress):
-        subset_config = replace(config, train_subset=tuple(sorted(int(i) for i in ids)), checkpoints=2)
+        subset_config = config.replace(train_subset=tuple(sorted(int(i) for i in ids)), checkpoints=2)
         path = cache / f"{config_key(subset_config)}.safetensors"
         if not path.is_file():
             _train_into_cache(subset_config, path)
@@ -166,7 +166,7 @@ def random_drop_accuracy(recipe: TrainConfig, count: int) -> float:
     ids = training_data(recipe).train.example_ids
     dropped = np.random.default_rng(recipe.seed).choice(ids, size=min(count, len(ids) - 1), replace=False)
     with tempfile.TemporaryDirectory(prefix="z0inf-random-drop.") as work:
-        result = train(replace(recipe, exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
+        result = train(recipe.replace(exclude_ids=tuple(int(i) for i in dropped)), Path(work) / "run",
                        record_losses=False)
     with torch.no_grad():
         predicted = result.model(result.bundle.test.features).argmax(dim=1)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
@@ -26,7 +27,7 @@ from .estimators import InfluenceFactors, NeighborRule, influence_features, self
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
 from .signals import LossKind, loss_signals
-from ..settings_schema import check_choices, normalise_sequences
+from ..arguments import Settings
 
 _PROVENANCE_KEY = "z0inf.gram_provenance"
 # |G - G^T| allowed, relative to the largest squared norm: float64 products summed in another order.
@@ -37,79 +38,82 @@ class NeighborsClampedWarning(UserWarning):
     """The run has fewer checkpoints in its window than ``neighbors + 1``: k was lowered to fit."""
 
 
-@dataclass(frozen=True)
-class InfluenceArguments:
-    """How to estimate: which parameters enter the Gram, neighbours per checkpoint, which step weights,
-    how many proponents and opponents to keep. The CLI flags and the Dagster config are generated from
-    these fields (``z0inf_pipeline.settings_schema``)."""
+class GramArguments(Settings):
+    """Which weights enter the Gram matrix G = W W^T."""
 
-    parameters: tuple[str, ...] | None = field(
-        default=None,
-        metadata={"help": "only tensors whose name matches one of these globs, e.g. '3.*' (the last layer of "
-                  "the default MLP); unset: every tensor", "metavar": "GLOB"},
+    owner: ClassVar[str] = "influence arguments"
+
+    parameters: list[str] | None = Field(
+        None,
+        description="only tensors whose name matches one of these globs, e.g. '3.*' (the last layer of the default "
+        "MLP); unset: every tensor",
     )
-    center: bool = field(default=True, metadata={"help": "subtract the first checkpoint from every checkpoint's weights before W W^T"})
-    neighbors: int = field(
-        default=12,
-        metadata={"help": "k neighbouring checkpoints per checkpoint (a window of at most k checkpoints uses all "
-                  "the others, with a warning)"},
+    center: bool = Field(True, description="subtract the first checkpoint from every checkpoint's weights before W W^T")
+
+
+class WindowArguments(Settings):
+    """Which checkpoints, pairs and step weights an estimate uses."""
+
+    owner: ClassVar[str] = "influence arguments"
+
+    neighbors: int = Field(
+        12,
+        ge=1,
+        description="k neighbouring checkpoints per checkpoint (a window of at most k checkpoints uses all the "
+        "others, with a warning)",
     )
-    neighbor_rule: NeighborRule = field(
-        default="distance",
-        metadata={"help": "neighbours nearest in parameter distance, or in training order"},
+    neighbor_rule: NeighborRule = Field("distance", description="neighbours nearest in parameter distance, or in training order")
+    eta: Literal["uniform", "learning_rate"] = Field(
+        "uniform", description="per-checkpoint weights: uniform, or the recorded learning rate"
     )
-    eta: Literal["uniform", "learning_rate"] = field(
-        default="uniform", metadata={"help": "per-checkpoint weights: uniform, or the recorded learning rate"}
-    )
-    topk: int = field(
-        default=10, metadata={"help": "proponents and opponents kept per test example", "flags": ("-k", "--topk")}
-    )
-    warmup_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Z0 finite-difference and train-test influence leave out checkpoints before this fraction "
-            "of training (by step): the initialisation and the first transient, where every example's loss "
-            "falls at once; 0 keeps all"
-        },
-    )
-    center_losses: bool = field(
-        default=False,
-        metadata={"help": "subtract each checkpoint's mean loss over examples before taking differences"},
-    )
-    weight_by_correlation: bool = field(
-        default=False,
-        metadata={
-            "help": "train-test: multiply INF(i, z) by the Spearman correlation of the two loss trajectories"
-        },
-    )
-    loss_kind: LossKind = field(
-        default="cross_entropy",
-        metadata={"help": "the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy"},
+    warmup_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Z0 finite-difference and train-test influence leave out checkpoints before this fraction of "
+        "training (by step): the initialisation and the first transient, where every example's loss falls at "
+        "once; 0 keeps all",
     )
 
-    def __post_init__(self) -> None:
-        normalise_sequences(self)
-        check_choices(self, "influence arguments")
-        for name in ("neighbors", "topk"):
-            if getattr(self, name) < 1:
-                raise InputError(f"influence arguments: {name}={getattr(self, name)!r} must be at least 1")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InputError(f"influence arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+class LossArguments(Settings):
+    """How the loss trajectories are read."""
+
+    owner: ClassVar[str] = "influence arguments"
+
+    center_losses: bool = Field(
+        False, description="subtract each checkpoint's mean loss over examples before taking differences"
+    )
+    weight_by_correlation: bool = Field(
+        False, description="train-test: multiply INF(i, z) by the Spearman correlation of the two loss trajectories"
+    )
+    loss_kind: LossKind = Field(
+        "cross_entropy", description="the loss in the tables; confidence and variability (exp(-loss)) need cross_entropy"
+    )
+
+
+class TopKArguments(Settings):
+    """How much of train-test influence is kept."""
+
+    owner: ClassVar[str] = "influence arguments"
+
+    topk: int = Field(10, ge=1, description="proponents and opponents kept per test example")
+
+
+class InfluenceArguments(TopKArguments, LossArguments, WindowArguments, GramArguments):
+    """How to estimate: every concept above in one object, which the core reads. The CLI and the
+    launchpad show each concept where it applies (``cli/influence.py``, ``defs/config.py``)."""
 
 
 # The settings that shape the Gram matrix (the rest only the estimators read).
-GRAM_SETTINGS = ("parameters", "center")
+GRAM_SETTINGS = tuple(GramArguments.model_fields)
 # Settings that train-test influence takes from ``TrainTestArguments``, not from ``InfluenceArguments``.
-TRAIN_TEST_OWN = ("warmup_fraction", "neighbors", "neighbor_rule", "eta")
+TRAIN_TEST_OWN = tuple(WindowArguments.model_fields)
 
 TrainTestMethod = Literal["directions", "trajectory"]
 
 
-@dataclass(frozen=True)
-class TrainTestArguments:
+class TrainTestArguments(Settings):
     """How train-test influence is estimated: its defaults are chosen on the suite's mean LDS
     (``benchmarks/accuracy.py``), separately from the self-influence settings of ``InfluenceArguments``
     (chosen on Spearman against SSRT), so no train-test default follows from the self-influence choice.
@@ -117,55 +121,41 @@ class TrainTestArguments:
     ``directions``: forward passes along P random directions at a few checkpoints (a zeroth-order
     TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term; it needs the
     run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
-    ``trajectory``: Z0-Inf's trajectory directions only."""
+    ``trajectory``: Z0-Inf's trajectory directions only. The CLI spells ``warmup_fraction`` ``--window``."""
 
-    method: TrainTestMethod = field(
-        default="directions",
-        metadata={"help": "directions: forward passes along random directions (needs the run's model and data; "
-                  "else falls back to trajectory); trajectory: checkpoint differences only"},
-    )
-    warmup_fraction: float = field(
-        default=0.05,
-        metadata={"help": "train-test leaves out checkpoints before this fraction of training (by step); its "
-                  "own setting, chosen on LDS", "flags": ("--window",)},
-    )
-    neighbors: int = field(default=1, metadata={"help": "trajectory term: k neighbouring checkpoints per checkpoint"})
-    neighbor_rule: NeighborRule = field(
-        default="order", metadata={"help": "trajectory term: neighbours nearest in training order, or in parameter distance"}
-    )
-    eta: Literal["uniform", "learning_rate"] = field(
-        default="uniform", metadata={"help": "per-checkpoint weights of train-test influence: uniform, or the "
-                                     "recorded learning rate"}
-    )
-    directions: int = field(default=256, metadata={"help": "random directions P per checkpoint (error ~ 1/sqrt(P))"})
-    direction_checkpoints: int = field(
-        default=2, metadata={"help": "checkpoints perturbed, spread over the window, always the last"}
-    )
-    step_size: float = field(
-        default=1e-3, metadata={"help": "finite-difference step, relative to the RMS of the perturbed weights"}
-    )
-    distribution: Literal["rademacher", "gaussian"] = field(
-        default="rademacher", metadata={"help": "law of the direction's entries (both have E[u u^T] = I)"}
-    )
-    seed: int = field(default=0, metadata={"help": "directions are regenerated from (seed, step, index), never stored"})
-    trajectory_weight: float = field(
-        default=0.0, metadata={"help": "directions: add this multiple of the trajectory term (0: directions only)"}
-    )
+    owner: ClassVar[str] = "train-test arguments"
 
-    def __post_init__(self) -> None:
-        check_choices(self, "train-test arguments")
-        for name in ("directions", "direction_checkpoints", "neighbors"):
-            if getattr(self, name) < 1:
-                raise InputError(f"train-test arguments: {name}={getattr(self, name)!r} must be at least 1")
-        if not self.step_size > 0:
-            raise InputError(f"train-test arguments: step_size={self.step_size!r} must be positive")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InputError(f"train-test arguments: warmup_fraction={self.warmup_fraction!r} must be in [0, 1)")
-        if self.trajectory_weight < 0:
-            raise InputError(f"train-test arguments: trajectory_weight={self.trajectory_weight!r} must be >= 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    method: TrainTestMethod = Field(
+        "directions",
+        description="directions: forward passes along random directions (needs the run's model and data; else "
+        "falls back to trajectory); trajectory: checkpoint differences only",
+    )
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="train-test leaves out checkpoints before this fraction of training (by step); its own "
+        "setting, chosen on LDS",
+    )
+    neighbors: int = Field(1, ge=1, description="trajectory term: k neighbouring checkpoints per checkpoint")
+    neighbor_rule: NeighborRule = Field(
+        "order", description="trajectory term: neighbours nearest in training order, or in parameter distance"
+    )
+    eta: Literal["uniform", "learning_rate"] = Field(
+        "uniform", description="per-checkpoint weights of train-test influence: uniform, or the recorded learning rate"
+    )
+    directions: int = Field(256, ge=1, description="random directions P per checkpoint (error ~ 1/sqrt(P))")
+    direction_checkpoints: int = Field(
+        2, ge=1, description="checkpoints perturbed, spread over the window, always the last"
+    )
+    step_size: float = Field(1e-3, gt=0.0, description="finite-difference step, relative to the RMS of the perturbed weights")
+    distribution: Literal["rademacher", "gaussian"] = Field(
+        "rademacher", description="law of the direction's entries (both have E[u u^T] = I)"
+    )
+    seed: int = Field(0, description="directions are regenerated from (seed, step, index), never stored")
+    trajectory_weight: float = Field(
+        0.0, ge=0.0, description="directions: add this multiple of the trajectory term (0: directions only)"
+    )
 
 
 @dataclass(frozen=True)

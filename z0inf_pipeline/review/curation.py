@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -73,4 +73,4 @@ def retrain_config(parent, curated: CuratedSet):
     relabels = dict(parent.relabels)
     relabels.update(curated.relabels)
     relabels = {i: y for i, y in relabels.items() if i not in set(excluded)}
-    return replace(parent, exclude_ids=tuple(excluded), relabels=tuple(sorted(relabels.items())))
+    return parent.replace(exclude_ids=tuple(excluded), relabels=tuple(sorted(relabels.items())))

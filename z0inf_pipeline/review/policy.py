@@ -1,92 +1,100 @@
 """Which training examples get flagged for review: a flag score, a cut-off on it, and a review budget.
 
 The flag score is one signal of ``influence.signals`` (or a rank average of several) oriented so that
-higher is more suspicious. The default count is ``confident``: the smaller of two estimates of how many
-labels are wrong, flagged highest flag score first. One is confident learning's (Northcutt et al., 2021)
-count of examples that are confidently another class, from per-class thresholds on exp(-mean loss)
-(the geometric mean over checkpoints of the probability of the given label); it follows the real noise
-and is near zero on clean data, but overcounts where the model is weak on every class. The other is the
-high component of a two-Gaussian mixture on the score (scikit-learn), which always finds some high group
-but never grows with a weak model. Chosen on the benchmark suite (``benchmarks/accuracy.py --counts``).
-A run retrained from a reviewed run keeps that run's cut-off (same recipe, same loss scale), so the
-flagged count falls as the data gets cleaner. The quantile and robust z-score cut-offs stay as options;
-every method respects the review budget ``max_flagged``. The cut-off becomes the flagging expectation of
-the GX suite ``flagging`` (``z0inf_pipeline.quality``), whose unexpected rows are the review queue.
+higher is more suspicious. The default count is ``held_out``: how many training examples have a loss
+above what the held-out (test) examples' losses predict, flagged highest flag score first. A clean
+training example is fit at least as well as a held-out one of the same difficulty, so hard-but-right
+examples are matched by hard held-out ones and only wrong labels stand out: at every trained checkpoint,
+over loss thresholds where the given label is less likely than not (p_y <= 1/2), the largest gap between
+the training and held-out shares above the threshold, times N, is a lower bound on the wrong labels (near
+zero on clean data; a weak model raises both shares alike). When that gap is beyond sampling noise (the
+two-sample DKW band at 5%), the count extends to the fewer of confident learning's count (Northcutt et
+al., 2021; per-class thresholds on exp(-mean loss)) and the training examples above that threshold. Runs
+without a held-out table or labels fall back to ``confident``: the fewer of confident learning's count and
+the high component of a two-Gaussian mixture on the score (scikit-learn). Chosen on the benchmark suite
+(``benchmarks/accuracy.py --counts``). A run retrained from a reviewed run keeps that run's cut-off
+(same recipe, same loss scale), so the flagged count falls as the data gets cleaner. The quantile and
+robust z-score cut-offs stay as options; every method respects the review budget ``max_flagged``. The
+cut-off becomes the flagging expectation of the GX suite ``flagging`` (``z0inf_pipeline.quality``), whose
+unexpected rows are the review queue.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from ..errors import InputError
+from ..influence.loss_tables import step_column, steps_of
 from ..influence.signals import SIGNAL_COLUMNS, flag_score, parse_flag_score
-from ..settings_schema import check_choices
+from ..arguments import Settings
 from ..training.layout import NO_LABEL
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
-METHODS = ("confident", "mixture", "quantile", "zscore")
+METHODS = ("held_out", "confident", "mixture", "quantile", "zscore")
 # Methods whose cut-off a retrained run may inherit from its reviewed ancestor.
-INHERITING_METHODS = ("confident", "mixture")
+INHERITING_METHODS = ("held_out", "confident", "mixture")
+# A cross-entropy loss above ln 2 means p_y < 1/2: the given label is less likely than not. Only there
+# can a training loss above the held-out ones mark a wrong label (below it, fitting makes train < test).
+WRONG_LABEL_LOSS = float(np.log(2))
+# Significance of the held-out excess: beyond the two-sample DKW band at this level it is not chance.
+EXCESS_ALPHA = 0.05
 
 
-@dataclass(frozen=True)
-class FlagPolicy:
+class FlagPolicy(Settings):
     """How examples are flagged for review, and how many may stay unreviewed before retraining."""
 
-    score: str = field(
-        default="mean_loss",
-        metadata={
-            "help": "the flag score: one signal, or several joined by '+' (the mean of their suspicion ranks); "
-            f"chosen on the benchmark suite's mean AUPRC (signals: {', '.join(SIGNAL_COLUMNS)})",
-        },
+    owner: ClassVar[str] = "flag policy"
+
+    score: str = Field(
+        "mean_loss",
+        description="the flag score: one signal, or several joined by '+' (the mean of their suspicion ranks); "
+        f"chosen on the benchmark suite's mean AUPRC (signals: {', '.join(SIGNAL_COLUMNS)})",
     )
-    method: str = field(
-        default="confident",
-        metadata={
-            "help": "confident: flag as many as the smaller of confident learning's count of confidently "
-            "mislabelled examples (per-class thresholds on exp(-mean_loss); needs labels and a cross-entropy "
-            "loss, else the mixture alone) and the mixture's high group; mixture: flag the high component of a "
-            "two-Gaussian mixture on the score (none if the score has no separate high group); quantile: flag "
-            "above the quantile; zscore: robust z above z_threshold",
-            "choices": METHODS,
-        },
+    method: Literal[METHODS] = Field(
+        "held_out",
+        description="held_out: flag as many as the training examples whose loss runs above what the held-out "
+        "(test) losses predict, at the checkpoint and loss threshold where the gap is largest; when that gap "
+        "is beyond sampling noise, up to the fewer of confident learning's count and the training examples "
+        "above that threshold (needs labels, a cross-entropy loss and a held-out loss table, else as "
+        "confident); confident: flag as many as the smaller of confident learning's count of confidently "
+        "mislabelled examples (per-class thresholds on exp(-mean_loss); needs labels and a cross-entropy "
+        "loss, else the mixture alone) and the mixture's high group; mixture: flag the high component of a "
+        "two-Gaussian mixture on the score (none if the score has no separate high group); quantile: flag "
+        "above the quantile; zscore: robust z above z_threshold",
     )
-    quantile: float = field(default=0.9, metadata={"help": "method=quantile: flag scores above this quantile"})
-    z_threshold: float = field(
-        default=3.5, metadata={"help": "method=zscore: flag robust z = (score - median) / (1.4826 MAD) above this"}
+    quantile: float = Field(0.9, description="method=quantile: flag scores above this quantile")
+    z_threshold: float = Field(
+        3.5, description="method=zscore: flag robust z = (score - median) / (1.4826 MAD) above this"
     )
-    posterior: float = field(
-        default=0.5,
-        metadata={"help": "methods confident and mixture: the mixture flags where the posterior of its high "
-                "component exceeds this"},
+    posterior: float = Field(
+        0.5,
+        description="methods confident and mixture (and held_out without a held-out table): the mixture flags "
+        "where the posterior of its high component exceeds this",
     )
-    inherit_cutoff: bool = field(
-        default=True,
-        metadata={
-            "help": "methods confident and mixture: a retrained run keeps the cut-off found on its nearest "
-            "reviewed ancestor "
-            "(same policy), so a cleaner run flags fewer examples instead of a fresh mixture's share"
-        },
+    inherit_cutoff: bool = Field(
+        True,
+        description="methods held_out, confident and mixture: a retrained run keeps the cut-off found on its "
+        "nearest reviewed ancestor (same policy), so a cleaner run flags fewer examples instead of a fresh "
+        "mixture's share",
     )
-    max_flagged: int = field(
-        default=1000,
-        metadata={"help": "review budget: flag at most this many examples, highest scores first (0: no cap)"},
+    max_flagged: int = Field(
+        1000, description="review budget: flag at most this many examples, highest scores first (0: no cap)"
     )
-    max_unreviewed_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "share of the training set that may be flagged yet have no decision before the review gate "
-            "blocks retraining (0: every flagged example needs a decision)"
-        },
+    max_unreviewed_fraction: float = Field(
+        0.0,
+        description="share of the training set that may be flagged yet have no decision before the review gate "
+        "blocks retraining (0: every flagged example needs a decision)",
     )
 
-    def __post_init__(self) -> None:
-        check_choices(self, "flag policy")
+    @model_validator(mode="after")
+    def _check(self) -> "FlagPolicy":
         parse_flag_score(self.score)
         if not 0.0 < self.quantile < 1.0:
             raise InputError(f"flag policy: quantile {self.quantile} must be strictly between 0 and 1")
@@ -94,25 +102,26 @@ class FlagPolicy:
             raise InputError(f"flag policy: z_threshold {self.z_threshold} must be a positive number")
         if not 0.0 < self.posterior < 1.0:
             raise InputError(f"flag policy: posterior {self.posterior} must be strictly between 0 and 1")
-        if not isinstance(self.max_flagged, (int, np.integer)) or self.max_flagged < 0:
+        if self.max_flagged < 0:
             raise InputError(f"flag policy: max_flagged {self.max_flagged!r} must be an integer >= 0")
         if not 0.0 <= self.max_unreviewed_fraction <= 1.0:
             raise InputError(
                 f"flag policy: max_unreviewed_fraction {self.max_unreviewed_fraction} must be in [0, 1]"
             )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self
 
     @classmethod
     def from_dict(cls, values: dict) -> "FlagPolicy":
         """The policy a review queue recorded (``to_dict``); a setting the queue predates keeps its default,
         except the score, which was self-influence before it could be chosen."""
-        known = {f.name for f in fields(cls)}
+        known = set(cls.model_fields)
         return cls(**{"score": "self_influence", **{k: v for k, v in values.items() if k in known}})
 
     def describe(self) -> str:
-        if self.method == "confident":
+        if self.method == "held_out":
+            rule = (f"{self.score}, as many highest as the training losses run above the held-out ones (extended "
+                    "to confident learning's count when that excess is significant)")
+        elif self.method == "confident":
             rule = (f"{self.score}, as many highest as the fewer of confident learning's label-error count and "
                     f"a two-Gaussian mixture's high group (posterior > {self.posterior:g})")
         elif self.method == "mixture":
@@ -135,6 +144,8 @@ class Flags:
     # Per example, the signals that flag it on their own under the same policy, joined by ", "
     # ("" for none); None when only a score vector was given.
     flagged_by: np.ndarray | None = None
+    # How the count was found, in words (the held-out excess and its extension), "" for other methods.
+    counted_by: str = ""
 
     @property
     def count(self) -> int:
@@ -222,28 +233,100 @@ def confident_error_count(mean_loss: np.ndarray, labels: np.ndarray) -> int:
     return int((probability <= 1.0 - other_lowest[index]).sum())
 
 
-def flag_scores(scores, policy: FlagPolicy, *, labels=None, inherited_cutoff: float | None = None) -> Flags:
-    """Flag examples by ``policy``: ``scores`` is the scores frame (its ``policy.score`` signal is used,
-    and every defined signal is also flagged on its own for ``Flags.flagged_by``: under ``confident``, its
-    highest as many as were flagged) or a vector that already is the flag score (higher = more suspicious).
+@dataclass(frozen=True)
+class HeldOutExcess:
+    """Where the training losses run highest above the held-out ones: at checkpoint ``step``, ``above``
+    training examples have a loss above ``threshold``, ``excess`` more than the held-out share above it
+    predicts for a training set of this size; ``significant`` when the gap is beyond sampling noise."""
 
-    ``labels`` (method ``confident``): the given label of each row of ``scores``; with the frame's
-    ``mean_loss`` (cross-entropy) they give confident learning's count. Without them the count is the
-    mixture's. ``inherited_cutoff`` (methods ``confident`` and ``mixture``): flag scores at or above it
-    instead of counting on this run (see ``inherited_cutoff`` in ``review.lineage``).
+    excess: int
+    above: int
+    step: int
+    threshold: float
+    significant: bool
+
+    def describe(self, confident_errors: int | None) -> str:
+        counted = (f"{self.excess} training losses above what the held-out losses predict (at step {self.step}, "
+                   f"loss > {self.threshold:.3g}, {self.above} above it)")
+        if not self.significant or confident_errors is None:
+            return counted + ("; within sampling noise" if not self.significant else "")
+        return (counted + f"; significant, so up to the fewer of confident learning's {confident_errors} and those "
+                f"{self.above}: {self.count(confident_errors)}")
+
+    def count(self, confident_errors: int | None) -> int:
+        """How many to flag: the excess (a lower bound: clean training examples are fit better than held-out
+        ones, and a memorised wrong label drops below the threshold); when it is significant, up to the fewer
+        of confident learning's count and the examples above the threshold."""
+        if not self.significant or confident_errors is None:
+            return self.excess
+        return max(self.excess, min(confident_errors, self.above))
+
+
+def held_out_excess(train_losses: pd.DataFrame, held_out_losses: pd.DataFrame,
+                    alpha: float = EXCESS_ALPHA) -> HeldOutExcess | None:
+    """The largest gap, over trained checkpoints (step > 0: a model that has not trained on these labels
+    says nothing about them) and cross-entropy thresholds x >= ln 2, between the share of training losses
+    above x and the share of held-out losses above x (loss tables: ``example_id`` and ``step_<s>`` columns;
+    the checkpoints both have). None without a shared trained checkpoint or held-out rows. Significant when
+    the gap exceeds the two-sample Dvoretzky-Kiefer-Wolfowitz band sqrt(ln(2 / alpha) / 2 (1/N + 1/M)).
+    One sort per checkpoint, vectorised over examples."""
+    shared = [step for step in steps_of(train_losses.columns) if step > 0 and step_column(step) in held_out_losses]
+    n, m = len(train_losses), len(held_out_losses)
+    if not shared or n == 0 or m == 0:
+        return None
+    best = None
+    for step in shared:
+        train = np.sort(train_losses[step_column(step)].to_numpy(np.float64))
+        held_out = np.sort(held_out_losses[step_column(step)].to_numpy(np.float64))
+        thresholds = train[train >= WRONG_LABEL_LOSS]
+        if len(thresholds) == 0:
+            continue
+        train_above = n - np.searchsorted(train, thresholds, side="right")
+        gap = train_above / n - (m - np.searchsorted(held_out, thresholds, side="right")) / m
+        at = int(gap.argmax())
+        if best is None or gap[at] > best[0]:
+            best = (float(gap[at]), int(train_above[at]), step, float(thresholds[at]))
+    if best is None:  # no training loss reaches ln 2 at any checkpoint: no label is less likely than not
+        return HeldOutExcess(0, 0, shared[-1], WRONG_LABEL_LOSS, False)
+    gap, above, step, threshold = best
+    band = float(np.sqrt(np.log(2 / alpha) / 2 * (1 / n + 1 / m)))
+    return HeldOutExcess(max(0, round(gap * n)), above, step, threshold, gap > band)
+
+
+def flag_scores(scores, policy: FlagPolicy, *, labels=None, loss_tables=None,
+                inherited_cutoff: float | None = None) -> Flags:
+    """Flag examples by ``policy``: ``scores`` is the scores frame (its ``policy.score`` signal is used,
+    and every defined signal is also flagged on its own for ``Flags.flagged_by``: under the counting methods
+    ``held_out`` and ``confident``, its highest as many as were flagged) or a vector that already is the
+    flag score (higher = more suspicious).
+
+    ``labels`` (methods ``held_out`` and ``confident``): the given label of each row of ``scores``; with the
+    frame's ``mean_loss`` (cross-entropy) they give confident learning's count. ``loss_tables`` (method
+    ``held_out``): the run's (train, held-out) loss-table frames, ``example_id`` and ``step_<s>`` columns.
+    Without labels the count is the mixture's; without a held-out table, as ``confident``.
+    ``inherited_cutoff`` (the counting methods and ``mixture``): flag scores at or above it instead of
+    counting on this run (see ``inherited_cutoff`` in ``review.lineage``).
     """
     if not isinstance(scores, pd.DataFrame):
         return _flag_values(scores, policy, inherited_cutoff)
-    errors = _confident_count(scores, labels) if policy.method == "confident" else None
-    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors)
+    counting = policy.method in ("held_out", "confident")
+    errors = _confident_count(scores, labels) if counting else None
+    count, counted_by = None, ""
+    if policy.method == "held_out" and errors is not None and loss_tables is not None:
+        excess = held_out_excess(*loss_tables)
+        if excess is not None:
+            count, counted_by = excess.count(errors), excess.describe(errors)
+    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors, count)
+    if inherited_cutoff is None:
+        flags = replace(flags, counted_by=counted_by)
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:
-        if policy.method == "confident":  # the count is how many labels look wrong: each signal's top that many
+        if counting:  # the count is how many labels look wrong: each signal's top that many
             values = flag_score(scores, column)
             alone = _highest(values, flags.count) & (values > values.min())  # a constant signal singles out none
         else:
-            alone = _flag_values(flag_score(scores, column), replace(policy, score=column)).flagged
+            alone = _flag_values(flag_score(scores, column), policy.replace(score=column)).flagged
         joined = joined + np.where(alone, column + ", ", "")
     flagged_by = joined.str.removesuffix(", ").to_numpy(dtype=object)
     return replace(flags, flagged_by=flagged_by)
@@ -273,7 +356,8 @@ def _confident_count(scores: pd.DataFrame, labels) -> int | None:
 
 
 def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = None,
-                 confident_errors: int | None = None) -> Flags:
+                 confident_errors: int | None = None, count: int | None = None) -> Flags:
+    """``count``: how many to flag, highest first, found upstream (``held_out``); None: count here."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise InputError(f"flag policy: expected a non-empty vector of scores, got shape {values.shape}")
@@ -289,6 +373,9 @@ def _flag_values(values, policy: FlagPolicy, inherited_cutoff: float | None = No
     elif inherited_cutoff is not None:
         cutoff = float(inherited_cutoff)
         flagged = values >= cutoff
+    elif count is not None:
+        flagged = _highest(values, count)
+        cutoff = float(values[flagged].min()) if flagged.any() else float("inf")
     else:
         mixture = fit_mixture(values)
         # Above the low component's mean only: a wide high component also wins far in the low tail.

@@ -13,10 +13,11 @@ from .datasets import (
 )
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder, cross_entropy_per_example
-from .trainer import DEMO_CONFIG, TrainConfig, TrainResult, checkpoint_steps, train, training_data
+from .trainer import DEMO_CONFIG, TrainConfig, TrainRecipe, TrainResult, checkpoint_steps, train, training_data
 
 __all__ = [
     "DEMO_CONFIG",
+    "TrainRecipe",
     "BUILTIN_DATASETS",
     "DatasetBundle",
     "LabelNoise",

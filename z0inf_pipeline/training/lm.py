@@ -13,14 +13,16 @@ again without the dropped examples. Needs the ``[hf]`` extra (transformers).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from pydantic import model_validator
+
+from ..arguments import Settings
 from ..errors import ConfigurationError
 from .recording import IGNORE_INDEX
 
@@ -44,9 +46,10 @@ def _complemented(text: str) -> str:
 TASKS = {"shift": _shifted, "complement": _complemented, "reversal": lambda text: text[::-1]}
 
 
-@dataclass(frozen=True)
-class LMRecipe:
+class LMRecipe(Settings):
     """Fine-tuning a pretrained tiny GPT-2 on a generated string task, ``corrupt_fraction`` of answers wrong."""
+
+    owner: ClassVar[str] = "lm recipe"
 
     recipe: str = RECIPE
     task: str = "shift"
@@ -66,9 +69,8 @@ class LMRecipe:
     exclude_ids: tuple[int, ...] = ()
     relabels: tuple[tuple[int, int], ...] = ()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude_ids", tuple(int(i) for i in self.exclude_ids))
-        object.__setattr__(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
+    @model_validator(mode="after")
+    def _check(self) -> "LMRecipe":
         checks = [
             (self.recipe == RECIPE, "recipe", repr(RECIPE)),
             (self.task in TASKS, "task", f"one of {sorted(TASKS)}"),
@@ -81,13 +83,11 @@ class LMRecipe:
         broken = next(((name, expected) for ok, name, expected in checks if not ok), None)
         if broken:
             raise ConfigurationError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # JSON as train_config.json holds it: tuples become lists
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMRecipe":
-        if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
+        if unknown := sorted(set(d) - set(cls.model_fields)):
             raise ConfigurationError(f"lm recipe: unknown field(s) {unknown}")
         return cls(**d)
 

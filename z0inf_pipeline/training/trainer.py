@@ -10,18 +10,19 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ..influence.checkpoints import save_checkpoint
 from ..errors import ConfigurationError
-from ..settings_schema import check_choices, normalise_sequences
+from ..arguments import Settings
 from . import layout
 from .datasets import (
     BUILTIN_DATASETS,
@@ -41,78 +42,50 @@ SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_UNITS = ("epoch", "step")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training recipe. ``checkpoints`` = T evenly spaced checkpoints (first and last included),
-    unless ``checkpoint_every`` > 0 asks for one every n ``checkpoint_unit`` (plus first and last).
+class TrainRecipe(Settings):
+    """One training recipe: the settings the CLI flags and the launchpad show. ``checkpoints`` = T evenly
+    spaced checkpoints (first and last included), unless ``checkpoint_every`` > 0 asks for one every n
+    ``checkpoint_unit`` (plus first and last).
 
     Fine-tuning: with ``pretrain_fraction`` > 0 that share of the training split (its clean labels)
     first trains the model for ``pretrain_epochs``, without checkpoints; the rest (with any label
     noise) is the run's training set, and checkpoints are only taken while fine-tuning on it.
     """
 
-    dataset: str = field(
-        default="digits", metadata={"help": f"{', '.join(BUILTIN_DATASETS)}, or a .csv/.parquet file"}
-    )
-    model: str = field(default="mlp", metadata={"help": "model family", "choices": MODEL_KINDS})
-    hidden: tuple[int, ...] = field(
-        default=(64,), metadata={"help": "hidden layer widths, e.g. 128,64", "metavar": "W[,W...]"}
-    )
-    epochs: int = field(default=30, metadata={"help": "passes over the training set"})
-    checkpoints: int = field(
-        default=20,
-        metadata={"help": "checkpoints T kept for Z0-Inf, evenly spaced, first and last included", "metavar": "T"},
-    )
-    optimizer: str = field(default="sgd", metadata={"help": "optimizer", "choices": OPTIMIZERS})
-    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
-    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step"})
-    seed: int = field(default=0, metadata={"help": "seed of the split, the initialisation and the batch order"})
-    test_fraction: float = field(default=0.25, metadata={"help": "share of the data held out as the test split"})
-    label_noise: float = field(
-        default=0.0, metadata={"help": "share of training labels flipped on purpose", "metavar": "FRACTION"}
-    )
-    noise_kind: str = field(
-        default="uniform",
-        metadata={"help": "uniform: a random other class; confusable: the class whose centroid lies nearest",
-                  "choices": NOISE_KINDS},
-    )
-    noise_seed: int = field(default=0, metadata={"help": "seed of the label flips"})
-    exclude_ids: tuple[int, ...] = field(
-        default=(), metadata={"help": "training example ids left out (curation)", "python_only": True}
-    )
-    relabels: tuple[tuple[int, int], ...] = field(
-        default=(), metadata={"help": "(example id, new label) pairs (curation)", "python_only": True}
-    )
-    train_subset: tuple[int, ...] | None = field(
-        default=None, metadata={"help": "train only on these example ids", "python_only": True}
-    )
-    checkpoint_every: int = field(
-        default=0,
-        metadata={"help": "instead of T: one checkpoint every N checkpoint units (plus first and last); 0: off",
-                  "metavar": "N"},
-    )
-    checkpoint_unit: str = field(
-        default="epoch", metadata={"help": "unit of checkpoint_every", "choices": CHECKPOINT_UNITS}
-    )
-    label_column: str = field(default="label", metadata={"help": "label column of a .csv/.parquet dataset"})
-    pretrain_fraction: float = field(
-        default=0.0,
-        metadata={"help": "fine-tuning: share of the training split (clean labels) that first pretrains the model, "
-                  "without checkpoints; 0: train from scratch", "metavar": "FRACTION"},
-    )
-    pretrain_epochs: int = field(default=0, metadata={"help": "fine-tuning: epochs of pretraining"})
+    owner: ClassVar[str] = "train config"
 
-    def __post_init__(self) -> None:
-        normalise_sequences(self)
-        norm = object.__setattr__
-        norm(self, "exclude_ids", tuple(int(i) for i in self.exclude_ids))
-        norm(self, "relabels", tuple((int(i), int(y)) for i, y in self.relabels))
-        if self.train_subset is not None:
-            norm(self, "train_subset", tuple(int(i) for i in self.train_subset))
-        check_choices(self, "train config")
+    dataset: str = Field("digits", description=f"{', '.join(BUILTIN_DATASETS)}, or a .csv/.parquet file")
+    model: Literal[MODEL_KINDS] = Field("mlp", description="model family")
+    hidden: list[int] = Field([64], description="hidden layer widths, e.g. 128,64")
+    epochs: int = Field(30, description="passes over the training set")
+    checkpoints: int = Field(20, description="checkpoints T kept for Z0-Inf, evenly spaced, first and last included")
+    optimizer: Literal[OPTIMIZERS] = Field("sgd", description="optimizer")
+    lr: float = Field(0.1, description="peak learning rate")
+    schedule: Literal[SCHEDULES] = Field("cosine", description="learning-rate schedule")
+    momentum: float = Field(0.9, description="SGD momentum")
+    weight_decay: float = Field(0.0, description="weight decay")
+    batch_size: int = Field(64, description="examples per step")
+    seed: int = Field(0, description="seed of the split, the initialisation and the batch order")
+    test_fraction: float = Field(0.25, description="share of the data held out as the test split")
+    label_noise: float = Field(0.0, description="share of training labels flipped on purpose")
+    noise_kind: Literal[NOISE_KINDS] = Field(
+        "uniform", description="uniform: a random other class; confusable: the class whose centroid lies nearest"
+    )
+    noise_seed: int = Field(0, description="seed of the label flips")
+    checkpoint_every: int = Field(
+        0, description="instead of T: one checkpoint every N checkpoint units (plus first and last); 0: off"
+    )
+    checkpoint_unit: Literal[CHECKPOINT_UNITS] = Field("epoch", description="unit of checkpoint_every")
+    label_column: str = Field("label", description="label column of a .csv/.parquet dataset")
+    pretrain_fraction: float = Field(
+        0.0,
+        description="fine-tuning: share of the training split (clean labels) that first pretrains the model, "
+        "without checkpoints; 0: train from scratch",
+    )
+    pretrain_epochs: int = Field(0, description="fine-tuning: epochs of pretraining")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainRecipe":
         checks = [
             (self.epochs >= 1, "epochs", "at least 1"),
             (self.checkpoints >= 2, "checkpoints", "at least 2 (the first and the last)"),
@@ -128,21 +101,22 @@ class TrainConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigurationError(f"train config: {name}={getattr(self, name)!r} must be {expected}")
+        return self
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["exclude_ids"] = list(self.exclude_ids)
-        d["relabels"] = [list(p) for p in self.relabels]
-        d["train_subset"] = None if self.train_subset is None else list(self.train_subset)
-        return d
+
+class TrainConfig(TrainRecipe):
+    """A recipe plus the curation only Python sets (a reviewed run's retraining, the retraining
+    benchmarks): neither a flag nor launchpad config."""
+
+    exclude_ids: tuple[int, ...] = Field((), description="training example ids left out (curation)")
+    relabels: tuple[tuple[int, int], ...] = Field((), description="(example id, new label) pairs (curation)")
+    train_subset: tuple[int, ...] | None = Field(None, description="train only on these example ids")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(cls.model_fields))
         if unknown:
-            raise ConfigurationError(f"train config: unknown field(s) {unknown} (known: {sorted(known)})")
+            raise ConfigurationError(f"train config: unknown field(s) {unknown} (known: {sorted(cls.model_fields)})")
         return cls(**d)
 
     @property

@@ -65,14 +65,15 @@ def review_queue(
     store = decisions.open()
     current = lineage_decisions(store, run_id, lineage)
     inherited = inherited_cutoff(lineage[LINEAGE_INFO_KEY], policy, base)
+    # Loaded from storage these read a parquet file each time: read once, shared by the count, the queue and the sheet.
+    train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
     flags = flag_scores(self_influence, policy, labels=given_labels(train, self_influence),
+                        loss_tables=(train_losses, loss_tables.frame("test")),
                         inherited_cutoff=None if inherited is None else inherited[0])
     flagging = validate_flagging(self_influence["example_id"], flags.score, flags.cutoff,
                                  policy.max_unreviewed_fraction, folder=RunLayout.for_run(run_id, base).gx_folder)
     policy_cutoff = flags.cutoff
     flags = replace(flags, flagged=np.isin(self_influence["example_id"], flagging.flagged_ids), cutoff=flagging.cutoff)
-    # Loaded from storage these read a parquet file each time: read once, shared by the queue and the sheet.
-    train_losses, predictions = loss_tables.frame("train"), loss_tables.prediction_frame()
     queue = build_review_queue(self_influence, flags, train, train_losses, predictions, current)
     run = mlflow.fetch(run_id)
     num_classes = run.model_spec.get("num_classes") or run.params.get("num_classes")
@@ -86,6 +87,7 @@ def review_queue(
             "expectation": "expect_column_values_to_be_between(flag_score, max_value=cutoff, strict_max=True)",
             "cutoff": flags.cutoff,
             "policy_cutoff": policy_cutoff,
+            "counted_by": flags.counted_by,
             "mostly": flagging.mostly,
             "flagged": flags.count,
             "success": flagging.report.success,

@@ -1,6 +1,5 @@
 """Stage 4: every per-example signal of every training example (Z0 self-influence and the loss-table signals)."""
 
-from dataclasses import replace
 
 import dagster as dg
 import pandas as pd
@@ -24,7 +23,7 @@ def analysis_from_gram(run, tables: LossTables, gram: Gram, args: InfluenceArgum
             f"{list(run.steps)}; materialise weight_gram again"
         )
     if gram.provenance is not None:  # estimate over the parameters the Gram was configured with
-        args = replace(args, parameters=gram.provenance.parameters, center=gram.provenance.center)
+        args = args.replace(parameters=gram.provenance.parameters, center=gram.provenance.center)
     test = tables.test_table() if with_test else None
     analysis = InfluenceAnalysis(run.checkpoints, tables.train_table(), test, args=args, device=device, gram=gram.matrix,
                                  train_test=train_test, forward=forward)
