@@ -25,12 +25,14 @@ from z0inf_pipeline.defs.config import (
 )
 from z0inf_pipeline.errors import ConfigurationError, InputError
 from z0inf_pipeline.evaluation.promotion import PromotionPolicy
-from z0inf_pipeline.influence.analysis import TRAIN_TEST_OWN, InfluenceArguments, TrainTestArguments
+from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments, WindowArguments
 from z0inf_pipeline.influence.checkpoints import open_checkpoints, select_parameters
 from z0inf_pipeline.review.policy import FlagPolicy
 from z0inf_pipeline.training import DEMO_CONFIG, TrainConfig, TrainRecipe, train
 
 INFLUENCE = list(InfluenceArguments.model_fields)
+# train-test takes these from TrainTestArguments, not from InfluenceArguments
+TRAIN_TEST_OWN = list(WindowArguments.model_fields)
 # (launchpad class, the settings it builds, the fields it must show), written out by hand.
 LAUNCHPAD = [
     (TrainingConfig, TrainConfig, [n for n in TrainConfig.model_fields if n not in ("exclude_ids", "relabels", "train_subset")]),

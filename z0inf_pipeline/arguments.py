@@ -45,6 +45,14 @@ class Settings(BaseModel):
         """Plain data (lists, not tuples) for JSON, YAML, MLflow params and Dagster run config."""
         return self.model_dump(mode="json")
 
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Settings stored with ``to_dict`` (a run's train_config.json) read back; an unknown key is refused."""
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise ConfigurationError(f"{cls.owner}: unknown field(s) {unknown} (known: {sorted(cls.model_fields)})")
+        return cls(**values)
+
 
 def _named_error(owner: str, exc: ValidationError) -> ConfigurationError:
     """The first problem as one line, ``owner: field=value why``; a rule's own error passes through."""

@@ -57,7 +57,7 @@ def test_demo_then_review_then_materialize_retrain(dagster_home, tracking_uri, c
 
 
 def test_train_job_defaults_are_the_library_recipe_without_noise():
-    assert TrainingConfig().to_train_config() == TrainConfig()
+    assert TrainingConfig().settings(TrainConfig) == TrainConfig()
     assert TrainingConfig().label_noise == 0.0
     # noise is explicit: only the demo asks for it
     assert DEMO_CONFIG == TrainConfig().replace(label_noise=0.1)

@@ -17,14 +17,13 @@ from ..arguments import Settings
 from ..evaluation.promotion import PromotionPolicy
 from ..influence.analysis import (
     GramArguments,
-    InfluenceArguments,
     LossArguments,
     TopKArguments,
     TrainTestArguments,
     WindowArguments,
 )
 from ..review.policy import FlagPolicy
-from ..training import TrainConfig, TrainRecipe
+from ..training import TrainRecipe
 
 S = TypeVar("S", bound=Settings)
 
@@ -43,22 +42,13 @@ class TrainingConfig(TrainRecipe, SettingsConfig):
 
     experiment: str = Field(default="z0inf", description="MLflow experiment of the new run")
 
-    def to_train_config(self) -> TrainConfig:
-        return self.settings(TrainConfig)
-
 
 class GramConfig(GramArguments, SettingsConfig):
     """Which weights enter the Gram matrix G = W W^T."""
 
-    def to_arguments(self) -> InfluenceArguments:
-        return self.settings(InfluenceArguments)
-
 
 class TrainTestConfig(TrainTestArguments, SettingsConfig):
     """Which train-test method runs (random directions by default) and its settings, chosen on the suite's LDS."""
-
-    def to_arguments(self) -> TrainTestArguments:
-        return self.settings(TrainTestArguments)
 
 
 class TopKConfig(TopKArguments, LossArguments, SettingsConfig):
@@ -67,15 +57,9 @@ class TopKConfig(TopKArguments, LossArguments, SettingsConfig):
     train_test: TrainTestConfig = Field(default_factory=TrainTestConfig,
                                         description="the train-test method and its settings")
 
-    def to_arguments(self) -> InfluenceArguments:
-        return self.settings(InfluenceArguments)
-
 
 class EstimatorConfig(LossArguments, WindowArguments, SettingsConfig):
     """How the per-example signals (self-influence and the loss-table signals) are estimated."""
-
-    def to_arguments(self) -> InfluenceArguments:
-        return self.settings(InfluenceArguments)
 
 
 class FlagPolicyConfig(FlagPolicy, SettingsConfig):
@@ -88,15 +72,9 @@ class FlagPolicyConfig(FlagPolicy, SettingsConfig):
         description="reviewer who rebuilds this run's queue with another flag policy (recorded; only in influence_job)",
     )
 
-    def to_policy(self) -> FlagPolicy:
-        return self.settings(FlagPolicy)
-
 
 class PromotionConfig(PromotionPolicy, SettingsConfig):
     """When the retrained model becomes the registered model's champion: the margin and the bootstrap."""
-
-    def to_arguments(self) -> PromotionPolicy:
-        return self.settings(PromotionPolicy)
 
 
 class LossTableConfig(dg.Config):

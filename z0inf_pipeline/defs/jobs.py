@@ -4,6 +4,7 @@ it is shut, ``curated_training_set`` yields nothing and the retraining steps are
 import dagster as dg
 
 from ..tracking import train_and_log
+from ..training import TrainConfig
 from .assets import ALL_ASSETS, INFLUENCE_ASSETS, RETRAIN_ASSETS
 from .config import TrainingConfig
 from .partitions import mlflow_runs
@@ -38,7 +39,7 @@ pipeline_job = dg.define_asset_job(
 @dg.op(description="Train a recipe and log it as a new contract run; the sensor then analyses it.")
 def train_contract_run(context: dg.OpExecutionContext, config: TrainingConfig, mlflow: MlflowResource) -> str:
     run_id = train_and_log(
-        config.to_train_config(),
+        config.settings(TrainConfig),
         tracking_uri=mlflow.uri(),
         experiment=config.experiment,
         tags={"z0inf.dagster_run_id": context.run_id},

@@ -105,11 +105,6 @@ class InfluenceArguments(TopKArguments, LossArguments, WindowArguments, GramArgu
     launchpad show each concept where it applies (``cli/influence.py``, ``defs/config.py``)."""
 
 
-# The settings that shape the Gram matrix (the rest only the estimators read).
-GRAM_SETTINGS = tuple(GramArguments.model_fields)
-# Settings that train-test influence takes from ``TrainTestArguments``, not from ``InfluenceArguments``.
-TRAIN_TEST_OWN = tuple(WindowArguments.model_fields)
-
 TrainTestMethod = Literal["directions", "trajectory"]
 
 

@@ -85,12 +85,6 @@ class LMRecipe(Settings):
             raise ConfigurationError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
         return self
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LMRecipe":
-        if unknown := sorted(set(d) - set(cls.model_fields)):
-            raise ConfigurationError(f"lm recipe: unknown field(s) {unknown}")
-        return cls(**d)
-
     @property
     def sequence_length(self) -> int:
         return 2 * self.string_length + 3  # <s> prompt > answer </s>

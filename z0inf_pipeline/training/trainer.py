@@ -112,13 +112,6 @@ class TrainConfig(TrainRecipe):
     relabels: tuple[tuple[int, int], ...] = Field((), description="(example id, new label) pairs (curation)")
     train_subset: tuple[int, ...] | None = Field(None, description="train only on these example ids")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = sorted(set(d) - set(cls.model_fields))
-        if unknown:
-            raise ConfigurationError(f"train config: unknown field(s) {unknown} (known: {sorted(cls.model_fields)})")
-        return cls(**d)
-
     @property
     def noise(self) -> LabelNoise | None:
         return LabelNoise(self.label_noise, self.noise_kind, self.noise_seed) if self.label_noise > 0 else None

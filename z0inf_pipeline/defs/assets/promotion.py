@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ...evaluation.promotion import decide_promotion, paired_bootstrap
+from ...evaluation.promotion import PromotionPolicy, decide_promotion, paired_bootstrap
 from ...tracking.registry import (
     CHAMPION,
     MODEL_TAG,
@@ -84,7 +84,7 @@ def model_promotion(
     bootstrap interval on the gain. Alias it ``champion`` when the review gate passed for this lineage and
     the interval's lower end >= ``margin``, else ``challenger``; every move is tagged on the version.
     A retrained run without a registered model is skipped, and the output says so."""
-    policy = config.to_arguments()
+    policy = config.settings(PromotionPolicy)
     run_id = run_id_of(context)
     child_id = str(retrained_run.at[0, "retrained_run_id"])
     client = mlflow.client()

@@ -18,7 +18,7 @@ from ...review.artifacts import SHEET_NAME, TABLE_STEM, review_artifacts, review
 from ...review.run_review import RUN_NAME_KEY, RunReview
 from ...review.figures import histogram_png, image_grid_png, markdown_image
 from ...review.lineage import CALIBRATED_ON_KEY, LINEAGE_INFO_KEY, inherited_cutoff, lineage_decisions
-from ...review.policy import given_labels
+from ...review.policy import FlagPolicy, given_labels
 from ...tracking import run_lineage
 from ...training import TrainConfig, load_dataset
 from ..config import FlagPolicyConfig
@@ -53,7 +53,7 @@ def review_queue(
     if isinstance(run_outputs, RunOutputsIOManager):  # until this attempt's queue is stored, the old one is out of date
         run_outputs.mark_attempt("review_queue", run_id, context.run_id)
     base = outputs_base_of(run_outputs)  # where the ancestors' queues are, as Dagster config set it
-    policy = config.to_policy()
+    policy = config.settings(FlagPolicy)
     layout = RunLayout.for_run(run_id, base)  # names the run; every output the sheet shows is passed in
     changes = policy_changes(
         run_id, _built_before(layout), policy.to_dict(), changed_by=config.policy_changed_by,

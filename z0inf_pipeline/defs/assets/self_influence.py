@@ -48,7 +48,7 @@ def self_influence(
     SI(i) = sum_t eta_t ||g_i(t)||^2 (high: the model had to move far just for i), the cheap variance
     estimator, and the loss-table signals (mean and final loss, confidence, variability)."""
     run = mlflow.fetch(run_id_of(context))
-    args = config.to_arguments()
+    args = config.settings(InfluenceArguments)
     frame = analysis_from_gram(run, loss_tables, weight_gram, args, compute.torch_device()).self_influence_frame()
     summary = quantiles(frame["self_influence"], "z0inf.self_influence")
     mlflow.log_metrics(run.run_id, summary)

@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 
+from ...influence.analysis import InfluenceArguments, TrainTestArguments
 from ...training.reevaluate import forward_access, rebuild_data
 from ..config import TopKConfig
 from ..metadata import run_id_of, table_metadata
@@ -27,7 +28,7 @@ def train_test_influence(
     By default INF comes from forward passes along random directions (``TrainTestArguments``); a run
     whose data cannot be rebuilt here gets trajectory-only Z0-Inf, and the metadata says so."""
     run = mlflow.fetch(run_id_of(context))
-    args, train_test = config.to_arguments(), config.train_test.to_arguments()
+    args, train_test = config.settings(InfluenceArguments), config.train_test.settings(TrainTestArguments)
     data = rebuild_data(run.run_id, run.train_config, run.model_spec, training_run)
     forward = forward_access(run.build_model, data, loss_tables.train_table().example_ids,
                              loss_tables.test_table().example_ids, dtype=compute.torch_dtype())
