@@ -58,6 +58,7 @@ from z0inf_pipeline.influence import (
     warmup_window,
 )
 from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
+from z0inf_pipeline.influence.estimators import InfluenceFactors, combine_standardised, influence_features
 from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
@@ -108,17 +109,17 @@ NEIGHBORS = (1, 2, 4, 8, 12, 16)
 ETAS = ("uniform", "learning_rate")
 NEIGHBOR_RULES = ("order", "distance")
 CENTERINGS = (False, True)
-# Forward-only random directions (train-test): direction counts, checkpoints, step weights, and whether
-# the trajectory term is added. Smaller P and C are prefixes of the largest (direction p and the
-# checkpoint positions are nested), so one pass serves all; its cost is measured, the smaller settings'
-# scaled from it (cost is linear in P x C). Measured on the first case and not kept in the grid (cost):
-# directions over the last layer only gave lower LDS than over all parameters (0.25 against 0.35 at
-# P = 1024, C = 4, --quick); P = 1024 (0.397 at C = 4 on the first case, full run) costs 2 P C forward
-# passes, 10-30 minutes on the CNN case on 2 shared cores; C = 4 was within 0.01 of C = 1 on the first
-# four cases (0.514 against 0.506 at P = 256).
-DIRECTION_COUNTS = (64, 256)
+# Forward-only random directions (train-test): direction counts per parameter set (all; or the last layer:
+# the classifier's last Linear, the LM's last MLP and final norm, where the frozen prefix runs once per batch,
+# so P = 1024 costs less than P = 256 over all parameters), checkpoints, step weights and the weight of the
+# trajectory term. Smaller P and C are prefixes of the largest (direction p and
+# the checkpoint positions are nested), so one pass per parameter set serves all; its cost is measured, the
+# smaller settings' scaled from it (cost is linear in P x C). C = 4 was within 0.01 of C = 1 on the first
+# four cases in an earlier run (0.514 against 0.506 at P = 256), so it is not in the grid.
+DIRECTION_COUNTS = {"all": (64, 256), "last layer": (64, 256, 1024)}
 DIRECTION_CHECKPOINTS = (1, 2)
-TRAJECTORY_WEIGHTS = (0.0, 1.0)
+# the trajectory term's share against the directions' (each standardised per test example: combine_standardised)
+TRAJECTORY_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,7 @@ class TrainTestSubject:
     checkpoints: list
     access: ForwardAccess
     parameter_names: list[str]
+    last_layer: list[str]  # the subset setting: the classifier's last Linear, the LM's last MLP and final norm
     peers: dict
 
 
@@ -474,28 +476,32 @@ def evaluate_train_test(report: Report, name: str, subject: TrainTestSubject, ld
                    center=center, weight=weight, lds=lds(inf))
 
     gram, train_losses, test_losses, _ = windowed(z0, DEFAULT_TRAIN_TEST.warmup_fraction)
-    trajectory = train_test_influence(gram, train_losses, test_losses[:, :shown],
-                                      min(DEFAULT_TRAIN_TEST.neighbors, gram.shape[0] - 1),
-                                      neighbor_rule=DEFAULT_TRAIN_TEST.neighbor_rule).numpy()
+    trajectory = influence_features(gram, train_losses, test_losses[:, :shown],
+                                    min(DEFAULT_TRAIN_TEST.neighbors, gram.shape[0] - 1), None,
+                                    DEFAULT_TRAIN_TEST.neighbor_rule)
     positions = direction_checkpoint_positions(warmup_window(z0.steps, DEFAULT_TRAIN_TEST.warmup_fraction),
                                                max(DIRECTION_CHECKPOINTS))
-    top = max(DIRECTION_COUNTS)
-    with Measured() as cost:  # one pass at the largest P and C; smaller settings are its prefixes
-        train_s, test_s = direction_features(subject.access, [subject.checkpoints[p] for p in positions],
-                                             subject.parameter_names, None, directions=top,
-                                             step_size=DEFAULT_TRAIN_TEST.step_size, seed=DEFAULT_TRAIN_TEST.seed)
     blocks = len(positions)
-    train_s = train_s.reshape(len(train_s), blocks, top) * top  # back to s_{i,p}: features carry 1/P
-    test_s = test_s.reshape(len(test_s), blocks, top)
-    for P, C, eta, weight in itertools.product(DIRECTION_COUNTS, DIRECTION_CHECKPOINTS, ETAS, TRAJECTORY_WEIGHTS):
-        use = slice(blocks - min(C, blocks), blocks)  # positions ascend: the last C end at the last checkpoint
-        step_weights = (z0.learning_rates[positions[use]] if eta == "learning_rate"
-                        else torch.ones(len(positions[use]), dtype=torch.float64))
-        inf = torch.einsum("ncp,mcp,c->nm", train_s[:, use, :P], test_s[:, use, :P], step_weights).numpy() / P
-        if weight:
-            inf = inf + weight * trajectory
-        report.add("directions_lds", quiet=True, case=name, P=P, C=C, eta=eta, trajectory_weight=weight,
-                   lds=lds(inf), seconds=cost.seconds * P * min(C, blocks) / (top * blocks), mib=cost.mib)
+    for parameters, names in (("all", subject.parameter_names), ("last layer", subject.last_layer)):
+        top = max(DIRECTION_COUNTS[parameters])
+        with Measured() as cost:  # one pass at the largest P and C; smaller settings are its prefixes
+            train_s, test_s = direction_features(subject.access, [subject.checkpoints[p] for p in positions], names,
+                                                 None, directions=top, step_size=DEFAULT_TRAIN_TEST.step_size,
+                                                 seed=DEFAULT_TRAIN_TEST.seed)
+        train_s = train_s.reshape(len(train_s), blocks, top) * top  # back to s_{i,p}: features carry 1/P
+        test_s = test_s.reshape(len(test_s), blocks, top)
+        for P, C, eta in itertools.product(DIRECTION_COUNTS[parameters], DIRECTION_CHECKPOINTS, ETAS):
+            use = slice(blocks - min(C, blocks), blocks)  # positions ascend: the last C end at the last checkpoint
+            step_weights = (z0.learning_rates[positions[use]] if eta == "learning_rate"
+                            else torch.ones(len(positions[use]), dtype=torch.float64))
+            directions = InfluenceFactors(
+                (train_s[:, use, :P] * step_weights[None, :, None] / P).reshape(len(train_s), -1),
+                test_s[:, use, :P].reshape(len(test_s), -1), None, None)
+            for weight in TRAJECTORY_WEIGHTS:
+                factors = directions if weight == 0 else combine_standardised(directions, trajectory, weight)
+                report.add("directions_lds", quiet=True, case=name, parameters=parameters, P=P, C=C, eta=eta,
+                           trajectory_weight=weight, lds=lds(factors.scores().T.numpy()),
+                           seconds=cost.seconds * P * min(C, blocks) / (top * blocks), mib=cost.mib)
     best = max((r for r in report.sections["directions_lds"] if r["case"] == name), key=lambda r: r["lds"])
     print(f"[directions_lds] {name}: best of the grid {best}", flush=True)
     for method, scores in subject.peers.items():
@@ -508,9 +514,11 @@ def classifier_subject(run: TrainResult, lds_run: TrainResult, z0: Z0Inputs, sca
     """A classification case: its model spec and data, captum TracInCP and TRAK as peers."""
     last = len(run.checkpoints) - 1
     trak_positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
+    model = build_model(run.model_spec)
+    head = last_linear(model)
     return TrainTestSubject(
-        z0, open_checkpoints(run.checkpoints), forward_access(lds_run),
-        [n for n, _ in build_model(run.model_spec).named_parameters()],
+        z0, open_checkpoints(run.checkpoints), forward_access(lds_run), [n for n, _ in model.named_parameters()],
+        [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] == head],
         {"TracInCP": lambda: tracin_train_test(lds_run)[0],
          "TRAK": lambda: trak_train_test(lds_run, trak_positions, scale.trak_proj_dim)[0]},
     )
@@ -532,7 +540,9 @@ def evaluate_lm_case(report: Report, case, work: Path, scale: Scale) -> None:
         return linear_datamodeling_score(scores, run.holdout_masks, run.holdout_test_losses).mean
 
     names = [n for n, _ in TokenLM(case.recipe).named_parameters()]
-    evaluate_train_test(report, case.name, TrainTestSubject(z0, run.checkpoints, run.access(), names,
+    last_mlp = [n for n in names if n.startswith((f"lm.transformer.h.{case.recipe.n_layer - 1}.mlp.",
+                                                    "lm.transformer.ln_f."))]
+    evaluate_train_test(report, case.name, TrainTestSubject(z0, run.checkpoints, run.access(), names, last_mlp,
                                                             {"TracInCP": run.tracincp}), lds)
 
 
@@ -736,18 +746,21 @@ def choose_train_test(report: Report) -> dict:
     trajectory = report.frame("z0_lds")
     trajectory = trajectory[~trajectory["center"] & ~trajectory["weight"]]
     t_means, (warmup, k, rule) = _suite_best(trajectory, ["warmup", "k", "rule"], cases)
-    d_means, (P, C, eta, weight) = _suite_best(report.frame("directions_lds"), ["P", "C", "eta", "trajectory_weight"],
-                                               cases)
+    d_means, (parameters, P, C, eta, weight) = _suite_best(
+        report.frame("directions_lds"), ["parameters", "P", "C", "eta", "trajectory_weight"], cases)
     return {"trajectory": {"warmup_fraction": float(warmup), "neighbors": int(k), "neighbor_rule": rule,
                            "lds": float(t_means.iloc[0])},
-            "directions": {"directions": int(P), "direction_checkpoints": int(C), "eta": eta,
+            "directions": {"parameters": parameters, "directions": int(P), "direction_checkpoints": int(C), "eta": eta,
                            "trajectory_weight": float(weight), "lds": float(d_means.iloc[0])},
             "method": "directions" if d_means.iloc[0] >= t_means.iloc[0] else "trajectory"}
 
 
 def coded_train_test() -> dict:
     tt = DEFAULT_TRAIN_TEST
-    return {"method": tt.method, "warmup_fraction": tt.warmup_fraction, "neighbors": tt.neighbors,
+    # InfluenceArguments.parameters (a glob list; None: all) is shared with the Gram: the suite's subset setting,
+    # "last layer", names a different layer per model, so only "all" can be a coded default
+    return {"method": tt.method, "parameters": "all" if DEFAULT_ARGS.parameters is None else DEFAULT_ARGS.parameters,
+            "warmup_fraction": tt.warmup_fraction, "neighbors": tt.neighbors,
             "neighbor_rule": tt.neighbor_rule, "eta": tt.eta, "directions": tt.directions,
             "direction_checkpoints": tt.direction_checkpoints, "trajectory_weight": tt.trajectory_weight}
 
@@ -774,9 +787,10 @@ def train_test_tables(report: Report) -> tuple[pd.DataFrame, pd.DataFrame]:
     label = f"Z0 trajectory (LDS-chosen: window {chosen_t['warmup_fraction']}, k={chosen_t['neighbors']}, {chosen_t['neighbor_rule']})"
     columns[label], costs[label + " s"], costs[label + " MiB"] = lds_chosen["lds"], lds_chosen["seconds"], lds_chosen["mib"]
     d = report.frame("directions_lds")
-    for P in DIRECTION_COUNTS:
+    for P in DIRECTION_COUNTS[choice["parameters"]]:
         rows = d[(d["P"] == P) & (d["C"] == choice["direction_checkpoints"]) & (d["eta"] == choice["eta"])
-                 & (d["trajectory_weight"] == choice["trajectory_weight"])].set_index("case")
+                 & (d["trajectory_weight"] == choice["trajectory_weight"])
+                 & (d["parameters"] == choice["parameters"])].set_index("case")
         label = f"directions P={P}"
         columns[label], costs[label + " s"], costs[label + " MiB"] = rows["lds"], rows["seconds"], rows["mib"]
     peers = report.frame("train_test")
@@ -914,7 +928,8 @@ def write_markdown(report: Report, out: Path, quick: bool, total_seconds: float)
     cases = train_test_cases(report)
     tt = report.frame("z0_lds")
     tt_traj_means, _ = _suite_best(tt[~tt["center"] & ~tt["weight"]], ["warmup", "k", "rule"], cases)
-    tt_dir_means, _ = _suite_best(report.frame("directions_lds"), ["P", "C", "eta", "trajectory_weight"], cases)
+    tt_dir_means, _ = _suite_best(report.frame("directions_lds"), ["parameters", "P", "C", "eta", "trajectory_weight"],
+                                  cases)
     coded_tt = coded_train_test()
     tt_agrees = (coded_tt["method"] == tt_choice["method"]
                  and all(coded_tt[k] == v for k, v in tt_choice["trajectory"].items() if k != "lds")
@@ -1011,6 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for these tiny models on a shared 2-core box)")
     parser.add_argument("--cases", type=int, default=None, help="only the first n cases")
+    parser.add_argument("--only", default=None, help="only the classification cases whose name contains this "
+                        "text (no LM case): run parts of the suite in parallel, then --merge their results")
+    parser.add_argument("--merge", type=Path, nargs="+", default=(),
+                        help="with --report-only: results (accuracy.json) of other runs of the same code, whose cases "
+                        "replace the folder's rows of the same case")
     parser.add_argument("--lm-only", action="store_true",
                         help="run only the LM cases and merge their rows into the folder's accuracy.json")
     parser.add_argument("--lm-case", type=int, default=None, help="with --lm-only: only this LM case (0-based)")
@@ -1034,6 +1054,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         saved = json.loads((out / "accuracy.json").read_text())
         report = Report(saved["sections"], saved["notes"])
+        for path in args.merge:
+            other = json.loads(path.read_text())["sections"]
+            names = {r["case"] for rows in other.values() for r in rows if "case" in r}
+            for section in set(report.sections) | set(other):
+                kept = [r for r in report.sections.get(section, []) if r.get("case") not in names]
+                report.sections[section] = kept + other.get(section, [])
+            report.notes["merged"] = [*report.notes.get("merged", []), str(path)]
+        if args.merge:
+            report.notes["suite_choice"] = choose_defaults(report)
+            json_path = out / "accuracy.json"
+            json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1,
+                                            default=float))
         print(write_markdown(report, out, args.quick, report.notes["total_seconds"]).read_text())
         return 0
     from lm_cases import LM_CASES
@@ -1051,8 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps({"sections": report.sections, "notes": report.notes}, indent=1, default=float))
 
     with tempfile.TemporaryDirectory(prefix="z0inf-accuracy.") as tmp:
-        classifiers = [] if args.lm_only else list(CASES[: args.cases])
-        lms = list(LM_CASES) if args.lm_only or args.cases is None else []
+        classifiers = [] if args.lm_only else [c for c in CASES[: args.cases] if args.only is None or args.only in c.name]
+        lms = list(LM_CASES) if args.lm_only or (args.cases is None and args.only is None) else []
         lms = lms if args.lm_case is None else [LM_CASES[args.lm_case]]
         # the CNN case last: its 2 P C forward passes of random directions take longest on a shared CPU
         cnn = [c for c in classifiers if c.config.model == "cnn"]

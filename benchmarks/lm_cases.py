@@ -158,7 +158,7 @@ class LMRun:
     holdout_test_losses: np.ndarray  # (S, M)
 
     def access(self) -> ForwardAccess:
-        return ForwardAccess(lambda: TokenLM(self.recipe), self.train, self.test, answer_nll, directions_per_pass=1)
+        return ForwardAccess(lambda: TokenLM(self.recipe), self.train, self.test, answer_nll)
 
     def tracincp(self) -> np.ndarray:
         return exact_tracincp(self.recipe, self.checkpoints, self.train, self.test)

@@ -18,7 +18,9 @@ from typing import Iterator
 
 import pytest
 
-SERVER_START_TIMEOUT_S = 120
+# A hang guard, not an expectation: a start is awaited until the server answers or its process exits,
+# so a busy machine only makes it slower (the guard ends a server that neither answers nor exits).
+SERVER_START_TIMEOUT_S = 600
 
 
 def pytest_configure(config):

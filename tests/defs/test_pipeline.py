@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -47,7 +48,11 @@ def test_whole_graph_materialises_evaluates_every_check_and_logs_to_mlflow(insta
     # Every GX check links to its stored validation and its Data Docs page, and the MLflow run holds them.
     docs_root = layout.gx_folder / "uncommitted" / "data_docs" / "local_site"
     for evaluation in evaluations:
-        pages = [v.value for k, v in evaluation.metadata.items() if k.startswith("data_docs_")]
+        # each validation's page and stored result (the gate: the flagging page), linked by file name in Markdown
+        shown = [v.value for k, v in evaluation.metadata.items() if k in ("gx_validations", "data_docs_flagging")]
+        links = [link for text in shown for link in re.findall(r"\[([^]]+)\]\(file://([^)]+)\)", text)]
+        assert all(Path(url).name == name and Path(url).is_file() for name, url in links)
+        pages = [url for _, url in links if url.endswith(".html")]
         if evaluation.check_name in ("gram_is_valid", "retrained_model_is_champion"):
             assert not pages  # checked in numpy (the Gram; the promotion's bootstrap): no table to validate
             continue

@@ -20,6 +20,8 @@ from z0inf_pipeline.defs.resources import MlflowResource
 from z0inf_pipeline.defs.sensors import new_mlflow_runs
 from z0inf_pipeline.tracking import CONTRACT_TAG, CONTRACT_VERSION
 
+from ..conftest import SERVER_START_TIMEOUT_S
+
 
 def tick(instance, uri: str, cursor: str | None):
     """One sensor evaluation as the daemon does it; requested partitions are added as the daemon would."""
@@ -101,7 +103,7 @@ def test_skips_while_mlflow_is_down_and_requests_the_run_once_it_is_back(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S  # a hang guard: the wait ends on health or exit
         while True:
             assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
             try:

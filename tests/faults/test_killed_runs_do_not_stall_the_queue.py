@@ -63,44 +63,47 @@ def runs_of_pid(pid: int) -> list:
         return instance.get_runs(filters=dg.RunsFilter(tags={PID_TAG: str(pid)}))
 
 
-def kill_materialize_mid_run(run_id: str, copies: int = 2) -> list[str]:
+def kill_materialize_mid_run(run_id: str, copies: int = 2, rounds: int = 5) -> list[str]:
     """Start ``copies`` concurrent ``z0inf materialize influence`` processes and SIGKILL each as soon as its
-    Dagster run has started a step. All of them are watched at once: waiting for one after another, a
-    later one could finish its whole (small) run while an earlier one is awaited. (Started one after
-    another, a later one would already clean up the run of the one killed before it: see
-    ``fail_orphaned_runs`` in ``run_job``.)"""
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        for _ in range(copies)
-    ]
-    try:
-        def started_step(process):
-            runs = runs_of_pid(process.pid)
-            if not runs or runs[0].status != dg.DagsterRunStatus.STARTED:
-                return None
-            with dg.DagsterInstance.get() as instance:
-                return runs[0].run_id if instance.get_run_step_stats(runs[0].run_id) else None
-
+    Dagster run has started a step; return the killed runs' ids. All of them are watched at once: waiting
+    for one after another, a later one could finish its whole (small) run while an earlier one is
+    awaited. On a busy machine this watcher may still not get to poll while a whole run goes by: then
+    the round starts over with new processes (at most ``rounds`` times), whose ``run_job`` fails the runs
+    killed before (``fail_orphaned_runs``), so the outcome depends on events, never on the watcher's speed."""
+    ended_unkilled: list[int] = []
+    for _ in range(rounds):
+        processes = [
+            subprocess.Popen([sys.executable, "-m", "z0inf_pipeline.cli", "materialize", "influence", "--run", run_id],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+            for _ in range(copies)
+        ]
         killed: dict[int, str] = {}
+        try:
+            def kill_those_mid_run():
+                for process in processes:
+                    if process.pid not in killed and (started := started_step(process)):
+                        process.send_signal(signal.SIGKILL)
+                        killed[process.pid] = started
+                ended = [p.pid for p in processes if p.pid not in killed and p.poll() is not None]
+                ended_unkilled.extend(ended)
+                return "ended" if ended else len(killed) == len(processes)
 
-        def kill_those_mid_run():
+            if wait_for(kill_those_mid_run, lambda: None, f"{copies} materialize runs to start a step", 0.1) is True:
+                return [killed[p.pid] for p in processes]
+        finally:
             for process in processes:
-                if process.pid not in killed and (started := started_step(process)):
-                    process.send_signal(signal.SIGKILL)
-                    killed[process.pid] = started
-            return len(killed) == len(processes)
+                process.kill()
+                process.wait()
+    pytest.fail(f"materialize processes {ended_unkilled} ended before a step was seen, in each of {rounds} rounds")
 
-        def one_ended_unkilled():  # its whole run went by between two polls: nothing left to kill mid-run
-            ended = [p for p in processes if p.pid not in killed and p.poll() is not None]
-            return f"materialize process(es) {[p.pid for p in ended]} ended before a step was seen" if ended else None
 
-        wait_for(kill_those_mid_run, one_ended_unkilled, f"{copies} materialize runs to start a step", poll_s=0.1)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-    return [killed[p.pid] for p in processes]
+def started_step(process) -> str | None:
+    """The Dagster run of a ``z0inf materialize`` process, once it is STARTED and has started a step."""
+    runs = runs_of_pid(process.pid)
+    if not runs or runs[0].status != dg.DagsterRunStatus.STARTED:
+        return None
+    with dg.DagsterInstance.get() as instance:
+        return runs[0].run_id if instance.get_run_step_stats(runs[0].run_id) else None
 
 
 @pytest.mark.dagster_daemon

@@ -20,6 +20,8 @@ from z0inf_pipeline.influence.directions import (
     direction_checkpoint_positions,
     direction_features,
     direction_projections,
+    PrefixReuseWarning,
+    frozen_prefix,
 )
 
 
@@ -108,7 +110,7 @@ def test_estimate_converges_to_tracin_inner_products_as_directions_grow(run):
     train, test = data(12, 1), data(6, 2)
     eta = torch.tensor([c.learning_rate for c in run], dtype=torch.float64)
     exact = tracin(run, NAMES_ALL, train, test, eta)
-    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
     errors = {}
     for P in (16, 256, 4096):
         a, b = direction_features(access, run, NAMES_ALL, eta, directions=P, step_size=1e-4, seed=1)
@@ -160,7 +162,7 @@ def test_analysis_full_matrix_converges_to_tracin_over_the_chosen_checkpoints(ru
     """Through InfluenceAnalysis: rows follow the loss table's ids, the window's last checkpoints are
     perturbed, and at P = 4096 the matrix is TracInCP's over those checkpoints (eta = learning rate)."""
     train, test = data(12, 1), data(6, 2)
-    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
     tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(100, 112)), (test, range(6)))]
     settings = TrainTestArguments(warmup_fraction=0.0, directions=4096, direction_checkpoints=2, step_size=1e-4,
                                   eta="learning_rate")
@@ -191,3 +193,94 @@ def test_train_test_settings_are_checked_by_name():
                               ({"method": "tracin"}, "method='tracin'"), ({"step_size": -1.0}, "step_size=-1.0")):
         with pytest.raises(InputError, match=message):
             TrainTestArguments(**settings)
+
+
+@pytest.mark.parametrize("names", [["2.weight", "2.bias"], ["2.bias"], NAMES_ALL])
+def test_reusing_the_prefix_gives_the_whole_model_numbers(names):
+    """With the prefix before the first perturbed module run once per batch, every s_{i,p} equals the
+    slow path's (the whole model per direction), over several batches and both datasets."""
+    model = tiny_model()
+    datasets = [data(11, 1), data(5, 2)]
+    settings = dict(directions=6, step_size=1e-4, seed=2, step=3, batch_size=4, directions_per_pass=4)
+    fast = direction_projections(model, names, datasets, per_example_loss, **settings)
+    slow = direction_projections(model, names, datasets, per_example_loss, reuse_prefix=False, **settings)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_prefix_is_the_modules_before_the_first_perturbed_one():
+    model = tiny_model()
+    x = data(2, 1)[0]
+    assert frozen_prefix(model, ["2.weight"], x) == [model[0], model[1]]
+    assert frozen_prefix(model, ["0.bias", "2.weight"], x) == []
+
+
+class EarlyUse(nn.Module):
+    """``late``'s weight is also used by the parent before ``early`` runs: ``early`` finishes before ``late``
+    starts, yet depends on ``late.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.early, self.late = nn.Linear(4, 4).double(), nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.late(torch.tanh(self.early(x + self.late.weight.sum())))
+
+
+def test_a_prefix_that_depends_on_a_perturbed_parameter_is_caught_and_not_reused():
+    model = EarlyUse()
+    datasets = [data(6, 1)]
+    settings = dict(directions=3, step_size=1e-4, seed=0)
+    assert frozen_prefix(model, ["late.weight"], datasets[0][0][:2]) == [model.early]
+    with pytest.warns(PrefixReuseWarning, match="whole model"):
+        fast = direction_projections(model, ["late.weight"], datasets, per_example_loss, **settings)
+    slow = direction_projections(model, ["late.weight"], datasets, per_example_loss, reuse_prefix=False, **settings)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-9, atol=1e-12)
+
+
+class ReusedFirstWeight(nn.Module):
+    """``head`` holds the first layer's weight (tied, as GPT-2's lm_head holds wte): perturbing it through
+    the name ``head.weight`` changes ``embed`` too, which runs first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Linear(4, 4, bias=False).double(), nn.Linear(4, 4, bias=False).double()
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))[:, :3]
+
+
+def test_tied_weights_are_perturbed_everywhere_they_are_used():
+    model = ReusedFirstWeight()
+    (name,) = [n for n, _ in model.named_parameters()]
+    datasets = [data(6, 1)]
+    assert frozen_prefix(model, [name], datasets[0][0][:2]) == []
+    (s,) = direction_projections(model, [name], datasets, per_example_loss, directions=4, step_size=1e-4)
+    grads = exact_gradients(model, [name], *datasets[0])
+    u = torch.stack([direction({name: model.embed.weight.shape}, 0, 0, p)[name].reshape(-1).double() for p in range(4)])
+    torch.testing.assert_close(s, grads @ u.T, rtol=1e-6, atol=1e-8)
+
+
+def column_standardised(matrix: np.ndarray) -> np.ndarray:
+    return matrix / matrix.std(axis=0, keepdims=True)
+
+
+def test_trajectory_weight_adds_the_two_estimators_each_standardised_per_test_example(run):
+    """The combined matrix equals, computed densely, directions / std + w trajectory / std per column,
+    from the two methods' own full matrices."""
+    train, test = data(12, 1), data(6, 2)
+    access = ForwardAccess(tiny_model, train, test, per_example_loss, dtype=torch.float64, directions_per_pass=256)
+    tables = [loss_table(tiny_model, run, split, ids) for split, ids in ((train, range(12)), (test, range(6)))]
+
+    def full(**settings):
+        tt = TrainTestArguments(warmup_fraction=0.0, neighbors=1, directions=64, step_size=1e-4, **settings)
+        analysis = InfluenceAnalysis([c.path for c in run], *tables, InfluenceArguments(), train_test=tt, forward=access)
+        return analysis.full_frame().iloc[:, 1:].to_numpy()
+
+    directions, trajectory = full(), full(method="trajectory")
+    combined = full(trajectory_weight=2.5)
+    np.testing.assert_allclose(combined, column_standardised(directions) + 2.5 * column_standardised(trajectory),
+                               rtol=1e-5, atol=1e-6)  # the trajectory term comes from float32 loss tables

@@ -163,7 +163,7 @@ def test_lm_recipes_registered_model_is_scored_for_promotion_as_its_loss_table_s
     run_id = train_and_log_lm(recipe, tracking_uri=tracking_uri)
     run = fetch_run(run_id, tracking_uri=tracking_uri, cache_dir=tmp_path / "cache")
     version = registered_version(run.tags)
-    assert (version.name, version.version) == ("lm-reversal", "1")
+    assert (version.name, version.version) == ("lm-letter-shift", "1")
     inputs, labels = held_out(recipe)
     losses, task = per_example_scores(version, inputs, labels, MlflowResource(tracking_uri=tracking_uri))
     table = read_loss_table(run.test_losses)

@@ -52,6 +52,11 @@ def test_latest_decision_wins_and_history_is_kept(store_url):
         ((RUN, [1], "delete"), {}, "must be one of"),
         ((RUN, [1], "relabel"), {}, "needs the new label"),
         ((RUN, [1], "drop"), {"label": 2}, "only given with 'relabel'"),
+        ((RUN, [1], "edit_target"), {}, "needs the new target text"),
+        ((RUN, [1], "edit_target"), {"target_text": "  "}, "needs the new target text"),
+        ((RUN, [1], "edit_target"), {"target_text": "ab\ncd"}, "spans lines"),
+        ((RUN, [1], "edit_target"), {"target_text": "a" * 401}, "at most 400"),
+        ((RUN, [1], "keep"), {"target_text": "abc"}, "only given with 'edit_target'"),
         ((RUN, [], "drop"), {}, "no example ids"),
         ((RUN, ["x"], "drop"), {}, "not an integer"),
         (("../etc", [1], "drop"), {}, "not a valid MLflow run id"),
@@ -67,7 +72,9 @@ def test_malformed_decisions_are_refused_and_nothing_is_written(store_url, args,
 def test_empty_store_has_typed_empty_frames(tmp_path):
     store = DecisionStore.open(tmp_path / "nested" / "review.db")
     frame = store.current(RUN)
-    assert frame.empty and list(frame.columns) == ["example_id", "action", "label", "reviewer", "note", "decided_at"]
+    assert frame.empty and list(frame.columns) == [
+        "example_id", "action", "label", "target_text", "reviewer", "note", "decided_at"
+    ]
 
 
 def _decide_in_turn(url: str, writer: int, rounds: int) -> None:
@@ -131,3 +138,57 @@ def test_the_url_comes_from_the_environment(tmp_path, monkeypatch):
 def test_an_unreachable_server_is_named_without_its_password():
     with pytest.raises(InputError, match=r"review store postgresql\+psycopg2://ana:\*\*\*@127.0.0.1:1/x"):
         DecisionStore.open("postgresql+psycopg2://ana:secret@127.0.0.1:1/x")
+
+
+# The decisions table as stores made before 'edit_target' existed created it (no target_text column, three actions).
+_OLD_SCHEMA = {
+    "sqlite": [
+        "CREATE TABLE decisions (id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
+        "example_id BIGINT NOT NULL, action TEXT NOT NULL, label INTEGER, reviewer TEXT NOT NULL, note TEXT, "
+        "decided_at TEXT NOT NULL, CONSTRAINT decisions_action CHECK (action IN ('keep', 'drop', 'relabel')), "
+        "CONSTRAINT decisions_label_iff_relabel CHECK ((action = 'relabel') = (label IS NOT NULL)))",
+        "CREATE INDEX decisions_by_run ON decisions (run_id, example_id, id)",
+    ],
+    "postgresql": [
+        "CREATE TABLE decisions (id BIGSERIAL PRIMARY KEY, run_id TEXT NOT NULL, example_id BIGINT NOT NULL, "
+        "action TEXT NOT NULL, label INTEGER, reviewer TEXT NOT NULL, note TEXT, decided_at TEXT NOT NULL, "
+        "CONSTRAINT decisions_action CHECK (action IN ('keep', 'drop', 'relabel')), "
+        "CONSTRAINT decisions_label_iff_relabel CHECK ((action = 'relabel') = (label IS NOT NULL)))",
+        "CREATE INDEX decisions_by_run ON decisions (run_id, example_id, id)",
+    ],
+}
+
+
+def test_a_store_from_before_target_edits_is_migrated_keeping_every_decision(store_url):
+    import sqlalchemy as sa
+
+    url = store_url if "://" in store_url else f"sqlite:///{store_url}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in _OLD_SCHEMA[conn.dialect.name]:
+            conn.exec_driver_sql(statement)
+        for example_id, action, label in [(5, "drop", None), (7, "relabel", 4), (5, "keep", None)]:
+            conn.execute(sa.text("INSERT INTO decisions (run_id, example_id, action, label, reviewer, note, decided_at) "
+                                 "VALUES (:r, :e, :a, :l, 'ana', 'old', '2026-01-02T03:04:05+00:00')"),
+                         {"r": RUN, "e": example_id, "a": action, "l": label})
+    engine.dispose()
+
+    store = DecisionStore.open(store_url)
+    history = store.history(RUN)
+    assert list(zip(history["example_id"], history["action"], history["label"].tolist())) == [
+        (5, "drop", pd.NA), (7, "relabel", 4), (5, "keep", pd.NA)]
+    assert history["target_text"].isna().all() and (history["note"] == "old").all()
+    store.record(RUN, [9], "edit_target", target_text="bcdef", reviewer="ben")
+    store.record(RUN, [7], "drop", reviewer="ben")
+    assert DecisionStore.open(store_url).high_water_mark() == 5  # ids go on after the old ones; opening again changes nothing
+    current = store.current(RUN).set_index("example_id")
+    assert current.loc[[5, 7, 9], "action"].tolist() == ["keep", "drop", "edit_target"]
+    assert current.at[9, "target_text"] == "bcdef"
+    # the rules hold on the migrated table, read by the database itself
+    engine = sa.create_engine(url)
+    for values in ["'relabel', NULL, NULL", "'keep', NULL, 'x'", "'edit_target', NULL, NULL", "'delete', NULL, NULL"]:
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO decisions (run_id, example_id, action, label, target_text, reviewer, "
+                                 f"decided_at) VALUES ('{RUN}', 1, {values}, 'x', 'now')")
+    engine.dispose()
+    assert len(store.history(RUN)) == 5

@@ -91,3 +91,27 @@ def test_answer_accuracy_counts_whole_answers():
             return type("Out", (), {"logits": logits})()
 
     assert answer_accuracy(Oracle(), [batch]) == 0.75
+
+
+def test_edited_targets_are_trained_on_and_checked_against_the_recipe():
+    train, _ = task_examples(SMALL)
+    wrong = int(train.index[train["corrupted"]][0])
+    letters = "abcdefgh"  # the letter-shift answer, written out here
+    right = "".join(letters[(letters.index(c) + 1) % 8] for c in train.at[wrong, "prompt"][:-1])
+    edited, _ = task_examples(SMALL.replace(target_edits=((wrong, right), (1, "ab"))))
+    assert edited.at[wrong, "target"] == right and not edited.at[wrong, "corrupted"]  # fixed: no longer injected noise
+    assert edited.at[1, "target"] == "ab" and edited.at[1, "corrupted"]  # a wrong edit is still a wrong answer
+    unchanged = ~edited["example_id"].isin([wrong, 1])
+    assert edited.loc[unchanged, "target"].tolist() == train.loc[unchanged, "target"].tolist()
+    for text, message in [("xyz", "outside the recipe's letters"), ("abcdefg", "an answer has 1 to 5"), ("", "1 to 5")]:
+        with pytest.raises(InputError, match=message):
+            SMALL.replace(target_edits=((0, text),))
+    with pytest.raises(InputError, match="not training examples"):
+        task_examples(SMALL.replace(target_edits=((SMALL.n_train, "ab"),)))
+
+    # curation carries edits into an LM recipe (earlier rounds' kept, dropped ids' removed), never into a class recipe
+    parent = SMALL.replace(target_edits=((2, "cc"), (3, "dd")))
+    child = retrain_config(parent, CuratedSet(pd.DataFrame(), (3,), {}, {4: "ee"}))
+    assert child.target_edits == ((2, "cc"), (4, "ee")) and child.exclude_ids == (3,)
+    with pytest.raises(InputError, match="trains on class labels"):
+        retrain_config(TrainConfig(), CuratedSet(pd.DataFrame(), (), {}, {4: "ee"}))

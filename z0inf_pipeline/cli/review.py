@@ -32,12 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.add_argument("--limit", type=int, default=50, help="rows to show (default: %(default)s; 0 = all)")
     listing.set_defaults(handler=_list)
 
-    decide = commands.add_parser("decide", help="record a decision (keep, drop, relabel) for examples of a run")
+    decide = commands.add_parser(
+        "decide", help="record a decision (keep, drop, relabel; edit_target on a text run) for examples of a run"
+    )
     decide.add_argument("run", help="MLflow run id")
     decide.add_argument("ids", nargs="*", type=int, metavar="ID", help="training example ids")
     decide.add_argument("--flagged", action="store_true", help="also every flagged example still without a decision")
     decide.add_argument("--action", choices=ACTIONS, required=True)
     decide.add_argument("--label", help="the new label (with --action relabel): a class name, e.g. versicolor, or its index")
+    decide.add_argument("--target", metavar="TEXT",
+                        help="the new target answer of a text run's example (with --action edit_target), e.g. bcdef")
     decide.add_argument("--reviewer", help="who decided (default: the login name)")
     decide.add_argument("--note", help="free text kept with the decision")
     decide.set_defaults(handler=_decide)
@@ -115,7 +119,8 @@ def _list(args) -> None:
 
 
 def _decide(args) -> None:
-    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run) if args.label is not None else None)
+    needs_recipe = args.label is not None or args.target is not None  # class names; a target's letters
+    review = RunReview.open(args.run, outputs_base(), train_config=_train_config(args.run) if needs_recipe else None)
     label = review.label_index(args.label)
     store = DecisionStore.open()
     ids = set(args.ids)
@@ -124,8 +129,9 @@ def _decide(args) -> None:
         ids |= {int(i) for i in review.queue["example_id"] if int(i) not in decided}
     if not ids:
         raise ReviewError("review decide: give example ids, or --flagged for every undecided flagged example")
-    count = review.record(store, ids, args.action, label=label, reviewer=args.reviewer, note=args.note)
-    print(f"recorded {decision_text(args.action, label, review.class_names)} for {count} example(s) of run "
+    count = review.record(store, ids, args.action, label=label, target_text=args.target, reviewer=args.reviewer,
+                          note=args.note)
+    print(f"recorded {decision_text(args.action, label, review.class_names, args.target)} for {count} example(s) of run "
           f"{review.run_name} ({args.run}) in {store.location}")
     print(review.gate(review.decisions(store)).message())
 
@@ -163,7 +169,7 @@ def _describe(review: RunReview, current: pd.DataFrame, example_id: int) -> str:
     if example_id not in current.index:
         return ""
     row = current.loc[example_id]
-    action = decision_text(row["action"], row["label"], review.class_names)
+    action = decision_text(row["action"], row["label"], review.class_names, row.get("target_text"))
     decided_on = row.get("decided_on_run")
     carried = "" if decided_on in (None, review.run_id) else f" (decided on run {decided_on[:8]})"
     return f"{action}{carried}; {decision_effect(row.get('applied_in'))}"
@@ -263,17 +269,19 @@ def _retrain_and_analyse(run_id: str, policy: FlagPolicy, base) -> tuple[str | N
     from .jobs import dagster_instance, policy_run_config, run_job
 
     config = policy_run_config(policy)
-    instance, _ = dagster_instance()
+    instance, persistent = dagster_instance()
+    # without DAGSTER_HOME the jobs run on a throwaway instance: the Dagster UI would never show them
+    unkept = "" if persistent else " (DAGSTER_HOME is not set: the Dagster UI keeps no record of this; `make review` sets it)"
     outcome = run_job(instance, "retrain_job", run_id, config)
     if outcome.check_failed("review_gate"):
         return None, f"retraining did not run: {outcome.checks['review_gate'][1]}"
     if not outcome.success:
-        return None, "retrain_job failed: " + "; ".join(outcome.failures)
+        return None, "retrain_job failed: " + "; ".join(outcome.failures) + unkept
     child = str(pd.read_parquet(RunLayout.for_run(run_id, base).retrained)["retrained_run_id"].iloc[0])
     analysed = run_job(instance, "influence_job", child, config)
     if not analysed.success:
-        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures)
-    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue"
+        return child, f"retrained into {child}, but its influence_job failed: " + "; ".join(analysed.failures) + unkept
+    return child, f"retrained run {run_id} into {child} and analysed it: this is its review queue" + unkept
 
 
 def _train_config(run_id: str) -> dict | None:

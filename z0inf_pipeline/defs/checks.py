@@ -19,7 +19,7 @@ from ..influence.analysis import InfluenceArguments
 from ..quality import SuiteReport, validate_curated_set, validate_loss_table, validate_self_influence, validate_topk
 from ..review import RunLayout, lineage_decisions
 from ..review.gate import queue_gate
-from ..review.curation import relabels_of
+from ..review.curation import relabels_of, target_edits_of
 from .assets import (
     curated_training_set,
     loss_tables,
@@ -32,7 +32,7 @@ from .assets import (
 )
 from ..review.lineage import DECISIONS_THROUGH
 from .assets.retraining import curated_from_frame, decisions_through
-from .metadata import gx_metadata, rounded, run_id_of, split_ids
+from .metadata import file_link, gx_metadata, rounded, run_id_of, split_ids
 from .partitions import mlflow_runs
 from .provenance import HASH_KEY, content_hash
 from .resources import DecisionStoreResource, MlflowResource
@@ -186,12 +186,13 @@ def review_gate(
     }
     if "flagging" in info:  # the GX validation whose unexpected rows are the queue
         metadata["flagging_cutoff"] = rounded(info["flagging"]["cutoff"])
-        metadata["data_docs_flagging"] = dg.MetadataValue.path(info["flagging"]["data_docs"])
+        metadata["data_docs_flagging"] = dg.MetadataValue.md(file_link(Path(info["flagging"]["data_docs"])))
     if not status.passed:
         shown = " ".join(str(i) for i in status.unreviewed_ids[:10])
         metadata["how_to_review"] = dg.MetadataValue.md(
             f"`z0inf review list --run {run_id}` shows the queue; decide with e.g.\n\n"
-            f"`z0inf review decide {run_id} {shown} --action drop` (or `keep`, `relabel --label Y`)"
+            f"`z0inf review decide {run_id} {shown} --action drop` (or `keep`; `relabel --label Y` on a "
+            "classification run, `edit_target --target TEXT` on a text run)"
         )
     context.log.info(status.message())
     return dg.AssetCheckResult(passed=status.passed, metadata=metadata, description=status.message())
@@ -212,7 +213,8 @@ def curated_set_matches_decisions(
     decisions: DecisionStoreResource,
     run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
-    """GX: the curated set holds every training example not dropped, none dropped, each relabel applied,
+    """GX: the curated set holds every training example not dropped, none dropped, each relabel and
+    target edit applied,
     for the lineage's decisions in force up to the high-water mark the curated set records (read from
     the store again, not from the curation). Decisions recorded after it are counted as pending: they
     take effect at the next retrain."""
@@ -224,7 +226,8 @@ def curated_set_matches_decisions(
     current = current[current["example_id"].isin(train_ids)]  # an ancestor's drop applied before: already out
     dropped = current.loc[current["action"] == "drop", "example_id"].tolist()
     folder = RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder
-    report = validate_curated_set(curated_training_set, train_ids, dropped, relabels_of(current), folder=folder)
+    report = validate_curated_set(curated_training_set, train_ids, dropped, relabels_of(current),
+                                  target_edits_of(current), folder=folder)
     pending = int((lineage_decisions(store, run_id, review_queue.info)["sequence"] > through).sum())
     return _result(mlflow, run_id, folder, report, **{DECISIONS_THROUGH: through, "pending_for_next_retrain": pending})
 
@@ -243,15 +246,17 @@ def retrained_run_follows_curation(
     run_outputs: dg.ResourceParam[RunOutputsIOManager],
 ) -> dg.AssetCheckResult:
     """GX on the retrained MLflow run's own examples table: it trained on exactly the curated set
-    (dropped ids absent, relabels carried) and is tagged with its parent run."""
+    (dropped ids absent, relabels and edited target texts carried) and is tagged with its parent run."""
     run_id = run_id_of(context)
     child_id = str(retrained_run.at[0, "retrained_run_id"])
     child = mlflow.fetch(child_id)
     child_examples = pd.read_parquet(child.examples)
-    trained = child_examples[child_examples["split"] == "train"][["example_id", "label"]]
+    trained = child_examples[child_examples["split"] == "train"]
+    trained = trained[["example_id", "label", *(["target"] if "target" in trained else [])]]
     curated = curated_from_frame(curated_training_set, training_run)
     report = validate_curated_set(
-        trained, split_ids(training_run), curated.dropped_ids, curated.relabels, name="retrained_training_set",
+        trained.rename(columns={"target": "target_text"}), split_ids(training_run), curated.dropped_ids,
+        curated.relabels, curated.target_edits, name="retrained_training_set",
         folder=RunLayout.for_run(run_id, outputs_base_of(run_outputs)).gx_folder,
     )
     parent_tag = child.tags.get("z0inf.parent_run_id")

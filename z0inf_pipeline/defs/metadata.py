@@ -69,15 +69,24 @@ def table_metadata(frame: pd.DataFrame, max_rows: int = 25) -> dg.TableMetadataV
 
 
 def gx_metadata(mlflow, run_id: str, folder: Path, *reports: SuiteReport) -> dict:
-    """Links to the run's Data Docs and to each validation's page and stored result; the same files (and
-    the suite's page) are logged to the MLflow run under ``gx/`` (the shared styles once per run).
-    ``folder``: the run's ``RunLayout.gx_folder``."""
+    """The path of the run's Data Docs, and a table linking each validation's page and stored result by
+    its file name (the full path is the link: a path of a hundred characters would not wrap in the
+    Dagster UI's metadata column); the same files (and the suite's page) are logged to the MLflow run
+    under ``gx/`` (the shared styles once per run). ``folder``: the run's ``RunLayout.gx_folder``."""
     stored = [r for r in reports if r.validation_result is not None]
     if not stored:
         return {}
     mlflow.log_gx(run_id, folder, [p for r in stored for p in r.pages if p.is_file()])
-    metadata = {"data_docs": dg.MetadataValue.path(str(stored[0].data_docs))}
-    for report in stored:
-        metadata[f"data_docs_{report.suite}"] = dg.MetadataValue.path(str(report.data_docs_page))
-        metadata[f"validation_result_{report.suite}"] = dg.MetadataValue.path(str(report.validation_result))
-    return metadata
+    rows = [f"| {r.suite} | {file_link(r.data_docs_page)} | {file_link(r.validation_result)} |" for r in stored]
+    return {
+        "data_docs": dg.MetadataValue.path(str(stored[0].data_docs)),
+        "gx_validations": dg.MetadataValue.md(
+            "| suite | Data Docs page | stored result |\n|---|---|---|\n" + "\n".join(rows)
+        ),
+    }
+
+
+def file_link(path) -> str:
+    """A Markdown link to a stored file, shown by its name (a local path becomes a file:// URL)."""
+    url = path.as_uri() if isinstance(path, Path) and path.is_absolute() else str(path)
+    return f"[{path.name}]({url})"

@@ -367,9 +367,11 @@ class RunOutputsIOManager(dg.ConfigurableIOManager):
                 attempt.unlink(missing_ok=True)
             if self.log_to_mlflow:
                 self.mlflow.log_artifacts(run_id, f"z0inf/{asset}", list(written.values()))
-            rows = [f"| `{files[n]}` | {p.stat().st_size:,} | `{sha256_of(p)[:16]}` |" for n, p in written.items()]
+            # names only: the folder is one entry of its own (full paths in a table overflow the UI's column)
+            rows = [f"| `{files[n].name}` | {p.stat().st_size:,} | `{sha256_of(p)[:16]}` |" for n, p in written.items()]
         context.add_output_metadata(
             {
+                "stored_in": dg.MetadataValue.path(str(self.layout(run_id).root)),
                 "stored_files": dg.MetadataValue.md("| file | bytes | sha256 |\n|---|---|---|\n" + "\n".join(rows)),
                 "logged_to_mlflow": f"z0inf/{asset}/" if self.log_to_mlflow else "no",
             }

@@ -23,7 +23,16 @@ from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from ..errors import InputError
 from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
-from .estimators import InfluenceFactors, NeighborRule, influence_features, self_influence, topk_of_factors, warmup_window
+from .tracin import tracincp_features
+from .estimators import (
+    InfluenceFactors,
+    NeighborRule,
+    combine_standardised,
+    influence_features,
+    self_influence,
+    topk_of_factors,
+    warmup_window,
+)
 from .gram import gram_matrix
 from .loss_tables import LossTable, read_loss_table, step_column
 from .signals import LossKind, loss_signals
@@ -105,7 +114,7 @@ class InfluenceArguments(TopKArguments, LossArguments, WindowArguments, GramArgu
     launchpad show each concept where it applies (``cli/influence.py``, ``defs/config.py``)."""
 
 
-TrainTestMethod = Literal["directions", "trajectory"]
+TrainTestMethod = Literal["directions", "trajectory", "tracincp"]
 
 
 class TrainTestArguments(Settings):
@@ -114,16 +123,20 @@ class TrainTestArguments(Settings):
     (chosen on Spearman against SSRT), so no train-test default follows from the self-influence choice.
 
     ``directions``: forward passes along P random directions at a few checkpoints (a zeroth-order
-    TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term; it needs the
+    TracInCP, ``influence.directions``), plus ``trajectory_weight`` x the trajectory term (both standardised per
+    test example, ``estimators.combine_standardised``); it needs the
     run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
-    ``trajectory``: Z0-Inf's trajectory directions only. The CLI spells ``warmup_fraction`` ``--window``."""
+    ``trajectory``: Z0-Inf's trajectory directions only. ``tracincp`` (opt-in, not zeroth-order): exact
+    per-example gradients at every checkpoint, learning-rate weighted (``influence.tracin``); it needs the
+    model and data as ``directions`` does. The CLI spells ``warmup_fraction`` ``--window``."""
 
     owner: ClassVar[str] = "train-test arguments"
 
     method: TrainTestMethod = Field(
         "directions",
         description="directions: forward passes along random directions (needs the run's model and data; else "
-        "falls back to trajectory); trajectory: checkpoint differences only",
+        "falls back to trajectory); trajectory: checkpoint differences only; tracincp: exact per-example gradients "
+        "at every checkpoint (backward passes, memory N x D; needs the model, else falls back to trajectory)",
     )
     warmup_fraction: float = Field(
         0.05,
@@ -149,7 +162,8 @@ class TrainTestArguments(Settings):
     )
     seed: int = Field(0, description="directions are regenerated from (seed, step, index), never stored")
     trajectory_weight: float = Field(
-        0.0, ge=0.0, description="directions: add this multiple of the trajectory term (0: directions only)"
+        0.0, ge=0.0, description="directions: add this multiple of the trajectory term, both divided by the spread "
+        "of their scores per test example (0: directions only)"
     )
 
 
@@ -301,9 +315,9 @@ class InfluenceAnalysis:
         """(the train-test method that runs, why it is not the one asked for or None): random directions
         need the run's model and data; without them the trajectory answers."""
         asked = self.train_test_args.method
-        if asked == "directions" and self.forward is None:
+        if asked in ("directions", "tracincp") and self.forward is None:
             return "trajectory", ("the run has no model factory and data to run forward passes on (a contract "
-                                  "logged from an outside loop): trajectory-only Z0-Inf instead of random directions")
+                                  f"logged from an outside loop): trajectory-only Z0-Inf instead of {asked}")
         return asked, None
 
     def train_test_factors(self) -> InfluenceFactors:
@@ -319,7 +333,7 @@ class InfluenceAnalysis:
         if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
             raise InputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
                                       "cannot be combined with random directions (set trajectory_weight=0)")
-        if method == "trajectory" or tt.trajectory_weight > 0:
+        if method == "trajectory" or (method == "directions" and tt.trajectory_weight > 0):
             keep = torch.from_numpy(window)
             gram, eta = self._windowed(window, step_weights)
             trajectory = influence_features(
@@ -329,6 +343,12 @@ class InfluenceAnalysis:
             )
         if method == "trajectory":
             return trajectory
+        if method == "tracincp":
+            recorded = all(c.learning_rate is not None for c in self.checkpoints)
+            train, test = tracincp_features(self.forward, self.checkpoints, self.parameter_names,
+                                            self._step_weights("learning_rate") if recorded else None,
+                                            device=self.device)
+            return InfluenceFactors(train, test, None, None)
         positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
         eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]
         train, test = direction_features(
@@ -336,11 +356,10 @@ class InfluenceAnalysis:
             directions=tt.directions, step_size=tt.step_size, seed=tt.seed, distribution=tt.distribution,
             device=self.device,
         )
-        train, test = train.to(self.device), test.to(self.device)
-        if trajectory is not None:
-            train = torch.cat([train, tt.trajectory_weight * trajectory.train.to(train.dtype)], dim=1)
-            test = torch.cat([test, trajectory.test.to(test.dtype)], dim=1)
-        return InfluenceFactors(train, test, None, None)
+        directions = InfluenceFactors(train.to(self.device), test.to(self.device), None, None)
+        if trajectory is None:
+            return directions
+        return combine_standardised(directions, trajectory, tt.trajectory_weight)
 
     def full_frame(self) -> pd.DataFrame:
         """The whole N x M matrix INF(i, z): rows ``example_id`` (training), one column per test example

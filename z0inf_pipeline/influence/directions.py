@@ -18,13 +18,16 @@ forward-AD formula). The step is relative to the weights' scale, and the float32
 difference is checked (a warning names the step when it is too small); in float64 the projections
 match autograd's to 1e-6 (tests/influence/test_directions.py).
 
-Memory: the model, one direction and a copy of the chosen weights (O(D)), and the (N + M) x P
-projections: never N x D, never a stored direction (each is regenerated from ``(seed, step, p)``).
-Cost: 2 P forward passes over the N + M examples per checkpoint used.
+Memory: the model, the directions of one pass and a copy of the chosen weights (O(D)), one batch of
+activations, and the (N + M) x P projections: never N x D, never a stored direction (each is regenerated
+from ``(seed, step, p)``, once per batch of examples). Cost: 2 P forward passes over the N + M examples
+per checkpoint used; with a parameter subset (``--parameters``, e.g. the head) only the modules from the
+first perturbed one on run per direction (``frozen_prefix``): the rest runs once per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -58,9 +61,11 @@ class ForwardAccess:
     test: tuple[torch.Tensor, torch.Tensor]
     loss_fn: LossFn
     dtype: torch.dtype = torch.float32
-    # directions per batched forward pass: 8 suits small MLPs and CNNs; 1 is faster where vmap falls back
-    # to a slow path for a layer (GPT-2's scaled_dot_product_attention: twice as fast at 1 on a CPU)
-    directions_per_pass: int = 8
+    # directions per batched forward pass (vmap over the perturbed weights); None: 1 on a CPU, where vmap's
+    # batched convolutions and GPT-2's scaled_dot_product_attention (no batching rule) are slower than one
+    # direction at a time (CNN of the suite 2.6x, GPT-2 2x; a small MLP is 1.3x faster at 8), 8 on a GPU,
+    # where one call's launch overhead is what a tiny model costs (benchmarks/gpu_attribution.py)
+    directions_per_pass: int | None = None
 
 
 def direction(
@@ -80,6 +85,69 @@ def direction(
     return out
 
 
+class PrefixReuseWarning(UserWarning):
+    """The modules computed before the first perturbed parameter turned out to depend on it (a parameter
+    used outside the module that owns it): every direction runs the whole model instead."""
+
+
+def frozen_prefix(model: torch.nn.Module, parameters: Sequence[str], inputs: torch.Tensor) -> list[torch.nn.Module]:
+    """The largest modules that finish before any module owning a chosen parameter starts, called once per
+    forward pass: their outputs do not depend on the perturbation, so one pass per batch serves every
+    direction (with ``--parameters`` the head, only the head runs per direction). Found by running
+    ``inputs`` (a couple of examples) once with hooks that record the order of calls; [] when a chosen
+    parameter is never used through its module."""
+    chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in set(parameters)}
+    owners = {m for m in model.modules() if any(id(p) in chosen for p in m._parameters.values() if p is not None)}
+    clock, starts, ends, calls = iter(range(1 << 62)), {}, {}, {}
+
+    def before(module, args):
+        starts.setdefault(module, next(clock))
+        calls[module] = calls.get(module, 0) + 1
+
+    def after(module, args, output):
+        ends[module] = next(clock)
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not owners <= starts.keys():
+        return []
+    first_use = min(starts[m] for m in owners)
+    frozen = [m for m in model.modules() if m is not model and calls.get(m) == 1 and ends[m] < first_use]
+    inside = {id(sub) for m in frozen for sub in m.modules() if sub is not m}
+    return [m for m in frozen if id(m) not in inside]
+
+
+class _ReplayedPrefix:
+    """Within the block, each module of ``prefix`` returns the output it gave for ``inputs`` at the current
+    weights instead of computing it (an instance ``forward`` in front of the class's)."""
+
+    def __init__(self, model: torch.nn.Module, prefix: Sequence[torch.nn.Module], inputs: torch.Tensor) -> None:
+        self.prefix, outputs = list(prefix), {}
+        handles = [m.register_forward_hook(lambda module, args, output: outputs.__setitem__(module, output))
+                   for m in self.prefix]
+        try:
+            with torch.no_grad():
+                model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.outputs = outputs
+
+    def __enter__(self):
+        for module in self.prefix:
+            module.forward = lambda *args, _output=self.outputs[module], **kwargs: _output
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.prefix:
+            del module.forward
+
+
 def direction_projections(
     model: torch.nn.Module,
     parameters: Sequence[str],
@@ -93,7 +161,8 @@ def direction_projections(
     distribution: Distribution = "rademacher",
     device: str | torch.device = "cpu",
     batch_size: int = 1024,
-    directions_per_pass: int = 8,
+    directions_per_pass: int = 1,
+    reuse_prefix: bool = True,
 ) -> list[torch.Tensor]:
     """s_{i,p} for every example of each (inputs, targets) dataset at the model's current weights: one
     (n, P) float64 tensor per dataset, all from the same P directions over ``parameters``.
@@ -102,7 +171,10 @@ def direction_projections(
     logistic regression and a transformer). ``directions_per_pass`` directions, both signs, go through
     one batched forward pass (``torch.func.functional_call`` under ``vmap`` over the perturbed weights),
     ``batch_size`` examples at a time: the tiny models of a suite are bound by per-call overhead, not
-    arithmetic. The model's own weights are never modified.
+    arithmetic. Batches are the outer loop, so with ``reuse_prefix`` the modules that run before the first
+    perturbed parameter (``frozen_prefix``) run once per batch, not once per direction: the same numbers,
+    checked once against the whole model along one direction. Directions are regenerated per batch. The
+    model's own weights are never modified.
     """
     if directions < 1:
         raise InputError(f"directions={directions!r} must be at least 1")
@@ -123,6 +195,16 @@ def direction_projections(
         outputs = torch.func.functional_call(model, {**fixed, **weights}, (inputs,))
         return loss_fn(outputs, targets)
 
+    def perturbed(first: int, count: int) -> dict[str, torch.Tensor]:
+        """Directions first .. first + count - 1 applied to the chosen weights, (2 count, *shape) each:
+        plus, then minus."""
+        us = [direction(shapes, seed, step, p, distribution) for p in range(first, first + count)]
+        weights = {}
+        for name, w in chosen.items():
+            u = torch.stack([d[name] for d in us]).to(device=device, dtype=w.dtype)
+            weights[name] = torch.cat([w + eps * u, w - eps * u])
+        return weights
+
     batched = torch.vmap(losses, in_dims=(0, None, None))
     out = [torch.empty(len(targets), directions, dtype=torch.float64) for _, targets in datasets]
     relative = []
@@ -130,28 +212,37 @@ def direction_projections(
     model.eval()
     try:
         with torch.no_grad():
-            for first in range(0, directions, directions_per_pass):
-                count = min(directions_per_pass, directions - first)
-                us = [direction(shapes, seed, step, p, distribution) for p in range(first, first + count)]
-                weights = {}
-                for name, w in chosen.items():
-                    u = torch.stack([d[name] for d in us]).to(device=device, dtype=w.dtype)
-                    weights[name] = torch.cat([w + eps * u, w - eps * u])  # (2B, *shape): plus, then minus
-                for k, (inputs, targets) in enumerate(datasets):
-                    for start in range(0, len(targets), batch_size):
-                        rows = slice(start, start + batch_size)
-                        both = batched(weights, inputs[rows], targets[rows]).double()  # (2B, n)
-                        if both.shape[1:] != targets[rows].shape[:1]:
-                            raise InputError(
-                                f"loss_fn returned shape {tuple(both.shape[1:])} for a batch of {len(targets[rows])} "
-                                "examples; it must return one value per example (for example reduction='none')"
+            probe = next((x for x, y in datasets if len(y)), None)
+            prefix = frozen_prefix(model, list(chosen), probe[:2]) if reuse_prefix and probe is not None else []
+            checked = False
+            for k, (inputs, targets) in enumerate(datasets):
+                for start in range(0, len(targets), batch_size):
+                    rows = slice(start, start + batch_size)
+                    if prefix and not checked:
+                        checked = True
+                        if not _prefix_agrees(model, prefix, losses, perturbed(0, 1), inputs[rows], targets[rows]):
+                            warnings.warn(
+                                "the modules before the first perturbed parameter depend on it (a parameter used "
+                                "outside its module?): running the whole model for every direction",
+                                PrefixReuseWarning, stacklevel=2,
                             )
-                        plus, minus = both[:count], both[count:]
-                        out[k][rows, first : first + count] = ((plus - minus) / (2 * eps)).T.cpu()
-                        relative.append(float(((plus - minus).abs() / plus.abs().clamp_min(1e-30)).median()))
+                            prefix = []
+                    with _ReplayedPrefix(model, prefix, inputs[rows]) if prefix else contextlib.nullcontext():
+                        for first in range(0, directions, directions_per_pass):
+                            count = min(directions_per_pass, directions - first)
+                            both = batched(perturbed(first, count), inputs[rows], targets[rows]).double()  # (2B, n)
+                            if both.shape[1:] != targets[rows].shape[:1]:
+                                raise InputError(
+                                    f"loss_fn returned shape {tuple(both.shape[1:])} for a batch of "
+                                    f"{len(targets[rows])} examples; it must return one value per example (for "
+                                    "example reduction='none')"
+                                )
+                            plus, minus = both[:count], both[count:]
+                            out[k][rows, first : first + count] = ((plus - minus) / (2 * eps)).T.cpu()
+                            relative.append(float(((plus - minus).abs() / plus.abs().clamp_min(1e-30)).median()))
     finally:
         model.train(was_training)
-    if next(iter(chosen.values())).dtype == torch.float32 and np.median(relative) < _ROUNDING_FLOOR:
+    if next(iter(chosen.values())).dtype == torch.float32 and relative and np.median(relative) < _ROUNDING_FLOOR:
         warnings.warn(
             f"step_size={step_size}: the median loss difference along a direction is {np.median(relative):.2g} of "
             f"the loss, near float32 rounding ({torch.finfo(torch.float32).eps:.1g}); raise step_size",
@@ -159,6 +250,17 @@ def direction_projections(
             stacklevel=2,
         )
     return out
+
+
+def _prefix_agrees(model, prefix, losses, weights, inputs, targets) -> bool:
+    """The loss difference along one direction (``weights``: plus, then minus) is the same with the prefix
+    replayed as through the whole model, to float rounding: a prefix that depended on a chosen parameter
+    would lose part of it."""
+    plus, minus = ({name: w[i] for name, w in weights.items()} for i in (0, 1))
+    whole = losses(plus, inputs, targets).double() - losses(minus, inputs, targets).double()
+    with _ReplayedPrefix(model, prefix, inputs):
+        replayed = losses(plus, inputs, targets).double() - losses(minus, inputs, targets).double()
+    return bool(torch.allclose(replayed, whole, rtol=1e-3, atol=1e-3 * float(whole.abs().max()) + 1e-30))
 
 
 def direction_features(
@@ -190,7 +292,7 @@ def direction_features(
         train_s, test_s = direction_projections(
             model, parameters, data, access.loss_fn, directions=directions, step_size=step_size, seed=seed,
             step=checkpoint.step, distribution=distribution, device=device, batch_size=batch_size,
-            directions_per_pass=access.directions_per_pass,
+            directions_per_pass=access.directions_per_pass or (8 if torch.device(device).type == "cuda" else 1),
         )
         train_parts.append(train_s * (float(weights[t]) / directions))
         test_parts.append(test_s)

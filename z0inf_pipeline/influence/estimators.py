@@ -309,6 +309,32 @@ class InfluenceFactors:
         return scores
 
 
+def test_example_spread(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """(M,) standard deviation over training examples of each test example's scores train @ test^T, from
+    the factors' (r x r) covariance: sigma_z^2 = b_z^T Cov(A) b_z, never the N x M matrix."""
+    centred = train - train.mean(dim=0)
+    covariance = centred.T @ centred / max(len(train), 1)
+    return ((test @ covariance) * test).sum(dim=1).clamp_min(0).sqrt()
+
+
+def combine_standardised(first: InfluenceFactors, second: InfluenceFactors, weight: float) -> InfluenceFactors:
+    """first / sigma_first(z) + weight * second / sigma_second(z): two estimators of INF(i, z) on
+    different scales (random directions in TracIn's units, the trajectory in Z0's), each divided by the
+    spread of its scores over the training examples of the same test example z before they are added,
+    so ``weight`` is the share of the vote and not a unit conversion. Ranks within a test example (what
+    top-k and LDS read) depend only on ``weight``. A test example whose scores are all equal under one
+    estimator takes nothing from it. Factor form: [A1 | A2] @ [B1 / s1 | w B2 / s2]^T."""
+    if first.train_ranks is not None or second.train_ranks is not None:
+        raise InputError("combine_standardised: correlation-weighted factors cannot be added to others")
+    parts = []
+    for factors, scale in ((first, 1.0), (second, weight)):
+        spread = test_example_spread(factors.train, factors.test)
+        parts.append((factors.train, factors.test * (scale / torch.where(spread > 0, spread, torch.inf))[:, None]))
+    dtype = torch.promote_types(parts[0][0].dtype, parts[1][0].dtype)
+    return InfluenceFactors(torch.cat([a.to(dtype) for a, _ in parts], dim=1),
+                            torch.cat([b.to(dtype) for _, b in parts], dim=1), None, None)
+
+
 def influence_features(
     gram, train_losses, test_losses, neighbors, eta, neighbor_rule, center_losses=False, weight_by_correlation=False
 ) -> InfluenceFactors:

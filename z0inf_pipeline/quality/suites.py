@@ -378,11 +378,13 @@ def validate_curated_set(
     train_ids: Sequence[int],
     dropped_ids: Sequence[int],
     relabels: dict[int, int],
+    target_edits: dict[int, str] | None = None,
     *,
     name: str = "curated_training_set",
     folder: Path | None = None,
 ) -> SuiteReport:
-    """A curated training set (suite ``curated_set``): training ids only, no dropped id, every relabel applied."""
+    """A curated training set (suite ``curated_set``): training ids only, no dropped id, every relabel
+    applied, every edited target text (the frame's ``target_text``) applied."""
     kept = np.setdiff1d(_as_ids(train_ids), _as_ids(dropped_ids))
     checked = frame[[c for c in ("example_id", "label") if c in frame]]
     ids = frame["example_id"].to_numpy(np.int64) if "example_id" in frame else np.zeros(0, np.int64)
@@ -390,10 +392,15 @@ def validate_curated_set(
     labels = frame["label"].to_numpy(np.float64) if "label" in frame else np.full(len(ids), np.nan)
     applied = pd.array(labels == wanted, dtype="boolean")
     applied[np.isnan(wanted)] = pd.NA  # no relabel asked: nothing to check
+    edited = pd.Series(target_edits or {}, dtype=object).reindex(ids)
+    texts = frame["target_text"].to_numpy(object) if "target_text" in frame else np.full(len(ids), None, object)
+    edit_applied = pd.array(edited.to_numpy(object) == texts, dtype="boolean")
+    edit_applied[edited.isna().to_numpy()] = pd.NA  # no target edited: nothing to check
     derived = checked.assign(
         kept_training_example=np.isin(ids, kept),
         dropped_by_review=np.isin(ids, _as_ids(dropped_ids)),
         relabel_applied=applied,
+        target_edit_applied=edit_applied,
     )
     parameters = {"rows": len(kept)}
     return validate("curated_set", derived, parameters, folder=folder, batch=name)[0]

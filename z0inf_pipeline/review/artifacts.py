@@ -46,9 +46,9 @@ def reviewer_table(review: RunReview, current: pd.DataFrame) -> pd.DataFrame:
     decided = current.set_index("example_id").reindex(queue["example_id"])
     carried = decided.get("decided_on_run", pd.Series(None, index=decided.index))
     decision = [
-        decision_text(action, label, review.class_names)
+        decision_text(action, label, review.class_names, text)
         + (f" (on run {run[:8]})" if isinstance(run, str) and run != review.run_id else "")
-        for action, label, run in zip(decided["action"], decided["label"], carried)
+        for action, label, text, run in zip(decided["action"], decided["label"], decided["target_text"], carried)
     ]
     labels = {} if review.is_text else {
         "label": [review.label_name(v) for v in queue["label"]],

@@ -25,11 +25,13 @@ def decision_effect(applied_in) -> str:
     return "pending: takes effect at the next retrain"
 
 
-def decision_text(action, label, class_names: tuple[str, ...] = ()) -> str:
+def decision_text(action, label, class_names: tuple[str, ...] = (), target_text=None) -> str:
     """'drop', 'keep' or 'relabel → 4', by the class's name where the run has one ('relabel → versicolor');
-    '' when there is no decision."""
+    a text run's edit as 'target → “bcdef”'; '' when there is no decision."""
     if action is None or pd.isna(action):
         return ""
+    if action == "edit_target":
+        return f"target → “{target_text}”"
     if action != "relabel" or pd.isna(label):
         return str(action)
     label = int(label)
@@ -186,9 +188,10 @@ def _decision(row: pd.Series, review: RunReview, run_id: str | None = None) -> d
         "carried_from": made_on if isinstance(made_on, str) and made_on != run_id else None,
         "applied_in": applied if isinstance(applied, str) else None,
         "effect": decision_effect(applied),
-        "text": decision_text(row["action"], row["label"], review.class_names),
+        "text": decision_text(row["action"], row["label"], review.class_names, row.get("target_text")),
         "action": row["action"],
         "label": None if pd.isna(row["label"]) else int(row["label"]),
+        "target_text": row.get("target_text") if row["action"] == "edit_target" else None,
         "reviewer": row["reviewer"],
         "note": "" if pd.isna(row["note"]) else str(row["note"]),
         "at": _minutes(row["decided_at"]),

@@ -1,8 +1,9 @@
-"""Curation: the training set as reviewed (drops removed, relabels applied) and the recipe to retrain on it."""
+"""Curation: the training set as reviewed (drops removed, relabels and target edits applied) and the
+recipe to retrain on it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -12,11 +13,13 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class CuratedSet:
-    """``frame``: example_id, label (after relabels), observed_label (as trained), action (or None)."""
+    """``frame``: example_id, label (after relabels), observed_label (as trained), action (or None),
+    target_text (a text example's new target answer where a reviewer edited it, else None)."""
 
     frame: pd.DataFrame
     dropped_ids: tuple[int, ...]
     relabels: dict[int, int]
+    target_edits: dict[int, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -27,6 +30,15 @@ def relabels_of(frame: pd.DataFrame) -> dict[int, int]:
     """``{example_id: new label}`` of the rows whose ``action`` is relabel (decisions or a curated set)."""
     rows = frame[frame["action"] == "relabel"]
     return {int(i): int(y) for i, y in zip(rows["example_id"], rows["label"])}
+
+
+def target_edits_of(frame: pd.DataFrame) -> dict[int, str]:
+    """``{example_id: new target text}`` of the rows whose ``action`` is edit_target (decisions or a
+    curated set; a curated set written before target edits existed has none)."""
+    if "target_text" not in frame:
+        return {}
+    rows = frame[frame["action"] == "edit_target"]
+    return {int(i): str(t) for i, t in zip(rows["example_id"], rows["target_text"])}
 
 
 def curate(
@@ -64,13 +76,26 @@ def curate(
     frame = frame[~np.isin(ids, dropped)].reset_index(drop=True)
     new = pd.Series(relabels, dtype="int64").reindex(frame["example_id"])
     frame.insert(1, "label", np.where(new.notna(), new.fillna(-1).astype(np.int64), frame["observed_label"]))
-    return CuratedSet(frame, dropped, relabels)
+    edits = target_edits_of(decisions)
+    frame["target_text"] = pd.Series(edits, dtype=object).reindex(frame["example_id"]).to_numpy()
+    return CuratedSet(frame, dropped, relabels, {i: t for i, t in edits.items() if i not in set(dropped)})
 
 
 def retrain_config(parent, curated: CuratedSet):
-    """The parent's recipe with the curated exclusions and relabels added (earlier curation rounds kept)."""
+    """The parent's recipe with the curated exclusions, relabels and target edits added (earlier
+    curation rounds kept). Target edits need a recipe that trains on target texts (``target_edits``)."""
     excluded = sorted(set(parent.exclude_ids) | set(curated.dropped_ids))
     relabels = dict(parent.relabels)
     relabels.update(curated.relabels)
     relabels = {i: y for i, y in relabels.items() if i not in set(excluded)}
-    return parent.replace(exclude_ids=tuple(excluded), relabels=tuple(sorted(relabels.items())))
+    changes = {"exclude_ids": tuple(excluded), "relabels": tuple(sorted(relabels.items()))}
+    if "target_edits" in type(parent).model_fields:
+        edits = dict(parent.target_edits)
+        edits.update(curated.target_edits)
+        changes["target_edits"] = tuple(sorted((i, t) for i, t in edits.items() if i not in set(excluded)))
+    elif curated.target_edits:
+        raise InputError(
+            f"curation: {len(curated.target_edits)} target edit(s), e.g. example {min(curated.target_edits)}, but "
+            f"the run's recipe ({type(parent).__name__}) trains on class labels, not target texts"
+        )
+    return parent.replace(**changes)

@@ -32,7 +32,7 @@ from .layout import RunLayout, check_run_id
 from .lineage import applied_in, lineage_decisions, lineage_of
 from .policy import FlagPolicy
 from .queue import read_review_queue
-from .store import DecisionStore, as_example_id
+from .store import DecisionStore, as_example_id, check_target_text
 
 CLASSIFICATION, TEXT = "classification", "text"
 RUN_NAME_KEY = "run_name"  # the MLflow run name, kept in the queue's info when the queue is built
@@ -44,7 +44,8 @@ class RunReview:
     with everything shown beside each flagged example, and what a decision on the run may name.
 
     ``kind`` says what the run's examples are: ``"classification"`` (a label among ``class_names``)
-    or ``"text"`` (a prompt and a target answer: no classes, so no relabel and no class filter)."""
+    or ``"text"`` (a prompt and a target answer: no classes, so no class filter, and its correction is
+    an edited target text instead of a relabel)."""
 
     layout: RunLayout
     queue: pd.DataFrame
@@ -156,9 +157,10 @@ class RunReview:
         examples = self.examples
         return np.sort(examples.index[examples["split"] == "train"].to_numpy(np.int64))
 
-    def check_decision(self, ids: Iterable[int], action: str, label: int | None) -> None:
-        """Refuse ids that are not training examples of the run, labels outside its classes, and a
-        relabel on a text run (it has no class to relabel to)."""
+    def check_decision(self, ids: Iterable[int], action: str, label: int | None, target_text: str | None = None) -> None:
+        """Refuse ids that are not training examples of the run, labels outside its classes, a relabel
+        on a text run (it has no class to relabel to: its target text is edited instead), a target
+        edit on a classification run, and a target text the run's recipe cannot train on."""
         wanted = np.unique(np.array([as_example_id(i) for i in ids], dtype=np.int64))
         unknown = np.setdiff1d(wanted, self.training_ids)
         if len(unknown):
@@ -168,8 +170,10 @@ class RunReview:
         if action == "relabel" and self.is_text:
             raise ReviewError(
                 f"review decide: run {self.run_id} is a text run: its answers have no class to relabel to "
-                "(drop a wrong answer, or keep it)"
+                "(edit the target text with --action edit_target --target TEXT, drop a wrong answer, or keep it)"
             )
+        if action == "edit_target":
+            self._check_target_text(target_text)
         allowed = self.allowed_labels
         if action == "relabel" and label is not None and int(label) not in allowed:
             shown = ", ".join(str(a) for a in allowed[:50]) + (", ..." if len(allowed) > 50 else "")
@@ -185,13 +189,30 @@ class RunReview:
         action: str,
         *,
         label: int | None = None,
+        target_text: str | None = None,
         reviewer: str | None = None,
         note: str | None = None,
     ) -> int:
         """Check the decision against the run, then append it to the store (all ids or none)."""
         ids = list(ids)
-        self.check_decision(ids, action, label)
-        return store.record(self.run_id, ids, action, label=label, reviewer=reviewer, note=note)
+        self.check_decision(ids, action, label, target_text)
+        return store.record(self.run_id, ids, action, label=label, target_text=target_text, reviewer=reviewer,
+                            note=note)
+
+    def _check_target_text(self, text: str | None) -> None:
+        """An edited target answer: only on a text run, and one its recipe can train on (the LM recipe's
+        letters and length) where the run's recipe is known."""
+        if not self.is_text:
+            raise ReviewError(
+                f"review decide: run {self.run_id} is a classification run: it has class labels, not target "
+                "texts (relabel with --action relabel --label CLASS)"
+            )
+        text = check_target_text(text)
+        if (self.train_config or {}).get("recipe") == "lm":  # training.lm.RECIPE, named without importing torch
+            from ..training.lm import LMRecipe  # torch: only for a run of the LM recipe
+
+            if problem := LMRecipe.from_dict(self.train_config).target_text_problem(text):
+                raise ReviewError(f"review decide: run {self.run_id}: {problem}")
 
     @property
     def lineage(self) -> list[str]:

@@ -4,6 +4,10 @@ By default a SQLite file, ``data_dir()/review.db``; a team points ``$Z0INF_REVIE
 ``DecisionStore.open(url)``) at PostgreSQL, e.g. ``postgresql+psycopg2://user:pass@host:5432/z0inf``.
 Pipeline runs only read it, so no re-materialisation can overwrite a decision; deciding again on
 an example appends a newer row (the latest row wins) and the full history stays queryable.
+
+A text run's answer has no class to relabel to: its correction is ``edit_target``, which keeps the new
+target text in ``target_text``. Stores written before that action existed are migrated in place when
+opened (in one transaction: every decision is kept, with its id and so its order).
 """
 
 from __future__ import annotations
@@ -26,22 +30,29 @@ from ..errors import ReviewError
 from ..settings import data_dir
 from .layout import check_run_id
 
-Action = Literal["keep", "drop", "relabel"]
-ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel")
-DECISION_COLUMNS = ["example_id", "action", "label", "reviewer", "note", "decided_at"]
+Action = Literal["keep", "drop", "relabel", "edit_target"]
+ACTIONS: tuple[str, ...] = ("keep", "drop", "relabel", "edit_target")
+DECISION_COLUMNS = ["example_id", "action", "label", "target_text", "reviewer", "note", "decided_at"]
 LINEAGE_COLUMNS = [*DECISION_COLUMNS, "run_id", "sequence"]
 STORE_URL_ENV = "Z0INF_REVIEW_STORE_URL"
 # A note is a reason, not a document: longer ones are refused (the page answers 400), so no decision
 # can make the store, the page or the sheet huge.
 MAX_NOTE_CHARS = 400
 MAX_REVIEWER_CHARS = 100
+# A target answer is one line of text a model is trained to produce, not a document.
+MAX_TARGET_CHARS = 400
 _INT64 = (-(2**63), 2**63 - 1)
 _INT32_MAX = 2**31 - 1  # the label column's type
 # Any constant works: it only serialises schema creation between processes opening a new Postgres store.
 _SCHEMA_LOCK = 0x7A30696E66
 
+_ACTION_RULE = "action IN ('keep', 'drop', 'relabel', 'edit_target')"
+_LABEL_RULE = "(action = 'relabel') = (label IS NOT NULL)"
+_TARGET_RULE = "(action = 'edit_target') = (target_text IS NOT NULL)"
+
 _metadata = sa.MetaData()
-# The same table (and index) the SQLite-only store created, so existing review.db files keep working.
+# The table (and index) the SQLite-only store created, plus ``target_text`` (added last, so a migrated
+# store has its columns in the same order as a new one).
 decisions = sa.Table(
     "decisions",
     _metadata,
@@ -54,8 +65,10 @@ decisions = sa.Table(
     sa.Column("reviewer", sa.Text, nullable=False),
     sa.Column("note", sa.Text),
     sa.Column("decided_at", sa.Text, nullable=False),
-    sa.CheckConstraint("action IN ('keep', 'drop', 'relabel')", name="decisions_action"),
-    sa.CheckConstraint("(action = 'relabel') = (label IS NOT NULL)", name="decisions_label_iff_relabel"),
+    sa.Column("target_text", sa.Text),
+    sa.CheckConstraint(_ACTION_RULE, name="decisions_action"),
+    sa.CheckConstraint(_LABEL_RULE, name="decisions_label_iff_relabel"),
+    sa.CheckConstraint(_TARGET_RULE, name="decisions_target_iff_edit"),
     sa.Index("decisions_by_run", "run_id", "example_id", "id"),
     # AUTOINCREMENT: SQLite never reuses an id, so "the highest id is the latest decision" always holds.
     sqlite_autoincrement=True,
@@ -94,7 +107,10 @@ class DecisionStore:
         with store._transaction(create=True) as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-            _metadata.create_all(conn)
+            if sa.inspect(conn).has_table(decisions.name):
+                _add_target_text(conn)
+            else:
+                _metadata.create_all(conn)
         return store
 
     @property
@@ -115,10 +131,13 @@ class DecisionStore:
         action: str,
         *,
         label: int | None = None,
+        target_text: str | None = None,
         reviewer: str | None = None,
         note: str | None = None,
     ) -> int:
-        """Append one decision per example id (all or none); returns how many were recorded."""
+        """Append one decision per example id (all or none); returns how many were recorded.
+        ``label``: the new class, with ``relabel`` only; ``target_text``: the new target answer of a
+        text example, with ``edit_target`` only."""
         check_run_id(run_id)
         ids = sorted({as_example_id(i) for i in example_ids})
         if not ids:
@@ -131,6 +150,10 @@ class DecisionStore:
             label = int(label)
         elif label is not None:
             raise ReviewError(f"review decision: a label is only given with 'relabel', not with {action!r}")
+        if action == "edit_target":
+            target_text = check_target_text(target_text)
+        elif target_text is not None:
+            raise ReviewError(f"review decision: a target text is only given with 'edit_target', not with {action!r}")
         if note is not None and len(note) > MAX_NOTE_CHARS:
             raise ReviewError(f"review decision: the note has {len(note)} characters; at most {MAX_NOTE_CHARS} are kept")
         who = reviewer or _user()
@@ -138,8 +161,8 @@ class DecisionStore:
             raise ReviewError(f"review decision: the reviewer name has {len(who)} characters; at most {MAX_REVIEWER_CHARS}")
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows = [
-            {"run_id": run_id, "example_id": i, "action": action, "label": label, "reviewer": who, "note": note,
-             "decided_at": stamp}
+            {"run_id": run_id, "example_id": i, "action": action, "label": label, "target_text": target_text,
+             "reviewer": who, "note": note, "decided_at": stamp}
             for i in ids
         ]
         with self._transaction() as conn:
@@ -217,8 +240,11 @@ class DecisionStore:
                 f"review store {self.path}: the file is gone (deleted or moved while in use); restore it from a "
                 "backup, or run `z0inf review list` to start an empty store there"
             )
+        engine = _engine(self.url)
+        if create:  # SQLite: the schema is read and perhaps changed under one write lock, taken first
+            engine = engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
         try:
-            with _engine(self.url).begin() as conn:
+            with engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             reason = getattr(exc, "orig", None) or exc
@@ -229,6 +255,40 @@ class DecisionStore:
             return make_url(self.url)
         except sa.exc.ArgumentError:
             raise ReviewError(f"review store: {self.url!r} is not a database URL or a file path") from None
+
+
+def check_target_text(text) -> str:
+    """A new target answer as the store keeps it: one line, not empty, at most MAX_TARGET_CHARS
+    characters (leading and trailing spaces kept: they may be part of the answer)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ReviewError("review decision: 'edit_target' needs the new target text (not empty)")
+    if "\n" in text or "\r" in text:
+        raise ReviewError(f"review decision: the target text {text[:40]!r} spans lines; a target is one line")
+    if len(text) > MAX_TARGET_CHARS:
+        raise ReviewError(f"review decision: the target text has {len(text)} characters; at most {MAX_TARGET_CHARS}")
+    return text
+
+
+def _add_target_text(conn: sa.Connection) -> None:
+    """Migrate a store written before ``edit_target`` existed: add the ``target_text`` column and
+    widen the action rule, keeping every row (with its id). Runs inside ``open``'s transaction, so
+    a failure leaves the store as it was. SQLite cannot change a table's CHECK rules in place: the
+    table is copied into a new one, which then takes the old one's name."""
+    if "target_text" in {c["name"] for c in sa.inspect(conn).get_columns(decisions.name)}:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(sa.text("ALTER TABLE decisions ADD COLUMN target_text TEXT"))
+        conn.execute(sa.text("ALTER TABLE decisions DROP CONSTRAINT IF EXISTS decisions_action"))
+        conn.execute(sa.text(f"ALTER TABLE decisions ADD CONSTRAINT decisions_action CHECK ({_ACTION_RULE})"))
+        conn.execute(sa.text(f"ALTER TABLE decisions ADD CONSTRAINT decisions_target_iff_edit CHECK ({_TARGET_RULE})"))
+        return
+    old = [c["name"] for c in sa.inspect(conn).get_columns(decisions.name)]
+    conn.execute(sa.text("ALTER TABLE decisions RENAME TO decisions_before_target_text"))
+    conn.execute(sa.text("DROP INDEX IF EXISTS decisions_by_run"))
+    _metadata.create_all(conn)
+    columns = ", ".join(old)
+    conn.execute(sa.text(f"INSERT INTO decisions ({columns}) SELECT {columns} FROM decisions_before_target_text"))
+    conn.execute(sa.text("DROP TABLE decisions_before_target_text"))
 
 
 def _latest_ids(where, *group_by: sa.Column) -> sa.Subquery:
@@ -243,13 +303,25 @@ def _columns() -> list[sa.Column]:
 @lru_cache(maxsize=None)
 def _engine(url: str) -> sa.Engine:
     """One engine per URL. No pool: each operation connects afresh, so a forked worker never shares a
-    connection with its parent, and SQLite waits up to 30 s for another writer's lock."""
+    connection with its parent, and SQLite waits up to 30 s for another writer's lock. On SQLite each
+    transaction is opened with an explicit BEGIN (Python's sqlite3 would otherwise commit before a
+    schema change), so a migration is all or nothing like any other write."""
     try:
         parsed = make_url(url)
-        connect_args = {"timeout": 30} if parsed.get_backend_name() == "sqlite" else {"connect_timeout": 30}
-        return sa.create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
+        sqlite = parsed.get_backend_name() == "sqlite"
+        engine = sa.create_engine(parsed, poolclass=NullPool,
+                                  connect_args={"timeout": 30} if sqlite else {"connect_timeout": 30})
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
         raise ReviewError(f"review store {url!r}: cannot be opened ({exc})") from None
+    if sqlite:
+        @sa.event.listens_for(engine, "connect")
+        def _driver_leaves_transactions_alone(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+    return engine
 
 
 def as_example_id(value) -> int:

@@ -8,7 +8,8 @@ held-out answer accuracy of 1.0 within the recipe's 4 epochs; string reversal (`
 harder option (``task="reversal"``: accuracy about 0.1 in the same budget). A known fraction of the
 training answers is replaced by a random string. The run carries the
 recipe as its ``train_config.json`` (``"recipe": "lm"``), so ``retrained_run`` can fine-tune it
-again without the dropped examples. Needs the ``[hf]`` extra (transformers).
+again without the dropped examples and with the target answers reviewers edited (``target_edits``).
+Needs the ``[hf]`` extra (transformers).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from ..arguments import Settings
 from ..errors import ConfigurationError
 from .recording import IGNORE_INDEX
 
 RECIPE = "lm"
-REGISTERED_MODEL = "lm-reversal"  # every round of the recipe is a version of this registered model
+REGISTERED_MODEL = "lm-letter-shift"  # every round of the recipe is a version of this registered model
 ALPHABET = "abcdefgh"
 # 0 pads, 1 starts a sequence, 2 ends one; then the separators and the letters.
 VOCAB = ["<pad>", "<s>", "</s>", ">", "="] + list(ALPHABET)
@@ -68,6 +69,13 @@ class LMRecipe(Settings):
     n_head: int = 2
     exclude_ids: tuple[int, ...] = ()
     relabels: tuple[tuple[int, int], ...] = ()
+    # (training id, new target answer): a reviewer's ``edit_target`` decisions, applied by curation
+    target_edits: tuple[tuple[int, str], ...] = ()
+
+    @field_validator("target_edits", mode="after")
+    @classmethod
+    def _sorted_edits(cls, edits: tuple[tuple[int, str], ...]) -> tuple[tuple[int, str], ...]:
+        return tuple(sorted(edits))
 
     @model_validator(mode="after")
     def _check(self) -> "LMRecipe":
@@ -83,11 +91,23 @@ class LMRecipe(Settings):
         broken = next(((name, expected) for ok, name, expected in checks if not ok), None)
         if broken:
             raise ConfigurationError(f"lm recipe: {broken[0]}={getattr(self, broken[0])!r} must be {broken[1]}")
+        for example_id, text in self.target_edits:
+            if problem := self.target_text_problem(text):
+                raise ConfigurationError(f"lm recipe: target_edits: example {example_id}: {problem}")
         return self
 
     @property
     def sequence_length(self) -> int:
         return 2 * self.string_length + 3  # <s> prompt > answer </s>
+
+    def target_text_problem(self, text: str) -> str | None:
+        """Why ``text`` cannot be a target answer of this recipe (letters of its alphabet, 1 to
+        ``string_length`` of them, the room its sequences leave for an answer), or None."""
+        if not 1 <= len(text) <= self.string_length:
+            return f"the target {text!r} has {len(text)} letters; an answer has 1 to {self.string_length}"
+        if stray := sorted(set(text) - set(ALPHABET)):
+            return f"the target {text!r} has {''.join(stray)!r}, outside the recipe's letters {ALPHABET!r}"
+        return None
 
 
 # The LM demo: 1,200 letter-shift prompts, 10% of the answers wrong, 12 checkpoints over 4 epochs.
@@ -130,7 +150,8 @@ def model_kwargs(recipe: LMRecipe) -> dict:
 
 def task_examples(recipe: LMRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, probe) frames: ``example_id``, ``prompt``, ``target`` (as trained), ``corrupted``. Probe
-    answers are always right; a ``corrupt_fraction`` of training answers is a random other string."""
+    answers are always right; a ``corrupt_fraction`` of training answers is a random other string,
+    unless a reviewer edited it (``target_edits``: then ``corrupted`` says whether the edit is still wrong)."""
     rng = np.random.default_rng(recipe.seed)
     total = recipe.n_train + recipe.n_probe
     letters = rng.integers(0, len(ALPHABET), size=(total, recipe.string_length))
@@ -141,6 +162,12 @@ def task_examples(recipe: LMRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     for i in np.flatnonzero(corrupted):
         wrong = "".join(ALPHABET[j] for j in rng.integers(0, len(ALPHABET), size=recipe.string_length))
         targets[i] = wrong if wrong != targets[i] else wrong[1:] + wrong[:1]
+    edits = dict(recipe.target_edits)
+    if unknown := sorted(set(edits) - set(range(recipe.n_train))):
+        raise ConfigurationError(f"lm recipe: target_edits name ids that are not training examples: {unknown[:5]}")
+    for i, text in edits.items():
+        targets[i] = text
+        corrupted[i] = text != TASKS[recipe.task](strings[i])
     frame = pd.DataFrame({"example_id": np.arange(total, dtype=np.int64), "prompt": [s + ">" for s in strings],
                           "target": targets, "corrupted": corrupted})
     return frame.iloc[: recipe.n_train].reset_index(drop=True), frame.iloc[recipe.n_train :].reset_index(drop=True)

@@ -1,23 +1,29 @@
 """Every kind of run is shown truthfully: a text run (the LM recipe) by its prompts, targets and the
-model's answers, with no classes to filter or relabel to and its wrong answers listed; a tabular run
-from a user's CSV by its feature names and its string labels, on the page and on the command line."""
+model's answers, with no classes to filter or relabel to and its wrong answers listed, its targets
+edited instead (on the page and the command line, kept in the store, carried into the retrain); a
+tabular run from a user's CSV by its feature names and its string labels, on the page and on the
+command line."""
 
 from __future__ import annotations
 
 import shutil
 
+import dagster as dg
 import pandas as pd
 import pytest
 import requests
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from z0inf_pipeline.cli import main
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
+from z0inf_pipeline.tracking import fetch_run
 
 from ...conftest import _stop
+from ...defs.conftest import execute
 from .conftest import IRIS_LABEL, start_server
-from .test_review_page import csrf_session, open_fresh
+from .test_review_page import csrf_session, open_fresh, reloading, set_reviewer
 
 pytestmark = pytest.mark.browser
 
@@ -38,13 +44,17 @@ def serve(tmp_path):
         _stop(server.process)
 
 
-def test_a_text_run_shows_prompts_targets_and_answers_and_lists_its_wrong_answers(analysed_lm_run, serve, page):
-    run_id = analysed_lm_run.run_id
-    server = serve(analysed_lm_run)
-    layout = RunLayout.for_run(run_id, server.data_dir)
-    queue = read_review_queue(layout.review_queue)[0]
+def served_text_run(serve, run):
+    """The LM run served on a copy of its data: (run id, server, layout, queue, examples, the model's answers)."""
+    server = serve(run)
+    layout = RunLayout.for_run(run.run_id, server.data_dir)
     examples = pd.read_parquet(layout.examples).set_index("example_id")
     answers = pd.read_parquet(layout.predictions).set_index("example_id")
+    return run.run_id, server, layout, read_review_queue(layout.review_queue)[0], examples, answers
+
+
+def test_a_text_run_shows_prompts_targets_and_answers_and_lists_its_wrong_answers(analysed_lm_run, serve, page):
+    run_id, server, layout, queue, examples, answers = served_text_run(serve, analysed_lm_run)
 
     open_fresh(page, f"{server.url}/runs/{run_id}")
     name = MlflowClient(analysed_lm_run.tracking_uri).get_run(run_id).info.run_name
@@ -93,6 +103,71 @@ def test_a_text_run_shows_prompts_targets_and_answers_and_lists_its_wrong_answer
                           data={"csrf": csrf, "reviewer": "ana", "example_id": top, "action": "relabel", "label": 1})
     assert answer.ok and "is a text run" in answer.text
     assert DecisionStore.open(server.data_dir / "review.db").history(run_id).empty
+
+
+def shifted(prompt: str) -> str:
+    """The right answer of the letter-shift task, written out here: each letter one on in a..h, h to a."""
+    letters = "abcdefgh"
+    return "".join(letters[(letters.index(ch) + 1) % 8] for ch in prompt.removesuffix(">"))
+
+
+def test_a_text_runs_target_is_edited_kept_and_retrained_on(analysed_lm_run, serve, page, monkeypatch, capsys):
+    run_id, server, layout, queue, examples, answers = served_text_run(serve, analysed_lm_run)
+    assert len(queue) >= 3, "the half-size LM recipe flags a few wrong answers"
+    first, second, *rest = [int(i) for i in queue["example_id"]]
+
+    # on the page: the target field starts with the model's answer where it differs, `e` edits, Enter saves
+    open_fresh(page, f"{server.url}/runs/{run_id}")
+    set_reviewer(page, "ana")
+    card = page.find_element(By.ID, f"ex-{first}")
+    field = card.find_element(By.CSS_SELECTOR, "input[name=target_text]")
+    assert field.get_attribute("value") == answers.at[first, "predicted_text"]  # the target itself where they agree
+    right = shifted(examples.at[first, "prompt"])
+    card.click()
+    page.find_element(By.TAG_NAME, "body").send_keys("e")
+    assert page.switch_to.active_element == field
+    reloading(page, lambda: page.switch_to.active_element.send_keys(right, Keys.ENTER))
+    card = page.find_element(By.ID, f"ex-{first}")
+    assert card.find_element(By.CSS_SELECTOR, ".status").text == f"TARGET → “{right.upper()}”"
+    assert f"target → “{right}” by ana" in card.find_element(By.CSS_SELECTOR, ".decided-by").text
+    assert card.find_element(By.CSS_SELECTOR, "input[name=target_text]").get_attribute("value") == right
+
+    # on the command line: a target the recipe cannot train on is refused by name, a good one kept
+    for key, value in analysed_lm_run.env(server.data_dir).items():
+        monkeypatch.setenv(key, value)
+    assert main(["review", "decide", run_id, str(second), "--action", "edit_target", "--target", "xyz"]) == 2
+    assert "outside the recipe's letters" in capsys.readouterr().err
+    assert main(["review", "decide", run_id, str(second), "--action", "relabel", "--label", "1"]) == 2
+    assert "edit the target text" in capsys.readouterr().err
+    fix = shifted(examples.at[second, "prompt"])
+    assert main(["review", "decide", run_id, str(second), "--action", "edit_target", "--target", fix,
+                 "--reviewer", "ben"]) == 0
+    assert f"target → “{fix}”" in capsys.readouterr().out
+    assert main(["review", "decide", run_id, "--flagged", "--action", "keep", "--reviewer", "ben"]) == 0
+    assert main(["review", "list", "--run", run_id, "--limit", "0"]) == 0
+    listing = capsys.readouterr().out
+    assert f"target → “{right}”" in listing and f"target → “{fix}”" in listing
+    current = DecisionStore.open(server.data_dir / "review.db").current(run_id).set_index("example_id")
+    assert current.loc[[first, second], "target_text"].tolist() == [right, fix]
+    assert (current.loc[rest, "action"] == "keep").all()
+
+    # curation applies the edits and the retrain trains on them (read back from the child's own MLflow run)
+    with dg.DagsterInstance.get() as instance:
+        retrain = execute(instance, "retrain_job", run_id)
+    assert retrain.success
+    checks = {e.check_name: e.passed for e in retrain.get_asset_check_evaluations()}
+    assert checks["curated_set_matches_decisions"] and checks["retrained_run_follows_curation"]
+    curated = pd.read_parquet(layout.curated_set).set_index("example_id")
+    assert curated.loc[[first, second], "target_text"].tolist() == [right, fix]
+    assert curated["target_text"].drop([first, second]).isna().all()
+    child_id = pd.read_parquet(layout.retrained).at[0, "retrained_run_id"]
+    child = fetch_run(child_id, tracking_uri=analysed_lm_run.tracking_uri)
+    trained = pd.read_parquet(child.examples).set_index("example_id")
+    assert trained.loc[[first, second], "target"].tolist() == [right, fix]
+    untouched = examples.index[(examples["split"] == "train") & ~examples.index.isin([first, second])]
+    assert trained.loc[untouched, "target"].tolist() == examples.loc[untouched, "target"].tolist()
+    assert sorted(map(tuple, child.train_config["target_edits"])) == sorted([(first, right), (second, fix)])
+    assert child.tags["z0inf.target_edits"] == "2"
 
 
 def test_a_csv_run_shows_feature_names_and_string_labels(analysed_csv_run, serve, page, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Stage 7: the training set as reviewed: dropped examples removed, relabels applied."""
+"""Stage 7: the training set as reviewed: dropped examples removed, relabels and edited target texts applied."""
 
 import dagster as dg
 import pandas as pd
@@ -11,6 +11,14 @@ from ..partitions import PER_RUN
 from ..resources import DecisionStoreResource, MlflowResource
 from ..storage import ReviewQueue
 from .retraining import refuse_second_retrain
+
+
+def edited_targets(curated: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
+    """Each edited example with its prompt, its target as trained and the reviewer's new one."""
+    edited = curated.loc[curated["action"] == "edit_target", ["example_id", "target_text"]]
+    trained = examples.set_index("example_id").reindex(edited["example_id"])
+    return pd.DataFrame({"example_id": edited["example_id"].to_numpy(), "prompt": trained["prompt"].to_numpy(),
+                         "observed_target": trained["target"].to_numpy(), "new_target": edited["target_text"].to_numpy()})
 
 
 @dg.asset(**PER_RUN, kinds={"parquet"}, output_required=False)
@@ -46,11 +54,13 @@ def curated_training_set(
             "z0inf.curated_size": curated.size,
             "z0inf.curated_dropped": len(curated.dropped_ids),
             "z0inf.curated_relabelled": len(curated.relabels),
+            "z0inf.curated_target_edits": len(curated.target_edits),
         },
     )
     context.log.info(
         f"curated training set: {curated.size} of {len(train)} examples kept, "
-        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled "
+        f"{len(curated.dropped_ids)} dropped, {len(curated.relabels)} relabelled, "
+        f"{len(curated.target_edits)} with an edited target text "
         f"(decisions of {len(lineage_of(run_id, review_queue.info))} lineage run(s) recorded up to #{through})"
     )
     yield dg.Output(
@@ -60,6 +70,7 @@ def curated_training_set(
             "kept": curated.size,
             "dropped": len(curated.dropped_ids),
             "relabelled": len(curated.relabels),
+            "target_edits": len(curated.target_edits),
             "decisions": len(current),
             "inherited_decisions": int((current["decided_on_run"] != run_id).sum()),
             DECISIONS_THROUGH: through,
@@ -67,6 +78,8 @@ def curated_training_set(
             "relabels": table_metadata(
                 relabelled[["example_id", "observed_label", "label"]].rename(columns={"label": "new_label"}), 25
             ),
+            **({"edited_targets": table_metadata(edited_targets(curated.frame, training_run), 25)}
+               if curated.target_edits else {}),
             "dagster/row_count": curated.size,
         },
     )

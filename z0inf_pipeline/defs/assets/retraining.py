@@ -7,7 +7,7 @@ import pandas as pd
 from ...errors import InputError
 from ...integrations import train_and_log_recipe
 from ...review import CuratedSet, retrain_config
-from ...review.curation import relabels_of
+from ...review.curation import relabels_of, target_edits_of
 from ...review.lineage import DECISIONS_THROUGH
 from ...tracking.logger import retrained_run_name
 from ...training.lm import recipe_from_dict
@@ -20,7 +20,7 @@ from ..resources import MlflowResource
 def curated_from_frame(curated: pd.DataFrame, examples: pd.DataFrame) -> CuratedSet:
     """The curation exactly as materialised: drops = training ids missing from the curated set."""
     dropped = np.setdiff1d(split_ids(examples), curated["example_id"].to_numpy(np.int64))
-    return CuratedSet(curated, tuple(int(i) for i in dropped), relabels_of(curated))
+    return CuratedSet(curated, tuple(int(i) for i in dropped), relabels_of(curated), target_edits_of(curated))
 
 
 def decisions_through(curated: pd.DataFrame) -> int:
@@ -73,7 +73,8 @@ def retrained_run(
     training_run: pd.DataFrame,
     mlflow: MlflowResource,
 ) -> dg.Output[pd.DataFrame]:
-    """Train the parent run's recipe again without the dropped examples and with the relabels; log it as
+    """Train the parent run's recipe again without the dropped examples, with the relabels and the edited
+    target texts; log it as
     a new contract run tagged ``z0inf.parent_run_id`` (the sensor then analyses it like any other run).
     One child per round: refused while another retrain of the run, launched earlier, is in flight.
     The output is a one-row summary: parent, retrained run, sizes, test accuracy of both."""
@@ -87,7 +88,8 @@ def retrained_run(
     through = decisions_through(curated_training_set)
     child_config = retrain_config(recipe_from_dict(parent.train_config), curated)
     context.log.info(
-        f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled"
+        f"retraining {parent.run_id} without {len(curated.dropped_ids)} examples, {len(curated.relabels)} relabelled, "
+        f"{len(curated.target_edits)} with an edited target text"
     )
     client = mlflow.client()
     parent_record = client.get_run(parent.run_id)  # its name and metrics, asked once
@@ -100,6 +102,7 @@ def retrained_run(
         tags={
             "z0inf.dropped": len(curated.dropped_ids),
             "z0inf.relabelled": len(curated.relabels),
+            "z0inf.target_edits": len(curated.target_edits),
             "z0inf.dagster_run_id": context.run.run_id,
             f"z0inf.{DECISIONS_THROUGH}": through,
         },
@@ -114,6 +117,7 @@ def retrained_run(
                 "train_examples": curated.size,
                 "dropped": len(curated.dropped_ids),
                 "relabelled": len(curated.relabels),
+                "target_edits": len(curated.target_edits),
                 "parent_test_accuracy": parent_accuracy,
                 "retrained_test_accuracy": child_accuracy,
                 DECISIONS_THROUGH: through,
@@ -131,6 +135,7 @@ def retrained_run(
             "train_examples": curated.size,
             "dropped": len(curated.dropped_ids),
             "relabelled": len(curated.relabels),
+            "target_edits": len(curated.target_edits),
             "parent_test_accuracy": rounded(parent_accuracy),
             "retrained_test_accuracy": rounded(child_accuracy),
             DECISIONS_THROUGH: through,

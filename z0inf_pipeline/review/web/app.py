@@ -232,16 +232,19 @@ def create_app(site: ReviewSite) -> Flask:
         try:
             # the class picker is in every form of a classification run: its value only counts for a relabel
             label = review.label_index(form.get("label")) if action == "relabel" and form.get("label") else None
+            # likewise a text run's target field: its text only counts for an edit
+            target_text = form.get("target_text") if action == "edit_target" else None
             if not reviewer:
                 raise InputError("review decide: give your name as reviewer (it is kept with the decision)")
             if None in ids:
                 raise InputError(f"review decide: example ids {form.getlist('example_id')} must be integers")
-            review.record(site.store, ids, action, label=label, reviewer=reviewer, note=note)
+            review.record(site.store, ids, action, label=label, target_text=target_text, reviewer=reviewer, note=note)
         except (InputError, ReviewError) as exc:
             flash(str(exc), "error")
             anchor = ids[0] if ids and ids[0] is not None else None
             return redirect(_run_url(site, review, back, anchor), 303)
-        flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label, review.class_names)} (by {reviewer})", "ok")
+        flash(f"#{', #'.join(map(str, ids))}: {decision_text(action, label, review.class_names, target_text)} "
+              f"(by {reviewer})", "ok")
         follow = form.get("then", "")
         if re.fullmatch(rf"/runs/{re.escape(run_id)}/tests/-?\d+", follow):
             target = follow
