@@ -14,6 +14,9 @@ Sections, each figure printed next to its limit:
 - ``topk``: train-test top-k at N = 10^6, M = 10^5, k = 10 against a bare GEMM of the same shape;
 - ``loss``: loss tables recorded from a DataLoader against a bare ``no_grad`` loop over the same loader;
 - ``gram``: the streaming Gram against a cold read of the same files and a bare in-memory float64 product.
+- ``scaleout``: a 10^6-row CSV trained (peak RSS against one batch + model), then ``influence_job``
+  recomputing its loss tables in shards on one and on two celery workers over Redis (wall time,
+  sharded steps' span and speed-up, peak RSS per process); not part of the full run's 15 minutes.
 
 Timings on a shared machine swing with its load: read the ratios, which are measured side by side.
 """
@@ -413,11 +416,195 @@ def section_gram(args) -> None:
                   f"{limit(t_gram <= 1.5 * bound)}")
 
 
+# ---------------------------------------------------------------- 10^6 rows: CSV training, celery workers
+
+SCALEOUT_FEATURES, SCALEOUT_CLASSES = 20, 10
+# a 3-layer MLP (20 -> 64 -> 64 -> 10); a small test split keeps the N x M top-k to minutes
+SCALEOUT_CONFIG = {"model": "mlp", "hidden": (64, 64), "epochs": 1, "checkpoints": 5, "batch_size": 1024,
+                   "test_fraction": 0.01}
+SCALEOUT_SHARDS = 8
+# The default train-test method's forward passes along 2 x 256 directions are not sharded yet: 93 s at
+# 2 x 10^4 rows under load 8-13 (`--quick` with "directions"), so about 80 min at 10^6 on one process.
+TRAIN_TEST_METHOD = "trajectory"
+SHARD_STEP = "loss_tables.compute_loss_shard"
+
+
+def write_classification_csv(path: Path, rows: int) -> None:
+    """Gaussian class blobs in ``SCALEOUT_FEATURES`` dimensions, written by pyarrow a block at a time."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(SCALEOUT_CLASSES, SCALEOUT_FEATURES))
+    with pacsv.CSVWriter(path, pa.schema([*(pa.field(f"x{j}", pa.float64()) for j in range(SCALEOUT_FEATURES)),
+                                          pa.field("label", pa.int64())])) as writer:
+        for start in range(0, rows, 100_000):
+            labels = rng.integers(0, SCALEOUT_CLASSES, min(100_000, rows - start))
+            x = centres[labels] + 1.5 * rng.normal(size=(len(labels), SCALEOUT_FEATURES))
+            writer.write_table(pa.table({**{f"x{j}": x[:, j] for j in range(SCALEOUT_FEATURES)}, "label": labels}))
+
+
+def train_child(csv: str) -> None:
+    """In a fresh process: the CSV trained into a contract run; its id, seconds and peak RSS, and the
+    size of one batch and of the model (weights, gradients, momentum) for the RSS limit."""
+    from z0inf_pipeline.tracking import train_and_log
+    from z0inf_pipeline.training.trainer import TrainConfig
+
+    config = TrainConfig(dataset=csv, **SCALEOUT_CONFIG)
+    start = time.perf_counter()
+    run_id = train_and_log(config, experiment="scale")
+    params = sum(p.numel() for p in build_mlp().parameters())
+    print(json.dumps({"run_id": run_id, "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
+                      "batch_bytes": config.batch_size * (SCALEOUT_FEATURES + 1) * 4, "model_bytes": 3 * params * 4}))
+
+
+def build_mlp() -> nn.Module:
+    from z0inf_pipeline.training.models import ModelSpec, build_model
+
+    return build_model(ModelSpec("mlp", (SCALEOUT_FEATURES,), SCALEOUT_CLASSES, SCALEOUT_CONFIG["hidden"]))
+
+
+def celery_child(run_id: str, shard_size: int) -> None:
+    """In a fresh process: influence_job on the celery code location (workers already listening);
+    prints seconds, the sharded steps' span and this process's peak RSS."""
+    import dagster as dg
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    job = ReconstructableRepository.for_module(
+        "z0inf_pipeline.deployments.celery", "defs", str(Path(__file__).resolve().parents[1])
+    ).get_reconstructable_job("influence_job")
+    run_config = {"ops": {"loss_tables": {"config": {"source": "recompute", "shard_size": shard_size}},
+                          "train_test_influence": {"config": {"train_test": {"method": TRAIN_TEST_METHOD}}}},
+                  "resources": {"compute": {"config": {"batch_size": 8192}}}}
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("mlflow_runs", [run_id])
+        start = time.perf_counter()
+        result = dg.execute_job(job, instance, run_config=run_config, tags={"dagster/partition": run_id})
+        seconds = time.perf_counter() - start
+        stats = instance.get_run_step_stats(result.run_id)
+    shards = [s for s in stats if s.step_key.startswith(SHARD_STEP)]
+    print(json.dumps({
+        "success": result.success, "seconds": seconds, "peak_rss": peak_rss_bytes(), "shards": len(shards),
+        "shard_span": max(s.end_time for s in shards) - min(s.start_time for s in shards) if shards else None,
+        "steps": {s.step_key: (s.end_time or s.start_time) - s.start_time for s in stats if s.start_time},
+    }))
+
+
+def _redis(work: Path) -> tuple[subprocess.Popen, str]:
+    """Debian's redis-server on a free port, nothing persisted; its URL once it answers."""
+    import socket
+
+    import redis
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
+                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+    for _ in range(300):
+        try:
+            client.ping()
+            return server, f"redis://127.0.0.1:{port}/0"
+        except redis.RedisError:
+            time.sleep(0.2)
+    raise SystemExit("redis-server did not start")
+
+
+def _peak_rss_of_group(leader: subprocess.Popen) -> dict[int, int]:
+    """Peak RSS (VmHWM) of every process of a worker (its main process and its pool child)."""
+    import psutil
+
+    peaks = {}
+    for process in [psutil.Process(leader.pid), *psutil.Process(leader.pid).children(recursive=True)]:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        peaks[process.pid] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+    return peaks
+
+
+def section_scaleout(args) -> None:
+    import signal
+
+    import yaml
+
+    from z0inf_pipeline.deployments import celery
+
+    n = 20_000 if args.quick else 1_000_000
+    print(f"\n## {n:,} rows: CSV training, then influence_job recomputing its loss tables on celery workers "
+          f"({SCALEOUT_CONFIG}, {SCALEOUT_SHARDS} training shards, train-test method {TRAIN_TEST_METHOD})")
+    with tempfile.TemporaryDirectory(prefix="z0inf-scaleout-") as tmp:
+        work = Path(tmp)
+        (work / "dagster").mkdir()
+        (work / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "Z0INF_DATA_DIR": str(work / "data"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        env.pop("Z0INF_MLFLOW_CONFIG", None)
+        csv = work / "rows.csv"
+        start = time.perf_counter()
+        write_classification_csv(csv, n)
+        print(f"CSV: {csv.stat().st_size / 2**20:.0f} MiB written in {time.perf_counter() - start:.0f} s")
+        trained = _child_json([sys.executable, __file__, "--train-child", str(csv)], env)
+        limit_bytes = 1.5 * (trained["batch_bytes"] + trained["model_bytes"])
+        print(f"CSV training: {trained['seconds']:.0f} s, peak RSS {trained['peak_rss'] / 2**20:.0f} MiB; one batch "
+              f"{trained['batch_bytes'] / 2**10:.0f} KiB + model {trained['model_bytes'] / 2**10:.0f} KiB, limit 1.5x = "
+              f"{limit_bytes / 2**20:.2f} MiB: {limit(trained['peak_rss'] <= limit_bytes)}")
+        server, broker = _redis(work)
+        env["Z0INF_CELERY_BROKER"] = broker
+        config = work / "worker.yaml"
+        config.write_text(yaml.safe_dump({"execution": {"config": celery.celery_settings(broker)}}))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        train_shard = max(1, round(n * (1 - SCALEOUT_CONFIG["test_fraction"]) / SCALEOUT_SHARDS))
+        results = {}
+        try:
+            for count in (1, 2):
+                env["Z0INF_OUTPUTS_URL"] = str(work / f"outputs-{count}")
+                workers = [subprocess.Popen(celery.worker_command(str(config), f"w{i}"), env=env, cwd=work,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            start_new_session=True) for i in range(count)]
+                try:
+                    result = _child_json([sys.executable, __file__, "--celery-child", trained["run_id"],
+                                          str(train_shard)], env)
+                    result["workers"] = [max(_peak_rss_of_group(w).values()) for w in workers]
+                    results[count] = result
+                finally:
+                    for worker in workers:
+                        os.killpg(worker.pid, signal.SIGTERM)
+                        worker.wait(60)
+        finally:
+            server.terminate()
+            server.wait(30)
+    for count, r in results.items():
+        rss = ", ".join(f"{b / GB:.2f}" for b in [r["peak_rss"], *r["workers"]])
+        print(f"{count} worker(s): influence_job {r['seconds']:.0f} s ({'succeeded' if r['success'] else 'FAILED'}), "
+              f"{r['shards']} shard steps over {r['shard_span']:.0f} s; peak RSS GB (launcher, workers) {rss}; "
+              f"limits <= 900 s: {limit(r['seconds'] <= 900)}, <= 2 GB: {limit(max(r['peak_rss'], *r['workers']) <= 2 * GB)}")
+        slow = sorted(r["steps"].items(), key=lambda kv: -kv[1])[:6]
+        print("    slowest steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow))
+    if len(results) == 2:
+        speedup = results[1]["shard_span"] / results[2]["shard_span"]
+        print(f"sharded steps: 1 worker {results[1]['shard_span']:.0f} s, 2 workers {results[2]['shard_span']:.0f} s "
+              f"-> {speedup:.2f}x, limit >= 1.6x: {limit(speedup >= 1.6)} (load average now {os.getloadavg()[0]:.1f})")
+
+
+def _child_json(command: list[str], env: dict) -> dict:
+    """The last JSON line a benchmark child process prints; its output shown if it fails."""
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+        raise SystemExit(f"{command[2]} failed")
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].endswith("-child"):
         kind = sys.argv[1]
         if kind == "--influence-child":
             influence_child(sys.argv[2])
+        elif kind == "--train-child":
+            train_child(sys.argv[2])
+        elif kind == "--celery-child":
+            celery_child(sys.argv[2], int(sys.argv[3]))
         elif kind == "--checks-child":
             checks_child(int(sys.argv[2]), int(sys.argv[3]))
         elif kind == "--topk-child":
@@ -427,13 +614,13 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram"])
+    parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram", "scaleout"])
     parser.add_argument("--sizes", nargs="+", type=int, help="checks: these training-set sizes (default 10^4 10^5)")
     args = parser.parse_args()
     print(f"# z0inf scale benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     for name, fn in {"pipeline": section_pipeline, "checks": section_checks, "topk": section_topk, "loss": section_loss,
-                     "gram": section_gram}.items():
+                     "gram": section_gram, "scaleout": section_scaleout}.items():
         if not args.only or name in args.only:
             fn(args)
 

@@ -29,8 +29,9 @@ from .conftest import execute
 
 pytestmark = pytest.mark.mlflow_server
 
-# The demo's recipe (fewer checkpoints): relabelling its flagged flips is a measurable gain on 450 test digits.
-RECIPE = DEMO_CONFIG.replace(checkpoints=6)
+# The demo's own recipe: relabelling its flagged flips is a measurable gain on 450 test digits. With fewer
+# checkpoints the held-out count finds fewer of the flips (81 of 135 at 6), too few to gain measurably.
+RECIPE = DEMO_CONFIG
 CHECK = "retrained_model_is_champion"
 
 
@@ -133,12 +134,13 @@ def test_a_reviewed_round_promotes_and_a_random_drop_does_not(sqlite_server, ins
     accuracy = float(np.mean(served.predict(test.features.numpy()) == test.labels.numpy()))
     assert accuracy == pytest.approx(client.get_run(child).data.metrics["test_accuracy"], abs=1e-6)
 
-    # Round 2 from the champion: the flagged examples kept, as many random examples dropped instead.
+    # Round 2 from the champion: the flagged examples kept, 600 random examples dropped instead (a drop
+    # of 150 left too few test digits changed, 2 better and none worse, for the interval to say anything).
     def random_drop(queue):
         _decide(child, queue["example_id"], "keep")
         ids = pd.read_parquet(RunLayout.for_run(child, outputs_base()).examples).query("split == 'train'")["example_id"]
         others = np.setdiff1d(ids, queue["example_id"])
-        _decide(child, np.random.default_rng(0).choice(others, size=150, replace=False), "drop")
+        _decide(child, np.random.default_rng(0).choice(others, size=600, replace=False), "drop")
 
     grandchild, row2, result2 = _round(instance, child, random_drop)
     gains2 = _correct(grandchild, url, RECIPE) - _correct(child, url, RECIPE)

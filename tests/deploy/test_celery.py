@@ -105,8 +105,7 @@ def setting(tmp_path_factory, redis_server):
 
 @pytest.fixture
 def workers(setting):
-    """Two ``dagster-celery`` workers (one task at a time each) on the ``dagster`` and ``gpu`` queues
-    (one ``-q`` with both: Celery keeps only the last of several),
+    """Two ``dagster-celery`` workers (one task at a time each) on the ``dagster`` and ``gpu`` queues,
     each in its own process group, ready once both answer a ping; ended at teardown."""
     module = setting["module"]
     config = setting["root"] / "worker.yaml"
@@ -118,8 +117,7 @@ def workers(setting):
     for name in WORKERS:
         log = (setting["root"] / f"{name}.log").open("wb")
         processes[name] = subprocess.Popen(
-            [str(bin_dir / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(config),
-             "-q", "dagster,gpu", "-n", name, "--", "--concurrency=1", "--pool=prefork"],
+            module.worker_command(str(config), name),
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True,
         )
     app = _control_app(setting["broker"])

@@ -77,6 +77,13 @@ def check_broker(url: str, timeout_s: float = BROKER_PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def worker_command(config_yaml: str, name: str, queues: str = "dagster,gpu") -> list[str]:
+    """``dagster-celery worker start`` for one worker named ``name`` that runs one task at a time (one
+    per GPU) from ``queues``, given once with commas: Celery keeps only the last of several ``-q``."""
+    return ["dagster-celery", "worker", "start", "-A", "dagster_celery.app", "-y", config_yaml, "-q", queues,
+            "-n", name, "--", "--concurrency=1", "--pool=prefork"]
+
+
 class CheckedCeleryExecutor(CeleryExecutor):
     """dagster-celery's executor that first checks the broker: otherwise a run would fail only after
     Celery's retries, with a traceback from deep inside kombu."""

@@ -1,5 +1,7 @@
 """Datasets with stable example ids: bundled scikit-learn data or any CSV / parquet table.
 
+Tables are read a batch of rows at a time (``table_files``), never whole.
+
 An example's ``example_id`` is fixed when the data is loaded (the row's position in the source,
 or the table's own ``example_id`` column) and travels with it through splits, subsets, label noise
 and relabelling, so scores, review decisions and retraining all talk about the same example.
@@ -13,11 +15,10 @@ from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import ConfigurationError, InputError
-from ..influence.loss_tables import ID_COLUMN
+from .table_files import read_table
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
 NOISE_KINDS = ("uniform", "confusable")
@@ -198,11 +199,7 @@ def _load_raw(name: str, label_column: str):
         )
     if not path.is_file():
         raise InputError(f"dataset {path}: no such file")
-    try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any parser failure is bad input, reported with the file
-        raise InputError(f"dataset {path}: cannot be read ({exc})") from None
-    return _from_frame(frame, label_column, str(path))
+    return read_table(path, label_column)
 
 
 @lru_cache(maxsize=1)
@@ -219,40 +216,6 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
     features.setflags(write=False)
     labels.setflags(write=False)
     return features, labels
-
-
-def _from_frame(frame: pd.DataFrame, label_column: str, source: str):
-    if label_column not in frame.columns:
-        raise InputError(
-            f"dataset {source}: has no label column {label_column!r} (columns: {list(frame.columns)})"
-        )
-    if frame[label_column].isna().any():
-        raise InputError(f"dataset {source}: label column {label_column!r} has missing values")
-    if ID_COLUMN in frame.columns:
-        ids = frame[ID_COLUMN]
-        if not pd.api.types.is_integer_dtype(ids):
-            raise InputError(f"dataset {source}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
-        if ids.duplicated().any():
-            dupes = ids[ids.duplicated()].unique()[:5].tolist()
-            raise InputError(f"dataset {source}: column '{ID_COLUMN}' has duplicate ids, e.g. {dupes}")
-        ids = ids.to_numpy(np.int64)
-    else:
-        ids = np.arange(len(frame), dtype=np.int64)
-    feature_cols = [c for c in frame.columns if c not in (label_column, ID_COLUMN)]
-    if not feature_cols:
-        raise InputError(f"dataset {source}: has no feature columns besides {label_column!r}")
-    non_numeric = [c for c in feature_cols if not (pd.api.types.is_numeric_dtype(frame[c]))]
-    if non_numeric:
-        raise InputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
-    features = frame[feature_cols].to_numpy(np.float64)
-    missing = ~np.isfinite(features)
-    if missing.any():
-        bad = [c for c, n in zip(feature_cols, missing.sum(axis=0)) if n]
-        raise InputError(f"dataset {source}: feature column(s) {bad} have missing or infinite values")
-    classes, labels = np.unique(frame[label_column].to_numpy(), return_inverse=True)
-    if len(classes) < 2:
-        raise InputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
-    return ids, features, labels.astype(np.int64), tuple(str(c) for c in classes), source, tuple(map(str, feature_cols))
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source: str):
