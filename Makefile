@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements/constraints.txt torch==2.13.0
 	# setuptools' "Editable installation" banner warns about a folder named like the package: that folder is the package
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy,hf]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,bench,deploy,hf,trak]'
 	touch $(STAMP)
 
 setup: $(STAMP)

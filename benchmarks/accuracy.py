@@ -60,6 +60,7 @@ from z0inf_pipeline.influence import (
 from z0inf_pipeline.influence.analysis import InfluenceArguments, TrainTestArguments
 from z0inf_pipeline.influence.estimators import InfluenceFactors, combine_standardised, influence_features
 from z0inf_pipeline.influence.directions import ForwardAccess, direction_checkpoint_positions, direction_features
+from z0inf_pipeline.influence.trak import trak_checkpoint_positions, trak_features
 from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS, flag_score, loss_signals
 from z0inf_pipeline.review.policy import FlagPolicy, flag_scores, held_out_excess
@@ -296,34 +297,15 @@ def tracin_train_test(run: TrainResult, last_layer_only: bool = False) -> tuple[
     return scores.T.numpy().astype(np.float64), clock.seconds
 
 
-def trak_train_test(run: TrainResult, checkpoint_positions: list[int], proj_dim: int) -> tuple[np.ndarray, float]:
-    """TRAK scores (N, M) with one model id per checkpoint, on CPU with trak's BasicProjector."""
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
-
+def trak_train_test(run: TrainResult, trak_checkpoints: int, proj_dim: int) -> tuple[np.ndarray, float]:
+    """TRAK scores (N, M) over every parameter, as ``--method trak`` computes them (``influence.trak``)."""
     checkpoints = open_checkpoints(run.checkpoints)
-    model = build_model(run.model_spec)
-    grad_dim = sum(p.numel() for p in model.parameters())
-    train_split, test_split = run.bundle.train, run.bundle.test
-    with Stopwatch() as clock, tempfile.TemporaryDirectory(prefix="trak.") as work:
-        traker = TRAKer(
-            model=model, task="image_classification", train_set_size=len(train_split), save_dir=work,
-            device="cpu", use_half_precision=False, logging_level=logging.WARNING,
-            projector=BasicProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=0, device="cpu",
-                                     proj_type=ProjectionType.rademacher, dtype=torch.float32),
-        )
-        for model_id, position in enumerate(checkpoint_positions):
-            traker.load_checkpoint(load_state_dict(checkpoints[position]), model_id=model_id)
-            for start in range(0, len(train_split), 512):
-                batch = (train_split.features[start : start + 512], train_split.labels[start : start + 512])
-                traker.featurize(batch=batch, num_samples=len(batch[1]))
-        traker.finalize_features()
-        for model_id, position in enumerate(checkpoint_positions):
-            traker.start_scoring_checkpoint(exp_name="test", checkpoint=load_state_dict(checkpoints[position]),
-                                            model_id=model_id, num_targets=len(test_split))
-            traker.score(batch=(test_split.features, test_split.labels), num_samples=len(test_split))
-        scores = np.array(traker.finalize_scores(exp_name="test"), dtype=np.float64)  # (N, M)
-    return scores, clock.seconds
+    positions = trak_checkpoint_positions(trak_checkpoints, len(checkpoints))
+    names = [name for name, _ in build_model(run.model_spec).named_parameters()]
+    with Stopwatch() as clock:
+        scores, _ = trak_features(forward_access(run), [checkpoints[p] for p in positions], names,
+                                  projection_dim=proj_dim)
+    return scores.numpy(), clock.seconds
 
 
 def cleanlab_scores(run: TrainResult, cache: Path) -> tuple[np.ndarray, np.ndarray, float]:
@@ -512,15 +494,13 @@ def evaluate_train_test(report: Report, name: str, subject: TrainTestSubject, ld
 
 def classifier_subject(run: TrainResult, lds_run: TrainResult, z0: Z0Inputs, scale: Scale) -> TrainTestSubject:
     """A classification case: its model spec and data, captum TracInCP and TRAK as peers."""
-    last = len(run.checkpoints) - 1
-    trak_positions = sorted({int(p) for p in np.linspace(last, last // 2, scale.trak_checkpoints).round()})
     model = build_model(run.model_spec)
     head = last_linear(model)
     return TrainTestSubject(
         z0, open_checkpoints(run.checkpoints), forward_access(lds_run), [n for n, _ in model.named_parameters()],
         [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] == head],
         {"TracInCP": lambda: tracin_train_test(lds_run)[0],
-         "TRAK": lambda: trak_train_test(lds_run, trak_positions, scale.trak_proj_dim)[0]},
+         "TRAK": lambda: trak_train_test(lds_run, scale.trak_checkpoints, scale.trak_proj_dim)[0]},
     )
 
 

@@ -24,6 +24,7 @@ from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, s
 from ..errors import InputError
 from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
 from .tracin import tracincp_features
+from .trak import trak_checkpoint_positions, trak_features
 from .estimators import (
     InfluenceFactors,
     NeighborRule,
@@ -114,7 +115,7 @@ class InfluenceArguments(TopKArguments, LossArguments, WindowArguments, GramArgu
     launchpad show each concept where it applies (``cli/influence.py``, ``defs/config.py``)."""
 
 
-TrainTestMethod = Literal["directions", "trajectory", "tracincp"]
+TrainTestMethod = Literal["directions", "trajectory", "tracincp", "trak"]
 
 
 class TrainTestArguments(Settings):
@@ -128,7 +129,9 @@ class TrainTestArguments(Settings):
     run's model and data and falls back to ``trajectory`` (said in the output's metadata) without them.
     ``trajectory``: Z0-Inf's trajectory directions only. ``tracincp`` (opt-in, not zeroth-order): exact
     per-example gradients at every checkpoint, learning-rate weighted (``influence.tracin``); it needs the
-    model and data as ``directions`` does. The CLI spells ``warmup_fraction`` ``--window``."""
+    model and data as ``directions`` does. ``trak`` (opt-in, not zeroth-order, classifiers only): TRAK through the
+    ``traker`` package at a few late checkpoints (``influence.trak``); it needs the model and data too, and
+    refuses a text run by name. The CLI spells ``warmup_fraction`` ``--window``."""
 
     owner: ClassVar[str] = "train-test arguments"
 
@@ -136,7 +139,9 @@ class TrainTestArguments(Settings):
         "directions",
         description="directions: forward passes along random directions (needs the run's model and data; else "
         "falls back to trajectory); trajectory: checkpoint differences only; tracincp: exact per-example gradients "
-        "at every checkpoint (backward passes, memory N x D; needs the model, else falls back to trajectory)",
+        "at every checkpoint (backward passes, memory N x D; needs the model, else falls back to trajectory); "
+        "trak: TRAK (traker) on projected gradients, classification runs only (backward passes; needs the model, "
+        "else falls back to trajectory)",
     )
     warmup_fraction: float = Field(
         0.05,
@@ -160,7 +165,15 @@ class TrainTestArguments(Settings):
     distribution: Literal["rademacher", "gaussian"] = Field(
         "rademacher", description="law of the direction's entries (both have E[u u^T] = I)"
     )
-    seed: int = Field(0, description="directions are regenerated from (seed, step, index), never stored")
+    seed: int = Field(0, description="directions are regenerated from (seed, step, index), never stored; trak: "
+                      "the projection's seed")
+    trak_projection_dim: int = Field(
+        256, ge=1, description="trak: random projection dimension k of each example's gradient (at most N)"
+    )
+    trak_checkpoints: int = Field(
+        4, ge=1, description="trak: checkpoints used (one traker model each), spread over the second half of "
+        "training, always the last"
+    )
     trajectory_weight: float = Field(
         0.0, ge=0.0, description="directions: add this multiple of the trajectory term, both divided by the spread "
         "of their scores per test example (0: directions only)"
@@ -315,7 +328,7 @@ class InfluenceAnalysis:
         """(the train-test method that runs, why it is not the one asked for or None): random directions
         need the run's model and data; without them the trajectory answers."""
         asked = self.train_test_args.method
-        if asked in ("directions", "tracincp") and self.forward is None:
+        if asked in ("directions", "tracincp", "trak") and self.forward is None:
             return "trajectory", ("the run has no model factory and data to run forward passes on (a contract "
                                   f"logged from an outside loop): trajectory-only Z0-Inf instead of {asked}")
         return asked, None
@@ -348,6 +361,11 @@ class InfluenceAnalysis:
             train, test = tracincp_features(self.forward, self.checkpoints, self.parameter_names,
                                             self._step_weights("learning_rate") if recorded else None,
                                             device=self.device)
+            return InfluenceFactors(train, test, None, None)
+        if method == "trak":
+            positions = trak_checkpoint_positions(tt.trak_checkpoints, len(self.checkpoints))
+            train, test = trak_features(self.forward, [self.checkpoints[p] for p in positions], self.parameter_names,
+                                        projection_dim=tt.trak_projection_dim, seed=tt.seed, device=self.device)
             return InfluenceFactors(train, test, None, None)
         positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
         eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]

@@ -12,6 +12,7 @@ import torch
 from ..errors import InputError
 from ..influence.directions import ForwardAccess
 from ..influence.loss_tables import LossTable, compute_loss_table
+from ..influence.trak import text_run_refusal
 from .datasets import DatasetBundle, Split
 from .recording import cross_entropy_per_example
 from .trainer import TrainConfig, training_data
@@ -108,6 +109,13 @@ def forward_access(
         return None
     return ForwardAccess(model_factory, _in_order(data.train, train_ids), _in_order(data.test, test_ids),
                          LOSSES["cross_entropy"], dtype)
+
+
+def refuse_unfit_method(run_id: str, train_config: dict | None, method: str) -> None:
+    """A text run (the LM recipe, ``"recipe": "lm"``) asked for method ``trak`` is refused by name: its data
+    is not rebuilt here, so without this it would silently fall back to the trajectory."""
+    if method == "trak" and (train_config or {}).get("recipe") == "lm":  # training.lm.RECIPE, without transformers
+        raise InputError(text_run_refusal(f"run {run_id}"))
 
 
 def _in_order(split: Split, example_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from ...influence.analysis import InfluenceArguments, TrainTestArguments
-from ...training.reevaluate import forward_access, rebuild_data
+from ...errors import InputError
+from ...training.reevaluate import forward_access, rebuild_data, refuse_unfit_method
 from ..config import TopKConfig
 from ..metadata import run_id_of, table_metadata
 from ..partitions import PER_RUN
@@ -29,6 +30,10 @@ def train_test_influence(
     whose data cannot be rebuilt here gets trajectory-only Z0-Inf, and the metadata says so."""
     run = mlflow.fetch(run_id_of(context))
     args, train_test = config.settings(InfluenceArguments), config.train_test.settings(TrainTestArguments)
+    try:
+        refuse_unfit_method(run.run_id, run.train_config, train_test.method)
+    except InputError as unfit:
+        raise dg.Failure(str(unfit)) from None
     data = rebuild_data(run.run_id, run.train_config, run.model_spec, training_run)
     forward = forward_access(run.build_model, data, loss_tables.train_table().example_ids,
                              loss_tables.test_table().example_ids, dtype=compute.torch_dtype())
