@@ -312,13 +312,13 @@ def flag_scores(scores, policy: FlagPolicy, *, labels=None, loss_tables=None,
     counting = policy.method in ("held_out", "confident")
     errors = _confident_count(scores, labels) if counting else None
     count, counted_by = None, ""
-    if policy.method == "held_out" and errors is not None and loss_tables is not None:
+    # An inherited cut-off decides the flags on its own: the held-out excess is counted only without one.
+    if policy.method == "held_out" and errors is not None and loss_tables is not None and inherited_cutoff is None:
         excess = held_out_excess(*loss_tables)
         if excess is not None:
             count, counted_by = excess.count(errors), excess.describe(errors)
-    flags = _flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors, count)
-    if inherited_cutoff is None:
-        flags = replace(flags, counted_by=counted_by)
+    flags = replace(_flag_values(flag_score(scores, policy.score), policy, inherited_cutoff, errors, count),
+                    counted_by=counted_by)
     defined = [c for c in SIGNAL_COLUMNS if c in scores and scores[c].notna().all()]
     joined = pd.Series("", index=range(len(scores)), dtype=object)
     for column in defined:
