@@ -74,5 +74,6 @@ def test_gpu_tagged_steps_get_a_gpu_and_a_concurrency_limit():
     assert "Z0INF_REVIEW_STORE_URL" in config["env_vars"] and "MLFLOW_TRACKING_URI" in config["env_vars"]
     # the project's own graph: whatever its influence steps are tagged with reaches the executor
     assert k8s.gpu_steps(local.defs.assets) == [
-        "compute_loss_shard", "self_influence", "train_test_influence", "weight_gram"
+        "assemble_train_test_influence", "compute_loss_shard", "compute_projection_shard", "self_influence",
+        "weight_gram",
     ]

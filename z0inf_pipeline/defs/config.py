@@ -56,6 +56,13 @@ class TopKConfig(TopKArguments, LossArguments, SettingsConfig):
 
     train_test: TrainTestConfig = Field(default_factory=TrainTestConfig,
                                         description="the train-test method and its settings")
+    shard_size: int = Field(
+        default=262_144,
+        gt=0,
+        description="directions: training and test examples per shard of the forward passes (rounded up to whole "
+        "compute batches and top-k tiles); each shard is one step, so executors that run steps in parallel "
+        "(celery, k8s) spread the work",
+    )
 
 
 class EstimatorConfig(LossArguments, WindowArguments, SettingsConfig):

@@ -140,7 +140,7 @@ class ComputeResource(dg.ConfigurableResource):
     """Where loss tables and influence are computed: ``device`` auto picks CUDA when present, else CPU."""
 
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:<index>")
-    batch_size: int = Field(default=4096, gt=0, description="examples per forward pass when evaluating losses")
+    batch_size: int = Field(default=4096, gt=0, description="examples per forward pass when evaluating losses and random-direction projections")
     dtype: Literal["float32", "float64"] = Field(default="float32", description="precision of loss evaluation")
 
     def torch_device(self):

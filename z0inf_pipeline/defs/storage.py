@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import dagster as dg
 import numpy as np
@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field
+from safetensors.torch import load_file, save_file
 from upath import UPath
 
 from ..influence.analysis import GramProvenance, gram_to_frame, read_gram_file
@@ -242,11 +243,66 @@ class StoredShardLosses:
         return StoredTable(path).read() if path.exists() else None
 
 
+@dataclass(frozen=True)
+class ProjectionShard:
+    """Examples ``[start, stop)`` of one split, in the loss tables' order: one step's share of the
+    random-direction projections of train-test influence, with what every step computes them with (the
+    perturbed parameters and the train-test settings), so that all shards compute alike."""
+
+    split: str
+    start: int
+    stop: int
+    parameters: tuple[str, ...]
+    train_test: dict
+
+    FILE: ClassVar[str] = "projection_shard.json"
+
+    @property
+    def key(self) -> str:
+        """The shard's name in step keys (``train_test_influence.compute_projection_shard[train_0]``)."""
+        return f"{self.split}_{self.start}"
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({**self.__dict__, "parameters": list(self.parameters)}))
+
+    @classmethod
+    def read(cls, path: UPath) -> "ProjectionShard":
+        raw = json.loads(path.read_text())
+        return cls(**{**raw, "parameters": tuple(raw["parameters"])})
+
+
+@dataclass(frozen=True)
+class ShardProjections:
+    """One shard's rows of the random-direction factors: (examples, checkpoints x directions), float64."""
+
+    shard: ProjectionShard
+    projections: torch.Tensor
+
+    def write_into(self, folder: Path) -> None:
+        self.shard.write(folder / ProjectionShard.FILE)
+        save_file({"projections": self.projections.contiguous()}, folder / "projections.safetensors")
+
+
+@dataclass(frozen=True)
+class StoredShardProjections:
+    """A stored shard of projections, read only when asked: the top-k step holds one shard at a time."""
+
+    shard: ProjectionShard
+    folder: UPath
+
+    @property
+    def projections(self) -> torch.Tensor:
+        """Read from the file on each access (as ``ShardProjections.projections``, without keeping it)."""
+        with local_copy(self.folder / "projections.safetensors") as path:
+            return load_file(path)["projections"]
+
+
 class LossShardsIOManager(dg.ConfigurableIOManager):
-    """The loss-table shards between the steps of one Dagster run: under ``<outputs>/shards/<Dagster run
-    id>/<step>/<output>[/<shard>]``, on the same file system as the run outputs, so that workers on other
-    machines read what their peers wrote. Shard plans are JSON, shard losses parquet (nothing is pickled);
-    shard losses come back as ``StoredShardLosses`` handles."""
+    """The shards between the steps of one Dagster run (of the loss tables and of train-test influence's
+    projections): under ``<outputs>/shards/<Dagster run id>/<step>/<output>[/<shard>]``, on the same file
+    system as the run outputs, so that workers on other machines read what their peers wrote. Shard plans
+    are JSON, shard losses parquet, projections safetensors (nothing is pickled); computed shards come back
+    as ``StoredShardLosses`` and ``StoredShardProjections`` handles."""
 
     base_url: Optional[str] = Field(default=None, description="folder or fsspec URL (unset: as run_outputs)")
 
@@ -254,19 +310,24 @@ class LossShardsIOManager(dg.ConfigurableIOManager):
         folder = outputs_base(self.base_url) / "shards" / run_id / step_key / name
         return folder / mapping_key if mapping_key else folder
 
-    def handle_output(self, context: dg.OutputContext, obj: LossShard | ShardLosses) -> None:
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
         target = self._folder(context.run_id, context.step_key, context.name, context.mapping_key)
         with tempfile.TemporaryDirectory(prefix="z0inf-shard-") as tmp:
             if isinstance(obj, LossShard):
                 obj.write(Path(tmp) / "shard.json")
+            elif isinstance(obj, ProjectionShard):
+                obj.write(Path(tmp) / ProjectionShard.FILE)
             else:
                 obj.write_into(Path(tmp))
             for staged in sorted(Path(tmp).iterdir()):
                 _publish(staged, target / staged.name)
 
-    def load_input(self, context: dg.InputContext) -> LossShard | StoredShardLosses:
+    def load_input(self, context: dg.InputContext):
         upstream = context.upstream_output
         folder = self._folder(upstream.run_id, upstream.step_key, upstream.name, upstream.mapping_key)
+        if (folder / ProjectionShard.FILE).exists():
+            plan = ProjectionShard.read(folder / ProjectionShard.FILE)
+            return StoredShardProjections(plan, folder) if (folder / "projections.safetensors").exists() else plan
         shard = LossShard.read(folder / "shard.json")
         return StoredShardLosses(shard, folder) if (folder / "losses.parquet").exists() else shard
 

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ from pydantic import Field
 from .atomic import atomic_output
 from .checkpoints import Checkpoint, checkpoint_fingerprint, open_checkpoints, select_parameters
 from ..errors import InputError
-from .directions import ForwardAccess, direction_checkpoint_positions, direction_features
+from .directions import DIRECTION_BATCH, ForwardAccess, direction_checkpoint_positions, direction_features
 from .tracin import tracincp_features
 from .trak import trak_checkpoint_positions, trak_features
 from .estimators import (
@@ -31,7 +31,7 @@ from .estimators import (
     combine_standardised,
     influence_features,
     self_influence,
-    topk_of_factors,
+    topk_of_factor_chunks,
     warmup_window,
 )
 from .gram import gram_matrix
@@ -283,15 +283,7 @@ class InfluenceAnalysis:
 
     @cached_property
     def eta(self) -> torch.Tensor | None:
-        return self._step_weights(self.args.eta)
-
-    def _step_weights(self, kind: str) -> torch.Tensor | None:
-        if kind == "uniform":
-            return None
-        missing = [str(c.path) for c in self.checkpoints if c.learning_rate is None]
-        if missing:
-            raise InputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
-        return torch.tensor([c.learning_rate for c in self.checkpoints], dtype=torch.float64)
+        return step_weights(self.checkpoints, self.args.eta)
 
     @cached_property
     def window(self) -> np.ndarray:
@@ -341,14 +333,14 @@ class InfluenceAnalysis:
         tt = self.train_test_args
         method, _ = self.train_test_method
         window = warmup_window(self.steps, tt.warmup_fraction)
-        step_weights = self._step_weights(tt.eta)
+        weights = step_weights(self.checkpoints, tt.eta)
         trajectory = None
         if method == "directions" and tt.trajectory_weight > 0 and self.args.weight_by_correlation:
             raise InputError("train-test: weight_by_correlation multiplies the trajectory term only; it "
                                       "cannot be combined with random directions (set trajectory_weight=0)")
         if method == "trajectory" or (method == "directions" and tt.trajectory_weight > 0):
             keep = torch.from_numpy(window)
-            gram, eta = self._windowed(window, step_weights)
+            gram, eta = self._windowed(window, weights)
             trajectory = influence_features(
                 gram, self.train.values[keep].to(self.device), self.test.values[keep].to(self.device),
                 self._neighbors_within(window, tt.neighbors), eta, tt.neighbor_rule, self.args.center_losses,
@@ -359,7 +351,7 @@ class InfluenceAnalysis:
         if method == "tracincp":
             recorded = all(c.learning_rate is not None for c in self.checkpoints)
             train, test = tracincp_features(self.forward, self.checkpoints, self.parameter_names,
-                                            self._step_weights("learning_rate") if recorded else None,
+                                            step_weights(self.checkpoints, "learning_rate") if recorded else None,
                                             device=self.device)
             return InfluenceFactors(train, test, None, None)
         if method == "trak":
@@ -367,13 +359,8 @@ class InfluenceAnalysis:
             train, test = trak_features(self.forward, [self.checkpoints[p] for p in positions], self.parameter_names,
                                         projection_dim=tt.trak_projection_dim, seed=tt.seed, device=self.device)
             return InfluenceFactors(train, test, None, None)
-        positions = direction_checkpoint_positions(window, tt.direction_checkpoints)
-        eta = None if step_weights is None else step_weights[torch.from_numpy(positions)]
-        train, test = direction_features(
-            self.forward, [self.checkpoints[p] for p in positions], self.parameter_names, eta,
-            directions=tt.directions, step_size=tt.step_size, seed=tt.seed, distribution=tt.distribution,
-            device=self.device,
-        )
+        train, test = train_test_direction_features(self.checkpoints, self.parameter_names, tt, self.forward,
+                                                    device=self.device)
         directions = InfluenceFactors(train.to(self.device), test.to(self.device), None, None)
         if trajectory is None:
             return directions
@@ -410,10 +397,15 @@ class InfluenceAnalysis:
         )
         return require_finite_scores(frame, ["self_influence", "variance_self_influence"], "example_id", "train")
 
-    def topk_frame(self) -> pd.DataFrame:
-        factors = self.train_test_factors()
+    def topk_frame(self, factor_chunks: Iterable[InfluenceFactors] | None = None, *,
+                   tile_rows: int | None = None) -> pd.DataFrame:
+        """The top-k proponents and opponents of every test example, one row per (test example, rank).
+        ``factor_chunks``: INF's factors computed elsewhere, in consecutive chunks of the training table's
+        rows (the pipeline's projection shards, read one at a time; ``topk_of_factor_chunks``, tiles of
+        ``tile_rows``); unset: ``train_test_factors()`` whole."""
         k = min(self.args.topk, len(self.train.example_ids))
-        top = topk_of_factors(factors, k)
+        chunks = [self.train_test_factors()] if factor_chunks is None else factor_chunks
+        top = topk_of_factor_chunks(chunks, k, len(self.train.example_ids), tile_rows=tile_rows)
         M = len(self.test.example_ids)
         train_ids = torch.from_numpy(self.train.example_ids)
         frame = pd.DataFrame(
@@ -427,6 +419,40 @@ class InfluenceAnalysis:
             }
         )
         return require_finite_scores(frame, ["proponent_score", "opponent_score"], "test_example_id", "test")
+
+
+def step_weights(checkpoints: Sequence[Checkpoint], kind: str) -> torch.Tensor | None:
+    """Per-checkpoint weights eta_t: None for uniform, else each checkpoint's recorded learning rate."""
+    if kind == "uniform":
+        return None
+    missing = [str(c.path) for c in checkpoints if c.learning_rate is None]
+    if missing:
+        raise InputError(f"eta='learning_rate' but checkpoints {missing} record no learning_rate")
+    return torch.tensor([c.learning_rate for c in checkpoints], dtype=torch.float64)
+
+
+def train_test_direction_features(
+    checkpoints: Sequence[Checkpoint],
+    parameters: Sequence[str],
+    train_test: TrainTestArguments,
+    forward: ForwardAccess,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = DIRECTION_BATCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the random-direction estimator (``direction_features``) for ``forward``'s train and test
+    examples, at the checkpoints and with the step weights ``train_test`` picks. Each example's row depends
+    on that example alone (and on which ``batch_size`` batch it shares), so shards of the examples that
+    start on batch boundaries get exactly their rows of the whole: the pipeline's projection shards."""
+    window = warmup_window(tuple(c.step for c in checkpoints), train_test.warmup_fraction)
+    positions = direction_checkpoint_positions(window, train_test.direction_checkpoints)
+    weights = step_weights(checkpoints, train_test.eta)
+    return direction_features(
+        forward, [checkpoints[p] for p in positions], parameters,
+        None if weights is None else weights[torch.from_numpy(positions)],
+        directions=train_test.directions, step_size=train_test.step_size, seed=train_test.seed,
+        distribution=train_test.distribution, device=device, batch_size=batch_size,
+    )
 
 
 def require_finite_scores(frame: pd.DataFrame, columns: Sequence[str], id_column: str, split: str) -> pd.DataFrame:

@@ -45,6 +45,11 @@ DISTRIBUTIONS = ("rademacher", "gaussian")
 _ROUNDING_FLOOR = 64 * torch.finfo(torch.float32).eps
 
 
+# Examples per batched forward pass of ``direction_features``: a shard of the examples that starts on a
+# multiple of it is evaluated in the same batches as the whole set, so its projections are the same bits.
+DIRECTION_BATCH = 4096
+
+
 class FiniteDifferenceRoundingWarning(UserWarning):
     """The loss differences along the random directions are close to float32 rounding: raise ``step_size``
     (or evaluate in float64) for a meaningful estimate."""
@@ -274,7 +279,7 @@ def direction_features(
     seed: int = 0,
     distribution: Distribution = "rademacher",
     device: str | torch.device = "cpu",
-    batch_size: int = 4096,
+    batch_size: int = DIRECTION_BATCH,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with A B^T = sum_t eta_t (1/P) S_train(t) S_test(t)^T over ``checkpoints``:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
@@ -236,22 +236,51 @@ def topk_of_factors(
 ) -> TopKInfluence:
     """Top-k proponents and opponents of every test example of INF = ``features``, tile by tile
     (see ``train_test_topk``): any estimator in factor form (trajectory, random directions, both)."""
-    N, M = features.train.shape[0], features.test.shape[0]
+    return topk_of_factor_chunks([features], k, features.train.shape[0], block_size=block_size, tile_rows=tile_rows)
+
+
+def topk_of_factor_chunks(
+    chunks: Iterable["InfluenceFactors"],
+    k: int,
+    train_examples: int,
+    *,
+    block_size: int | None = None,
+    tile_rows: int | None = None,
+) -> TopKInfluence:
+    """``topk_of_factors`` for training rows that arrive in consecutive chunks (each chunk's ``train`` holds
+    its rows, its ``test`` every test example), read one at a time: only one chunk and the running top k
+    per test example are held, so the N x r training factors never exist whole (the pipeline's
+    projection shards). Each block of test examples meets the tiles in training order, so when every
+    chunk but the last is a whole number of tiles the tiles are the same products, merged in the same
+    order, as one chunk of all ``train_examples`` rows: the same numbers."""
+    N = train_examples
     if not isinstance(k, int) or not 1 <= k <= N:
         raise InputError(f"k must be an integer in [1, {N}] (the number of training examples), got {k!r}")
     for name, value in (("block_size", block_size), ("tile_rows", tile_rows)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    device = features.train.device
-    elements = _TOPK_TILE_ELEMENTS.get(device.type, _TOPK_TILE_ELEMENTS["cpu"])
-    block = block_size or min(max(M, 1), _TOPK_TEST_BLOCK.get(device.type, _TOPK_TEST_BLOCK["cpu"]))
-    rows = max(k, tile_rows or elements // block)  # a tile holds at least k candidates
-    parts = [_block_topk(features, slice(start, start + block), N, rows, k) for start in range(0, M, block)]
-    if not parts:
+    best: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # test block start -> (largest, smallest)
+    offset, block, rows, device, dtype = 0, 1, k, torch.device("cpu"), torch.float32
+    for features in chunks:
+        if offset == 0:  # tiles sized once, from the test examples and the device
+            M, device, dtype = features.test.shape[0], features.train.device, features.train.dtype
+            elements = _TOPK_TILE_ELEMENTS.get(device.type, _TOPK_TILE_ELEMENTS["cpu"])
+            block = block_size or min(max(M, 1), _TOPK_TEST_BLOCK.get(device.type, _TOPK_TEST_BLOCK["cpu"]))
+            rows = max(k, tile_rows or elements // block)  # a tile holds at least k candidates
+        for start in range(0, features.test.shape[0], block):
+            best[start] = _block_topk(features, slice(start, start + block), rows, k, offset, best.get(start))
+        offset += features.train.shape[0]
+        del features  # the next chunk is read without this one beside it
+    if offset != N:
+        raise InputError(f"the chunks of training factors hold {offset} training examples, not {N}")
+    if not best:
         empty_i = torch.empty(0, k, dtype=torch.long, device=device)
-        empty_v = torch.empty(0, k, dtype=features.train.dtype, device=device)
+        empty_v = torch.empty(0, k, dtype=dtype, device=device)
         return TopKInfluence(empty_i, empty_v, empty_i, empty_v)
-    return TopKInfluence(*(torch.cat(p) for p in zip(*parts)))
+    (top_v, top_i), (bottom_v, bottom_i) = (
+        tuple(torch.cat(part) for part in zip(*(best[start][side] for start in sorted(best)))) for side in (0, 1)
+    )
+    return TopKInfluence(top_i, top_v, bottom_i, bottom_v)
 
 
 # Top-k tiles: on a CPU a tile of INF (float32) that stays in cache; on a GPU few, large launches.
@@ -259,19 +288,20 @@ _TOPK_TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
 _TOPK_TEST_BLOCK = {"cpu": 64, "cuda": 4096}
 
 
-def _block_topk(features: "InfluenceFactors", columns: slice, N: int, rows: int, k: int) -> tuple[torch.Tensor, ...]:
-    """Top and bottom k over all N training examples for one block of test examples, tile by tile."""
-    best: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices) for largest, smallest
-    for first in range(0, N, rows):
+def _block_topk(
+    features: "InfluenceFactors", columns: slice, rows: int, k: int, offset: int, best
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Top and bottom k of one block of test examples, updated with the chunk's training rows tile by
+    tile: [(values, indices) of the largest, of the smallest], indices counted from the first chunk."""
+    for first in range(0, features.train.shape[0], rows):
         scores = features.scores(columns, slice(first, first + rows))  # (b, n), one row per test example
         kk = min(k, scores.shape[1])
         tile = [scores.topk(kk, dim=1, largest=largest) for largest in (True, False)]
-        tile = [(t.values, t.indices + first) for t in tile]
+        tile = [(t.values, t.indices + (offset + first)) for t in tile]
         if best:
             tile = [_merge_topk(b, t, k, largest) for b, t, largest in zip(best, tile, (True, False))]
         best = tile
-    (top_v, top_i), (bottom_v, bottom_i) = best
-    return top_i, top_v, bottom_i, bottom_v
+    return best
 
 
 def _merge_topk(best, tile, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
