@@ -1,6 +1,6 @@
 """The Celery code location with real parts: Debian's Redis as broker and result store, two
 ``dagster-celery`` worker processes (one task at a time each, as one worker per GPU would), and
-``influence_job`` run on them. Its loss-table shards spread over both workers, a worker SIGKILLed in
+``influence_job`` run on them. Its loss-table and projection shards spread over both workers, a worker SIGKILLed in
 the middle of a shard has that shard finished by the other, and the outputs are the same bytes as the
 in-process executor's. A run whose broker is down fails at once with a named error.
 
@@ -48,10 +48,14 @@ QUIET_LIMIT_S = VISIBILITY_TIMEOUT_S + 300
 # machine takes a minute or two; a worker that exits fails the wait at once).
 WORKER_START_LIMIT_S = 600
 SHARD_STEP = "loss_tables.compute_loss_shard"
+PROJECTION_SHARD_STEP = "train_test_influence.compute_projection_shard"
 # shards of 3 batches: ~1350 digits for training in 4 shards, ~450 for testing in 2, more than workers
 SHARD_SIZE = 384
 RUN_CONFIG = {
-    "ops": {"loss_tables": {"config": {"source": "recompute", "shard_size": SHARD_SIZE}}},
+    "ops": {
+        "loss_tables": {"config": {"source": "recompute", "shard_size": SHARD_SIZE}},
+        "train_test_influence": {"config": {"shard_size": SHARD_SIZE}},
+    },
     "resources": {"compute": {"config": {"batch_size": 128}}},
 }
 
@@ -273,12 +277,13 @@ def test_shards_run_on_both_workers_with_the_in_process_outputs(setting, workers
     result = _finished(setting, _launch(setting))
     with dg.DagsterInstance.get() as instance:
         picked = _worker_of_each_attempt(instance, result.run_id)
-    shards = {key: names for key, names in picked.items() if key.startswith(SHARD_STEP)}
     reference = setting["root"] / "reference" / "runs" / setting["run_id"] / "loss_tables"
     examples = [pq.read_metadata(reference / f"{split}.parquet").num_rows for split in ("train", "test")]
-    assert len(shards) == sum(math.ceil(n / SHARD_SIZE) for n in examples) > len(WORKERS)
-    assert all(len(names) == 1 for names in shards.values())
-    assert {names[0] for names in shards.values()} == set(WORKERS)
+    for step in (SHARD_STEP, PROJECTION_SHARD_STEP):
+        shards = {key: names for key, names in picked.items() if key.startswith(step)}
+        assert len(shards) == sum(math.ceil(n / SHARD_SIZE) for n in examples) > len(WORKERS), step
+        assert all(len(names) == 1 for names in shards.values())
+        assert {names[0] for names in shards.values()} == set(WORKERS), step
     _assert_same_outputs(setting["root"], setting["run_id"])
 
 
