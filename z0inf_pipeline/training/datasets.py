@@ -138,7 +138,7 @@ def _bundle(name, class_names, feature_names, input_shape, train, test, label_no
         num_classes=len(class_names),
         input_shape=input_shape,
         flipped_ids=train_ids[flipped],
-        clean_train_labels=torch.from_numpy(clean.astype(np.int64)),
+        clean_train_labels=torch.from_numpy(clean.astype(np.int64, copy=False)),
         class_names=class_names,
         feature_names=feature_names,
     )
@@ -182,8 +182,10 @@ def curate_train(
     ``clean_train_labels`` and ``flipped_ids`` follow the kept examples."""
     train = bundle.train
     exclude = _known_ids(train, exclude_ids, "exclude_ids")
-    pairs = dict(relabels)
+    pairs = {int(i): int(y) for i, y in relabels}
     _known_ids(train, pairs.keys(), "relabels")
+    if not len(exclude) and not pairs and train_subset is None:
+        return bundle  # nothing to curate: no O(N) set operations on a 10^6-example split
     keep = train.example_ids if train_subset is None else _known_ids(train, train_subset, "train_subset")
     keep = np.setdiff1d(keep, exclude)
     if len(keep) == 0:
@@ -201,7 +203,8 @@ def curate_train(
 
 
 def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
-    wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+    given = ids if isinstance(ids, np.ndarray) else np.fromiter((int(i) for i in ids), dtype=np.int64)
+    wanted = np.unique(given.astype(np.int64, copy=False))
     unknown = np.setdiff1d(wanted, split.example_ids)
     if len(unknown):
         raise InputError(
@@ -212,7 +215,7 @@ def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
 
 def _split(ids: np.ndarray, features: np.ndarray, labels: np.ndarray, input_shape: tuple[int, ...]) -> Split:
     x = torch.from_numpy(features.astype(np.float32, copy=False)).reshape(len(ids), *input_shape)
-    return Split(ids.astype(np.int64), x, torch.from_numpy(labels.astype(np.int64)))
+    return Split(ids.astype(np.int64, copy=False), x, torch.from_numpy(labels.astype(np.int64, copy=False)))
 
 
 def _load_builtin(name: str):
