@@ -572,7 +572,9 @@ def section_scaleout(args) -> None:
         try:
             for count in (1, 2):
                 env["Z0INF_OUTPUTS_URL"] = str(work / f"outputs-{count}")
-                workers = [subprocess.Popen(celery.worker_command(str(config), f"w{i}"), env=env, cwd=work,
+                # the machine's cores shared among its workers, as docs/deployment.md says to start them
+                threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+                workers = [subprocess.Popen(celery.worker_command(str(config), f"w{i}"), env={**env, **threads}, cwd=work,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True) for i in range(count)]
                 try:

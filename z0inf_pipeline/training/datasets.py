@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError, InputError
+from ..influence.loss_tables import sorted_unique
 from .table_files import prepared_table
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
@@ -187,7 +188,7 @@ def curate_train(
     if not len(exclude) and not pairs and train_subset is None:
         return bundle  # nothing to curate: no O(N) set operations on a 10^6-example split
     keep = train.example_ids if train_subset is None else _known_ids(train, train_subset, "train_subset")
-    keep = np.setdiff1d(keep, exclude)
+    keep = np.setdiff1d(keep, exclude, assume_unique=True)
     if len(keep) == 0:
         raise InputError(f"dataset {bundle.name}: curation leaves no training examples")
     mask = np.isin(train.example_ids, keep)
@@ -204,8 +205,8 @@ def curate_train(
 
 def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
     given = ids if isinstance(ids, np.ndarray) else np.fromiter((int(i) for i in ids), dtype=np.int64)
-    wanted = np.unique(given.astype(np.int64, copy=False))
-    unknown = np.setdiff1d(wanted, split.example_ids)
+    wanted = sorted_unique(given.astype(np.int64, copy=False))
+    unknown = np.setdiff1d(wanted, split.example_ids, assume_unique=True)
     if len(unknown):
         raise InputError(
             f"{what}: {len(unknown)} example id(s) are not in the training split, e.g. {unknown[:5].tolist()}"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..influence.loss_tables import LossFn, LossTable, evaluate_losses
+from ..influence.loss_tables import LossFn, LossTable, evaluate_losses, sorted_unique
 from .table_files import release_pages
 
 EVAL_BATCH_SIZE = 1024
@@ -68,7 +68,7 @@ class SplitRecorder:
                 f"{name}: {len(self.example_ids)} example ids, {len(features)} feature rows and "
                 f"{len(labels)} labels; they must match"
             )
-        if len(np.unique(self.example_ids)) != len(self.example_ids):
+        if len(sorted_unique(self.example_ids)) != len(self.example_ids):
             raise InputError(f"{name}: example ids are not unique")
         self.name = name
         self.data = (features, labels)
