@@ -30,6 +30,16 @@ _STEP_COLUMN = re.compile(r"^step_(\d+)$")
 _STEPS_KEY = b"z0inf.steps"
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` by one sort: numpy 2.4 answers a plain ``np.unique`` of integers with a hash
+    table, 0.7-1 s for 10^6 distinct example ids against 0.01 s for a sort, and every step that checks
+    a run's ids paid it."""
+    ordered = np.sort(np.asarray(values).ravel())
+    distinct = np.ones(len(ordered), dtype=bool)
+    distinct[1:] = ordered[1:] != ordered[:-1]
+    return ordered[distinct]
+
+
 def step_column(step: int) -> str:
     return f"step_{int(step)}"
 
@@ -104,7 +114,7 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
     ids = table.column(ID_COLUMN).to_numpy()
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
-    if len(np.unique(ids)) != len(ids):
+    if len(sorted_unique(ids)) != len(ids):
         raise InputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
     values = np.empty((len(steps), len(ids)), dtype=np.float32)
     for t, name in enumerate(step_cols):

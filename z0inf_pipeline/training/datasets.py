@@ -1,6 +1,6 @@
 """Datasets with stable example ids: bundled scikit-learn data or any CSV / parquet table.
 
-Tables are read a batch of rows at a time (``table_files``), never whole.
+Tables are read a batch of rows at a time and mapped from the data cache (``table_files``), never held whole.
 
 An example's ``example_id`` is fixed when the data is loaded (the row's position in the source,
 or the table's own ``example_id`` column) and travels with it through splits, subsets, label noise
@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import numpy as np
 import torch
 
 from ..errors import ConfigurationError, InputError
-from .table_files import read_table
+from ..influence.loss_tables import sorted_unique
+from .table_files import prepared_table
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
 NOISE_KINDS = ("uniform", "confusable")
@@ -82,28 +83,65 @@ def load_dataset(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ConfigurationError(f"test_fraction {test_fraction}: must be between 0 and 1")
-    ids, features, labels, class_names, source, feature_names = _load_raw(name, label_column)
+    if name not in BUILTIN_DATASETS:
+        return _table_bundle(name, seed, test_fraction, label_noise, label_column, image)
+    ids, features, labels, class_names, feature_names = _load_builtin(name)
     if image and name != "digits":
         raise InputError(f"dataset {name}: image=True is only available for digits")
     input_shape = _DIGITS_IMAGE_SHAPE if image else (features.shape[1],)
-    train_pos, test_pos = _stratified_split(labels, test_fraction, seed, source)
+    train_pos, test_pos = _stratified_split(labels, test_fraction, seed, name)
     train_x, test_x = _standardise(features[train_pos], features[test_pos], per_feature=not image)
-    _check_standardised(train_x, test_x, feature_names, source)
-    num_classes = len(class_names)
+    _check_standardised(train_x, test_x, feature_names, name)
     clean = labels[train_pos]
-    noisy, flipped = clean, np.zeros(len(train_pos), dtype=bool)
+    return _bundle(
+        name, class_names, () if image else feature_names, input_shape,
+        (ids[train_pos], train_x, clean, lambda: class_centroids(train_x, clean, len(class_names))),
+        (ids[test_pos], test_x, labels[test_pos]), label_noise,
+    )
+
+
+def _table_bundle(name: str, seed: int, test_fraction: float, label_noise: LabelNoise | None,
+                  label_column: str, image: bool) -> DatasetBundle:
+    """A CSV or parquet table, split and standardised once into the data cache (``table_files``) and mapped
+    from there: features are never read whole into memory."""
+    path = Path(name)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise InputError(
+            f"dataset {name!r}: not a known dataset ({', '.join(BUILTIN_DATASETS)}) nor a .csv/.parquet file"
+        )
+    if not path.is_file():
+        raise InputError(f"dataset {path}: no such file")
+    if image:
+        raise InputError(f"dataset {name}: image=True is only available for digits")
+    table = prepared_table(
+        path, label_column, lambda labels: _stratified_split(labels, test_fraction, seed, name),
+        {"seed": seed, "test_fraction": test_fraction},
+    )
+    width = len(table.feature_names)
+    return _bundle(
+        name, table.class_names, table.feature_names, (width,),
+        (table.train_ids, table.train_features, table.train_labels, lambda: table.train_class_centroids),
+        (table.test_ids, table.test_features, table.test_labels), label_noise,
+    )
+
+
+def _bundle(name, class_names, feature_names, input_shape, train, test, label_noise) -> DatasetBundle:
+    """The bundle of a split dataset, with its label noise: ``train`` is (ids, features, clean labels, its
+    standardised class centroids on demand), ``test`` (ids, features, labels)."""
+    train_ids, train_x, clean, centroids = train
+    noisy, flipped = clean, np.zeros(len(clean), dtype=bool)
     if label_noise is not None and label_noise.fraction > 0:
-        noisy, flipped = _inject_noise(clean, train_x, num_classes, label_noise)
+        noisy, flipped = _inject_noise(clean, len(class_names), label_noise, centroids)
     return DatasetBundle(
         name=name,
-        train=_split(ids[train_pos], train_x, noisy, input_shape),
-        test=_split(ids[test_pos], test_x, labels[test_pos], input_shape),
-        num_classes=num_classes,
+        train=_split(train_ids, train_x, noisy, input_shape),
+        test=_split(*test, input_shape),
+        num_classes=len(class_names),
         input_shape=input_shape,
-        flipped_ids=ids[train_pos][flipped],
-        clean_train_labels=torch.from_numpy(clean.astype(np.int64)),
+        flipped_ids=train_ids[flipped],
+        clean_train_labels=torch.from_numpy(clean.astype(np.int64, copy=False)),
         class_names=class_names,
-        feature_names=() if image else feature_names,
+        feature_names=feature_names,
     )
 
 
@@ -111,6 +149,8 @@ def subset(split: Split, keep_ids: Iterable[int]) -> Split:
     """The examples of ``split`` whose id is in ``keep_ids``, in the split's own order."""
     keep = _known_ids(split, keep_ids, "subset")
     mask = torch.from_numpy(np.isin(split.example_ids, keep))
+    if bool(mask.all()):  # a view, not a copy: a mapped table's features stay on disk until touched
+        return split
     return Split(split.example_ids[mask.numpy()], split.features[mask], split.labels[mask])
 
 
@@ -143,10 +183,12 @@ def curate_train(
     ``clean_train_labels`` and ``flipped_ids`` follow the kept examples."""
     train = bundle.train
     exclude = _known_ids(train, exclude_ids, "exclude_ids")
-    pairs = dict(relabels)
+    pairs = {int(i): int(y) for i, y in relabels}
     _known_ids(train, pairs.keys(), "relabels")
+    if not len(exclude) and not pairs and train_subset is None:
+        return bundle  # nothing to curate: no O(N) set operations on a 10^6-example split
     keep = train.example_ids if train_subset is None else _known_ids(train, train_subset, "train_subset")
-    keep = np.setdiff1d(keep, exclude)
+    keep = np.setdiff1d(keep, exclude, assume_unique=True)
     if len(keep) == 0:
         raise InputError(f"dataset {bundle.name}: curation leaves no training examples")
     mask = np.isin(train.example_ids, keep)
@@ -162,8 +204,9 @@ def curate_train(
 
 
 def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
-    wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
-    unknown = np.setdiff1d(wanted, split.example_ids)
+    given = ids if isinstance(ids, np.ndarray) else np.fromiter((int(i) for i in ids), dtype=np.int64)
+    wanted = sorted_unique(given.astype(np.int64, copy=False))
+    unknown = np.setdiff1d(wanted, split.example_ids, assume_unique=True)
     if len(unknown):
         raise InputError(
             f"{what}: {len(unknown)} example id(s) are not in the training split, e.g. {unknown[:5].tolist()}"
@@ -172,34 +215,25 @@ def _known_ids(split: Split, ids: Iterable[int], what: str) -> np.ndarray:
 
 
 def _split(ids: np.ndarray, features: np.ndarray, labels: np.ndarray, input_shape: tuple[int, ...]) -> Split:
-    x = torch.from_numpy(features.astype(np.float32)).reshape(len(ids), *input_shape)
-    return Split(ids.astype(np.int64), x, torch.from_numpy(labels.astype(np.int64)))
+    x = torch.from_numpy(features.astype(np.float32, copy=False)).reshape(len(ids), *input_shape)
+    return Split(ids.astype(np.int64, copy=False), x, torch.from_numpy(labels.astype(np.int64, copy=False)))
 
 
-def _load_raw(name: str, label_column: str):
-    """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors, feature names)."""
+def _load_builtin(name: str):
+    """(ids, float64 features (N, D), int labels 0..C-1, class names, feature names) of a built-in dataset."""
     if name == "mnist1d":
         features, labels = _mnist1d()
         names = tuple(str(c) for c in range(10))
         feature_names = tuple(f"x{i}" for i in range(features.shape[1]))
-        return np.arange(len(labels), dtype=np.int64), features, labels, names, name, feature_names
-    if name in BUILTIN_DATASETS:
-        from sklearn import datasets
+        return np.arange(len(labels), dtype=np.int64), features, labels, names, feature_names
+    from sklearn import datasets
 
-        data = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
-                "wine": datasets.load_wine}[name]()
-        names = tuple(str(n) for n in data.target_names)
-        features = data.data.astype(np.float64)
-        feature_names = tuple(str(n) for n in getattr(data, "feature_names", range(features.shape[1])))
-        return np.arange(len(data.target), dtype=np.int64), features, data.target, names, name, feature_names
-    path = Path(name)
-    if path.suffix.lower() not in (".csv", ".parquet"):
-        raise InputError(
-            f"dataset {name!r}: not a known dataset ({', '.join(BUILTIN_DATASETS)}) nor a .csv/.parquet file"
-        )
-    if not path.is_file():
-        raise InputError(f"dataset {path}: no such file")
-    return read_table(path, label_column)
+    data = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
+            "wine": datasets.load_wine}[name]()
+    names = tuple(str(n) for n in data.target_names)
+    features = data.data.astype(np.float64)
+    feature_names = tuple(str(n) for n in getattr(data, "feature_names", range(features.shape[1])))
+    return np.arange(len(data.target), dtype=np.int64), features, data.target, names, feature_names
 
 
 @lru_cache(maxsize=1)
@@ -251,7 +285,7 @@ def _check_standardised(train: np.ndarray, test: np.ndarray, feature_names: tupl
         )
 
 
-def _inject_noise(clean: np.ndarray, features: np.ndarray, num_classes: int, noise: LabelNoise):
+def _inject_noise(clean: np.ndarray, num_classes: int, noise: LabelNoise, centroids: Callable[[], np.ndarray]):
     rng = np.random.default_rng(noise.seed)
     count = int(round(noise.fraction * len(clean)))
     chosen = rng.choice(len(clean), size=count, replace=False)
@@ -259,15 +293,24 @@ def _inject_noise(clean: np.ndarray, features: np.ndarray, num_classes: int, noi
     if noise.kind == "uniform":
         noisy[chosen] = (clean[chosen] + rng.integers(1, num_classes, size=count)) % num_classes
     else:
-        noisy[chosen] = confusable_classes(features, clean, num_classes)[clean[chosen]]
+        noisy[chosen] = nearest_other_class(centroids())[clean[chosen]]
     flipped = np.zeros(len(clean), dtype=bool)
     flipped[chosen] = True
     return noisy, flipped
 
 
-def confusable_classes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+def class_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean feature vector of each class, (C, D)."""
+    return np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
+
+
+def nearest_other_class(centroids: np.ndarray) -> np.ndarray:
     """For each class, the other class whose centroid is nearest to its own (ties to the lower class)."""
-    centroids = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
     distances = ((centroids[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=-1)
     np.fill_diagonal(distances, np.inf)
     return distances.argmin(axis=1)
+
+
+def confusable_classes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """For each class, the other class whose centroid is nearest to its own (ties to the lower class)."""
+    return nearest_other_class(class_centroids(features, labels, num_classes))

@@ -18,9 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..influence.loss_tables import LossFn, LossTable, evaluate_losses
+from ..influence.loss_tables import LossFn, LossTable, evaluate_losses, sorted_unique
+from .table_files import release_pages
 
 EVAL_BATCH_SIZE = 1024
+# Rows evaluated between two ``release_pages`` calls: a table mapped from the data cache is read in
+# slices of this many rows, so a checkpoint's evaluation holds one slice of it, not the whole split.
+RECORD_CHUNK_ROWS = 64 * EVAL_BATCH_SIZE
 # Hugging Face conventions: label tokens -100 are not scored; the inputs a causal LM is called with.
 IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -64,7 +68,7 @@ class SplitRecorder:
                 f"{name}: {len(self.example_ids)} example ids, {len(features)} feature rows and "
                 f"{len(labels)} labels; they must match"
             )
-        if len(np.unique(self.example_ids)) != len(self.example_ids):
+        if len(sorted_unique(self.example_ids)) != len(self.example_ids):
             raise InputError(f"{name}: example ids are not unique")
         self.name = name
         self.data = (features, labels)
@@ -95,8 +99,12 @@ class SplitRecorder:
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
         if self.data[0].device != device:  # moved once, then kept where the model lives
             self.data = tuple(t.to(device) for t in self.data)
-        self._values[row] = evaluate_losses(model, self.data, loss_and_hits, device=device,
-                                            batch_size=EVAL_BATCH_SIZE)
+        features, targets = self.data
+        for start in range(0, len(targets), RECORD_CHUNK_ROWS):  # whole batches: the same bits as one pass
+            rows = slice(start, start + RECORD_CHUNK_ROWS)
+            self._values[row, rows] = evaluate_losses(model, (features[rows], targets[rows]), loss_and_hits,
+                                                      device=device, batch_size=EVAL_BATCH_SIZE)
+            release_pages()
         self.steps.append(int(step))
         summary = {f"{self.name}_loss": float(self._values[row].mean())}
         if scored:

@@ -122,6 +122,8 @@ def _in_order(split: Split, example_ids: np.ndarray) -> tuple[torch.Tensor, torc
     order = pd.Index(split.example_ids).get_indexer(example_ids)
     if (order < 0).any():
         raise InputError("loss tables: hold example ids that the rebuilt data does not")
+    if len(order) == len(split) and np.array_equal(order, np.arange(len(order))):
+        return split.features, split.labels  # already in order: no copy of a mapped table's features
     index = torch.from_numpy(order)
     return split.features[index], split.labels[index]
 

@@ -1,15 +1,27 @@
-"""CSV and parquet datasets read with pyarrow datasets a batch of rows at a time, never as one table.
+"""CSV and parquet datasets: read a batch of rows at a time with pyarrow datasets, prepared once into
+memory-mapped arrays, so no process ever holds the table whole.
 
-A table of 10^6+ rows read whole (pandas) held the parsed table, its float64 copy and pandas' parsing
-buffers at once. Here a first pass reads only the label and id columns, a second pass the feature
-columns, batch by batch, straight into the one float64 feature array the caller needs; what pyarrow
-holds meanwhile is bounded by its read-ahead, not by the file's size.
+Why: a table of 10^6+ rows held as arrays costs several times its size (the float64 features, each
+split's copy, the standardised copy), and it did so in every process that used it: training, and each
+loss-table shard step, which rebuilt the whole dataset to evaluate its slice. Now the first process to
+need a table streams it (three passes: ids and labels, the training split's statistics, the standardised
+rows) into flat files in the data cache, keyed by the file's identity and the split; every later load
+maps those files. A process holds only the pages it touches: a shard step its own rows, training the
+batches drawn since it last called ``release_pages``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,17 +31,88 @@ import pyarrow.dataset as ds
 
 from ..errors import InputError
 from ..influence.loss_tables import ID_COLUMN
+from ..settings import data_dir
 
 # Rows per batch: 65,536 rows of 100 float64 features are 50 MB, small beside the feature array of
 # a table worth streaming, large enough that per-batch costs vanish.
 READ_BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES = 1 << 17
+# Bump when the prepared files' content or layout changes: older caches are then never read.
+PREPARED_FORMAT = 1
+SplitPositions = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+# Feature maps this process opened, so ``release_pages`` can hand their resident pages back.
+_OPEN_MAPS: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()
 
 
-def read_table(path: Path, label_column: str, *, batch_rows: int = READ_BATCH_ROWS):
-    """(ids, float64 features (N, D), int labels 0..C-1, class names, description for errors, feature
-    names) of a ``.csv`` or ``.parquet`` file, read ``batch_rows`` rows at a time; bad content is an
-    InputError naming the file and the column."""
+@dataclass(frozen=True)
+class TableFile:
+    """A CSV or parquet file opened for batched reads: its label column and numeric feature columns checked."""
+
+    dataset: ds.Dataset
+    source: str
+    label_column: str
+    feature_names: tuple[str, ...]
+
+    def batches(self, columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """``columns`` in record batches of at most ``batch_rows`` rows, in file order; a value that does not
+        parse as its column's type is an InputError naming the file."""
+        try:
+            yield from self.dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1,
+                                               fragment_readahead=1)
+        except pa.ArrowException as exc:
+            raise InputError(f"dataset {self.source}: cannot be read ({exc})") from None
+
+    def feature_batches(self, batch_rows: int = READ_BATCH_ROWS) -> Iterator[np.ndarray]:
+        """The feature columns as float64 (rows, D) arrays, a batch at a time; a missing or infinite value is
+        an InputError naming the file and the column."""
+        for batch in self.batches(list(self.feature_names), batch_rows):
+            features = np.empty((batch.num_rows, len(self.feature_names)), dtype=np.float64)
+            for j, column in enumerate(batch.columns):
+                features[:, j] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+            missing = ~np.isfinite(features).all(axis=0)
+            if missing.any():
+                bad = [c for c, m in zip(self.feature_names, missing) if m]
+                raise InputError(f"dataset {self.source}: feature column(s) {bad} have missing or infinite values")
+            yield features
+
+    def ids_and_labels(self, batch_rows: int = READ_BATCH_ROWS) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+        """The id column (row positions without one) and the labels mapped to 0..C-1, with the class names."""
+        schema = self.dataset.schema
+        has_ids = ID_COLUMN in schema.names
+        if has_ids and not pa.types.is_integer(schema.field(ID_COLUMN).type):
+            raise InputError(
+                f"dataset {self.source}: column '{ID_COLUMN}' must hold integers, not {schema.field(ID_COLUMN).type}"
+            )
+        wanted = [self.label_column, ID_COLUMN] if has_ids else [self.label_column]
+        label_parts, id_parts = [], []
+        for batch in self.batches(wanted, batch_rows):
+            label_parts.append(batch.column(0))
+            if has_ids:
+                id_parts.append(batch.column(1))
+        labels = pa.chunked_array(label_parts, type=schema.field(self.label_column).type)
+        if labels.null_count:
+            raise InputError(f"dataset {self.source}: label column {self.label_column!r} has missing values")
+        if has_ids:
+            ids_column = pa.chunked_array(id_parts, type=schema.field(ID_COLUMN).type)
+            if ids_column.null_count:
+                raise InputError(f"dataset {self.source}: column '{ID_COLUMN}' has missing values")
+            ids = ids_column.to_numpy().astype(np.int64)
+            unique, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                raise InputError(
+                    f"dataset {self.source}: column '{ID_COLUMN}' has duplicate ids, e.g. {unique[counts > 1][:5].tolist()}"
+                )
+        else:
+            ids = np.arange(len(labels), dtype=np.int64)
+        classes, codes = np.unique(labels.to_numpy(zero_copy_only=False), return_inverse=True)
+        if len(classes) < 2:
+            raise InputError(f"dataset {self.source}: label column {self.label_column!r} has fewer than two classes")
+        return ids, codes.astype(np.int64), tuple(str(c) for c in classes)
+
+
+def open_table(path: Path, label_column: str) -> TableFile:
+    """``path`` opened for batched reads, its columns checked; bad content is an InputError naming the file."""
     source = str(path)
     dataset = _open(path)
     columns = dataset.schema.names
@@ -41,27 +124,161 @@ def read_table(path: Path, label_column: str, *, batch_rows: int = READ_BATCH_RO
     non_numeric = [c for c in feature_cols if not _numeric(dataset.schema.field(c).type)]
     if non_numeric:
         raise InputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
-    ids, labels, classes = _ids_and_labels(dataset, label_column, source, batch_rows)
-    features = np.empty((len(labels), len(feature_cols)), dtype=np.float64)
-    row = 0
-    for batch in table_batches(dataset, feature_cols, source, batch_rows):
-        for j, column in enumerate(batch.columns):
-            features[row : row + batch.num_rows, j] = _as_float64(column)
-        row += batch.num_rows
-    missing = ~np.isfinite(features)
-    if missing.any():
-        bad = [c for c, n in zip(feature_cols, missing.sum(axis=0)) if n]
-        raise InputError(f"dataset {source}: feature column(s) {bad} have missing or infinite values")
-    return ids, features, labels, classes, source, tuple(feature_cols)
+    return TableFile(dataset, source, label_column, tuple(feature_cols))
 
 
-def table_batches(dataset: ds.Dataset, columns: list[str], source: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """``columns`` of ``dataset`` in record batches of at most ``batch_rows`` rows, in file order; a
-    value that does not parse as its column's type is an InputError naming the file."""
+@dataclass(frozen=True)
+class PreparedTable:
+    """A table split and standardised with its training split's statistics (per feature). Features are
+    float32 arrays mapped from the data cache (copy-on-write: writing to them changes nothing on disk);
+    ``train_class_centroids`` are the standardised training features' class means (for confusable noise)."""
+
+    source: str
+    class_names: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    train_ids: np.ndarray
+    train_labels: np.ndarray
+    train_features: np.ndarray
+    test_ids: np.ndarray
+    test_labels: np.ndarray
+    test_features: np.ndarray
+    train_class_centroids: np.ndarray
+
+
+def prepared_table(
+    path: Path, label_column: str, split_positions: SplitPositions, split_key: dict, *, batch_rows: int = READ_BATCH_ROWS
+) -> PreparedTable:
+    """The table at ``path`` split by ``split_positions(labels)`` (sorted row positions of train and test)
+    and standardised, from the data cache; prepared there first, a batch at a time, if missing.
+    ``split_key`` names everything the split depends on (seed, test fraction): it is part of the cache key."""
+    folder = _cache_folder(path, label_column, split_key)
+    if not (folder / "meta.json").is_file():
+        _prepare(open_table(path, label_column), split_positions, folder, batch_rows)
+    return _load(folder, str(path))
+
+
+def release_pages() -> None:
+    """Hand back the resident pages of every prepared table this process mapped: they stay valid and are
+    read again from the page cache when touched. Training calls it every few steps, so its memory holds
+    recent batches, not every row an epoch has drawn so far."""
+    for mapped in list(_OPEN_MAPS):
+        if not mapped.closed:
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def _cache_folder(path: Path, label_column: str, split_key: dict) -> Path:
+    """``<data dir>/cache/tables/<key>``: the key hashes the file's identity (resolved path, size, modification
+    time), the label column, the split and the format, so a changed file or split is prepared anew."""
     try:
-        yield from dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
-    except pa.ArrowException as exc:
-        raise InputError(f"dataset {source}: cannot be read ({exc})") from None
+        stat = path.stat()
+    except OSError as exc:
+        raise InputError(f"dataset {path}: cannot be read ({exc.strerror})") from None
+    identity = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "label_column": label_column, "split": split_key, "format": PREPARED_FORMAT}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return data_dir() / "cache" / "tables" / key
+
+
+def _prepare(table: TableFile, split_positions: SplitPositions, folder: Path, batch_rows: int) -> None:
+    """Write the prepared files into a temporary folder renamed into place: a reader sees all or nothing, and
+    of two processes preparing the same table at once, the second keeps the first one's files."""
+    ids, labels, class_names = table.ids_and_labels(batch_rows)
+    train_pos, test_pos = split_positions(labels)
+    is_train = np.zeros(len(labels), dtype=bool)
+    is_train[train_pos] = True
+    mean, scale, centroids = _training_statistics(table, is_train, labels, len(class_names), batch_rows)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        with open(work / "train_features.f32", "wb") as train_out, open(work / "test_features.f32", "wb") as test_out:
+            row = 0
+            for features in table.feature_batches(batch_rows):
+                standardised = ((features - mean) / scale).astype(np.float32)
+                in_train = is_train[row : row + len(features)]
+                standardised[in_train].tofile(train_out)
+                standardised[~in_train].tofile(test_out)
+                row += len(features)
+        arrays = {"train_ids": ids[train_pos], "train_labels": labels[train_pos], "test_ids": ids[test_pos],
+                  "test_labels": labels[test_pos], "train_class_centroids": centroids}
+        for name, values in arrays.items():
+            np.save(work / f"{name}.npy", values, allow_pickle=False)
+        meta = {"format": PREPARED_FORMAT, "class_names": list(class_names), "feature_names": list(table.feature_names),
+                "train_rows": len(train_pos), "test_rows": len(test_pos)}
+        (work / "meta.json").write_text(json.dumps(meta))
+        try:
+            work.rename(folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _training_statistics(table: TableFile, is_train: np.ndarray, labels: np.ndarray, num_classes: int,
+                         batch_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-feature mean and scale (population standard deviation, 1 where it is 0) of the training rows, and
+    the standardised class centroids, in one float64 pass. Sums are taken about the first training row, so
+    a column far from zero keeps its precision; values too large for float64 sums are refused by name."""
+    width = len(table.feature_names)
+    shift = None
+    count, total, squares = 0, np.zeros(width), np.zeros(width)
+    class_totals, class_counts = np.zeros((num_classes, width)), np.zeros(num_classes)
+    row = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for features in table.feature_batches(batch_rows):
+            rows = slice(row, row + len(features))
+            row += len(features)
+            train = features[is_train[rows]]
+            if not len(train):
+                continue
+            shift = train[0].copy() if shift is None else shift
+            centred = train - shift
+            count += len(train)
+            total += centred.sum(axis=0)
+            squares += (centred * centred).sum(axis=0)
+            one_hot = np.eye(num_classes)[labels[rows][is_train[rows]]]
+            class_totals += one_hot.T @ centred
+            class_counts += one_hot.sum(axis=0)
+        mean_offset = total / count
+        variance = np.maximum(squares / count - mean_offset**2, 0.0)
+        mean, scale = shift + mean_offset, np.sqrt(variance)
+        scale = np.where(scale > 0, scale, 1.0)
+        centroids = (class_totals / np.maximum(class_counts, 1)[:, None] - mean_offset) / scale
+    bad = ~(np.isfinite(mean) & np.isfinite(scale) & (scale < np.inf))
+    if bad.any():
+        names = [n for n, b in zip(table.feature_names, bad) if b]
+        raise InputError(
+            f"dataset {table.source}: feature column(s) {names[:10]} are NaN or inf after standardisation (values too "
+            "large for float64 mean and variance); rescale them"
+        )
+    return mean, scale, centroids
+
+
+def _load(folder: Path, source: str) -> PreparedTable:
+    meta = json.loads((folder / "meta.json").read_text())
+    width = len(meta["feature_names"])
+    arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False)
+              for name in ("train_ids", "train_labels", "test_ids", "test_labels", "train_class_centroids")}
+    return PreparedTable(
+        source=source, class_names=tuple(meta["class_names"]), feature_names=tuple(meta["feature_names"]),
+        train_features=_mapped(folder / "train_features.f32", meta["train_rows"], width),
+        test_features=_mapped(folder / "test_features.f32", meta["test_rows"], width),
+        **arrays,
+    )
+
+
+def _mapped(path: Path, rows: int, width: int) -> np.ndarray:
+    """A (rows, width) float32 array over the file's pages, copy-on-write; a file of the wrong size (a
+    truncated cache) is an InputError naming it."""
+    expected = rows * width * 4
+    if path.stat().st_size != expected:
+        raise InputError(f"prepared table {path}: holds {path.stat().st_size} bytes, not {expected}; delete its folder")
+    if expected == 0:
+        return np.empty((rows, width), dtype=np.float32)
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    _OPEN_MAPS.add(mapped)
+    return np.frombuffer(mapped, dtype=np.float32).reshape(rows, width)
 
 
 def _open(path: Path) -> ds.Dataset:
@@ -80,44 +297,7 @@ def _open(path: Path) -> ds.Dataset:
         raise InputError(f"dataset {path}: cannot be read ({exc})") from None
 
 
-def _ids_and_labels(dataset: ds.Dataset, label_column: str, source: str, batch_rows: int):
-    """The id column (row positions without one) and the labels mapped to 0..C-1 with their class names."""
-    has_ids = ID_COLUMN in dataset.schema.names
-    if has_ids and not pa.types.is_integer(dataset.schema.field(ID_COLUMN).type):
-        raise InputError(
-            f"dataset {source}: column '{ID_COLUMN}' must hold integers, not {dataset.schema.field(ID_COLUMN).type}"
-        )
-    wanted = [label_column, ID_COLUMN] if has_ids else [label_column]
-    label_parts, id_parts = [], []
-    for batch in table_batches(dataset, wanted, source, batch_rows):
-        label_parts.append(batch.column(0))
-        if has_ids:
-            id_parts.append(batch.column(1))
-    labels = pa.chunked_array(label_parts, type=dataset.schema.field(label_column).type)
-    if labels.null_count:
-        raise InputError(f"dataset {source}: label column {label_column!r} has missing values")
-    if has_ids:
-        ids_column = pa.chunked_array(id_parts, type=dataset.schema.field(ID_COLUMN).type)
-        if ids_column.null_count:
-            raise InputError(f"dataset {source}: column '{ID_COLUMN}' has missing values")
-        ids = ids_column.to_numpy().astype(np.int64)
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise InputError(f"dataset {source}: column '{ID_COLUMN}' has duplicate ids, e.g. {unique[counts > 1][:5].tolist()}")
-    else:
-        ids = np.arange(len(labels), dtype=np.int64)
-    classes, codes = np.unique(labels.to_numpy(zero_copy_only=False), return_inverse=True)
-    if len(classes) < 2:
-        raise InputError(f"dataset {source}: label column {label_column!r} has fewer than two classes")
-    return ids, codes.astype(np.int64), tuple(str(c) for c in classes)
-
-
 def _numeric(kind: pa.DataType) -> bool:
     """Numbers as pandas counts them (booleans too); an all-empty CSV column (null type) is numeric,
     so it is reported as missing values rather than as text."""
     return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)
-
-
-def _as_float64(column: pa.Array) -> np.ndarray:
-    """A numeric column as float64, nulls as NaN."""
-    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)

@@ -36,10 +36,14 @@ from .datasets import (
 )
 from .models import MODEL_KINDS, ModelSpec, build_model
 from .recording import SplitRecorder
+from .table_files import release_pages
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_UNITS = ("epoch", "step")
+# Steps between two ``release_pages`` calls: a mapped table's pages touched by shuffled minibatches (one
+# page per drawn row, at worst) are handed back this often, so training holds a few batches' pages.
+RELEASE_EVERY_STEPS = 4
 
 
 class TrainRecipe(Settings):
@@ -273,6 +277,8 @@ def train(
         bar = tqdm(total=total_steps, desc=f"train {bundle.name} {config.model}", unit="step", disable=not progress)
         for step, lr in _updates(model, optimizer, features, labels, config, config.epochs, total_steps, shuffle):
             bar.update()
+            if step % RELEASE_EVERY_STEPS == 0:
+                release_pages()
             if step == next_checkpoint:
                 take_checkpoint(step, lr)
                 next_checkpoint = next(wanted, None)
