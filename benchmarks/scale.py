@@ -423,10 +423,10 @@ SCALEOUT_FEATURES, SCALEOUT_CLASSES = 20, 10
 SCALEOUT_CONFIG = {"model": "mlp", "hidden": (64, 64), "epochs": 1, "checkpoints": 5, "batch_size": 1024,
                    "test_fraction": 0.01}
 SCALEOUT_SHARDS = 8
-# The default train-test method's forward passes along 2 x 256 directions are not sharded yet: 93 s at
-# 2 x 10^4 rows under load 8-13 (`--quick` with "directions"), so about 80 min at 10^6 on one process.
-TRAIN_TEST_METHOD = "trajectory"
-SHARD_STEP = "loss_tables.compute_loss_shard"
+# Sharded steps, by the asset they belong to: loss tables always; projections along random directions
+# with the train-test method ``directions`` (2 x 256 forward passes at 2 checkpoints per example, so
+# at 10^6 rows they are hours of CPU: `--method directions` with `--rows 100000`).
+SHARD_STEPS = {"loss tables": "loss_tables.compute_loss_shard", "projections": "train_test_influence.compute_projection_shard"}
 
 
 def write_classification_csv(path: Path, rows: int) -> None:
@@ -472,7 +472,7 @@ def build_mlp() -> nn.Module:
     return build_model(ModelSpec("mlp", (SCALEOUT_FEATURES,), SCALEOUT_CLASSES, SCALEOUT_CONFIG["hidden"]))
 
 
-def celery_child(run_id: str, shard_size: int) -> None:
+def celery_child(run_id: str, shard_size: int, method: str) -> None:
     """In a fresh process: influence_job on the celery code location (workers already listening);
     prints seconds, the sharded steps' span and this process's peak RSS."""
     import dagster as dg
@@ -482,7 +482,8 @@ def celery_child(run_id: str, shard_size: int) -> None:
         "z0inf_pipeline.deployments.celery", "defs", str(Path(__file__).resolve().parents[1])
     ).get_reconstructable_job("influence_job")
     run_config = {"ops": {"loss_tables": {"config": {"source": "recompute", "shard_size": shard_size}},
-                          "train_test_influence": {"config": {"train_test": {"method": TRAIN_TEST_METHOD}}}},
+                          "train_test_influence": {"config": {"train_test": {"method": method},
+                                                              "shard_size": shard_size}}},
                   "resources": {"compute": {"config": {"batch_size": 8192}}}}
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("mlflow_runs", [run_id])
@@ -490,10 +491,13 @@ def celery_child(run_id: str, shard_size: int) -> None:
         result = dg.execute_job(job, instance, run_config=run_config, tags={"dagster/partition": run_id})
         seconds = time.perf_counter() - start
         stats = instance.get_run_step_stats(result.run_id)
-    shards = [s for s in stats if s.step_key.startswith(SHARD_STEP)]
+    spans = {}
+    for kind, prefix in SHARD_STEPS.items():
+        shards = [s for s in stats if s.step_key.startswith(prefix)]
+        if shards:
+            spans[kind] = (len(shards), max(s.end_time for s in shards) - min(s.start_time for s in shards))
     print(json.dumps({
-        "success": result.success, "seconds": seconds, "peak_rss": peak_rss_bytes(), "shards": len(shards),
-        "shard_span": max(s.end_time for s in shards) - min(s.start_time for s in shards) if shards else None,
+        "success": result.success, "seconds": seconds, "peak_rss": peak_rss_bytes(), "spans": spans,
         "steps": {s.step_key: (s.end_time or s.start_time) - s.start_time for s in stats if s.start_time},
     }))
 
@@ -537,9 +541,9 @@ def section_scaleout(args) -> None:
 
     from z0inf_pipeline.deployments import celery
 
-    n = 20_000 if args.quick else 1_000_000
+    n = 20_000 if args.quick else args.rows
     print(f"\n## {n:,} rows: CSV training, then influence_job recomputing its loss tables on celery workers "
-          f"({SCALEOUT_CONFIG}, {SCALEOUT_SHARDS} training shards, train-test method {TRAIN_TEST_METHOD})")
+          f"({SCALEOUT_CONFIG}, {SCALEOUT_SHARDS} training shards, train-test method {args.method})")
     with tempfile.TemporaryDirectory(prefix="z0inf-scaleout-") as tmp:
         work = Path(tmp)
         (work / "dagster").mkdir()
@@ -579,7 +583,7 @@ def section_scaleout(args) -> None:
                                             start_new_session=True) for i in range(count)]
                 try:
                     result = _child_json([sys.executable, __file__, "--celery-child", trained["run_id"],
-                                          str(train_shard)], env)
+                                          str(train_shard), args.method], env)
                     result["workers"] = [max(_peak_rss_of_group(w).values()) for w in workers]
                     results[count] = result
                 finally:
@@ -591,15 +595,17 @@ def section_scaleout(args) -> None:
             server.wait(30)
     for count, r in results.items():
         rss = ", ".join(f"{b / GB:.2f}" for b in [r["peak_rss"], *r["workers"]])
+        shards = ", ".join(f"{kind}: {count_} steps over {span:.0f} s" for kind, (count_, span) in r["spans"].items())
         print(f"{count} worker(s): influence_job {r['seconds']:.0f} s ({'succeeded' if r['success'] else 'FAILED'}), "
-              f"{r['shards']} shard steps over {r['shard_span']:.0f} s; peak RSS GB (launcher, workers) {rss}; "
+              f"sharded steps ({shards}); peak RSS GB (launcher, workers) {rss}; "
               f"limits <= 900 s: {limit(r['seconds'] <= 900)}, <= 2 GB: {limit(max(r['peak_rss'], *r['workers']) <= 2 * GB)}")
         slow = sorted(r["steps"].items(), key=lambda kv: -kv[1])[:6]
         print("    slowest steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow))
     if len(results) == 2:
-        speedup = results[1]["shard_span"] / results[2]["shard_span"]
-        print(f"sharded steps: 1 worker {results[1]['shard_span']:.0f} s, 2 workers {results[2]['shard_span']:.0f} s "
-              f"-> {speedup:.2f}x, limit >= 1.6x: {limit(speedup >= 1.6)} (load average now {os.getloadavg()[0]:.1f})")
+        for kind, (_, one) in results[1]["spans"].items():
+            two = results[2]["spans"][kind][1]
+            print(f"sharded steps, {kind}: 1 worker {one:.1f} s, 2 workers {two:.1f} s -> {one / two:.2f}x, "
+                  f"limit >= 1.6x: {limit(one / two >= 1.6)} (load average now {os.getloadavg()[0]:.1f})")
 
 
 def _child_json(command: list[str], env: dict) -> dict:
@@ -620,7 +626,7 @@ def main() -> None:
         elif kind == "--train-child":
             train_child(sys.argv[2])
         elif kind == "--celery-child":
-            celery_child(sys.argv[2], int(sys.argv[3]))
+            celery_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         elif kind == "--checks-child":
             checks_child(int(sys.argv[2]), int(sys.argv[3]))
         elif kind == "--topk-child":
@@ -632,6 +638,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram", "scaleout"])
     parser.add_argument("--sizes", nargs="+", type=int, help="checks: these training-set sizes (default 10^4 10^5)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="scaleout: rows of the CSV (default 10^6)")
+    parser.add_argument("--method", choices=["trajectory", "directions"], default="trajectory",
+                        help="scaleout: the train-test method (directions: its projections run in shards too)")
     args = parser.parse_args()
     print(f"# z0inf scale benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
