@@ -426,6 +426,10 @@ SCALEOUT_SHARDS = 8
 # Sharded steps, by the asset they belong to: loss tables always; projections along random directions
 # with the train-test method ``directions`` (2 x 256 forward passes at 2 checkpoints per example, so
 # at 10^6 rows they are hours of CPU: `--method directions` with `--rows 100000`).
+# (workers, torch threads each): one worker with every core, then workers of one core each, as a GPU
+# worker is one GPU: the scale-out the target is about (docs/deployment.md: workers sharing a machine
+# split its cores). On 2 cores one worker already runs its forward passes on both.
+WORKER_SETUPS = [(1, os.cpu_count() or 1), (1, 1), (2, 1)]
 SHARD_STEPS = {"loss tables": "loss_tables.compute_loss_shard", "projections": "train_test_influence.compute_projection_shard"}
 
 
@@ -482,8 +486,7 @@ def celery_child(run_id: str, shard_size: int, method: str) -> None:
         "z0inf_pipeline.deployments.celery", "defs", str(Path(__file__).resolve().parents[1])
     ).get_reconstructable_job("influence_job")
     run_config = {"ops": {"loss_tables": {"config": {"source": "recompute", "shard_size": shard_size}},
-                          "train_test_influence": {"config": {"train_test": {"method": method},
-                                                              "shard_size": shard_size}}},
+                          "train_test_influence": {"config": {"train_test": {"method": method}}}},
                   "resources": {"compute": {"config": {"batch_size": 8192}}}}
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("mlflow_runs", [run_id])
@@ -574,18 +577,18 @@ def section_scaleout(args) -> None:
         train_shard = max(1, round(n * (1 - SCALEOUT_CONFIG["test_fraction"]) / SCALEOUT_SHARDS))
         results = {}
         try:
-            for count in (1, 2):
-                env["Z0INF_OUTPUTS_URL"] = str(work / f"outputs-{count}")
-                # the machine's cores shared among its workers, as docs/deployment.md says to start them
-                threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
-                workers = [subprocess.Popen(celery.worker_command(str(config), f"w{i}"), env={**env, **threads}, cwd=work,
+            for setup in WORKER_SETUPS:
+                count, threads = setup
+                env["Z0INF_OUTPUTS_URL"] = str(work / f"outputs-{count}x{threads}")
+                workers = [subprocess.Popen(celery.worker_command(str(config), f"w{i}"),
+                                            env={**env, "OMP_NUM_THREADS": str(threads)}, cwd=work,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True) for i in range(count)]
                 try:
                     result = _child_json([sys.executable, __file__, "--celery-child", trained["run_id"],
                                           str(train_shard), args.method], env)
                     result["workers"] = [max(_peak_rss_of_group(w).values()) for w in workers]
-                    results[count] = result
+                    results[setup] = result
                 finally:
                     for worker in workers:
                         os.killpg(worker.pid, signal.SIGTERM)
@@ -593,19 +596,24 @@ def section_scaleout(args) -> None:
         finally:
             server.terminate()
             server.wait(30)
-    for count, r in results.items():
+    for (count, threads), r in results.items():
         rss = ", ".join(f"{b / GB:.2f}" for b in [r["peak_rss"], *r["workers"]])
         shards = ", ".join(f"{kind}: {count_} steps over {span:.0f} s" for kind, (count_, span) in r["spans"].items())
-        print(f"{count} worker(s): influence_job {r['seconds']:.0f} s ({'succeeded' if r['success'] else 'FAILED'}), "
+        print(f"{count} worker(s) x {threads} thread(s): influence_job {r['seconds']:.0f} s ({'succeeded' if r['success'] else 'FAILED'}), "
               f"sharded steps ({shards}); peak RSS GB (launcher, workers) {rss}; "
               f"limits <= 900 s: {limit(r['seconds'] <= 900)}, <= 2 GB: {limit(max(r['peak_rss'], *r['workers']) <= 2 * GB)}")
         slow = sorted(r["steps"].items(), key=lambda kv: -kv[1])[:6]
         print("    slowest steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow))
-    if len(results) == 2:
-        for kind, (_, one) in results[1]["spans"].items():
-            two = results[2]["spans"][kind][1]
-            print(f"sharded steps, {kind}: 1 worker {one:.1f} s, 2 workers {two:.1f} s -> {one / two:.2f}x, "
-                  f"limit >= 1.6x: {limit(one / two >= 1.6)} (load average now {os.getloadavg()[0]:.1f})")
+    cores = os.cpu_count() or 1
+    for name, (slow, fast) in {"scale-out, one core per worker": ((1, 1), (2, 1)),
+                               f"this machine, its {cores} cores in one worker or split": ((1, cores), (2, 1))}.items():
+        if slow not in results or fast not in results:
+            continue
+        for kind, (_, one) in results[slow]["spans"].items():
+            two = results[fast]["spans"][kind][1]
+            print(f"sharded steps, {kind}, {name}: {slow[0]} x {slow[1]} {one:.1f} s, {fast[0]} x {fast[1]} {two:.1f} s "
+                  f"-> {one / two:.2f}x, limit >= 1.6x: {limit(one / two >= 1.6)}")
+    print(f"(load average now {os.getloadavg()[0]:.1f})")
 
 
 def _child_json(command: list[str], env: dict) -> dict:

@@ -56,12 +56,13 @@ class TopKConfig(TopKArguments, LossArguments, SettingsConfig):
 
     train_test: TrainTestConfig = Field(default_factory=TrainTestConfig,
                                         description="the train-test method and its settings")
-    shard_size: int = Field(
-        default=262_144,
+    shard_size: Optional[int] = Field(
+        default=None,
         gt=0,
         description="directions: training and test examples per shard of the forward passes (rounded up to whole "
         "compute batches and top-k tiles); each shard is one step, so executors that run steps in parallel "
-        "(celery, k8s) spread the work",
+        "(celery, k8s) spread the work. Unset: as many as keep a shard's projections (P x C float64 per "
+        "example) to 256 MiB, 65,536 examples at P = 256, C = 2",
     )
 
 

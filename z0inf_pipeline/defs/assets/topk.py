@@ -31,6 +31,10 @@ from .loss_tables import shard_bounds
 from .self_influence import analysis_from_gram
 
 SPLITS = ("train", "test")
+# A projection shard's float64 rows, when the launchpad sets no shard size: the step holding them and the
+# final step reading them one at a time stay well under 2 GB (at 262,144 examples of P = 256, C = 2 a
+# shard was 1 GiB, and a worker peaked at 2.3 GB at 10^6 examples).
+SHARD_PROJECTION_BYTES = 256 * 2**20
 
 
 def topk_tile_rows(k: int, batch_size: int) -> int:
@@ -66,13 +70,15 @@ def plan_projection_shards(
     parameters = tuple(analysis_from_gram(run, loss_tables, weight_gram, args, "cpu").parameter_names)
     sizes = {"train": len(loss_tables.train_ids()), "test": len(loss_tables.test_ids())}
     tile = topk_tile_rows(min(args.topk, sizes["train"]), compute.batch_size)
+    shard_size = config.shard_size or max(1, SHARD_PROJECTION_BYTES // (8 * train_test.directions
+                                                                         * train_test.direction_checkpoints))
     shards = [
         ProjectionShard(split, start, stop, parameters, train_test.to_dict())
         for split in SPLITS
-        for start, stop in shard_bounds(sizes[split], config.shard_size, tile)
+        for start, stop in shard_bounds(sizes[split], shard_size, tile)
     ]
     context.log.info(f"random-direction projections of run {run.run_id}: {len(shards)} shard(s) "
-                     f"({config.shard_size} examples each, rounded up to {tile})")
+                     f"({shard_size} examples each, rounded up to {tile})")
     for shard in shards:
         yield dg.DynamicOutput(shard, mapping_key=shard.key)
 
