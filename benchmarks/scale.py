@@ -14,9 +14,11 @@ Sections, each figure printed next to its limit:
 - ``topk``: train-test top-k at N = 10^6, M = 10^5, k = 10 against a bare GEMM of the same shape;
 - ``loss``: loss tables recorded from a DataLoader against a bare ``no_grad`` loop over the same loader;
 - ``gram``: the streaming Gram against a cold read of the same files and a bare in-memory float64 product.
-- ``scaleout``: a 10^6-row CSV trained (peak RSS against one batch + model), then ``influence_job``
-  recomputing its loss tables in shards on one and on two celery workers over Redis (wall time,
-  sharded steps' span and speed-up, peak RSS per process); not part of the full run's 15 minutes.
+- ``scaleout``: a ``--rows`` (10^6) CSV trained (peak RSS growth against one batch + model), then
+  ``influence_job`` recomputing its loss tables in shards (and, with ``--method directions``, the
+  random-direction projections) on celery workers over Redis: one worker on every core, one on one
+  core, two on one core each (wall time, each kind of sharded step's span and speed-up, peak RSS per
+  process); not part of the full run's 15 minutes (``--method directions`` at 10^6: about 30 minutes).
 
 Timings on a shared machine swing with its load: read the ratios, which are measured side by side.
 """
