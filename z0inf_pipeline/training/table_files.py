@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..influence.loss_tables import ID_COLUMN
@@ -49,18 +50,32 @@ _OPEN_MAPS: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()
 class TableFile:
     """A CSV or parquet file opened for batched reads: its label column and numeric feature columns checked."""
 
-    dataset: ds.Dataset
+    path: Path
+    dataset: ds.Dataset  # its schema (types inferred from a CSV's first block)
     source: str
     label_column: str
     feature_names: tuple[str, ...]
 
     def batches(self, columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """``columns`` in record batches of at most ``batch_rows`` rows, in file order; a value that does not
-        parse as its column's type is an InputError naming the file."""
+        parse as its column's type is an InputError naming the file.
+
+        Sequential readers, not the dataset's scanner: when the consumer is slower than decoding (each batch
+        standardised and written), the scanner kept decoding ahead and held nearly the whole file (27 MB of a
+        29 MB table in a test); a streaming CSV reader and parquet's ``iter_batches`` hold a block or a row
+        group at a time."""
         try:
-            yield from self.dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1,
-                                               fragment_readahead=1)
-        except pa.ArrowException as exc:
+            if self.path.suffix.lower() == ".csv":
+                types = {c: self.dataset.schema.field(c).type for c in columns}
+                reader = pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                                        convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types))
+            else:
+                reader = pq.ParquetFile(self.path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=columns,
+                                                                                   use_threads=False)
+            for batch in reader:
+                for start in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(start, batch_rows)
+        except (pa.ArrowException, OSError) as exc:
             raise InputError(f"dataset {self.source}: cannot be read ({exc})") from None
 
     def feature_batches(self, batch_rows: int = READ_BATCH_ROWS) -> Iterator[np.ndarray]:
@@ -124,7 +139,7 @@ def open_table(path: Path, label_column: str) -> TableFile:
     non_numeric = [c for c in feature_cols if not _numeric(dataset.schema.field(c).type)]
     if non_numeric:
         raise InputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
-    return TableFile(dataset, source, label_column, tuple(feature_cols))
+    return TableFile(path, dataset, source, label_column, tuple(feature_cols))
 
 
 @dataclass(frozen=True)
@@ -282,11 +297,9 @@ def _mapped(path: Path, rows: int, width: int) -> np.ndarray:
 
 
 def _open(path: Path) -> ds.Dataset:
-    """The file as a pyarrow dataset whose scans hold a bounded amount of it: pyarrow reads a few dozen
-    CSV blocks ahead, so blocks of 128 KiB (not 1 MiB) keep that near 6 MB whatever the file's size
-    (40 MB with 1 MiB blocks); parquet column chunks are read as they are decoded, not buffered for the
-    whole file first, so a scan holds a few row groups: a parquet file written as one row group (pandas'
-    default up to 2^20 rows) is decoded whole; write big files in row groups of about 10^5 rows."""
+    """The file as a pyarrow dataset, for its schema. Reads go through ``TableFile.batches``: a CSV in
+    blocks of 128 KiB, a parquet file a row group at a time (one written as a single row group, pandas'
+    default up to 2^20 rows, is decoded whole: write big files in row groups of about 10^5 rows)."""
     if path.suffix.lower() == ".csv":
         file_format = ds.CsvFileFormat(read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
     else:
