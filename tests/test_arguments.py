@@ -64,8 +64,9 @@ def test_dagster_schema_equals_the_settings_model(config_cls, settings, names):
 
 
 def test_launchpad_classes_declare_no_setting_of_their_own():
-    """Every field a launchpad class shows is a core setting, apart from the few launchpad-only ones."""
-    launchpad_only = {"experiment", "train_test", "policy_changed_by"}
+    """Every field a launchpad class shows is a core setting, apart from the few launchpad-only ones (how a
+    step spreads its work, ``shard_size``, is the pipeline's business, not the estimator's)."""
+    launchpad_only = {"experiment", "train_test", "policy_changed_by", "shard_size"}
     for config_cls, settings, _ in LAUNCHPAD:
         own = set(config_cls.model_fields) - set(settings.model_fields) - launchpad_only
         assert not own, (config_cls.__name__, own)
