@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from sklearn import datasets as skdatasets
+from sklearn.model_selection import train_test_split
 
 from z0inf_pipeline.errors import InputError
 from z0inf_pipeline.training import (
@@ -17,6 +18,7 @@ from z0inf_pipeline.training import (
     relabel,
     subset,
 )
+from z0inf_pipeline.training.datasets import _stratified_split
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,27 @@ def test_split_is_stratified_and_deterministic(raw_digits):
     assert not np.array_equal(a.test.example_ids, load_dataset("digits", seed=2).test.example_ids)
     share = np.bincount(y[a.test.example_ids], minlength=10) / np.bincount(y, minlength=10)
     assert np.all(np.abs(share - 0.25) < 0.03)
+
+
+@pytest.mark.parametrize(
+    ("labels", "fraction", "seed"),
+    [
+        (skdatasets.load_digits().target, 0.25, 0),
+        (skdatasets.load_wine().target, 0.3, 7),
+        (np.repeat([5, 9, 11], [3, 40, 400]), 0.1, 2),  # codes to be made: classes 5, 9, 11, one rare
+        (np.array(["emu", "cat", "dog"] * 33 + ["cat"]), 0.25, 1),  # text labels, tied remainders
+        (np.random.default_rng(4).integers(0, 7, 100_000), 0.01, 3),
+    ],
+)
+def test_the_stratified_split_is_scikit_learns(labels, fraction, seed):
+    train, test = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
+    ours = _stratified_split(labels, fraction, seed, "labels")
+    assert ours[0].tolist() == sorted(train) and ours[1].tolist() == sorted(test)
+
+
+def test_a_split_it_cannot_stratify_names_the_dataset_and_the_reason():
+    with pytest.raises(InputError, match=r"dataset few: cannot split stratified .*classes \[2\] have a single"):
+        _stratified_split(np.array([0, 0, 1, 1, 2]), 0.4, 0, "few")
 
 
 def test_digits_as_images_keep_the_pixel_grid(raw_digits):

@@ -54,6 +54,15 @@ def test_batches_give_the_bytes_of_a_whole_pandas_read(tmp_path, suffix):
         assert labels.tobytes() == codes.astype(np.int64).tobytes() and class_names == tuple(classes)
 
 
+def test_a_categorical_label_column_is_coded_by_its_values(tmp_path):
+    """pandas writes a categorical as a parquet dictionary column: its classes are its values, sorted."""
+    frame = pd.DataFrame({"x": np.arange(9.0), "label": pd.Categorical(["dog", "cat", "emu"] * 3,
+                                                                        categories=["emu", "dog", "cat"])})
+    frame.to_parquet(tmp_path / "t.parquet")
+    _, labels, class_names = open_table(tmp_path / "t.parquet", "label").ids_and_labels(batch_rows=4)
+    assert class_names == ("cat", "dog", "emu") and labels.tolist() == [1, 0, 2] * 3
+
+
 def _positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every fourth row to the test split (an independent split rule, sorted positions as the caller's)."""
     rows = np.arange(len(labels))

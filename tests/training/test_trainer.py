@@ -202,3 +202,25 @@ def test_fine_tuning_pretrains_on_a_clean_part_and_checkpoints_only_the_rest(tmp
     # step 0 of the fine-tuning run is the pretrained model, not the initialisation
     assert run.metrics[0]["train_accuracy"] > scratch.metrics[0]["train_accuracy"] + 0.2
     assert [r["step"] for r in run.metrics][-1] == 3 * math.ceil(len(fine.train) / config.batch_size)
+
+
+@pytest.mark.parametrize("row_group_rows", [3, 7, 1000])
+def test_the_examples_table_written_in_row_groups_is_the_whole_table(tmp_path, monkeypatch, row_group_rows):
+    """Row groups that end inside the train ids, on their boundary or past the test ids: the same rows as
+    the table built whole with pandas."""
+    monkeypatch.setattr(layout, "ROW_GROUP_ROWS", row_group_rows)
+    rng = np.random.default_rng(5)
+    train_ids, test_ids = rng.permutation(np.arange(100, 121)), np.array([7, 3, 9, 1])
+    train_labels, test_labels = rng.integers(0, 3, 21), rng.integers(0, 3, 4)
+    clean = rng.integers(0, 3, 21)
+    flipped = train_ids[[2, 5, 20]]
+    prompts = [f"p{i}" for i in range(25)]
+    layout.write_examples(tmp_path / "e.parquet", train_ids=train_ids, train_labels=train_labels,
+                          original_train_labels=clean, flipped_ids=flipped, test_ids=test_ids,
+                          test_labels=test_labels, text={"prompt": prompts})
+    expected = pd.DataFrame({
+        "example_id": [*train_ids, *test_ids], "split": ["train"] * 21 + ["test"] * 4,
+        "label": [*train_labels, *test_labels], "original_label": [*clean, *test_labels],
+        "flipped": [i in set(flipped) for i in train_ids] + [False] * 4, "prompt": prompts,
+    })
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "e.parquet"), expected, check_dtype=False)

@@ -28,6 +28,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ID_COLUMN = "example_id"
 _STEP_COLUMN = re.compile(r"^step_(\d+)$")
 _STEPS_KEY = b"z0inf.steps"
+# Rows per parquet row group written: the writer encodes a row group whole before it flushes it, so a
+# 10^6-example table is never held a second time, encoded, beside its values.
+ROW_GROUP_ROWS = 65_536
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -72,7 +75,7 @@ class LossTable:
             columns[step_column(s)] = pa.array(values[t])
         table = pa.table(columns).replace_schema_metadata({_STEPS_KEY: json.dumps(list(self.steps)).encode()})
         with atomic_output(path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
         return Path(path)
 
 
@@ -80,12 +83,13 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
     """Read and validate a loss-table parquet file; errors name the file and the offending column."""
     path = Path(path)
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except FileNotFoundError:
         raise InputError(f"loss table {path}: no such file") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"loss table {path}: not a readable parquet file ({exc})") from None
-    names = table.column_names
+    schema = parquet.schema_arrow
+    names = schema.names
     if ID_COLUMN not in names:
         raise InputError(f"loss table {path}: has no '{ID_COLUMN}' column (columns: {names})")
     step_cols = [n for n in names if n != ID_COLUMN]
@@ -93,7 +97,7 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
     if bad:
         raise InputError(f"loss table {path}: column(s) {bad} are not of the form 'step_<step>'")
     steps = steps_of(step_cols)
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     if _STEPS_KEY in meta and json.loads(meta[_STEPS_KEY]) != steps:
         raise InputError(
             f"loss table {path}: columns {step_cols} disagree with the steps in its metadata "
@@ -109,21 +113,23 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
             f"{list(expected_steps)}; missing columns {[step_column(s) for s in missing]}, "
             f"extra columns {[step_column(s) for s in extra]})"
         )
-    if table.num_rows == 0:
+    if parquet.metadata.num_rows == 0:
         raise InputError(f"loss table {path}: has no rows (no examples to score)")
-    ids = table.column(ID_COLUMN).to_numpy()
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {ids.dtype}")
+    if not pa.types.is_integer(schema.field(ID_COLUMN).type):
+        raise InputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {schema.field(ID_COLUMN).type}")
+    # a column at a time: the file's values are held once, in the (T, N) array, never also as a whole table
+    ids = _read_column(parquet, path, ID_COLUMN).to_numpy().astype(np.int64, copy=False)
     if len(sorted_unique(ids)) != len(ids):
         raise InputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
     values = np.empty((len(steps), len(ids)), dtype=np.float32)
     for t, name in enumerate(step_cols):
-        column = table.column(name)
+        if not pa.types.is_floating(schema.field(name).type):
+            raise InputError(f"loss table {path}: column '{name}' must be floating point, not {schema.field(name).type}")
+        column = _read_column(parquet, path, name)
         if column.null_count:
             raise InputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
-        if not pa.types.is_floating(column.type):
-            raise InputError(f"loss table {path}: column '{name}' must be floating point, not {column.type}")
         values[t] = column.to_numpy()
+        del column
         finite = np.isfinite(values[t])
         if not finite.all():
             first = int(ids[np.argmin(finite)])
@@ -131,7 +137,14 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
                 f"loss table {path}: column '{name}' has {int((~finite).sum())} NaN/inf values "
                 f"(first at example_id {first})"
             )
-    return LossTable(ids.astype(np.int64), tuple(steps), torch.from_numpy(values))
+    return LossTable(ids, tuple(steps), torch.from_numpy(values))
+
+
+def _read_column(parquet: pq.ParquetFile, path: Path, name: str) -> pa.ChunkedArray:
+    try:
+        return parquet.read(columns=[name], use_threads=False).column(0)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"loss table {path}: column '{name}' is not readable ({exc})") from None
 
 
 def evaluate_losses(

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..influence.atomic import atomic_output
+from ..influence.loss_tables import ROW_GROUP_ROWS
 from ..errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -99,16 +100,32 @@ def write_examples(
             f"examples table: text columns must be among {list(TEXT_COLUMNS)} (got {unknown}) and hold one "
             f"value per example (wrong length: {wrong_length})"
         )
-    table = pa.table({
-        "example_id": np.concatenate([train_ids, test_ids]),
-        "split": pa.array(["train"] * len(train_ids) + ["test"] * len(test_ids), pa.string()),
-        "label": np.concatenate([train_labels, test_labels]).astype(np.int64),
-        "original_label": np.concatenate([original_train_labels, test_labels]).astype(np.int64),
-        "flipped": np.concatenate([np.isin(train_ids, flipped_ids), np.zeros(len(test_ids), dtype=bool)]),
-        **{c: pa.array(list(v), pa.string()) for c, v in text.items()},
-    })
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp)
+    train_rows = len(train_ids)
+    text_values = {c: list(v) for c, v in text.items()}
+    schema = pa.schema([("example_id", pa.int64()), ("split", pa.string()), ("label", pa.int64()),
+                        ("original_label", pa.int64()), ("flipped", pa.bool_()),
+                        *((c, pa.string()) for c in text_values)])
+
+    def rows(start: int, stop: int) -> pa.RecordBatch:
+        """Rows ``start:stop`` of the table (train ids first, then test ids), built from slices: a
+        10^6-example run is never concatenated whole."""
+        train = slice(min(start, train_rows), min(stop, train_rows))
+        test = slice(max(start - train_rows, 0), max(stop - train_rows, 0))
+        ids = train_ids[train]
+        sides = np.repeat(np.array([0, 1], dtype=np.int8), [len(ids), len(test_ids[test])])
+        return pa.record_batch([
+            np.concatenate([ids, test_ids[test]]),
+            pa.array(["train", "test"], pa.string()).take(sides),
+            np.concatenate([train_labels[train], test_labels[test]]).astype(np.int64),
+            np.concatenate([original_train_labels[train], test_labels[test]]).astype(np.int64),
+            np.concatenate([np.isin(ids, flipped_ids), np.zeros(len(sides) - len(ids), dtype=bool)]),
+            *(pa.array(v[start:stop], pa.string()) for v in text_values.values()),
+        ], schema=schema)
+
+    total = train_rows + len(test_ids)
+    with atomic_output(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, max(total, 1), ROW_GROUP_ROWS):
+            writer.write_batch(rows(start, min(start + ROW_GROUP_ROWS, total)))
     return Path(path)
 
 

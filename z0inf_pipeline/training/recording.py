@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..influence.loss_tables import LossFn, LossTable, evaluate_losses, sorted_unique
-from .table_files import release_pages
+from .table_files import release_pages, scratch_array
 
 EVAL_BATCH_SIZE = 1024
 # Rows evaluated between two ``release_pages`` calls: a table mapped from the data cache is read in
@@ -74,8 +74,7 @@ class SplitRecorder:
         self.data = (features, labels)
         self.loss_fn = loss_fn
         self.steps: list[int] = []
-        self._values = torch.empty((max(capacity, 1), len(self.example_ids)), dtype=torch.float32)
-        self._correct = torch.empty(len(self.example_ids), dtype=torch.bool)
+        self._values = _scratch_rows(max(capacity, 1), len(self.example_ids))
 
     def record(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate ``model`` on the split; return the mean loss and (for class scores) the accuracy."""
@@ -83,17 +82,16 @@ class SplitRecorder:
             raise InputError(f"{self.name}: checkpoint step {step} does not come after step {self.steps[-1]}")
         row = len(self.steps)
         if row == len(self._values):
-            self._values = torch.cat([self._values, torch.empty_like(self._values)])
-        filled = 0
+            self._values = _scratch_rows(2 * row, len(self.example_ids), self._values)
+        hits = 0
         scored = True
 
         def loss_and_hits(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            nonlocal filled, scored
+            nonlocal hits, scored
             if outputs.ndim == 2 and not targets.is_floating_point():
-                self._correct[filled : filled + len(targets)] = outputs.argmax(dim=1).eq(targets)
+                hits += int(outputs.argmax(dim=1).eq(targets).sum())
             else:
                 scored = False
-            filled += len(targets)
             return self.loss_fn(outputs, targets)
 
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
@@ -108,12 +106,21 @@ class SplitRecorder:
         self.steps.append(int(step))
         summary = {f"{self.name}_loss": float(self._values[row].mean())}
         if scored:
-            summary[f"{self.name}_accuracy"] = float(self._correct.float().mean())
+            summary[f"{self.name}_accuracy"] = hits / len(self.example_ids)
         return summary
 
     def table(self) -> LossTable:
         return LossTable(self.example_ids, tuple(self.steps), self._values[: len(self.steps)])
 
+
+
+def _scratch_rows(capacity: int, width: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(capacity, width) float32 loss rows on a scratch file (``scratch_array``), the rows of ``keep`` copied
+    in: a split's record costs disk, not memory, between checkpoints."""
+    rows = torch.from_numpy(scratch_array((capacity, width), np.float32))
+    if keep is not None:
+        rows[: len(keep)] = keep
+    return rows
 
 
 BatchLossFn = Callable[[torch.nn.Module, Any], torch.Tensor]

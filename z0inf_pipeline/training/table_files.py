@@ -39,7 +39,7 @@ from ..settings import data_dir
 READ_BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES = 1 << 17
 # Bump when the prepared files' content or layout changes: older caches are then never read.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 SplitPositions = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # Feature maps this process opened, so ``release_pages`` can hand their resident pages back.
@@ -108,22 +108,33 @@ class TableFile:
         labels = pa.chunked_array(label_parts, type=schema.field(self.label_column).type)
         if labels.null_count:
             raise InputError(f"dataset {self.source}: label column {self.label_column!r} has missing values")
+        if pa.types.is_dictionary(labels.type):  # a pandas categorical: its values are the labels
+            labels = labels.cast(labels.type.value_type)
         if has_ids:
             ids_column = pa.chunked_array(id_parts, type=schema.field(ID_COLUMN).type)
             if ids_column.null_count:
                 raise InputError(f"dataset {self.source}: column '{ID_COLUMN}' has missing values")
-            ids = ids_column.to_numpy().astype(np.int64)
-            unique, counts = np.unique(ids, return_counts=True)
-            if (counts > 1).any():
+            ids = ids_column.to_numpy().astype(np.int64, copy=False)
+            ordered = np.sort(ids)
+            repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+            if len(repeated):
                 raise InputError(
-                    f"dataset {self.source}: column '{ID_COLUMN}' has duplicate ids, e.g. {unique[counts > 1][:5].tolist()}"
+                    f"dataset {self.source}: column '{ID_COLUMN}' has duplicate ids, e.g. {np.unique(repeated)[:5].tolist()}"
                 )
+            del ordered
         else:
             ids = np.arange(len(labels), dtype=np.int64)
-        classes, codes = np.unique(labels.to_numpy(zero_copy_only=False), return_inverse=True)
+        classes = np.sort(pc.unique(labels).to_numpy(zero_copy_only=False))
         if len(classes) < 2:
             raise InputError(f"dataset {self.source}: label column {self.label_column!r} has fewer than two classes")
-        return ids, codes.astype(np.int64), tuple(str(c) for c in classes)
+        # each label's index among the sorted classes (np.unique's codes), a chunk at a time: no sorted copies
+        value_set = pa.array(classes, type=labels.type)
+        codes = np.empty(len(labels), dtype=np.int64)
+        row = 0
+        for chunk in labels.chunks:
+            codes[row : row + len(chunk)] = pc.index_in(chunk, value_set=value_set).to_numpy()
+            row += len(chunk)
+        return ids, codes, tuple(str(c) for c in classes)
 
 
 def open_table(path: Path, label_column: str) -> TableFile:
@@ -144,9 +155,11 @@ def open_table(path: Path, label_column: str) -> TableFile:
 
 @dataclass(frozen=True)
 class PreparedTable:
-    """A table split and standardised with its training split's statistics (per feature). Features are
-    float32 arrays mapped from the data cache (copy-on-write: writing to them changes nothing on disk);
-    ``train_class_centroids`` are the standardised training features' class means (for confusable noise)."""
+    """A table split and standardised with its training split's statistics (per feature). Ids, labels
+    (int64) and features (float32) are arrays mapped from the data cache, copy-on-write: a write changes
+    nothing on disk and is dropped by the next ``release_pages``, so copy an array before changing it (as
+    label noise and relabelling do); ``train_class_centroids`` are the standardised training features'
+    class means (for confusable noise)."""
 
     source: str
     class_names: tuple[str, ...]
@@ -181,6 +194,23 @@ def release_pages() -> None:
             mapped.madvise(mmap.MADV_DONTNEED)
 
 
+def scratch_array(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zeroed array over an unlinked file in the data cache, mapped shared and handed back by
+    ``release_pages`` like a prepared table: a (T, N) loss record of a 10^6-example split lives on disk,
+    its pages resident only while written or read. The file vanishes with the last reference."""
+    count = int(np.prod(shape))
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    folder = data_dir() / "cache" / "scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as file:  # unlinked at once: nothing is left after a crash
+        file.truncate(nbytes)
+        mapped = mmap.mmap(file.fileno(), nbytes)
+    _OPEN_MAPS.add(mapped)
+    return np.frombuffer(mapped, dtype=dtype, count=count).reshape(shape)
+
+
 def _cache_folder(path: Path, label_column: str, split_key: dict) -> Path:
     """``<data dir>/cache/tables/<key>``: the key hashes the file's identity (resolved path, size, modification
     time), the label column, the split and the format, so a changed file or split is prepared anew."""
@@ -213,10 +243,10 @@ def _prepare(table: TableFile, split_positions: SplitPositions, folder: Path, ba
                 standardised[in_train].tofile(train_out)
                 standardised[~in_train].tofile(test_out)
                 row += len(features)
-        arrays = {"train_ids": ids[train_pos], "train_labels": labels[train_pos], "test_ids": ids[test_pos],
-                  "test_labels": labels[test_pos], "train_class_centroids": centroids}
-        for name, values in arrays.items():
-            np.save(work / f"{name}.npy", values, allow_pickle=False)
+        for name, values in (("train_ids", ids[train_pos]), ("train_labels", labels[train_pos]),
+                             ("test_ids", ids[test_pos]), ("test_labels", labels[test_pos])):
+            values.astype(np.int64, copy=False).tofile(work / f"{name}.i64")
+        np.save(work / "train_class_centroids.npy", centroids, allow_pickle=False)
         meta = {"format": PREPARED_FORMAT, "class_names": list(class_names), "feature_names": list(table.feature_names),
                 "train_rows": len(train_pos), "test_rows": len(test_pos)}
         (work / "meta.json").write_text(json.dumps(meta))
@@ -272,28 +302,29 @@ def _training_statistics(table: TableFile, is_train: np.ndarray, labels: np.ndar
 def _load(folder: Path, source: str) -> PreparedTable:
     meta = json.loads((folder / "meta.json").read_text())
     width = len(meta["feature_names"])
-    arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False)
-              for name in ("train_ids", "train_labels", "test_ids", "test_labels", "train_class_centroids")}
+    rows = {"train": meta["train_rows"], "test": meta["test_rows"]}
     return PreparedTable(
         source=source, class_names=tuple(meta["class_names"]), feature_names=tuple(meta["feature_names"]),
-        train_features=_mapped(folder / "train_features.f32", meta["train_rows"], width),
-        test_features=_mapped(folder / "test_features.f32", meta["test_rows"], width),
-        **arrays,
+        **{f"{split}_features": _mapped(folder / f"{split}_features.f32", (count, width), np.float32)
+           for split, count in rows.items()},
+        **{f"{split}_{kind}": _mapped(folder / f"{split}_{kind}.i64", (count,), np.int64)
+           for split, count in rows.items() for kind in ("ids", "labels")},
+        train_class_centroids=np.load(folder / "train_class_centroids.npy", allow_pickle=False),
     )
 
 
-def _mapped(path: Path, rows: int, width: int) -> np.ndarray:
-    """A (rows, width) float32 array over the file's pages, copy-on-write; a file of the wrong size (a
-    truncated cache) is an InputError naming it."""
-    expected = rows * width * 4
+def _mapped(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """An array over the file's pages, copy-on-write; a file of the wrong size (a truncated cache) is an
+    InputError naming it."""
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if path.stat().st_size != expected:
         raise InputError(f"prepared table {path}: holds {path.stat().st_size} bytes, not {expected}; delete its folder")
     if expected == 0:
-        return np.empty((rows, width), dtype=np.float32)
+        return np.empty(shape, dtype=dtype)
     with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     _OPEN_MAPS.add(mapped)
-    return np.frombuffer(mapped, dtype=np.float32).reshape(rows, width)
+    return np.frombuffer(mapped, dtype=dtype).reshape(shape)
 
 
 def _open(path: Path) -> ds.Dataset:

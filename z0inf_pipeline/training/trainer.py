@@ -41,9 +41,6 @@ from .table_files import release_pages
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT_UNITS = ("epoch", "step")
-# Steps between two ``release_pages`` calls: a mapped table's pages touched by shuffled minibatches (one
-# page per drawn row, at worst) are handed back this often, so training holds a few batches' pages.
-RELEASE_EVERY_STEPS = 4
 
 
 class TrainRecipe(Settings):
@@ -277,12 +274,14 @@ def train(
         bar = tqdm(total=total_steps, desc=f"train {bundle.name} {config.model}", unit="step", disable=not progress)
         for step, lr in _updates(model, optimizer, features, labels, config, config.epochs, total_steps, shuffle):
             bar.update()
-            if step % RELEASE_EVERY_STEPS == 0:
-                release_pages()
+            # each row a shuffled batch draws from a mapped table faults in the pages around it (the kernel
+            # maps 64 KiB per fault: about 54 MiB for 1024 rows, however small): hand them back every step
+            release_pages()
             if step == next_checkpoint:
                 take_checkpoint(step, lr)
                 next_checkpoint = next(wanted, None)
         bar.close()
+        release_pages()
 
         train_table = test_table = None
         if record_losses:
