@@ -293,6 +293,7 @@ def train(
             original_train_labels=bundle.clean_train_labels.numpy(), flipped_ids=bundle.flipped_ids,
             test_ids=bundle.test.example_ids, test_labels=bundle.test.labels.numpy(),
         )
+        release_pages()  # the mapped ids and labels the examples table read
         layout.write_json(work / layout.MODEL_SPEC, spec.to_dict())
         layout.write_json(work / layout.TRAIN_CONFIG, config.to_dict())
         layout.write_manifest(work)
