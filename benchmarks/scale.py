@@ -14,6 +14,7 @@ Sections, each figure printed next to its limit:
 - ``topk``: train-test top-k at N = 10^6, M = 10^5, k = 10 against a bare GEMM of the same shape;
 - ``loss``: loss tables recorded from a DataLoader against a bare ``no_grad`` loop over the same loader;
 - ``gram``: the streaming Gram against a cold read of the same files and a bare in-memory float64 product.
+- ``csv``: CSV training alone at a tenth of ``--rows`` and at ``--rows`` (peak RSS growth, bytes per row);
 - ``scaleout``: a ``--rows`` (10^6) CSV trained (peak RSS growth against one batch + model), then
   ``influence_job`` recomputing its loss tables in shards (and, with ``--method directions``, the
   random-direction projections) on celery workers over Redis: one worker on every core, one on one
@@ -539,6 +540,40 @@ def _peak_rss_of_group(leader: subprocess.Popen) -> dict[int, int]:
     return peaks
 
 
+def _csv_training(work: Path, n: int, env: dict) -> dict:
+    """An ``n``-row CSV written into ``work`` and trained in a fresh process (``train_child``); its figures
+    printed beside the RSS limit, and returned."""
+    csv = work / f"rows-{n}.csv"
+    start = time.perf_counter()
+    write_classification_csv(csv, n)
+    print(f"CSV of {n:,} rows: {csv.stat().st_size / 2**20:.0f} MiB written in {time.perf_counter() - start:.0f} s")
+    trained = _child_json([sys.executable, __file__, "--train-child", str(csv)], env)
+    limit_bytes = 1.5 * (trained["batch_bytes"] + trained["model_bytes"])
+    trained["growth"] = growth = trained["peak_rss"] - trained["baseline_rss"]
+    features_bytes = n * SCALEOUT_FEATURES * 4
+    print(f"CSV training, {n:,} rows: {trained['seconds']:.0f} s, peak RSS {trained['peak_rss'] / 2**20:.0f} MiB, of which "
+          f"{growth / 2**20:.0f} MiB above the process after a 20,000-row warm-up run "
+          f"({trained['baseline_rss'] / 2**20:.0f} MiB); one batch {trained['batch_bytes'] / 2**10:.0f} KiB + model "
+          f"{trained['model_bytes'] / 2**10:.0f} KiB, limit 1.5x = {limit_bytes / 2**20:.2f} MiB: "
+          f"{limit(growth <= limit_bytes)}; for scale: the CSV {csv.stat().st_size / 2**20:.0f} MiB, its "
+          f"features as float32 {features_bytes / 2**20:.0f} MiB, growth / float32 features "
+          f"{growth / features_bytes:.2f}")
+    return trained
+
+
+def section_csv(args) -> None:
+    """CSV training alone at a tenth of ``--rows`` and at ``--rows``: what grows with the table, per row."""
+    n = 100_000 if args.quick else args.rows  # a tenth of it still has the 5 checkpoints' steps
+    print(f"\n## CSV training at {n // 10:,} and {n:,} rows ({SCALEOUT_CONFIG})")
+    with tempfile.TemporaryDirectory(prefix="z0inf-csv-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "Z0INF_DATA_DIR": str(work / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        env.pop("Z0INF_MLFLOW_CONFIG", None)
+        small, big = (_csv_training(work, rows, env)["growth"] for rows in (n // 10, n))
+    print(f"growth {small / 2**20:.0f} -> {big / 2**20:.0f} MiB for {n - n // 10:,} more rows: "
+          f"{(big - small) / (n - n // 10):.0f} bytes a row")
+
+
 def section_scaleout(args) -> None:
     import signal
 
@@ -556,21 +591,7 @@ def section_scaleout(args) -> None:
         env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "Z0INF_DATA_DIR": str(work / "data"),
                "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
         env.pop("Z0INF_MLFLOW_CONFIG", None)
-        csv = work / "rows.csv"
-        start = time.perf_counter()
-        write_classification_csv(csv, n)
-        print(f"CSV: {csv.stat().st_size / 2**20:.0f} MiB written in {time.perf_counter() - start:.0f} s")
-        trained = _child_json([sys.executable, __file__, "--train-child", str(csv)], env)
-        limit_bytes = 1.5 * (trained["batch_bytes"] + trained["model_bytes"])
-        growth = trained["peak_rss"] - trained["baseline_rss"]
-        features_bytes = n * SCALEOUT_FEATURES * 4
-        print(f"CSV training: {trained['seconds']:.0f} s, peak RSS {trained['peak_rss'] / 2**20:.0f} MiB, of which "
-              f"{growth / 2**20:.0f} MiB above the process after a 20,000-row warm-up run "
-              f"({trained['baseline_rss'] / 2**20:.0f} MiB); one batch {trained['batch_bytes'] / 2**10:.0f} KiB + model "
-              f"{trained['model_bytes'] / 2**10:.0f} KiB, limit 1.5x = {limit_bytes / 2**20:.2f} MiB: "
-              f"{limit(growth <= limit_bytes)}; for scale: the CSV {csv.stat().st_size / 2**20:.0f} MiB, its "
-              f"features as float32 {features_bytes / 2**20:.0f} MiB, growth / float32 features "
-              f"{growth / features_bytes:.2f}")
+        trained = _csv_training(work, n, env)
         server, broker = _redis(work)
         env["Z0INF_CELERY_BROKER"] = broker
         config = work / "worker.yaml"
@@ -646,16 +667,16 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram", "scaleout"])
+    parser.add_argument("--only", nargs="+", choices=["pipeline", "checks", "topk", "loss", "gram", "csv", "scaleout"])
     parser.add_argument("--sizes", nargs="+", type=int, help="checks: these training-set sizes (default 10^4 10^5)")
-    parser.add_argument("--rows", type=int, default=1_000_000, help="scaleout: rows of the CSV (default 10^6)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="csv, scaleout: rows of the CSV (default 10^6)")
     parser.add_argument("--method", choices=["trajectory", "directions"], default="trajectory",
                         help="scaleout: the train-test method (directions: its projections run in shards too)")
     args = parser.parse_args()
     print(f"# z0inf scale benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
     for name, fn in {"pipeline": section_pipeline, "checks": section_checks, "topk": section_topk, "loss": section_loss,
-                     "gram": section_gram, "scaleout": section_scaleout}.items():
+                     "gram": section_gram, "csv": section_csv, "scaleout": section_scaleout}.items():
         if not args.only or name in args.only:
             fn(args)
 

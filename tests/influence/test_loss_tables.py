@@ -16,6 +16,7 @@ from z0inf_pipeline.influence import (
     read_loss_table,
     save_checkpoint,
 )
+from z0inf_pipeline.influence.loss_tables import check_loss_table
 
 
 def _factory():
@@ -89,12 +90,17 @@ def _write_raw(path, columns: dict):
         ({"example_id": [1, 2], "step_5": [0.1, 0.2], "step_2": [0.1, 0.2]}, None, "not in increasing step order"),
         ({"example_id": [1, 2], "step_0": [0.1, 0.2]}, [0, 10], r"missing columns \['step_10'\]"),
         ({"example_id": [1, 2], "step_0": [0.1, 0.2], "step_3": [0.1, 0.2]}, [0], r"extra columns \['step_3'\]"),
+        ({"example_id": [1, 2], "step_0": [0.1, 0.2], "step_3": [0.5, None]}, None, "column 'step_3' has 1 missing"),
+        ({"example_id": [1.0, 2.0], "step_0": [0.1, 0.2]}, None, "'example_id' must hold integers"),
+        ({"example_id": [1, 2], "step_0": ["a", "b"]}, None, "'step_0' must be floating point"),
     ],
 )
-def test_bad_loss_tables_are_refused_by_name(tmp_path, columns, expected_steps, message):
+@pytest.mark.parametrize("reader", [read_loss_table, check_loss_table])
+def test_bad_loss_tables_are_refused_by_name(tmp_path, columns, expected_steps, message, reader):
+    """Reading a table whole and checking it a column at a time (the writer's check) refuse alike."""
     path = _write_raw(tmp_path / "bad.parquet", columns)
     with pytest.raises(InputError, match=f"loss table .*bad.parquet: .*{message}"):
-        read_loss_table(path, expected_steps)
+        reader(path, expected_steps)
 
 
 def test_not_parquet_is_refused(tmp_path):

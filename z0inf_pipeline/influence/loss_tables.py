@@ -81,7 +81,25 @@ class LossTable:
 
 def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | None = None) -> LossTable:
     """Read and validate a loss-table parquet file; errors name the file and the offending column."""
-    path = Path(path)
+    ids, steps, columns = _checked_columns(Path(path), expected_steps)
+    values = np.empty((len(steps), len(ids)), dtype=np.float32)
+    for t, column in enumerate(columns):
+        values[t] = column
+    return LossTable(ids, steps, torch.from_numpy(values))
+
+
+def check_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | None = None) -> np.ndarray:
+    """Validate a loss-table file as ``read_loss_table`` does, holding one column at a time; return its
+    example ids. For a writer checking what it wrote: a 10^6 x 20 table is never held whole."""
+    ids, _, columns = _checked_columns(Path(path), expected_steps)
+    for _ in columns:
+        pass
+    return ids
+
+
+def _checked_columns(path: Path, expected_steps: Sequence[int] | None):
+    """(example ids, steps, the step columns as float32 arrays one at a time): the file's layout, ids and
+    steps checked at once, each column's values as it comes; the file's values are never held whole."""
     try:
         parquet = pq.ParquetFile(path)
     except FileNotFoundError:
@@ -117,27 +135,29 @@ def read_loss_table(path: str | os.PathLike, expected_steps: Sequence[int] | Non
         raise InputError(f"loss table {path}: has no rows (no examples to score)")
     if not pa.types.is_integer(schema.field(ID_COLUMN).type):
         raise InputError(f"loss table {path}: column '{ID_COLUMN}' must hold integers, not {schema.field(ID_COLUMN).type}")
-    # a column at a time: the file's values are held once, in the (T, N) array, never also as a whole table
     ids = _read_column(parquet, path, ID_COLUMN).to_numpy().astype(np.int64, copy=False)
     if len(sorted_unique(ids)) != len(ids):
         raise InputError(f"loss table {path}: column '{ID_COLUMN}' has duplicate ids")
-    values = np.empty((len(steps), len(ids)), dtype=np.float32)
-    for t, name in enumerate(step_cols):
+    for name in step_cols:
         if not pa.types.is_floating(schema.field(name).type):
             raise InputError(f"loss table {path}: column '{name}' must be floating point, not {schema.field(name).type}")
-        column = _read_column(parquet, path, name)
-        if column.null_count:
-            raise InputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
-        values[t] = column.to_numpy()
-        del column
-        finite = np.isfinite(values[t])
-        if not finite.all():
-            first = int(ids[np.argmin(finite)])
-            raise InputError(
-                f"loss table {path}: column '{name}' has {int((~finite).sum())} NaN/inf values "
-                f"(first at example_id {first})"
-            )
-    return LossTable(ids, tuple(steps), torch.from_numpy(values))
+
+    def columns():
+        for name in step_cols:
+            column = _read_column(parquet, path, name)
+            if column.null_count:
+                raise InputError(f"loss table {path}: column '{name}' has {column.null_count} missing values")
+            values = column.to_numpy().astype(np.float32, copy=False)
+            finite = np.isfinite(values)
+            if not finite.all():
+                first = int(ids[np.argmin(finite)])
+                raise InputError(
+                    f"loss table {path}: column '{name}' has {int((~finite).sum())} NaN/inf values "
+                    f"(first at example_id {first})"
+                )
+            yield values
+
+    return ids, tuple(steps), columns()
 
 
 def _read_column(parquet: pq.ParquetFile, path: Path, name: str) -> pa.ChunkedArray:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ..influence.checkpoints import Checkpoint, open_checkpoints
 from ..errors import ContractError, InputError
-from ..influence.loss_tables import LossTable, read_loss_table
+from ..influence.loss_tables import LossTable, check_loss_table, read_loss_table
 from ..training import layout
 
 CONTRACT_TAG = "z0inf.contract"
@@ -121,9 +121,23 @@ def validate_run_folder(folder: Path, *, run_id: str = "(local)", verify_hashes:
     with the step its name says, both loss tables with one column per checkpoint step, the examples
     table covering exactly the loss tables' ids, and a model spec that builds. ``verify_hashes=False``
     skips the SHA-256 of every file (sizes are still checked): for a folder already verified once."""
+    manifest, checkpoints, tables, spec, config = _checked_folder(
+        Path(folder), run_id, verify_hashes, read_loss_table, lambda table: table.example_ids)
+    return RunFiles(checkpoints, tables[0], tables[1], spec, config, manifest)
+
+
+def check_run_folder(folder: Path, *, run_id: str) -> int:
+    """``validate_run_folder``'s checks, every hash included, holding one loss-table column at a time;
+    the number of checkpoints. For the writer about to upload: a 10^6-example run's tables are not read
+    back whole only to be dropped."""
+    _, checkpoints, *_ = _checked_folder(Path(folder), run_id, True, check_loss_table, lambda ids: ids)
+    return len(checkpoints)
+
+
+def _checked_folder(folder: Path, run_id: str, verify_hashes: bool, read_table, ids_of):
+    """The contract's checks; the loss tables as ``read_table`` returns them, their ids by ``ids_of``."""
     from ..training.models import ModelSpec
 
-    folder = Path(folder)
     manifest = read_manifest(run_id, folder)
     for entry in manifest["files"]:
         path = safe_destination(run_id, folder, entry["path"])
@@ -153,16 +167,16 @@ def validate_run_folder(folder: Path, *, run_id: str = "(local)", verify_hashes:
         raise ContractError(f"run {run_id}: has {len(checkpoints)} checkpoint; Z0-Inf needs at least 2")
     steps = [c.step for c in checkpoints]
     tables = [
-        _contract_call(run_id, rel, read_loss_table, folder / rel, expected_steps=steps)
+        _contract_call(run_id, rel, read_table, folder / rel, expected_steps=steps)
         for rel in (layout.TRAIN_LOSSES, layout.TEST_LOSSES)
     ]
-    _check_examples(run_id, folder / layout.EXAMPLES, *tables)
+    _check_examples(run_id, folder / layout.EXAMPLES, *(ids_of(table) for table in tables))
     spec = layout.read_json(folder / layout.MODEL_SPEC)
     if "factory" not in spec:
         _contract_call(run_id, layout.MODEL_SPEC, ModelSpec.from_dict, spec)
     config_path = folder / layout.TRAIN_CONFIG
     config = layout.read_json(config_path) if config_path.is_file() else None
-    return RunFiles(checkpoints, tables[0], tables[1], spec, config, manifest)
+    return manifest, checkpoints, tables, spec, config
 
 
 def check_metrics(run_id: str, histories: dict[str, dict[int, float]], files: RunFiles) -> None:
@@ -211,7 +225,7 @@ def check_tags_and_params(run_id: str, tags: dict, params: dict, files: RunFiles
             raise ContractError(f"run {run_id}: {name} says {logged}, but the artifacts hold {actual}")
 
 
-def _check_examples(run_id: str, path: Path, train: LossTable, test: LossTable) -> None:
+def _check_examples(run_id: str, path: Path, train_ids: np.ndarray, test_ids: np.ndarray) -> None:
     """Its columns from the schema; its ids, by split, against the loss tables' (the two columns read alone:
     a 10^6-example table as pandas rows was 60 MB of Python strings)."""
     try:
@@ -227,13 +241,13 @@ def _check_examples(run_id: str, path: Path, train: LossTable, test: LossTable) 
         raise ContractError(f"run {run_id}: artifact '{layout.EXAMPLES}' column(s) {odd} must hold text")
     try:
         table = pq.read_table(path, columns=["example_id", "split"], read_dictionary=["split"])
-        for split, losses in (("train", train), ("test", test)):
+        for split, ids in (("train", train_ids), ("test", test_ids)):
             listed = table.column("example_id").filter(pc.equal(table.column("split"), split))
             listed = np.sort(listed.to_numpy().astype(np.int64, copy=False))
-            if not np.array_equal(listed, np.sort(losses.example_ids)):
+            if not np.array_equal(listed, np.sort(ids)):
                 raise ContractError(
                     f"run {run_id}: artifact '{layout.EXAMPLES}' lists {len(listed)} {split} ids that differ from the "
-                    f"{len(losses.example_ids)} ids of the {split} loss table"
+                    f"{len(ids)} ids of the {split} loss table"
                 )
     except pa.ArrowException as exc:
         raise ContractError(f"run {run_id}: artifact '{layout.EXAMPLES}' is not readable parquet ({exc})") from None

@@ -44,7 +44,7 @@ from .contract import (
     PARENT_TAG,
     SOURCE_TAG,
     ContractError,
-    validate_run_folder,
+    check_run_folder,
 )
 
 MLFLOW_PARENT_TAG = "mlflow.parentRunId"
@@ -79,9 +79,9 @@ class RunWriter:
     def finish(self, folder: Path, model: FinalModel | None) -> None:
         """Validate the folder as a reader would, upload it, log and register the final ``model`` (None: the
         run has none), and only then mark the run finished: the sensor never sees a run without its model."""
-        files = validate_run_folder(folder, run_id=self.run_id)
+        checkpoints = check_run_folder(folder, run_id=self.run_id)
         self.client.log_artifacts(self.run_id, str(folder))
-        self.client.set_tag(self.run_id, NUM_CHECKPOINTS_TAG, str(len(files.checkpoints)))
+        self.client.set_tag(self.run_id, NUM_CHECKPOINTS_TAG, str(checkpoints))
         log_final_model(self.client, self.run_id, model)
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
