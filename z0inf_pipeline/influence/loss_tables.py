@@ -43,6 +43,13 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return ordered[distinct]
 
 
+def return_arrow_memory() -> None:
+    """Hand what pyarrow freed back to the system. Its allocator (mimalloc) keeps freed memory for arrow's
+    own reuse, beside numpy's heap: after a 10^6-example loss table was checked, 30 MB of it stayed
+    resident. Called when a big read or write ends."""
+    pa.default_memory_pool().release_unused()
+
+
 def step_column(step: int) -> str:
     return f"step_{int(step)}"
 
@@ -76,6 +83,7 @@ class LossTable:
         table = pa.table(columns).replace_schema_metadata({_STEPS_KEY: json.dumps(list(self.steps)).encode()})
         with atomic_output(path) as tmp:
             pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        return_arrow_memory()
         return Path(path)
 
 
@@ -156,6 +164,7 @@ def _checked_columns(path: Path, expected_steps: Sequence[int] | None):
                     f"(first at example_id {first})"
                 )
             yield values
+            return_arrow_memory()
 
     return ids, tuple(steps), columns()
 

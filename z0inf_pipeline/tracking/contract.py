@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ..influence.checkpoints import Checkpoint, open_checkpoints
 from ..errors import ContractError, InputError
-from ..influence.loss_tables import LossTable, check_loss_table, read_loss_table
+from ..influence.loss_tables import LossTable, check_loss_table, read_loss_table, return_arrow_memory
 from ..training import layout
 
 CONTRACT_TAG = "z0inf.contract"
@@ -242,8 +242,9 @@ def _check_examples(run_id: str, path: Path, train_ids: np.ndarray, test_ids: np
     try:
         table = pq.read_table(path, columns=["example_id", "split"], read_dictionary=["split"])
         for split, ids in (("train", train_ids), ("test", test_ids)):
-            listed = table.column("example_id").filter(pc.equal(table.column("split"), split))
-            listed = np.sort(listed.to_numpy().astype(np.int64, copy=False))
+            chosen = table.column("example_id").filter(pc.equal(table.column("split"), split))
+            listed = np.sort(chosen.to_numpy().astype(np.int64, copy=False))
+            del chosen  # one copy of a split's ids at a time beside the table
             if not np.array_equal(listed, np.sort(ids)):
                 raise ContractError(
                     f"run {run_id}: artifact '{layout.EXAMPLES}' lists {len(listed)} {split} ids that differ from the "
@@ -251,6 +252,8 @@ def _check_examples(run_id: str, path: Path, train_ids: np.ndarray, test_ids: np
                 )
     except pa.ArrowException as exc:
         raise ContractError(f"run {run_id}: artifact '{layout.EXAMPLES}' is not readable parquet ({exc})") from None
+    finally:
+        return_arrow_memory()
 
 
 def _contract_call(run_id: str, artifact: str, fn, *args, **kwargs):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..influence.atomic import atomic_output
-from ..influence.loss_tables import ROW_GROUP_ROWS
+from ..influence.loss_tables import ROW_GROUP_ROWS, return_arrow_memory
 from ..errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -126,6 +126,7 @@ def write_examples(
     with atomic_output(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, max(total, 1), ROW_GROUP_ROWS):
             writer.write_batch(rows(start, min(start + ROW_GROUP_ROWS, total)))
+    return_arrow_memory()
     return Path(path)
 
 

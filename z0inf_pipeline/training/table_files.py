@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..influence.loss_tables import ID_COLUMN
+from ..influence.loss_tables import ID_COLUMN, return_arrow_memory
 from ..settings import data_dir
 
 # Rows per batch: 65,536 rows of 100 float64 features are 50 MB, small beside the feature array of
@@ -257,6 +257,7 @@ def _prepare(table: TableFile, split_positions: SplitPositions, folder: Path, ba
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        return_arrow_memory()
 
 
 def _training_statistics(table: TableFile, is_train: np.ndarray, labels: np.ndarray, num_classes: int,
