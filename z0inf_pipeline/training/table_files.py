@@ -51,7 +51,7 @@ class TableFile:
     """A CSV or parquet file opened for batched reads: its label column and numeric feature columns checked."""
 
     path: Path
-    dataset: ds.Dataset  # its schema (types inferred from a CSV's first block)
+    schema: pa.Schema  # a CSV's column types inferred from its first block, as pyarrow datasets do
     source: str
     label_column: str
     feature_names: tuple[str, ...]
@@ -66,7 +66,7 @@ class TableFile:
         group at a time."""
         try:
             if self.path.suffix.lower() == ".csv":
-                types = {c: self.dataset.schema.field(c).type for c in columns}
+                types = {c: self.schema.field(c).type for c in columns}
                 reader = pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                         convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types))
             else:
@@ -93,7 +93,7 @@ class TableFile:
 
     def ids_and_labels(self, batch_rows: int = READ_BATCH_ROWS) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         """The id column (row positions without one) and the labels mapped to 0..C-1, with the class names."""
-        schema = self.dataset.schema
+        schema = self.schema
         has_ids = ID_COLUMN in schema.names
         if has_ids and not pa.types.is_integer(schema.field(ID_COLUMN).type):
             raise InputError(
@@ -140,17 +140,17 @@ class TableFile:
 def open_table(path: Path, label_column: str) -> TableFile:
     """``path`` opened for batched reads, its columns checked; bad content is an InputError naming the file."""
     source = str(path)
-    dataset = _open(path)
-    columns = dataset.schema.names
+    schema = _schema(path)
+    columns = schema.names
     if label_column not in columns:
         raise InputError(f"dataset {source}: has no label column {label_column!r} (columns: {columns})")
     feature_cols = [c for c in columns if c not in (label_column, ID_COLUMN)]
     if not feature_cols:
         raise InputError(f"dataset {source}: has no feature columns besides {label_column!r}")
-    non_numeric = [c for c in feature_cols if not _numeric(dataset.schema.field(c).type)]
+    non_numeric = [c for c in feature_cols if not _numeric(schema.field(c).type)]
     if non_numeric:
         raise InputError(f"dataset {source}: feature column(s) {non_numeric} are not numeric")
-    return TableFile(path, dataset, source, label_column, tuple(feature_cols))
+    return TableFile(path, schema, source, label_column, tuple(feature_cols))
 
 
 @dataclass(frozen=True)
@@ -328,16 +328,15 @@ def _mapped(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return np.frombuffer(mapped, dtype=dtype).reshape(shape)
 
 
-def _open(path: Path) -> ds.Dataset:
-    """The file as a pyarrow dataset, for its schema. Reads go through ``TableFile.batches``: a CSV in
-    blocks of 128 KiB, a parquet file a row group at a time (one written as a single row group, pandas'
-    default up to 2^20 rows, is decoded whole: write big files in row groups of about 10^5 rows)."""
-    if path.suffix.lower() == ".csv":
-        file_format = ds.CsvFileFormat(read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
-    else:
-        file_format = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+def _schema(path: Path) -> pa.Schema:
+    """The file's schema, from a pyarrow dataset (a CSV's types from its first 128 KiB block). Reads go
+    through ``TableFile.batches``: a CSV a block at a time, a parquet file a row group at a time (one
+    written as a single row group, pandas' default up to 2^20 rows, is decoded whole: write big files in
+    row groups of about 10^5 rows)."""
+    file_format = (ds.CsvFileFormat(read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
+                   if path.suffix.lower() == ".csv" else ds.ParquetFileFormat())
     try:
-        return ds.dataset(path, format=file_format)
+        return ds.dataset(path, format=file_format).schema
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"dataset {path}: cannot be read ({exc})") from None
 
