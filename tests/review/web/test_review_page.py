@@ -11,12 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from z0inf_pipeline.influence.signals import SIGNAL_COLUMNS
+from z0inf_pipeline.review.web.app import PAGE_SIZE
 from z0inf_pipeline.review import DecisionStore, RunLayout, read_review_queue
 
 from ...conftest import _stop
@@ -42,6 +44,20 @@ def reloading(driver, action) -> None:
     action()
     wait_for(driver, EC.staleness_of(old))
     wait_for(driver, lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def cards_on(driver) -> list[int]:
+    """The ids of the page's cards, once the document holds as many as its header announces ("N match ·
+    page P of Q"): on a busy machine a test can read a page still being parsed (74 of 100 cards)."""
+
+    def announced(d):
+        header = re.match(r"(\d+) match(?: · page (\d+) of)?", d.find_element(By.CSS_SELECTOR, "form.filters .muted").text)
+        wanted = min(PAGE_SIZE, int(header.group(1)) - (int(header.group(2) or 1) - 1) * PAGE_SIZE)
+        cards = d.find_elements(By.CSS_SELECTOR, "article.card")
+        return (len(cards) == wanted) and ([int(c.get_attribute("data-id")) for c in cards],)
+
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, 30, ignored_exceptions=ignored).until(announced)[0]
 
 
 def press(driver, *keys) -> None:
@@ -79,12 +95,11 @@ def test_every_flagged_example_is_a_card_with_its_evidence(analysed_run, server,
 
     seen: list[int] = []
     while True:
-        cards = page.find_elements(By.CSS_SELECTOR, "article.card")
-        seen += [int(c.get_attribute("data-id")) for c in cards]
+        seen += cards_on(page)
         following = page.find_elements(By.XPATH, "//nav[@class='pages']/b/following-sibling::a[1]")
         if not following:
             break
-        following[0].click()
+        reloading(page, following[0].click)
     assert seen == queue["example_id"].tolist()  # every flagged example, in queue order, across pages
 
     open_fresh(page, f"{server.url}/runs/{analysed_run.run_id}")
@@ -162,11 +177,11 @@ def test_decisions_by_click_and_by_key_reach_the_store(analysed_run, server, pag
 
     # filters: pending only hides the decided ones; a class filter shows only that label
     page.get(f"{server.url}/runs/{analysed_run.run_id}?pending=1")
-    pending = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
+    pending = cards_on(page)
     assert pending == ids[4:][:100]  # the first page of 100
     label = int(queue["label"].iloc[0])
     page.get(f"{server.url}/runs/{analysed_run.run_id}?cls={label}")
-    shown = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
+    shown = cards_on(page)
     assert shown == queue.loc[queue["label"] == label, "example_id"].tolist()[:100]
     # the signal filter offers every signal: the examples it flags on its own, most suspicious by it
     # first (highest loss, lowest confidence), computed here from the values, not the queue's ranks
@@ -174,7 +189,7 @@ def test_decisions_by_click_and_by_key_reach_the_store(analysed_run, server, pag
     assert offered == ["", *SIGNAL_COLUMNS]
     for name in ("final_loss", "confidence"):
         page.get(f"{server.url}/runs/{analysed_run.run_id}?signal={name}")
-        shown = [int(c.get_attribute("data-id")) for c in page.find_elements(By.CSS_SELECTOR, "article.card")]
+        shown = cards_on(page)
         by_it = queue[[name in v.split(", ") for v in queue["flagged_by"]]] if (queue["flagged_by"].str.contains(name)).any() else queue
         ordered = by_it.sort_values(name, ascending=name == "confidence", kind="stable")
         assert shown == ordered["example_id"].tolist()[:100]
