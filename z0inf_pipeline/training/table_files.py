@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..influence.loss_tables import ID_COLUMN, return_arrow_memory
+from ..influence.loss_tables import ID_COLUMN, return_arrow_memory, sorted_unique
 from ..settings import data_dir
 
 # Rows per batch: 65,536 rows of 100 float64 features are 50 MB, small beside the feature array of
@@ -119,7 +119,7 @@ class TableFile:
             repeated = ordered[1:][ordered[1:] == ordered[:-1]]
             if len(repeated):
                 raise InputError(
-                    f"dataset {self.source}: column '{ID_COLUMN}' has duplicate ids, e.g. {np.unique(repeated)[:5].tolist()}"
+                    f"dataset {self.source}: column '{ID_COLUMN}' has duplicate ids, e.g. {sorted_unique(repeated)[:5].tolist()}"
                 )
             del ordered
         else:

@@ -281,7 +281,6 @@ def train(
                 take_checkpoint(step, lr)
                 next_checkpoint = next(wanted, None)
         bar.close()
-        release_pages()
 
         train_table = test_table = None
         if record_losses:
